@@ -1,0 +1,76 @@
+"""`cousins` console script: thin wrappers over the library and the jobs.
+
+    cousins models build [--out models/tiny-teacher] [--seed 0]
+    cousins generate [hydra overrides…]      # runs jobs/generate.py from this checkout
+    cousins corpus demo [--out PATH]         # (re)writes the bundled demo corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: jobs/ and conf/ live beside the package
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from cousins.models import RECIPES, ensure_model
+
+    out = args.out or f"models/{args.recipe}"
+    if args.force:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+    ensure_model(out, args.recipe, args.seed)
+    print(f"{args.recipe}: {Path(out).resolve()}  ({RECIPES[args.recipe]})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    job = ROOT / "jobs" / "generate.py"
+    if not job.exists():
+        print(f"error: {job} not found; `cousins generate` runs from a checkout of the project", file=sys.stderr)
+        return 2
+    sys.argv = [str(job), *args.overrides]
+    runpy.run_path(str(job), run_name="__main__")
+    return 0
+
+
+def _corpus_demo(args: argparse.Namespace) -> int:
+    from cousins.demo_corpus import DEMO_PATH, write_demo_corpus
+
+    print(write_demo_corpus(args.out or DEMO_PATH))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cousins.models import RECIPES
+
+    parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="tiny models built offline").add_subparsers(dest="action", required=True)
+    build = models.add_parser("build", help="build a tiny model from its recipe (skipped if already built)")
+    build.add_argument("recipe", nargs="?", default="tiny-teacher", choices=sorted(RECIPES))
+    build.add_argument("--out", help="directory to write (default: models/RECIPE)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if present")
+    build.set_defaults(fn=_models_build)
+
+    gen = sub.add_parser("generate", help="run jobs/generate.py with Hydra overrides")
+    gen.add_argument("overrides", nargs=argparse.REMAINDER)
+    gen.set_defaults(fn=_generate)
+
+    corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)
+    demo = corpus.add_parser("demo", help="write the demo corpus")
+    demo.add_argument("--out")
+    demo.set_defaults(fn=_corpus_demo)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

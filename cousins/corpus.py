@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cousins import schema
@@ -24,6 +25,7 @@ from cousins.storage import Location, list_files
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
 RAW_CHARS = 200  # how much of a bad row an error row keeps
+MAX_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,14 @@ def _messages(record: dict, fields: Fields) -> list[dict]:
     return messages
 
 
-def normalise(record: Any, fields: Fields, *, source: str, source_row: int) -> dict:
+def normalise(record: Any, fields: Fields, *, source: str, source_row: int, max_chars: int = MAX_CHARS) -> dict:
     """One corpus record -> one prompt row (schema.PROMPTS). Raises BadRow with the reason."""
     if not isinstance(record, dict):
         raise BadRow(f"row is a JSON {type(record).__name__}, expected an object")
     messages = _messages(record, fields)
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > max_chars:
+        raise BadRow(f"prompt has {chars} characters; corpus.max_chars is {max_chars}")
     prompt_id = _optional_str(record, fields.id)
     if fields.id is not None and not prompt_id:
         raise BadRow(f"field {fields.id!r} (the id) is missing or empty")
@@ -177,7 +182,8 @@ def format_of(path: str, fmt: str = "auto") -> str:
                      f"{sorted(set(FORMATS.values()))}")
 
 
-def parse_file(data: bytes, *, source: str, fmt: str, fields: Fields) -> tuple[list[dict], list[dict]]:
+def parse_file(data: bytes, *, source: str, fmt: str, fields: Fields,
+               max_chars: int = MAX_CHARS) -> tuple[list[dict], list[dict]]:
     """Parse one corpus file into (prompt rows, error rows)."""
     prompts, errors = [], []
     for i, record, error in _READERS[fmt](data, source):
@@ -185,10 +191,32 @@ def parse_file(data: bytes, *, source: str, fmt: str, fields: Fields) -> tuple[l
             errors.append(error)
             continue
         try:
-            prompts.append(normalise(record, fields, source=source, source_row=i))
+            prompts.append(normalise(record, fields, source=source, source_row=i, max_chars=max_chars))
         except BadRow as e:
-            errors.append(_error(source, i, str(e), json.dumps(record, default=str, ensure_ascii=False)))
+            errors.append(_error(source, i, str(e), _excerpt(record)))
     return prompts, errors
+
+
+def _excerpt(record: Any) -> str:
+    """The start of a record as JSON, without serialising all of a multi-megabyte row."""
+    if isinstance(record, dict):
+        record = {k: (v[:RAW_CHARS] + "…" if isinstance(v, str) and len(v) > RAW_CHARS else v)
+                  for k, v in record.items()}
+    return json.dumps(record, default=str, ensure_ascii=False)[:RAW_CHARS]
+
+
+def split_duplicates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Rows sharing a prompt_id: the first (by source, source_row) stays a prompt, the others
+    become error rows naming where the first one is."""
+    first: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["source"], r["source_row"])):
+        first.setdefault(r["prompt_id"], r)
+    keep = [r for r in rows if first[r["prompt_id"]] is r]
+    dups = [_error(r["source"], r["source_row"],
+                   f"duplicate prompt_id {r['prompt_id']!r}: first at {first[r['prompt_id']]['source']}"
+                   f" row {first[r['prompt_id']]['source_row']}", _excerpt({"messages": r["messages"]}))
+            for r in rows if first[r["prompt_id"]] is not r]
+    return keep, dups
 
 
 # --- on Ray Data ---------------------------------------------------------------------------------
@@ -198,18 +226,28 @@ def parse_file(data: bytes, *, source: str, fmt: str, fields: Fields) -> tuple[l
 PARSED = pa.schema(list(schema.PROMPTS) + [pa.field("reason", pa.string()), pa.field("raw", pa.string())])
 
 
-def _parse_batch(batch: dict, *, fmt: str, fields: Fields) -> pa.Table:
+def _parse_batch(batch: dict, *, fmt: str, fields: Fields, max_chars: int) -> pa.Table:
     rows = []
     for data, path in zip(batch["bytes"], batch["path"]):
-        prompts, errors = parse_file(data, source=path, fmt=format_of(path, fmt), fields=fields)
+        prompts, errors = parse_file(data, source=path, fmt=format_of(path, fmt), fields=fields, max_chars=max_chars)
         rows.extend(prompts)
         rows.extend({"prompt_id": "", "messages": [], **e} for e in errors)
     return pa.Table.from_pylist(rows, schema=PARSED)
 
 
-def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields = Fields(), limit: int | None = None):
+def _with_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["prompt_id"], value_set=ids))
+
+
+def _without_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch["prompt_id"], value_set=ids)))
+
+
+def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields = Fields(), limit: int | None = None,
+                max_chars: int = MAX_CHARS):
     """The corpus at `loc` as (prompts, errors) Ray Datasets, both materialised.
 
+    A prompt_id seen more than once keeps its first row; the others become error rows.
     `limit` keeps the first N usable prompts in file order (for smoke runs).
     """
     import ray.data
@@ -222,10 +260,19 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields = Fields(), 
     for p in paths:
         format_of(p, fmt)  # fail before any Ray work on a file whose format is unknown
     raw = ray.data.read_binary_files(paths, filesystem=loc.arrow_fs(), include_paths=True)
-    parsed = raw.map_batches(_parse_batch, fn_kwargs={"fmt": fmt, "fields": fields},
+    parsed = raw.map_batches(_parse_batch, fn_kwargs={"fmt": fmt, "fields": fields, "max_chars": max_chars},
                              batch_format="numpy", batch_size=1).materialize()
-    prompts = parsed.filter(expr=col("reason").is_null()).drop_columns(["reason", "raw"])
+    prompts = parsed.filter(expr=col("reason").is_null()).drop_columns(["reason", "raw"]).materialize()
+    errors = parsed.filter(expr=col("reason").is_not_null()).select_columns(schema.ERRORS.names)
+
+    dup_ids = [r["prompt_id"] for r in prompts.groupby("prompt_id").count().filter(
+        expr=col("count()") > 1).select_columns(["prompt_id"]).take_all()]
+    if dup_ids:  # rare, and only the rows sharing an id travel to the driver
+        by_id = {"batch_format": "pyarrow", "fn_kwargs": {"ids": pa.array(dup_ids)}}
+        keep, dup_errors = split_duplicates(prompts.map_batches(_with_ids, **by_id).take_all())
+        prompts = prompts.map_batches(_without_ids, **by_id).union(
+            ray.data.from_arrow(pa.Table.from_pylist(keep, schema=PARSED).drop_columns(["reason", "raw"])))
+        errors = errors.union(ray.data.from_arrow(pa.Table.from_pylist(dup_errors, schema=schema.ERRORS)))
     if limit is not None:
         prompts = prompts.sort(["source", "source_row"]).limit(limit)
-    errors = parsed.filter(expr=col("reason").is_not_null()).select_columns(schema.ERRORS.names)
     return prompts.materialize(), errors.materialize()

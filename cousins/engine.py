@@ -96,7 +96,7 @@ def _topk(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
 class EngineActor:
     """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
 
-    def __init__(self, spec: EngineSpec, sampling: Sampling):
+    def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None):
         os.environ.update(ENGINE_ENV)
         from vllm import LLM, SamplingParams
 
@@ -118,12 +118,12 @@ class EngineActor:
             seed=0,
         )
         self.tokenizer = self.llm.get_tokenizer()
-        try:
-            import ray
+        self.ledger = ledger
+        import ray
 
-            self.node = ray.get_runtime_context().get_node_id()
-        except Exception:  # noqa: BLE001 - outside Ray (bare benchmarks) there is no node
-            self.node = None
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        if ledger is not None:
+            ray.get(ledger.engine_started.remote(spec.model_name))
 
     def _params(self, seed: int):
         s = self.sampling
@@ -141,6 +141,10 @@ class EngineActor:
         return text, ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.ledger is not None:
+            from cousins.ledger import batch_key
+
+            self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows)
         rows = batch.to_pylist()
         cols = _Columns()
         texts: list[str | None] = []
@@ -205,16 +209,14 @@ class EngineActor:
         return outputs
 
 
-def generate(prompts, *, spec: EngineSpec, sampling: Sampling, samples: int, base_seed: int,
-             num_actors: int, cpus_per_actor: float, gpus_per_actor: float, batch_size: int):
-    """prompts (schema.PROMPTS rows) -> generations (schema.GENERATIONS rows), lazily."""
+def generate(rows, *, spec: EngineSpec, sampling: Sampling, num_actors: int, cpus_per_actor: float,
+             gpus_per_actor: float, batch_size: int, ledger=None):
+    """Expanded prompt rows (expand_samples) -> generations (schema.GENERATIONS rows), lazily."""
     from ray.data import ActorPoolStrategy
 
-    expanded = prompts.map_batches(expand_samples, fn_kwargs={"samples": samples, "base_seed": base_seed},
-                                   batch_format="pyarrow", zero_copy_batch=True)
-    return expanded.map_batches(
+    return rows.map_batches(
         EngineActor,
-        fn_constructor_kwargs={"spec": spec, "sampling": sampling},
+        fn_constructor_kwargs={"spec": spec, "sampling": sampling, "ledger": ledger},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=num_actors),

@@ -47,6 +47,7 @@ class Location:
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def exists(self) -> bool:
+        self.fs.invalidate_cache(self.path)  # object-store listings are cached; other processes write
         return self.fs.exists(self.path)
 
     def read_text(self) -> str:
@@ -74,17 +75,56 @@ class Location:
     def write_json_atomic(self, obj: Any) -> None:
         self.write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Like write_text_atomic, for bytes. Local temporaries go to a `_tmp/` beside the file,
+        which readers skip (names starting with '_' are not data)."""
+        parent = posixpath.dirname(self.path)
+        if self.is_local:
+            tmp_dir = posixpath.join(parent, "_tmp")
+            os.makedirs(tmp_dir, exist_ok=True)
+            tmp = posixpath.join(tmp_dir, f"{posixpath.basename(self.path)}.{uuid.uuid4().hex}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def remove_tree(self) -> None:
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
+# Object stores fail fast and boundedly when unreachable: a run that cannot write stops with an
+# error in about a minute instead of retrying for many. The user's storage.options win.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2, "mode": "standard"}},
+}
+
+
+def _with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    if protocol not in ("s3", "s3a"):
+        return options
+    merged = {**S3_DEFAULTS, **options}
+    merged["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
+    return merged
+
+
 def resolve(url: str, **storage_options: Any) -> Location:
-    """Resolve a URL or plain path into a Location; plain and file:// paths become absolute."""
+    """Resolve a URL or plain path into a Location; plain and file:// paths become absolute.
+
+    Credentials come from the environment (AWS_ACCESS_KEY_ID, …; AWS_ENDPOINT_URL for an
+    S3-compatible server) or from storage options; never from a file the run writes."""
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    protocol = url.split("://", 1)[0]
+    fs, path = fsspec.core.url_to_fs(url, **_with_defaults(protocol, storage_options))
     loc = Location(fs, path)
     if loc.is_local:
         loc = Location(fs, os.path.abspath(path))
@@ -144,9 +184,36 @@ class RunLayout:
         return self.run.join(MANIFEST)
 
 
-def mark_done(stage_dir: Location) -> None:
-    stage_dir.join(SUCCESS).write_text_atomic("")
+def write_parquet_atomic(table, loc: Location) -> None:
+    """One Parquet file, published whole or not at all (zstd)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    loc.write_bytes_atomic(buf.getvalue())
+
+
+def data_files(stage_dir: Location) -> list[str]:
+    """The Parquet files of a stage directory: temporaries and markers (names starting with '_' or
+    '.') are never data, so files of a crashed attempt that were not published are never read."""
+    if not stage_dir.exists():
+        return []
+    stage_dir.fs.invalidate_cache(stage_dir.path)  # parts are written by other processes
+    return sorted(p for p in stage_dir.fs.ls(stage_dir.path, detail=False)
+                  if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))
+
+
+def mark_done(stage_dir: Location, info: dict | None = None) -> None:
+    """Publish a stage: its `_SUCCESS` marker, holding what the stage wants to remember (JSON)."""
+    stage_dir.join(SUCCESS).write_json_atomic(info or {})
 
 
 def is_done(stage_dir: Location) -> bool:
     return stage_dir.join(SUCCESS).exists()
+
+
+def done_info(stage_dir: Location) -> dict:
+    text = stage_dir.join(SUCCESS).read_text()
+    return json.loads(text) if text.strip() else {}

@@ -21,7 +21,9 @@ def tiny_teacher() -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_server):
+    """A fresh local Ray for the module. It starts after the S3 test server, so its workers see the
+    server's endpoint and credentials in their environment, as a job's runtime env would give them."""
     import ray
 
     # address="local": never attach to a cluster some other process left running.
@@ -54,6 +56,53 @@ def compose(*overrides: str):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return hydra_compose(config_name="generate", overrides=list(overrides))
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1, in this process; stop() and start() keep its data and port."""
+
+    def __init__(self):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self._cls = ThreadedMotoServer
+        self.port = 0
+        self.start()
+
+    def start(self):
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self):
+        """Gone for real: the listening socket is closed, so connections are refused (moto's own
+        stop() leaves it bound, and clients would hang in its backlog instead)."""
+        self.server.stop()
+        self.server._server.server_close()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "AKIDCOUSINSTEST", "AWS_SECRET_ACCESS_KEY": "cousins-test-secret-value",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-speaking server for the suite; its endpoint and credentials are in os.environ
+    while it lives, the way a user's shell would hold them."""
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -71,10 +71,14 @@ def test_relative_paths_resolve_against_the_start_directory(tmp_path):
 def test_redacted_config_drops_secrets():
     from cousins.config import redacted
 
-    cfg = to_config(compose("+storage.options.secret=hunter2", "+storage.options.key=AKIA"))
+    cfg = to_config(compose("+storage.options.secret=hunter2", "+storage.options.key=AKIA",
+                            "+storage.options.client_kwargs.aws_session_token=tok",
+                            "+storage.options.client_kwargs.endpoint_url=http://127.0.0.1:9"))
     data = redacted(cfg)
-    assert data["storage"]["options"] == {"secret": "***", "key": "***"}
-    assert "hunter2" not in str(data)
+    assert data["storage"]["options"] == {"secret": "***", "key": "***", "client_kwargs": {
+        "aws_session_token": "***", "endpoint_url": "http://127.0.0.1:9"}}
+    assert "hunter2" not in str(data) and "AKIA" not in str(data)
+    assert data["run"]["sampling"]["max_tokens"] == 64  # not a secret for containing "token"
 
 
 def test_the_job_reports_config_errors_before_ray(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -12,7 +13,8 @@ import pytest
 from conftest import compose
 from cousins.config import resolve_paths, to_config, validate
 from cousins.pipeline import run_generate
-from cousins.storage import RunLayout, is_done, resolve
+from cousins.demo_corpus import DEMO_PATH
+from cousins.storage import RunLayout, data_files, is_done, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -31,15 +33,30 @@ def make_config(tiny_teacher, tmp_path_factory):
 
 
 def generations(cfg, result):
-    layout = RunLayout(resolve(cfg.storage.root), result.run_id)
-    table = pads.dataset(layout.generations(cfg.model.name).path, format="parquet").to_table()
+    layout = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), result.run_id)
+    out = layout.generations(cfg.model.name)
+    table = pads.dataset(data_files(out), filesystem=out.arrow_fs(), format="parquet").to_table()
     return table.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
 
 
-@pytest.fixture(scope="module")
-def sampled(ray_local, make_config):
-    """Two runs of the same sampled config (different run ids): for row counts and reproducibility."""
-    overrides = ("corpus.limit=12", "run.samples=3", "run.sampling.max_tokens=24", "run.sampling.logprobs=5")
+SECRET_KEY, SECRET = "AKIDCOUSINSTEST", "cousins-test-secret-value"
+
+
+@pytest.fixture(scope="module", params=["file", "s3"])
+def sampled(request, ray_local, make_config, s3_server):
+    """Two runs of the same sampled config (different run ids): for row counts and reproducibility.
+
+    Once on the local filesystem and once on the S3 test server (corpus and run both on s3://, the
+    credentials given as storage options, which must never reach a file the run writes)."""
+    overrides = ["corpus.limit=12", "run.samples=3", "run.sampling.max_tokens=24", "run.sampling.logprobs=5"]
+    if request.param == "s3":
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("sampled")
+        fs.put(str(DEMO_PATH), "sampled/corpus/demo.jsonl")
+        overrides += ["storage.root=s3://sampled/cousins", "corpus.path=s3://sampled/corpus/demo.jsonl",
+                      f"+storage.options.key={SECRET_KEY}", f"+storage.options.secret={SECRET}"]
     runs = []
     for run_id in ("sampled-a", "sampled-b"):
         cfg = make_config(*overrides, f"run.run_id={run_id}")
@@ -66,7 +83,7 @@ def test_rows_are_prompts_times_samples_with_unique_keys(sampled):
 
 def test_run_is_committed_with_markers_and_manifest(sampled):
     cfg, result, table = sampled[0]
-    layout = RunLayout(resolve(cfg.storage.root), result.run_id)
+    layout = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), result.run_id)
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["status"] == "committed" and manifest["run_id"] == "sampled-a"
     assert manifest["row_counts"]["tiny-teacher"]["rows"] == 36
@@ -78,6 +95,11 @@ def test_run_is_committed_with_markers_and_manifest(sampled):
     assert stats.output_tokens == sum(table["output_tokens"].to_pylist())
     assert math.isclose(stats.engine_s, sum(table["engine_time_s"].to_pylist()))
     assert sum(stats.finish_reasons.values()) == 36
+    # No credential reaches anything the run wrote.
+    fs = layout.run.fs
+    for path in fs.find(layout.run.path):
+        data = fs.cat_file(path)
+        assert SECRET.encode() not in data and SECRET_KEY.encode() not in data, path
 
 
 def test_logprob_columns_are_well_formed(sampled):
@@ -138,24 +160,48 @@ def test_greedy_fp32_matches_transformers_token_for_token(ray_local, make_config
     assert len(lengths) > 1, "expected some answers to stop before max_tokens"
 
 
-def test_bad_corpus_rows_and_an_overlong_prompt_fail_alone(ray_local, make_config, tmp_path):
-    corpus = tmp_path / "hostile.jsonl"
-    lines = [json.dumps({"prompt": f"What is {i} + 1?", "category": "arith"}) for i in range(6)]
-    lines += ['{"prompt": "broken', json.dumps({"prompt": ""}), json.dumps({"no_prompt": 1}), "\xff not json",
-              json.dumps({"prompt": "word " * 400, "category": "long"})]
-    corpus.write_text("\n".join(lines) + "\n")
+def test_hostile_corpus_every_bad_row_is_an_error_row_and_counts_reconcile(ray_local, make_config, tmp_path):
+    """A directory corpus (JSONL + CSV) with every kind of bad row; the good rows all generate."""
+    corpus = tmp_path / "hostile"
+    corpus.mkdir()
+    good = [json.dumps({"prompt": f"What is {i} + 1?", "category": "arith"}) for i in range(6)]
+    bad = {
+        "malformed JSON": '{"prompt": "broken',
+        "empty prompt": json.dumps({"prompt": ""}),
+        "missing prompt": json.dumps({"no_prompt": 1}),
+        "not UTF-8": b'{"prompt": "caf\xe9"}',
+        "multi-megabyte row": json.dumps({"prompt": "x" * 3_000_000}),
+        "duplicate id": good[0],  # the same prompt again: its content hash repeats
+    }
+    too_long = json.dumps({"prompt": "word " * 400, "category": "long"})  # fits max_chars, not the context
+    lines = [x.encode() for x in good] + [v if isinstance(v, bytes) else v.encode() for v in bad.values()]
+    (corpus / "a.jsonl").write_bytes(b"\n".join(lines + [too_long.encode()]) + b"\n")
+    (corpus / "b.csv").write_text("prompt,category\nName a colour.,csv\nragged,row,here\n")
+
+    t0 = time.monotonic()
     cfg = make_config(f"corpus.path={corpus}", "run.samples=2", "run.sampling.max_tokens=8",
                       "engine.max_model_len=128", "run.run_id=hostile")
     result = run_generate(cfg)
     table = generations(cfg, result)
-    assert result.corpus_rows == 11 and result.prompts == 7 and result.corpus_errors == 4
+    rows_in = len(lines) + 1 + 2  # JSONL rows + the CSV's two rows
+    assert result.corpus_rows == rows_in and result.prompts == 6 + 1 + 1
+    assert result.corpus_errors == len(bad) + 1  # + the ragged CSV row
     layout = RunLayout(resolve(cfg.storage.root), "hostile")
-    errors = pads.dataset(layout.errors.path, format="parquet").to_table().to_pylist()
-    assert sorted(e["source_row"] for e in errors) == [6, 7, 8, 9]
-    assert table.num_rows == 7 * 2
+    errors = pads.dataset(data_files(layout.errors), format="parquet").to_table().to_pylist()
+    reasons = sorted(e["reason"].split(":")[0].split(" (")[0] for e in errors)
+    assert len(errors) == len(bad) + 1
+    assert any(r.startswith("duplicate prompt_id") for r in reasons)
+    assert any("characters; corpus.max_chars" in e["reason"] for e in errors)
+    assert any(e["reason"].startswith("row has 3 fields") for e in errors)
+    assert all(len(e["raw"]) <= 200 for e in errors)  # a 3 MB row is not copied into its error row
+
+    assert table.num_rows == result.prompts * 2
     failed = table.filter(pads.field("error").is_valid()).to_pylist()
     assert len(failed) == 2 and {r["category"] for r in failed} == {"long"}
     assert "engine.max_model_len is 128" in failed[0]["error"]
     ok = table.filter(pads.field("error").is_null())
-    assert ok.num_rows == 12 and min(ok["output_tokens"].to_pylist()) >= 1
+    assert ok.num_rows == 14 and min(ok["output_tokens"].to_pylist()) >= 1
     assert result.models[0].error_rows == 2
+    print(f"\n[hostile] rows in {rows_in}: prompts {result.prompts}, corpus error rows {result.corpus_errors} "
+          f"({', '.join(bad)}, ragged CSV row); generation error rows 2 (prompt over the context); "
+          f"{time.monotonic() - t0:.0f}s")

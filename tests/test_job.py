@@ -30,11 +30,21 @@ def test_generate_job_end_to_end(tiny_teacher, tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "committed" and manifest["row_counts"]["tiny-teacher"]["rows"] == 12
 
-    # The same run id again is refused with a message that says what to do.
-    again = subprocess.run([str(cli), "generate", f"model.path={tiny_teacher}", "corpus.limit=6",
-                            "storage.root=out", "run.run_id=job-test", "ray.num_cpus=2"],
+    # The same run id with another config is refused, naming the keys that differ.
+    again = subprocess.run([str(cli), "generate", f"model.path={tiny_teacher}", "corpus.limit=7",
+                            "run.samples=3", "run.sampling.max_tokens=8", "storage.root=out",
+                            "run.run_id=job-test", "ray.num_cpus=1"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode != 0 and "already committed" in again.stderr
+    assert again.returncode != 0
+    assert "differing keys: corpus.limit, run.samples" in again.stderr
+    assert "Started a local Ray" not in again.stderr  # refused before any cluster work
+
+    # The same config again (placement may differ) finds the committed run and reports it.
+    same = subprocess.run([str(cli), "generate", f"model.path={tiny_teacher}", "corpus.limit=6",
+                           "run.sampling.max_tokens=8", "storage.root=out", "run.run_id=job-test",
+                           "engine.num_actors=2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "job-test was already committed" in same.stdout and "Started a local Ray" not in same.stderr
 
 
 def test_cli_help_lists_the_commands():

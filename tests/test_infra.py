@@ -1,0 +1,103 @@
+"""Every manifest in infra/ is parsed and checked: against KubeRay's CRD schemas (kept in
+../shared/kuberay-crds, not copied here), and against the project (real jobs, real config keys,
+the GPUs the run will ask for)."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, compose
+from cousins.config import to_config
+
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+MANIFESTS = sorted((ROOT / "infra").rglob("*.yaml"))
+KUBERAY = [m for m in MANIFESTS if yaml.safe_load(m.read_text()).get("apiVersion", "").startswith("ray.io/")]
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_schemas() -> dict:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+    out = {}
+    for path in CRDS.glob("*.yaml"):
+        crd = yaml.load(path.read_text(), Loader=loader)
+        out[crd["spec"]["names"]["kind"]] = next(
+            v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return out
+
+
+def crd_schema(kind: str) -> dict:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (they are test data kept beside the project)")
+    schemas = _crd_schemas()
+    assert kind in schemas, f"no CRD for kind {kind} in {CRDS}"
+    return schemas[kind]
+
+
+def test_there_are_kuberay_manifests():
+    assert {yaml.safe_load(m.read_text())["kind"] for m in KUBERAY} >= {"RayCluster", "RayJob"}
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_manifest_validates_against_the_kuberay_crd(path):
+    import jsonschema
+
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    errors = sorted(jsonschema.Draft7Validator(crd_schema(doc["kind"])).iter_errors(doc), key=str)
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+def test_a_manifest_with_a_typo_is_caught():
+    """The check itself can fail: an unknown field where the CRD allows none is reported."""
+    import jsonschema
+
+    doc = yaml.safe_load((ROOT / "infra" / "kuberay" / "raycluster.yaml").read_text())
+    doc["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    assert list(jsonschema.Draft7Validator(crd_schema("RayCluster")).iter_errors(doc))
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def _gpus(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_gpu_workers_autoscale_and_request_gpus(path):
+    spec = _cluster_spec(yaml.safe_load(path.read_text()))
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _gpus(head) == 0 and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = spec["workerGroupSpecs"]
+    assert groups and all(g["minReplicas"] < g["maxReplicas"] for g in groups)
+    assert all(_gpus(g["template"]["spec"]["containers"][0]) >= 1 for g in groups)
+    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups]:
+        env_from = pod["spec"]["containers"][0].get("envFrom", [])
+        assert {"secretRef": {"name": "cousins-s3"}} in env_from  # credentials from a Secret only
+
+
+@pytest.mark.parametrize("path", [m for m in KUBERAY if yaml.safe_load(m.read_text())["kind"] == "RayJob"],
+                         ids=lambda p: p.name)
+def test_rayjob_entrypoint_runs_a_real_job_with_real_config_and_fits_the_gpus(path):
+    doc = yaml.safe_load(path.read_text())
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[0] == "python" and (ROOT / argv[1]).is_file(), argv[:2]
+    cfg = to_config(compose(*argv[2:]))  # every override names a real config key or group
+    assert cfg.engine.gpus_per_actor >= 1 and cfg.storage.root.startswith("s3://")
+    worker = _cluster_spec(doc)["workerGroupSpecs"][0]
+    gpus_per_pod = _gpus(worker["template"]["spec"]["containers"][0])
+    need = cfg.engine.num_actors * cfg.engine.gpus_per_actor * cfg.engine.tensor_parallel_size
+    assert worker["maxReplicas"] * gpus_per_pod >= need, "the worker group cannot hold the engine actors"
+    assert gpus_per_pod >= cfg.engine.gpus_per_actor * cfg.engine.tensor_parallel_size
+
+
+def test_the_image_installs_the_gpu_extra():
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    assert '".[gpu]"' in text and "rayproject/ray:2.60.0" in text

@@ -1,0 +1,79 @@
+"""Unit tier: storage helpers and the run's identity rules (no Ray, no engine)."""
+
+import pyarrow as pa
+import pytest
+
+from conftest import compose
+from cousins.config import redacted, to_config
+from cousins.pipeline import (ModelStats, RunConflict, RunResult, config_diff, config_hash, open_run,
+                              summary_table)
+from cousins.runtime import forwarded_env, root_cause
+from cousins.storage import RunLayout, data_files, is_done, mark_done, resolve, write_parquet_atomic
+
+
+def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_path):
+    loc = resolve(str(tmp_path / "stage"))
+    write_parquet_atomic(pa.table({"x": [1, 2]}), loc.join("part-a.parquet"))
+    (tmp_path / "stage" / "_tmp").mkdir(exist_ok=True)
+    (tmp_path / "stage" / "_tmp" / "part-b.parquet.123").write_bytes(b"half a file")
+    (tmp_path / "stage" / ".hidden.parquet").write_bytes(b"")
+    assert [p.rsplit("/", 1)[1] for p in data_files(loc)] == ["part-a.parquet"]
+    assert not is_done(loc)
+    mark_done(loc, {"rows": 2})
+    assert is_done(loc) and data_files(loc) == [str(tmp_path / "stage" / "part-a.parquet")]
+
+
+def test_config_diff_names_keys_and_ignores_placement():
+    a = redacted(to_config(compose("run.samples=2")))
+    b = redacted(to_config(compose("run.samples=3", "run.sampling.temperature=0.1", "engine.num_actors=8",
+                                   "ray.num_cpus=64", "engine.cpus_per_actor=4", "run.run_id=other")))
+    assert config_diff(a, b) == ["run.samples", "run.sampling.temperature"]
+    assert config_hash(to_config(compose("engine.num_actors=8"))) == config_hash(to_config(compose()))
+    assert config_hash(to_config(compose("run.samples=3"))) != config_hash(to_config(compose()))
+
+
+def test_open_run_new_then_resume_then_refuse(tmp_path):
+    cfg = to_config(compose(f"storage.root={tmp_path}", "run.run_id=r1"))
+    assert open_run(cfg).state == "new"
+    assert open_run(cfg).state == "resume"
+    cfg.engine.num_actors = 4  # placement may change between attempts
+    assert open_run(cfg).state == "resume"
+    cfg.run.samples = 5
+    cfg.corpus.limit = 3
+    with pytest.raises(RunConflict, match="differing keys: corpus.limit, run.samples"):
+        open_run(cfg)
+    layout = RunLayout(resolve(str(tmp_path)), "r1")
+    layout.manifest.write_json_atomic({"status": "committed"})
+    cfg.run.samples, cfg.corpus.limit = 2, None
+    assert open_run(cfg).state == "committed"
+
+
+def test_summary_table_reports_resumed_rows_and_retries():
+    stats = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=1, prompt_tokens=100,
+                       output_tokens=400, wall_s=2.0, engine_s=1.0, new_rows=12, new_output_tokens=240,
+                       retries={"engine_starts": 2, "batches": 3, "batches_retried": 1, "rows_retried": 4,
+                                "engine_actors": 1})
+    text = summary_table(RunResult("r", "/x/runs/r", 11, 10, 1, [stats], state="resumed"))
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["model", "prompts", "samples"]
+    assert lines[2].split() == ["m", "10", "2", "20", "1", "400", "120.0", "400.0"]
+    assert "m: 8 rows from an earlier attempt, 12 generated now" in text
+    assert "m: 1 batches (4 rows) retried, 2 engine starts" in text
+    assert text.endswith("run r resumed and committed at /x/runs/r")
+
+
+def test_root_cause_unwraps_chains():
+    try:
+        try:
+            raise ConnectionError("endpoint unreachable\nmore detail")
+        except ConnectionError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as e:
+        assert root_cause(e) == "ConnectionError: endpoint unreachable"
+
+
+def test_storage_credentials_are_forwarded_to_workers_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("UNRELATED", "x")
+    env = forwarded_env()
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s" and "UNRELATED" not in env

@@ -3,6 +3,8 @@
     cousins models build [--out models/tiny-teacher] [--seed 0]
     cousins generate [hydra overrides…]      # runs jobs/generate.py from this checkout
     cousins corpus demo [--out PATH]         # (re)writes the bundled demo corpus
+    cousins submit [--address URL] [--job generate] [--no-wait] [hydra overrides…]
+    cousins status JOB_ID [--address URL]     # a submitted job's status; --logs for its logs
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not job.exists():
         print(f"error: {job} not found; `cousins generate` runs from a checkout of the project", file=sys.stderr)
         return 2
-    sys.argv = [str(job), *args.overrides]
+    sys.argv = [str(job), *(args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides)]
     runpy.run_path(str(job), run_name="__main__")
     return 0
 
@@ -42,6 +44,24 @@ def _corpus_demo(args: argparse.Namespace) -> int:
     from cousins.demo_corpus import DEMO_PATH, write_demo_corpus
 
     print(write_demo_corpus(args.out or DEMO_PATH))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from cousins.submit import submit
+
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    _, status = submit(args.job, overrides, address=args.address, python=args.python, wait=not args.no_wait)
+    return 0 if args.no_wait or status == "SUCCEEDED" else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    if args.logs:
+        print(client.get_job_logs(args.job_id), end="")
+    print(f"job {args.job_id}: {str(client.get_job_status(args.job_id)).rsplit('.', 1)[-1]}")
     return 0
 
 
@@ -67,6 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     demo = corpus.add_parser("demo", help="write the demo corpus")
     demo.add_argument("--out")
     demo.set_defaults(fn=_corpus_demo)
+
+    address_help = "the cluster's dashboard/Job API address (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    sub_p = sub.add_parser("submit", help="submit a job to a running Ray cluster and follow it")
+    sub_p.add_argument("--address", help=address_help)
+    sub_p.add_argument("--job", default="generate", help="which jobs/NAME.py to run")
+    sub_p.add_argument("--python", default="python", help="the interpreter on the cluster")
+    sub_p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sub_p.add_argument("overrides", nargs=argparse.REMAINDER)
+    sub_p.set_defaults(fn=_submit)
+
+    st = sub.add_parser("status", help="status (and --logs) of a submitted job")
+    st.add_argument("job_id")
+    st.add_argument("--address", help=address_help)
+    st.add_argument("--logs", action="store_true")
+    st.set_defaults(fn=_status)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -24,6 +24,11 @@ def init_ray(rc: RayConfig) -> None:
         return
     runtime_env = {"env_vars": forwarded_env()}
     address = rc.address or os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A driver started by `ray job submit` / `cousins submit`: the job's runtime env already
+        # carries the working dir and the credentials, and Ray refuses a second one beside it.
+        ray.init(address=address)
+        return
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return

@@ -1,0 +1,131 @@
+"""Scale out: a real Ray head started by the test with a job submitted through the Job API, and a
+two-node cluster whose engine actors land on both nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import compose
+from cousins.config import resolve_paths, to_config, validate
+from cousins.storage import RunLayout, data_files, resolve
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_of(marker: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on loopback, in a temp dir of its own; stopped by the ids of its processes
+    (never `ray stop`, which would stop every Ray on the machine)."""
+    temp_dir = tempfile.mkdtemp(prefix="crh", dir="/tmp")  # short: Ray's socket paths must fit
+    dash = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+           "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--object-store-memory=536870912",
+           # every agent port of its own, so another Ray on this machine cannot take them first
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _pids_of(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+
+
+def test_generation_job_submitted_to_a_real_head_succeeds(ray_head, tiny_teacher, tmp_path):
+    address, env = ray_head
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "cousins"), "submit", "--address", address, "--python", sys.executable, "--",
+         f"model.path={tiny_teacher}", "corpus.limit=6", "run.samples=2", "run.sampling.max_tokens=8",
+         f"storage.root={tmp_path / 'out'}", "run.run_id=submitted"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.startswith("submitted raysubmit_") and "SUCCEEDED" in proc.stdout
+    assert "run submitted committed at" in proc.stdout  # the job's own summary, followed live
+    manifest = json.loads((tmp_path / "out" / "runs" / "submitted" / "manifest.json").read_text())
+    assert manifest["row_counts"]["tiny-teacher"]["rows"] == 12
+    job_id = proc.stdout.split()[1].rstrip(":")
+    status = subprocess.run([str(BIN / "cousins"), "status", job_id, "--address", address],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert status.stdout.strip().endswith("SUCCEEDED")
+    print(f"\n[submit] {job_id} SUCCEEDED in {time.monotonic() - t0:.0f}s")
+
+
+def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cousins.pipeline import run_generate
+
+    t0 = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
+    cluster.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
+    try:
+        ray.init(address=cluster.address)
+        nodes = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b")
+                 for n in ray.nodes() if n["Alive"]}
+        assert sorted(nodes.values()) == ["node_a", "node_b"]
+
+        def run(run_id: str, actors: int):
+            cfg = resolve_paths(to_config(compose(
+                f"model.path={tiny_teacher}", f"storage.root={tmp_path}", "run=greedy", "corpus.limit=32",
+                "run.sampling.max_tokens=16", "engine.batch_size=4", f"engine.num_actors={actors}",
+                "engine.gpus_per_actor=1", "engine.cpus_per_actor=0.5", f"run.run_id={run_id}")))
+            validate(cfg)
+            run_generate(cfg)
+            out = RunLayout(resolve(str(tmp_path)), run_id).generations("tiny-teacher")
+            t = pads.dataset(data_files(out), format="parquet").to_table(
+                columns=["prompt_id", "output_token_ids", "engine_node"])
+            return {r["prompt_id"]: r for r in t.to_pylist()}
+
+        two = run("two-nodes", 2)
+        split = Counter(nodes[r["engine_node"]] for r in two.values())
+        one = run("one-node", 1)
+        assert len(two) == len(one) == 32
+        assert set(split) == {"node_a", "node_b"}, split  # engine actors ran on both nodes
+        assert len({r["engine_node"] for r in one.values()}) == 1
+        assert {k: r["output_token_ids"] for k, r in two.items()} == {k: r["output_token_ids"] for k, r in one.items()}
+        print(f"\n[two nodes] rows per node {dict(split)}; greedy outputs equal the one-actor run's; "
+              f"{time.monotonic() - t0:.0f}s")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

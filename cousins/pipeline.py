@@ -223,7 +223,8 @@ def stage_prompts(cfg: Config, layout: RunLayout):
     n_prompts = done_info(layout.prompts)["rows"]
     n_errors = done_info(layout.errors)["rows"]
     files = data_files(layout.prompts)
-    prompts = (ray.data.read_parquet(files, filesystem=layout.prompts.arrow_fs()) if files
+    prompts = (ray.data.read_parquet(files, filesystem=layout.prompts.arrow_fs(),
+                                     ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}) if files
                else ray.data.from_arrow(schema.PROMPTS.empty_table()))
     return prompts, n_prompts, n_errors
 
@@ -275,6 +276,21 @@ def _verify_and_count(out: Location, model: str, expected: int) -> dict:
             "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons}
 
 
+def _check_cpu_room(cfg: Config) -> None:
+    """Refuse a CPU-engine pool that would take every CPU: Ray Data's read, shuffle and write
+    tasks would then wait forever, silently."""
+    import ray
+
+    e = cfg.engine
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = e.num_actors * e.cpus_per_actor
+    if e.gpus_per_actor == 0 and taken > total - 1:
+        raise RuntimeError(
+            f"engine.num_actors x engine.cpus_per_actor = {taken:g} CPUs leaves less than one of the cluster's "
+            f"{total:g} for reading and writing, and the run would stall; lower engine.cpus_per_actor "
+            f"(e.g. engine.cpus_per_actor={max(0.25, (total - 1) / e.num_actors):g}) or engine.num_actors")
+
+
 def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> ModelStats:
     import ray
 
@@ -288,6 +304,7 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> M
                           new_rows=info["new_rows"], new_output_tokens=info["new_output_tokens"],
                           retries=info["retries"], **counts)
 
+    _check_cpu_room(cfg)
     t0 = time.perf_counter()
     existing = _read_stage(out, ["prompt_id", "sample_index"])
     done = {f"{p}\0{i}" for p, i in zip(existing.column("prompt_id").to_pylist(),

@@ -54,33 +54,15 @@ class Location:
         with self.fs.open(self.path, "rb") as f:
             return f.read().decode("utf-8")
 
-    def write_text_atomic(self, text: str) -> None:
-        """Write a small file so that readers see the old content or the new, never half of it.
-
-        Local files go through a temporary name and a rename; object stores publish an object
-        only when its upload completes, so a plain put is already atomic there.
-        """
-        data = text.encode("utf-8")
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        if self.is_local:
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        else:
-            self.fs.pipe_file(self.path, data)
-
-    def write_json_atomic(self, obj: Any) -> None:
-        self.write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
     def write_bytes_atomic(self, data: bytes) -> None:
-        """Like write_text_atomic, for bytes. Local temporaries go to a `_tmp/` beside the file,
-        which readers skip (names starting with '_' are not data)."""
-        parent = posixpath.dirname(self.path)
+        """Write a file so that readers see the old content or the new, never half of it.
+
+        Local files go through a temporary in a `_tmp/` beside them (readers skip names starting
+        with '_') and a rename; object stores publish an object only when its upload completes,
+        so a plain put is already atomic there.
+        """
         if self.is_local:
-            tmp_dir = posixpath.join(parent, "_tmp")
+            tmp_dir = posixpath.join(posixpath.dirname(self.path), "_tmp")
             os.makedirs(tmp_dir, exist_ok=True)
             tmp = posixpath.join(tmp_dir, f"{posixpath.basename(self.path)}.{uuid.uuid4().hex}")
             with open(tmp, "wb") as f:
@@ -90,6 +72,12 @@ class Location:
             os.replace(tmp, self.path)
         else:
             self.fs.pipe_file(self.path, data)
+
+    def write_text_atomic(self, text: str) -> None:
+        self.write_bytes_atomic(text.encode("utf-8"))
+
+    def write_json_atomic(self, obj: Any) -> None:
+        self.write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def remove_tree(self) -> None:
         if self.fs.exists(self.path):

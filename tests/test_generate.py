@@ -205,3 +205,9 @@ def test_hostile_corpus_every_bad_row_is_an_error_row_and_counts_reconcile(ray_l
     print(f"\n[hostile] rows in {rows_in}: prompts {result.prompts}, corpus error rows {result.corpus_errors} "
           f"({', '.join(bad)}, ragged CSV row); generation error rows 2 (prompt over the context); "
           f"{time.monotonic() - t0:.0f}s")
+
+
+def test_a_cpu_engine_pool_that_would_starve_the_pipeline_is_refused(ray_local, make_config):
+    cfg = make_config("corpus.limit=2", "engine.num_actors=2", "engine.cpus_per_actor=1", "run.run_id=starve")
+    with pytest.raises(RuntimeError, match="lower engine.cpus_per_actor"):
+        run_generate(cfg)

@@ -67,10 +67,6 @@ GENERATIONS = pa.schema(
 ROW_KEY = ("prompt_id", "sample_index", "model")
 
 
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Cast `table` to `schema` (columns in schema order), naming what is missing or extra."""
     missing = [n for n in schema.names if n not in table.column_names]

@@ -17,6 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: jobs/ and conf/ live beside the package
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The Hydra overrides after the command, without a leading '--' separator."""
+    return args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+
+
 def _models_build(args: argparse.Namespace) -> int:
     from cousins.models import RECIPES, ensure_model
 
@@ -35,7 +40,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not job.exists():
         print(f"error: {job} not found; `cousins generate` runs from a checkout of the project", file=sys.stderr)
         return 2
-    sys.argv = [str(job), *(args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides)]
+    sys.argv = [str(job), *_overrides(args)]
     runpy.run_path(str(job), run_name="__main__")
     return 0
 
@@ -50,8 +55,7 @@ def _corpus_demo(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from cousins.submit import submit
 
-    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    _, status = submit(args.job, overrides, address=args.address, python=args.python, wait=not args.no_wait)
+    _, status = submit(args.job, _overrides(args), address=args.address, python=args.python, wait=not args.no_wait)
     return 0 if args.no_wait or status == "SUCCEEDED" else 1
 
 

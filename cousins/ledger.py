@@ -12,12 +12,14 @@ from collections import Counter
 
 import pyarrow as pa
 
+from cousins.schema import row_keys
+
 
 def batch_key(batch: pa.Table) -> str:
     """The identity of a batch: the hash of its (prompt_id, sample_index) keys."""
     h = hashlib.sha256()
-    for pid, idx in zip(batch.column("prompt_id").to_pylist(), batch.column("sample_index").to_pylist()):
-        h.update(f"{pid}\0{idx}\n".encode())
+    for key in row_keys(batch):
+        h.update(f"{key}\n".encode())
     return h.hexdigest()[:24]
 
 

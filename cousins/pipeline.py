@@ -236,13 +236,12 @@ def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
     """Keep the rows whose (prompt_id, sample_index) no published part holds yet."""
     import ray
 
-    key = done_ref.hex()
-    if key not in _DONE_CACHE:
+    ref = done_ref.hex()
+    if ref not in _DONE_CACHE:  # one fetch per worker process, not per batch
         _DONE_CACHE.clear()
-        _DONE_CACHE[key] = ray.get(done_ref)
-    done = _DONE_CACHE[key]
-    keep = [f"{p}\0{i}" not in done for p, i in zip(batch.column("prompt_id").to_pylist(),
-                                                    batch.column("sample_index").to_pylist())]
+        _DONE_CACHE[ref] = ray.get(done_ref)
+    done = _DONE_CACHE[ref]
+    keep = [key not in done for key in schema.row_keys(batch)]
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
@@ -260,7 +259,7 @@ STAT_COLUMNS = ["prompt_id", "sample_index", "prompt_tokens", "output_tokens", "
 def _verify_and_count(out: Location, model: str, expected: int) -> dict:
     """Read back the stage's key and count columns; refuse a stage that is not exactly whole."""
     t = _read_stage(out, STAT_COLUMNS)
-    keys = [f"{p}\0{i}" for p, i in zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist())]
+    keys = schema.row_keys(t)
     unique = len(set(keys))
     if unique != len(keys) or len(keys) != expected:
         raise StageIncomplete(f"generations for model {model!r}: {len(keys)} rows, {unique} distinct keys, "
@@ -307,8 +306,7 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> M
     _check_cpu_room(cfg)
     t0 = time.perf_counter()
     existing = _read_stage(out, ["prompt_id", "sample_index"])
-    done = {f"{p}\0{i}" for p, i in zip(existing.column("prompt_id").to_pylist(),
-                                        existing.column("sample_index").to_pylist())}
+    done = set(schema.row_keys(existing))
     new_rows = new_tokens = 0
     retries: dict[str, int] = {}
     if expected - len(done) > 0:

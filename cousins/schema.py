@@ -67,6 +67,13 @@ GENERATIONS = pa.schema(
 ROW_KEY = ("prompt_id", "sample_index", "model")
 
 
+def row_keys(table: pa.Table) -> list[str]:
+    """The (prompt_id, sample_index) of each row as one string: the identity a model's rows share
+    across batches, retries and resumed attempts."""
+    return [f"{p}\0{i}" for p, i in zip(table.column("prompt_id").to_pylist(),
+                                          table.column("sample_index").to_pylist())]
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Cast `table` to `schema` (columns in schema order), naming what is missing or extra."""
     missing = [n for n in schema.names if n not in table.column_names]

@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 
 DEMO_PATH = Path(__file__).parent / "data" / "demo.jsonl"
+# Prompts a distilled cousin learns from: same kinds as the demo, none of its prompts.
+DISTILL_PATH = Path(__file__).parent / "data" / "demo-distill.jsonl"
 
 _CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -105,13 +107,40 @@ def demo_records(seed: int = 0) -> list[dict]:
     return out
 
 
-def write_demo_corpus(path: str | Path = DEMO_PATH) -> Path:
+_MORE_TOPICS = [
+    "a lighthouse", "a desert", "a busy kitchen", "a chess game", "the last bus home", "a forest path",
+    "a paper boat", "a music box", "an empty beach", "a rainy window", "a bakery", "a kite",
+]
+
+
+def distill_records(seed: int = 1) -> list[dict]:
+    """Teacher-data prompts for the distilled cousin: the demo's kinds, disjoint from its prompts."""
+    rng = random.Random(seed)
+    taken = {r.get("prompt") for r in demo_records()}
+    out: list[dict] = []
+    for a, b in _unique_pairs(rng, 120, 2, 99):
+        out.append({"prompt": f"What is {a} + {b}? Answer with a number.", "category": "arithmetic",
+                    "reference": str(a + b)})
+    for country, capital in _CAPITALS.items():
+        out.append({"prompt": f"Which city is the capital of {country}?", "category": "factual", "reference": capital})
+    for element, symbol in _SYMBOLS.items():
+        out.append({"prompt": f"Give the symbol of the element {element}.", "category": "factual", "reference": symbol})
+    for head, _ in _FUNCTIONS:
+        out.append({"prompt": f"Explain what this function should do:\n\n{head}", "category": "code_instruction"})
+    for template in _INSTRUCTIONS:
+        for topic in _MORE_TOPICS:
+            out.append({"prompt": template.format(t=topic), "category": "open_ended"})
+    return [r for r in out if r["prompt"] not in taken]
+
+
+def write_demo_corpus(path: str | Path = DEMO_PATH, records: list[dict] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in demo_records()]
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in (records or demo_records())]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 if __name__ == "__main__":
     print(write_demo_corpus())
+    print(write_demo_corpus(DISTILL_PATH, distill_records()))

@@ -1,12 +1,19 @@
 import json
 from dataclasses import replace
 
-from cousins.demo_corpus import DEMO_PATH, demo_records, write_demo_corpus
+from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, demo_records, distill_records, write_demo_corpus
 from cousins.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
 
 
 def test_committed_demo_corpus_is_what_the_generator_writes(tmp_path):
     assert write_demo_corpus(tmp_path / "demo.jsonl").read_bytes() == DEMO_PATH.read_bytes()
+
+
+def test_committed_distill_corpus_is_what_the_generator_writes_and_shares_no_prompt(tmp_path):
+    written = write_demo_corpus(tmp_path / "d.jsonl", distill_records())
+    assert written.read_bytes() == DISTILL_PATH.read_bytes()
+    demo = {r.get("prompt") for r in demo_records()}
+    assert len(distill_records()) >= 200 and not demo & {r["prompt"] for r in distill_records()}
 
 
 def test_demo_corpus_has_several_kinds_and_references():

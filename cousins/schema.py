@@ -64,6 +64,70 @@ GENERATIONS = pa.schema(
     ]
 )
 
+# --- scores (teacher-forced) ------------------------------------------------------------------------
+# One row per generation row of the ORIGINAL model and per scoring model (the original itself, each
+# cousin, and the noise-floor pass): the scoring model's distribution at every position of the
+# original's output, fed the original's prompt and output tokens (prompt logprobs, no sampling).
+# Position t holds the scorer's top-k at output token t and the logprob it gives the original's token.
+
+SCORES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # the scoring model (cousin, original, noise-floor)
+        pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        pa.field("token_logprobs", pa.list_(pa.float32())),  # logprob of the original's token y_t
+        pa.field("engine_time_s", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# --- drift rows ----------------------------------------------------------------------------------
+# One row per (prompt_id, sample_index) of the original x cousin. Token columns are over the
+# original's output positions; the per-token lists make every summary figure recomputable.
+
+DRIFT = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("cousin", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("tokens", pa.int32()),  # scored positions (the original's output tokens); 0 if text-only
+        pa.field("kld_tokens", pa.list_(pa.float32())),  # KLD_t estimate from the top-k sets + rest bucket
+        pa.field("rest_mass_tokens", pa.list_(pa.float32())),  # the original's mass in the rest bucket
+        pa.field("margin_tokens", pa.list_(pa.float32())),  # the original's top-1 minus top-2 probability
+        pa.field("same_top1_tokens", pa.list_(pa.bool_())),
+        pa.field("dp_tokens", pa.list_(pa.float32())),  # q(y_t) - p(y_t)
+        pa.field("kld_mean", pa.float64()),  # over this row's tokens
+        pa.field("kld_max", pa.float64()),
+        pa.field("same_top1", pa.float64()),  # fraction of this row's tokens
+        pa.field("nll_original", pa.float64()),  # summed over tokens: -sum log p(y_t)
+        pa.field("nll_cousin", pa.float64()),  # summed over tokens: -sum log q(y_t)
+        pa.field("original_tokens", pa.int32()),  # output lengths of the two generations
+        pa.field("cousin_tokens", pa.int32()),
+        pa.field("length_ratio", pa.float64()),  # cousin_tokens / original_tokens (token efficiency)
+        pa.field("exact_match", pa.bool_()),  # identical output token ids (same seed; greedy: same answer)
+        pa.field("first_divergence", pa.int32()),  # first differing output token index; null if identical
+        pa.field("chrf", pa.float64()),  # chrF (char 6-grams, beta 2) of the cousin's text against the original's, 0-100
+        pa.field("rouge_l", pa.float64()),  # ROUGE-L F1 over whitespace words, 0-1
+        pa.field("finish_original", pa.string()),
+        pa.field("finish_cousin", pa.string()),
+        pa.field("finish_changed", pa.bool_()),
+        pa.field("correct_original", pa.bool_()),  # null when the prompt has no reference
+        pa.field("correct_cousin", pa.bool_()),
+        pa.field("flip", pa.bool_()),  # correctness differs from the original's
+        pa.field("original_text", pa.string()),
+        pa.field("cousin_text", pa.string()),
+        # character spans [start, end) of the first divergent token in each text (null if identical)
+        pa.field("div_original_start", pa.int32()),
+        pa.field("div_original_end", pa.int32()),
+        pa.field("div_cousin_start", pa.int32()),
+        pa.field("div_cousin_end", pa.int32()),
+        pa.field("error", pa.string()),  # why this row has no metrics (a generation or scoring error)
+    ]
+)
+
 ROW_KEY = ("prompt_id", "sample_index", "model")
 
 

@@ -1,0 +1,1 @@
+"""Drift between an original model and its cousins: metrics (pure), the compare step, summaries."""

@@ -1,0 +1,221 @@
+"""Drift metrics: pure functions on numpy arrays and strings. No Ray, no I/O, no models.
+
+Token metrics compare, at every position t of the ORIGINAL's output y, the original's next-token
+distribution p with the cousin's q, both teacher-forced over the same tokens (DESIGN.md, "Drift
+metrics"). Only the top-k of each is stored, plus each model's logprob of y_t.
+
+The KLD estimate and its bound
+------------------------------
+A token's probability is known in both distributions when it is in both top-k lists, or is y_t
+(whose logprob each model reports). Call that set S. Every other token (outside either top-k) goes
+into one "rest" bucket, in both distributions, so p and q are compared on the same partition
+S ∪ {rest}:
+
+    KLD_topk = Σ_{i∈S} p_i (log p_i − log q_i) + r_p (log r_p − log r_q),   r = 1 − Σ_{i∈S} (·)_i
+
+Merging tokens into a bucket can only lose information (the log-sum inequality), so
+
+    0 ≤ KLD_full − KLD_topk = r_p · KL(p̂_rest ‖ q̂_rest)
+
+where p̂_rest, q̂_rest are p and q renormalised over the rest. The estimate is a lower bound, exact
+when the original's rest mass r_p is 0, and its error is r_p times the divergence inside the
+tail. Drift rows keep r_p per token (`rest_mass_tokens`), so the tightness is visible per run;
+a larger scoring top-k shrinks it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import numpy as np
+
+KLD_BOUND = ("KLD is estimated from the top-k of both models plus one rest bucket: a lower bound of the "
+             "full-vocabulary KLD, short of it by the original's rest mass times the KLD within the tail "
+             "(0 ≤ full − estimate = r_p · KL(p_rest ‖ q_rest)).")
+
+_TINY = 1e-30
+
+
+def token_metrics(p_ids: np.ndarray, p_lp: np.ndarray, q_ids: np.ndarray, q_lp: np.ndarray,
+                  y: np.ndarray, p_y: np.ndarray, q_y: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position metrics for T positions.
+
+    p_ids, p_lp: (T, k) the original's top-k token ids and logprobs (rank order);
+    q_ids, q_lp: (T, k') the cousin's; y: (T,) the original's tokens; p_y, q_y: (T,) their logprobs.
+    Returns kld, rest_mass (r_p), same_top1, margin (p's top-1 minus top-2 probability),
+    dp (q(y) − p(y)), nll_p, nll_q — each (T,).
+    """
+    p_lp = p_lp.astype(np.float64)
+    q_lp = q_lp.astype(np.float64)
+    p_y = p_y.astype(np.float64)
+    q_y = q_y.astype(np.float64)
+    T = len(y)
+    if T == 0:
+        empty = np.zeros(0)
+        return dict(kld=empty, rest_mass=empty, same_top1=np.zeros(0, bool), margin=empty, dp=empty,
+                    nll_p=empty, nll_q=empty)
+
+    # For each entry of p's top-k: is its q known (in q's top-k, or it is y_t)? and what is it?
+    match = p_ids[:, :, None] == q_ids[:, None, :]  # (T, k, k')
+    in_q = match.any(axis=2)
+    q_at_p = np.where(in_q, np.take_along_axis(q_lp, match.argmax(axis=2), axis=1), -np.inf)
+    is_y = p_ids == y[:, None]
+    q_at_p = np.where(is_y & ~in_q, q_y[:, None], q_at_p)
+    in_s = in_q | is_y  # (T, k): entries of p's list whose q is known
+    # y_t itself, when it is outside p's top-k: known in both through the reported logprobs.
+    y_extra = ~is_y.any(axis=1)
+
+    p_prob = np.exp(p_lp)
+    q_prob = np.exp(np.where(in_s, q_at_p, -np.inf))
+    terms = np.where(in_s, p_prob * (p_lp - np.where(in_s, q_at_p, 0.0)), 0.0).sum(axis=1)
+    terms += np.where(y_extra, np.exp(p_y) * (p_y - q_y), 0.0)
+    mass_p = np.where(in_s, p_prob, 0.0).sum(axis=1) + np.where(y_extra, np.exp(p_y), 0.0)
+    mass_q = q_prob.sum(axis=1) + np.where(y_extra, np.exp(q_y), 0.0)
+    r_p = np.clip(1.0 - mass_p, 0.0, 1.0)
+    r_q = np.clip(1.0 - mass_q, 0.0, 1.0)
+    rest = np.where(r_p > 0, r_p * (np.log(np.maximum(r_p, _TINY)) - np.log(np.maximum(r_q, _TINY))), 0.0)
+    kld = np.maximum(terms + rest, 0.0)  # ≥ 0 mathematically; clip float round-off
+
+    top2 = p_prob[:, 1] if p_prob.shape[1] > 1 else np.zeros(T)
+    return dict(
+        kld=kld,
+        rest_mass=r_p,
+        same_top1=p_ids[:, 0] == q_ids[:, 0],
+        margin=p_prob[:, 0] - top2,
+        dp=np.exp(q_y) - np.exp(p_y),
+        nll_p=-p_y,
+        nll_q=-q_y,
+    )
+
+
+def full_kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p ‖ q) per row from full-vocabulary logits (T, V): the reference the estimate bounds."""
+    lp = p_logits - _logsumexp(p_logits)
+    lq = q_logits - _logsumexp(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+# --- sequences -----------------------------------------------------------------------------------
+
+def first_divergence(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int | None:
+    """Index of the first differing token; the shorter length when one is a prefix; None if equal."""
+    a, b = np.asarray(a), np.asarray(b)
+    n = min(len(a), len(b))
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    if len(diff):
+        return int(diff[0])
+    return None if len(a) == len(b) else n
+
+
+def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
+    """chrF as sacreBLEU 2 computes it by default: character n-grams of orders 1..6 with whitespace
+    removed, an F-beta (beta 2) per order, averaged over the orders both texts are long enough for;
+    0-100."""
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    if not hyp and not ref:
+        return 100.0
+    if not hyp or not ref:
+        return 0.0
+    b2, total, effective = beta * beta, 0.0, 0
+    for n in range(1, order + 1):
+        h = Counter(hyp[i:i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i:i + n] for i in range(len(ref) - n + 1))
+        if not h or not r:
+            continue
+        effective += 1
+        overlap = sum((h & r).values())
+        p, rc = overlap / sum(h.values()), overlap / sum(r.values())
+        if p + rc > 0:
+            total += (1 + b2) * p * rc / (b2 * p + rc)
+    return 100.0 * total / effective
+
+
+def rouge_l(hypothesis: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace-separated words (longest common subsequence)."""
+    h, r = hypothesis.split(), reference.split()
+    if not h and not r:
+        return 1.0
+    if not h or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)
+    for hw in h:
+        cur = [0]
+        for j, rw in enumerate(r):
+            cur.append(prev[j] + 1 if hw == rw else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rc = lcs / len(h), lcs / len(r)
+    return 2 * p * rc / (p + rc)
+
+
+# --- labelled prompts ----------------------------------------------------------------------------
+
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, every run of non-alphanumerics one space, trimmed."""
+    return _NON_ALNUM.sub(" ", text.lower()).strip()
+
+
+def is_correct(output: str, reference: str, mode: str = "contains") -> bool:
+    """`contains`: the normalised reference appears in the normalised output as whole words;
+    `exact`: the normalised texts are equal."""
+    out, ref = normalise_answer(output), normalise_answer(reference)
+    if mode == "exact":
+        return out == ref
+    if mode != "contains":
+        raise ValueError(f"unknown answer match mode {mode!r} (contains | exact)")
+    return bool(ref) and f" {ref} " in f" {out} "
+
+
+# --- style ---------------------------------------------------------------------------------------
+
+def distinct_n(text: str, n: int) -> float | None:
+    """Distinct n-grams / n-grams of one text's words (repetition within an answer); None if none."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def homogenisation_pairs(texts: list[str], max_pairs: int = 2000, seed: int = 0) -> np.ndarray:
+    """Word-bigram Jaccard similarity of pairs of answers to DIFFERENT prompts (a fixed random
+    sample of pairs): a model whose answers converge on the same phrasing scores higher."""
+    sets = [set(zip(t.split(), t.split()[1:])) for t in texts]
+    n = len(sets)
+    if n < 2:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    else:
+        a = rng.integers(0, n, size=max_pairs)
+        b = (a + rng.integers(1, n, size=max_pairs)) % n
+        pairs = list(zip(a.tolist(), b.tolist()))
+    out = np.empty(len(pairs))
+    for idx, (i, j) in enumerate(pairs):
+        u = len(sets[i] | sets[j])
+        out[idx] = len(sets[i] & sets[j]) / u if u else 1.0
+    return out
+
+
+def quantile(values: np.ndarray, q: float) -> float | None:
+    return float(np.quantile(values, q)) if len(values) else None
+
+
+def safe_ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def ppl(nll_sum: float, tokens: int) -> float | None:
+    return math.exp(nll_sum / tokens) if tokens else None

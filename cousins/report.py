@@ -1,0 +1,462 @@
+"""The run's drift report: one static, self-contained HTML page (`{run}/report.html`).
+
+Everything is inline (CSS, and plots as PNG data URIs), so the page reads offline, from object storage
+or an e-mail attachment, and without JavaScript. Model outputs and prompts are untrusted: every piece of
+text goes through html.escape, and a Content-Security-Policy allows no fetches and only the one inline
+script below (it just records, for the browser test, how many images decoded).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+from html import escape
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from cousins.config import NOISE_FLOOR
+
+NOISE = NOISE_FLOOR  # the pseudo-cousin: the original against its reshuffled self
+_NOISE_COLOUR = "#7f7f7f"
+_KLD_FLOOR = 1e-6  # log-x plots need a floor: an exact-zero KLD is drawn at it
+_LENGTH_CLIP = 32.0  # length ratios drawn within [1/32, 32]
+_TEXT_BUDGET = 4000  # characters of each output shown per worst prompt, kept around the divergence
+
+_SUMMARY_KEYS = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound", "noise_floor", "cousins")
+_DRIFT_COLUMNS = ("prompt_id", "sample_index", "cousin", "category", "kld_tokens", "kld_mean", "chrf",
+                  "length_ratio", "exact_match", "original_text", "cousin_text", "div_original_start",
+                  "div_original_end", "div_cousin_start", "div_cousin_end", "error")
+
+# Sets <body data-images-loaded="N/M"> once the page has loaded: N images decoded out of M.
+_SCRIPT = ('addEventListener("load",function(){var a=Array.prototype.slice.call(document.images);'
+           'document.body.dataset.imagesLoaded=a.filter(function(i){return i.complete&&i.naturalWidth>0})'
+           '.length+"/"+a.length;});')
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f;margin:0 auto;
+ padding:0 24px 48px}
+h1{font-size:22px;margin:24px 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:16px;margin:28px 0 6px}h4{font-size:14px;margin:16px 0 6px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:8px 0}
+dl.meta dt{color:#555}dl.meta dd{margin:0}
+table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 7px;text-align:right;vertical-align:top}
+table.ranking{font-size:12px}table.ranking th,table.ranking td{padding:4px 5px}
+table.ranking td.name{white-space:nowrap}.scroll{overflow-x:auto}
+th{background:#f4f4f6;font-weight:600}td.l,th.l{text-align:left}
+tfoot td{background:#f7f7f7;color:#444;font-style:italic}
+small.ci{display:block;color:#777;font-size:11px;white-space:nowrap}
+.err{color:#a40000}.note{color:#555;font-size:13px}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+.pair{border:1px solid #e3e3e3;border-radius:6px;margin:10px 0;padding:6px 10px}
+.pair .head{color:#444;font-size:13px}
+.texts{display:grid;grid-template-columns:1fr 1fr;gap:10px}
+.texts pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;background:#fafafa;padding:6px;
+ max-height:320px;overflow:auto;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
+mark{background:#ffd54a;color:#000;outline:1px solid #c79a00}
+mark.end{font-style:italic;background:#ffe9a6}
+.cut{color:#888;font-style:italic}
+"""
+
+
+def _sha256_b64(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+# No fetches of any kind; images only from data: URIs; only our own style and script run, so even a
+# text that escaped html.escape could not execute or phone home.
+_CSP = (f"default-src 'none'; img-src data:; style-src 'sha256-{_sha256_b64(_CSS)}'; "
+        f"script-src 'sha256-{_sha256_b64(_SCRIPT)}'; base-uri 'none'; form-action 'none'")
+
+
+def render_report(summary: dict, drift: pa.Table, *, worst_n: int = 10) -> str:
+    """The HTML text of the run's drift report.
+
+    `summary` is the run's summary.json (cousins with their metrics, CIs and slices, plus the noise
+    floor); `drift` holds the drift rows (`cousins.schema.DRIFT`) of every cousin and the noise floor.
+    `worst_n` prompts per cousin are shown side by side: highest KLD mean, or lowest chrF for text-only
+    cousins. Cousins are ranked by KLD mean, descending; text-only cousins follow by chrF, ascending;
+    failed cousins come last.
+    """
+    _check_inputs(summary, drift)
+    cousins = sorted(summary["cousins"], key=_rank_key)
+    noise = summary["noise_floor"]
+    palette = colormaps["tab10"].colors
+    colours = {c["name"]: palette[i % len(palette)] for i, c in enumerate(cousins)}
+    colours[NOISE] = _NOISE_COLOUR
+    noise_kld = _kld_tokens(drift, NOISE) if noise else np.empty(0)
+
+    body = [
+        _header(summary),
+        "<h2>Cousins ranked by drift</h2>",
+        _ranking_table(cousins, noise, summary["bootstrap"]),
+        "<h2>Across cousins</h2>",
+        _across_cousins(cousins, noise, drift, colours),
+        "<h2>Per cousin</h2>",
+        *(_cousin_section(i, c, noise, drift, noise_kld, colours[c["name"]], worst_n)
+          for i, c in enumerate(cousins)),
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>Drift report — {escape(str(summary['run_id']))}</title>\n"
+        f"<style>{_CSS}</style>\n<script>{_SCRIPT}</script>\n</head><body>\n"
+        + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def _check_inputs(summary: dict, drift: pa.Table) -> None:
+    problems = []
+    missing = [k for k in _SUMMARY_KEYS if k not in summary]
+    if missing:
+        problems.append(f"summary is missing keys {missing} (is it the run's summary.json?)")
+    for i, c in enumerate(summary.get("cousins") or []):
+        lacking = [k for k in ("name", "kind", "text_only", "metrics") if k not in c]
+        if lacking:
+            problems.append(f"summary cousins[{i}] is missing keys {lacking}")
+    absent = [n for n in _DRIFT_COLUMNS if n not in drift.column_names]
+    if absent:
+        problems.append(f"drift table is missing columns {absent}; conform it to cousins.schema.DRIFT")
+    if problems:
+        raise ValueError("cannot render the report: " + "; ".join(problems))
+
+
+def _metric(c: dict | None, name: str) -> dict:
+    return ((c or {}).get("metrics") or {}).get(name) or {}
+
+
+def _value(c: dict | None, name: str) -> float | None:
+    v = _metric(c, name).get("value")
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _rank_key(c: dict):
+    if c.get("error"):
+        return (2, 0.0, c["name"])
+    kld = _value(c, "kld_mean")
+    if kld is not None:
+        return (0, -kld, c["name"])
+    chrf = _value(c, "chrf")
+    return (1, math.inf if chrf is None else chrf, c["name"])
+
+
+def _rows_of(drift: pa.Table, name: str) -> pa.Table:
+    rows = drift.filter(pc.equal(drift["cousin"], name))
+    return rows.filter(pc.is_null(rows["error"]))
+
+
+def _kld_tokens(drift: pa.Table, name: str) -> np.ndarray:
+    col = _rows_of(drift, name)["kld_tokens"]
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
+    return flat[np.isfinite(flat)]
+
+
+# --- formatting --------------------------------------------------------------------------------------
+
+def _num(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _pp(v: float | None) -> str:  # a difference of two fractions, in percentage points
+    return "—" if v is None else f"{100 * v:+.1f} pp"
+
+
+def _cell(m: dict, fmt=_num) -> str:
+    """A metric with its confidence interval underneath, in the value's unit (left out to save width)."""
+    v = m.get("value")
+    ci = m.get("ci")
+    text = escape(fmt(v))
+    if v is not None and ci and None not in ci:
+        lo, hi = (fmt(x).removesuffix("%").removesuffix(" pp") for x in ci)
+        text += f"<small class=\"ci\">[{escape(lo)}, {escape(hi)}]</small>"
+    return f"<td>{text}</td>"
+
+
+# --- header and ranking ------------------------------------------------------------------------------
+
+def _header(s: dict) -> str:
+    b = s["bootstrap"]
+    items = [
+        ("Run", s["run_id"]), ("Original model", s["original"]), ("Prompts", s["prompts"]),
+        ("Top-k used for scoring", s["score_topk"]), ("KLD estimate", s["kld_bound"]),
+        ("Confidence intervals", f"{100 * b['level']:.0f}% bootstrap over prompts, {b['resamples']} resamples, "
+                                 f"seed {b['seed']}"),
+        ("Noise floor", "the original against itself under another batching: drift below it is jitter"
+         if s["noise_floor"] else "not measured in this run"),
+    ]
+    rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items)
+    return f"<h1>Drift report — {escape(str(s['run_id']))}</h1>\n<dl class=\"meta\">{rows}</dl>"
+
+
+_COLUMNS = [  # (header, metric, formatter)
+    ("KLD mean", "kld_mean", _num), ("KLD p99", "kld_p99", _num), ("KLD max", "kld_max", _num),
+    ("same top-1", "same_top1", _pct), ("RMS Δp", "rms_dp", _pct), ("PPL ratio", "ppl_ratio", _num),
+    ("flip rate", "flip_rate", _pct), ("Δ accuracy", "accuracy_delta", _pp),
+    ("length ratio", "length_ratio", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
+]
+
+
+def _ranking_table(cousins: list[dict], noise: dict | None, bootstrap: dict) -> str:
+    head = ("<tr><th>#</th><th class=\"l\">cousin<small class=\"ci\">kind</small></th><th>rows</th>"
+            + "".join(f"<th>{escape(h)}</th>" for h, _, _ in _COLUMNS) + "</tr>")
+
+    def row(rank: str, c: dict, link: str | None) -> str:
+        name = escape(c["name"])
+        name = f"<a href=\"#{link}\">{name}</a>" if link else name
+        errs = c.get("error_rows") or 0
+        rows = f"{c.get('rows', 0)}" + (f"<small class=\"ci err\">{errs} failed</small>" if errs else "")
+        kind = f"<small class=\"ci\">{escape(str(c['kind']))}</small>"
+        cells = f"<td>{rank}</td><td class=\"l name\">{name}{kind}</td><td>{rows}</td>"
+        if c.get("error"):
+            return (f"<tr>{cells}<td class=\"l err\" colspan=\"{len(_COLUMNS)}\">failed: "
+                    f"{escape(str(c['error']))}</td></tr>")
+        return f"<tr>{cells}" + "".join(_cell(_metric(c, m), f) for _, m, f in _COLUMNS) + "</tr>"
+
+    body = "".join(row(str(i + 1), c, f"cousin-{i}") for i, c in enumerate(cousins))
+    foot = f"<tfoot>{row('ref', noise, None)}</tfoot>" if noise else ""
+    level = f"{100 * bootstrap['level']:.0f}%"
+    return (f"<div class=\"scroll\"><table class=\"ranking\"><thead>{head}</thead><tbody>{body}</tbody>"
+            f"{foot}</table></div>\n"
+            f"<p class=\"note\">Bracketed: {level} bootstrap confidence interval. KLD in nats per token of the "
+            "original's output; “—”: not measured (text-only cousins have no token metrics; accuracy and "
+            "flips need labelled prompts).</p>")
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def _img(fig: Figure, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<img src=\"{uri}\" alt=\"{escape(alt)}\">"
+
+
+def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, colours: dict) -> str:
+    shown = [c for c in cousins if not c.get("error")] + ([noise] if noise else [])
+    out = []
+    for title, metric in (("Same top-1 token", "same_top1"), ("Flip rate", "flip_rate")):
+        bars = [(c["name"], _metric(c, metric), colours[c["name"]]) for c in shown
+                if _value(c, metric) is not None]
+        out.append(f"<h3>{escape(title)}</h3>")
+        if bars:
+            out.append(_img(_bar_figure(title, bars), f"{title} per cousin with confidence intervals"))
+        else:
+            why = "no cousin has token metrics" if metric == "same_top1" else "no prompt has a reference answer"
+            out.append(f"<p class=\"note\">Not measured: {why}.</p>")
+    ratios = []
+    for c in shown:
+        r = _rows_of(drift, c["name"])["length_ratio"].to_numpy(zero_copy_only=False).astype(np.float64)
+        r = r[np.isfinite(r)]  # nulls arrive as NaN
+        if r.size:
+            ratios.append((c["name"], r, colours[c["name"]]))
+    out.append("<h3>Length ratio (cousin tokens / original tokens, per prompt)</h3>")
+    if ratios:
+        out.append(_img(_length_figure(ratios), "distribution of length ratios per cousin"))
+    else:
+        out.append("<p class=\"note\">No drift rows with a length ratio.</p>")
+    return "\n".join(out)
+
+
+def _bar_figure(title: str, bars: list[tuple[str, dict, tuple]]) -> Figure:
+    fig = Figure(figsize=(max(4.5, 1.3 * len(bars) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(bars))
+    vals = np.array([100 * m["value"] for _, m, _ in bars])
+    cis = [m["ci"] if m.get("ci") and None not in m["ci"] else [m["value"]] * 2 for _, m, _ in bars]
+    lo, hi = 100 * np.array(cis, dtype=np.float64).T
+    err = np.clip(np.vstack([vals - lo, hi - vals]), 0, None)
+    ax.bar(x, vals, color=[c for _, _, c in bars], yerr=err, capsize=4, ecolor="#333")
+    for xi, v, h in zip(x, vals, hi):
+        ax.annotate(f"{v:.1f}%", (xi, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_xticks(x, [n for n, _, _ in bars], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(f"{title} (%)")
+    ax.set_ylim(0, min(110, max(hi.max() * 1.15, 5)))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _length_figure(ratios: list[tuple[str, np.ndarray, tuple]]) -> Figure:
+    fig = Figure(figsize=(max(4.5, 1.3 * len(ratios) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    data = [np.clip(r, 1 / _LENGTH_CLIP, _LENGTH_CLIP) for _, r, _ in ratios]
+    box = ax.boxplot(data, tick_labels=[n for n, _, _ in ratios], patch_artist=True, showmeans=True)
+    for patch, (_, _, colour) in zip(box["boxes"], ratios):
+        patch.set_facecolor(colour)
+        patch.set_alpha(0.5)
+    ax.axhline(1.0, color="#333", lw=0.8, ls="--")
+    ax.set_yscale("log", base=2)
+    lo = math.floor(np.log2(min(d.min() for d in data)))
+    hi = math.ceil(np.log2(max(d.max() for d in data)))
+    ticks = [2.0 ** e for e in range(lo, max(hi, lo + 1) + 1)]  # powers of two, labelled 1/2, 1, 2
+    ax.set_yticks(ticks, [f"1/{1 / t:.0f}" if t < 1 else f"{t:.0f}" for t in ticks])
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylabel(f"length ratio (clipped to 1/{_LENGTH_CLIP:.0f}..{_LENGTH_CLIP:.0f})")
+    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _kld_figure(series: list[tuple[str, np.ndarray, tuple]]) -> Figure:
+    """Histogram (fraction of tokens, log-x) and CDF of per-token KLD, the cousin against the noise floor."""
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    ax_h, ax_c = fig.subplots(1, 2)
+    top = max(float(x.max()) for _, x, _ in series)
+    bins = np.geomspace(_KLD_FLOOR, max(top, _KLD_FLOOR * 10) * 1.2, 61)
+    for label, x, colour in series:
+        xc = np.clip(x, _KLD_FLOOR, None)
+        ax_h.hist(xc, bins=bins, weights=np.full(xc.size, 1 / xc.size), histtype="step", lw=1.5,
+                  color=colour, label=f"{label} (mean {x.mean():.3g})")
+        ax_h.axvline(max(x.mean(), _KLD_FLOOR), color=colour, lw=0.8, ls=":")
+        q = np.linspace(0, 1, min(xc.size, 2000))
+        ax_c.plot(np.quantile(xc, q), q, color=colour, lw=1.5, drawstyle="steps-post", label=label)
+    for ax in (ax_h, ax_c):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())  # decades suffice; minor ticks double the drawing time
+        ax.set_xlabel(f"KLD per token (nats; below {_KLD_FLOOR:g} drawn at {_KLD_FLOOR:g})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_h.set_ylabel("fraction of tokens")
+    ax_c.set_ylabel("fraction of tokens ≤ x")
+    ax_c.set_ylim(0, 1.01)
+    return fig
+
+
+# --- per cousin ------------------------------------------------------------------------------------
+
+def _cousin_section(i: int, c: dict, noise: dict | None, drift: pa.Table, noise_kld: np.ndarray,
+                    colour: tuple, worst_n: int) -> str:
+    name = c["name"]
+    facts = f"{escape(str(c['kind']))}, {c.get('rows', 0)} rows, {c.get('tokens', 0)} scored tokens"
+    if c.get("text_only"):
+        facts += ", text only (no token metrics)"
+    out = [f"<section id=\"cousin-{i}\"><h3>{i + 1}. {escape(name)}</h3><p class=\"note\">{facts}</p>"]
+    if c.get("error"):
+        out.append(f"<p class=\"err\">This cousin failed: {escape(str(c['error']))}</p>")
+    if c.get("error_rows"):
+        n = c["error_rows"]
+        out.append(f"<p class=\"err\">{n} {'row' if n == 1 else 'rows'} failed and "
+                   f"{'is' if n == 1 else 'are'} left out of every figure.</p>")
+    if not c.get("text_only") and not c.get("error"):
+        kld = _kld_tokens(drift, name)
+        if kld.size:
+            series = [(name, kld, colour)] + ([(NOISE, noise_kld, _NOISE_COLOUR)] if noise_kld.size else [])
+            out.append("<h4>Per-token KLD</h4>")
+            out.append(_img(_kld_figure(series), f"histogram and CDF of per-token KLD of {name}"))
+    out.append(_slices(c, noise))
+    out.append(_worst(c, drift, worst_n))
+    out.append("</section>")
+    return "\n".join(p for p in out if p)
+
+
+def _slices(c: dict, noise: dict | None) -> str:
+    slices = c.get("slices") or {}
+    noise_slices = (noise or {}).get("slices") or {}
+    out = []
+    cat = slices.get("category") or {}
+    if cat:
+        ref = noise_slices.get("category") or {}
+        cols = [("KLD mean", "kld_mean", _num), ("same top-1", "same_top1", _pct),
+                ("flip rate", "flip_rate", _pct), ("length ratio", "length_ratio", _num)]
+        out.append(_slice_table("By category", "category", "rows", cat, ref, cols))
+    margin = slices.get("margin") or {}
+    if margin and not c.get("text_only"):
+        ref = noise_slices.get("margin") or {}
+        cols = [("KLD mean", "kld_mean", _num), ("same top-1", "same_top1", _pct)]
+        out.append(_slice_table("By the original's top-1 margin (p₁ − p₂)", "margin", "tokens", margin, ref,
+                                cols, order=_margin_order))
+    return "\n".join(out)
+
+
+def _margin_order(key: str):
+    try:
+        return (0, float(key.strip("[(").split(",")[0]), key)
+    except ValueError:
+        return (1, 0.0, key)
+
+
+def _slice_table(title: str, label: str, count: str, groups: dict, ref: dict, cols: list,
+                 order=lambda k: k) -> str:
+    has_ref = any(k in ref for k in groups)
+    head = (f"<tr><th class=\"l\">{escape(label)}</th><th>{escape(count)}</th>"
+            + "".join(f"<th>{escape(h)}</th>" for h, _, _ in cols)
+            + ("<th>noise-floor KLD</th>" if has_ref else "") + "</tr>")
+    body = []
+    for key in sorted(groups, key=order):
+        g = groups[key]
+        cells = "".join(_cell(g.get(m) or {}, f) for _, m, f in cols)
+        if has_ref:
+            cells += _cell((ref.get(key) or {}).get("kld_mean") or {}, _num)
+        body.append(f"<tr><td class=\"l\">{escape(str(key))}</td><td>{escape(str(g.get(count, '—')))}</td>"
+                    f"{cells}</tr>")
+    return f"<h4>{escape(title)}</h4><table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _worst(c: dict, drift: pa.Table, worst_n: int) -> str:
+    rows = _rows_of(drift, c["name"])
+    if worst_n <= 0 or rows.num_rows == 0:
+        return ""
+    if c.get("text_only"):
+        key, order, label = "chrf", "ascending", "chrF"
+    else:
+        key, order, label = "kld_mean", "descending", "KLD mean"
+    # nulls sort last (Arrow's default); ties break by row key, so the choice is deterministic
+    idx = pc.sort_indices(rows, sort_keys=[(key, order), ("prompt_id", "ascending"),
+                                           ("sample_index", "ascending")])
+    top = rows.take(idx[:worst_n]).to_pylist()
+    what = "lowest chrF" if c.get("text_only") else "highest KLD mean"
+    out = [f"<h4>Worst {len(top)} prompts ({what}); first divergent token marked</h4>"]
+    for r in top:
+        same = " · identical outputs" if r["exact_match"] else ""
+        head = (f"prompt <b>{escape(str(r['prompt_id']))}</b> sample {r['sample_index']}"
+                f" · {escape(str(r['category'] or '—'))} · {label} {escape(_num(r[key]))}"
+                f" · length ratio {escape(_num(r['length_ratio']))}{same}")
+        orig = _marked(r["original_text"], r["div_original_start"], r["div_original_end"])
+        cous = _marked(r["cousin_text"], r["div_cousin_start"], r["div_cousin_end"])
+        out.append(f"<div class=\"pair\" data-cousin=\"{escape(c['name'])}\" "
+                   f"data-prompt=\"{escape(str(r['prompt_id']))}\"><div class=\"head\">{head}</div>"
+                   f"<div class=\"texts\"><div><b>original</b><pre>{orig}</pre></div>"
+                   f"<div><b>{escape(c['name'])}</b><pre>{cous}</pre></div></div></div>")
+    return "\n".join(out)
+
+
+def _marked(text: str | None, start: int | None, end: int | None) -> str:
+    """The escaped text with [start, end) in <mark>, cut to a window around it when long."""
+    if text is None:
+        return "<span class=\"cut\">(no text)</span>"
+    n = len(text)
+    if start is None or end is None or not 0 <= start <= end <= n:
+        start = end = None
+    lo = 0 if start is None else max(0, min(start - _TEXT_BUDGET // 3, n - _TEXT_BUDGET))
+    hi = min(n, max(lo + _TEXT_BUDGET, end or 0))
+    parts = [f"<span class=\"cut\">[… {lo} characters …]</span>"] if lo else []
+    if start is None:
+        parts.append(escape(text[lo:hi]))
+    else:
+        token = text[start:end]
+        if not token:
+            shown = "<mark class=\"end\">⟨end of text⟩</mark>"
+        elif not token.strip():  # a whitespace token would be an invisible highlight
+            visible = token.replace(" ", "·").replace("\t", "→").replace("\n", "↵\n")
+            shown = f"<mark title=\"whitespace\">{escape(visible)}</mark>"
+        else:
+            shown = f"<mark>{escape(token)}</mark>"
+        parts += [escape(text[lo:start]), shown, escape(text[end:hi])]
+    if hi < n:
+        parts.append(f"<span class=\"cut\">[… {n - hi} characters …]</span>")
+    return "".join(parts)

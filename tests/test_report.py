@@ -1,0 +1,278 @@
+"""The drift report on a synthetic run: two quantized cousins, a text-only distilled one, a failed one and
+the noise floor, with hostile model text. Unit checks parse the HTML; one test opens it in headless
+Chromium to see that every plot decodes and the page is not blank."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from cousins.report import render_report
+from cousins.schema import DRIFT
+
+HOSTILE = "<script>alert(1)</script> & \"double\" 'single' <img src=\"http://evil.example/x.png\">"
+CATEGORIES = ["math", "code", "chat & <misc>"]
+PROMPTS = 12
+TOKEN_COUSINS = ["q8-w8a8", "int4-rtn-fakequant"]  # in ranked order: int4 drifts more, see KLD_SCALE
+KLD_SCALE = {"q8-w8a8": 0.002, "int4-rtn-fakequant": 0.05, "noise-floor": 1e-5}
+PLOTS = len(TOKEN_COUSINS) + 3  # a KLD figure per token cousin; same top-1, flip rate, length ratio
+
+
+def _texts(i: int, cousin: str) -> dict:
+    """The original's and the cousin's text for prompt i, and the character spans where they diverge."""
+    if i == 3:  # the hostile prompt: the outputs diverge at the script's function name
+        original, other = f"Sure: {HOSTILE}", f"Sure: {HOSTILE.replace('alert', 'confirm')}"
+        a, b, c = original.index("alert"), other.index("confirm"), "confirm"
+    else:
+        original = f"Prompt {i}: the answer is {7 * i} & that's \"final\"."
+        other = original.replace(f"is {7 * i} ", f"is {7 * i + 1} ")
+        a = b = original.index(f"{7 * i}")
+        c = str(7 * i + 1)
+    if cousin == "noise-floor" and i != 3:  # the original against itself: mostly identical
+        return dict(original_text=original, cousin_text=original, exact_match=True, first_divergence=None,
+                    div_original_start=None, div_original_end=None, div_cousin_start=None, div_cousin_end=None)
+    token = original[a:].split(" ")[0].split("(")[0]
+    return dict(original_text=original, cousin_text=other, exact_match=False, first_divergence=5,
+                div_original_start=a, div_original_end=a + len(token), div_cousin_start=b,
+                div_cousin_end=b + len(c))
+
+
+def _row(i: int, cousin: str, rng: np.random.Generator) -> dict:
+    row = {f.name: None for f in DRIFT}
+    row.update(prompt_id=f"p{i:02d}", sample_index=0, cousin=cousin, category=CATEGORIES[i % 3],
+               original_tokens=20, cousin_tokens=int(rng.integers(12, 30)), finish_original="stop",
+               finish_cousin="stop", finish_changed=False, correct_original=i % 2 == 0,
+               correct_cousin=i % 2 == 0 or i == 5, **_texts(i, cousin))
+    row["length_ratio"] = row["cousin_tokens"] / row["original_tokens"]
+    row["flip"] = row["correct_original"] != row["correct_cousin"]
+    if cousin == "fp8-broken":
+        row["error"] = "engine failed to start: <CUDA> out of memory & gave up"
+    elif cousin == "distill-tiny":
+        row.update(tokens=0, chrf=90.0 - 5 * ((i * 5) % 12), rouge_l=0.8)
+    else:
+        kld = rng.exponential(KLD_SCALE[cousin], 20) * (10 if i == 3 else 1)
+        if cousin == "noise-floor":
+            kld[::3] = 0.0  # exact zeros must survive the log axis
+        same = rng.random(20) > min(0.9, 5 * KLD_SCALE[cousin])
+        row.update(tokens=20, kld_tokens=kld.tolist(), rest_mass_tokens=[0.01] * 20,
+                   margin_tokens=rng.random(20).tolist(), same_top1_tokens=same.tolist(),
+                   dp_tokens=rng.normal(0, 0.05, 20).tolist(), kld_mean=float(kld.mean()),
+                   kld_max=float(kld.max()), same_top1=float(same.mean()), nll_original=10.0,
+                   nll_cousin=10.5, chrf=80.0, rouge_l=0.9)
+        if cousin == "int4-rtn-fakequant" and i == 7:
+            row["error"] = "scoring failed: prompt too long"
+    return row
+
+
+def _m(v, spread: float = 0.1) -> dict:
+    return {"value": v, "ci": None if v is None else [v * (1 - spread), v * (1 + spread)]}
+
+
+def _summary_of(name: str, kind: str, rows: list[dict], *, text_only=False, error=None) -> dict:
+    ok = [r for r in rows if r["error"] is None]
+    kld = np.concatenate([r["kld_tokens"] for r in ok]) if ok and not text_only else np.empty(0)
+    token = not text_only and not error
+    metrics = {n: _m(None) for n in (
+        "kld_mean kld_median kld_p90 kld_p99 kld_p999 kld_max same_top1 mean_dp rms_dp ppl_original "
+        "ppl_cousin ppl_ratio ln_ppl_ratio exact_match first_divergence_mean chrf rouge_l length_ratio "
+        "finish_changed accuracy_original accuracy_cousin accuracy_delta flip_rate").split()}
+    if ok:
+        metrics.update(chrf=_m(float(np.mean([r["chrf"] for r in ok]))),
+                       length_ratio=_m(float(np.mean([r["length_ratio"] for r in ok]))),
+                       exact_match=_m(float(np.mean([r["exact_match"] for r in ok]))),
+                       flip_rate=_m(float(np.mean([r["flip"] for r in ok]))), accuracy_delta=_m(0.05))
+    if token and ok:
+        metrics.update(kld_mean=_m(float(kld.mean())), kld_p99=_m(float(np.quantile(kld, 0.99))),
+                       kld_max=_m(float(kld.max()), 0), rms_dp=_m(0.05), ppl_ratio=_m(1.02, 0.01),
+                       same_top1=_m(float(np.mean([r["same_top1"] for r in ok])), 0.02))
+    by_cat = {c: {"rows": sum(r["category"] == c for r in ok), "kld_mean": metrics["kld_mean"],
+                  "same_top1": metrics["same_top1"], "flip_rate": metrics["flip_rate"],
+                  "length_ratio": metrics["length_ratio"]} for c in CATEGORIES} if ok else {}
+    margin = {b: {"tokens": 40, "kld_mean": metrics["kld_mean"], "same_top1": metrics["same_top1"]}
+              for b in ("[0.5,1.0]", "[0.0,0.1)", "[0.1,0.5)")} if token and ok else {}
+    return {"name": name, "kind": kind, "text_only": text_only, "rows": len(rows),
+            "tokens": int(kld.size), "error_rows": len(rows) - len(ok), "error": error,
+            "metrics": metrics, "slices": {"category": by_cat, "margin": margin}}
+
+
+@pytest.fixture(scope="module")
+def run():
+    rng = np.random.default_rng(0)
+    kinds = {"q8-w8a8": "quantized", "int4-rtn-fakequant": "quantized", "distill-tiny": "distilled",
+             "fp8-broken": "quantized", "noise-floor": "noise"}
+    rows = {name: [_row(i, name, rng) for i in range(PROMPTS)] for name in kinds}
+    drift = pa.Table.from_pylist([r for rs in rows.values() for r in rs], schema=DRIFT)
+    cousins = [  # deliberately not in ranked order
+        _summary_of("fp8-broken", "quantized", rows["fp8-broken"], error="engine failed: <CUDA> OOM & gave up"),
+        _summary_of("distill-tiny", "distilled", rows["distill-tiny"], text_only=True),
+        _summary_of("q8-w8a8", "quantized", rows["q8-w8a8"]),
+        _summary_of("int4-rtn-fakequant", "quantized", rows["int4-rtn-fakequant"]),
+    ]
+    summary = {
+        "run_id": "run-<2026>&test", "original": "tiny-teacher", "score_topk": 20, "prompts": PROMPTS,
+        "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0},
+        "kld_bound": "Computed on the union of both top-20 sets plus a rest bucket; it is a lower bound.",
+        "noise_floor": _summary_of("noise-floor", "noise", rows["noise-floor"]), "cousins": cousins,
+    }
+    return summary, drift
+
+
+@pytest.fixture(scope="module")
+def html(run):
+    return render_report(*run)
+
+
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, and the text inside each <mark>."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.marks: list[str] = []
+        self._in_mark = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_mark = self._in_mark or tag == "mark"
+        if tag == "mark":
+            self.marks.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "mark":
+            self._in_mark = False
+
+    def handle_data(self, data):
+        if self._in_mark:
+            self.marks[-1] += data
+
+
+def test_report_is_self_contained(html):
+    tags = _Tags(html).tags
+    imgs = [a["src"] for t, a in tags if t == "img"]
+    assert len(imgs) == PLOTS
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    for tag, attrs in tags:  # nothing is fetched: no URL in any src/href, no stylesheet link
+        assert tag != "link", attrs
+        for key in ("src", "href", "action", "srcset", "poster", "data"):
+            value = attrs.get(key) or ""
+            assert "//" not in value or value.startswith("data:"), (tag, attrs)
+    assert "url(" not in html and "@import" not in html
+    assert [t for t, _ in tags].count("script") == 1  # only the report's own image check
+
+
+def test_hostile_text_is_escaped(html):
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;<mark>alert</mark>(1)&lt;/script&gt;" in html
+    assert "&quot;double&quot; &#x27;single&#x27;" in html
+    assert "&lt;img src=&quot;http://evil.example/x.png&quot;&gt;" in html
+    assert not any(a.get("src", "").startswith("http") for _, a in _Tags(html).tags)
+    assert "chat &amp; &lt;misc&gt;" in html and "run-&lt;2026&gt;&amp;test" in html
+    assert "engine failed: &lt;CUDA&gt; OOM &amp; gave up" in html  # the failed cousin shows its error
+
+
+def test_first_divergent_token_is_marked(html):
+    marks = _Tags(html).marks
+    assert "alert" in marks and "confirm" in marks  # the hostile prompt, original and cousin side
+    assert "28" in marks and "29" in marks  # prompt 4: "the answer is 28" vs "29"
+
+
+def test_cousins_in_ranked_order(html):
+    ranking = html[html.index("<table class=\"ranking\">"):]
+    ranking = ranking[:ranking.index("</table>")]
+    body, foot = ranking.split("<tfoot>")
+    names = re.findall(r"<a href=\"#cousin-\d+\">([^<]+)</a>", body)
+    assert names == ["int4-rtn-fakequant", "q8-w8a8", "distill-tiny", "fp8-broken"]
+    assert "noise-floor" in foot
+    text_only = body[body.index("distill-tiny"):body.index("fp8-broken")]
+    assert text_only.count("<td>—</td>") >= 6  # KLD mean/p99/max, same top-1, RMS Δp, PPL ratio
+    sections = re.findall(r"<section id=\"cousin-\d+\"><h3>\d+\. ([^<]+)</h3>", html)
+    assert sections == names
+
+
+def test_worst_prompts_per_cousin(run):
+    summary, drift = run
+    html = render_report(summary, drift, worst_n=2)
+    shown = re.findall(r"<div class=\"pair\" data-cousin=\"([^\"]+)\" data-prompt=\"([^\"]+)\">", html)
+    by = {}
+    for cousin, prompt in shown:
+        by.setdefault(cousin, []).append(prompt)
+    kld = {}
+    for r in drift.to_pylist():
+        if r["cousin"] == "int4-rtn-fakequant" and r["error"] is None:
+            kld[r["prompt_id"]] = r["kld_mean"]
+    assert by["int4-rtn-fakequant"] == sorted(kld, key=kld.get, reverse=True)[:2]
+    assert by["int4-rtn-fakequant"][0] == "p03"  # the hostile prompt drifts most
+    assert by["distill-tiny"] == ["p07", "p02"]  # lowest chrF first (35, 40)
+    assert "fp8-broken" not in by and "noise-floor" not in by  # failed rows have nothing to show
+    assert "p07" not in by["int4-rtn-fakequant"]  # its failed row is left out
+
+
+def test_missing_inputs_are_named_at_once(run):
+    _, drift = run
+    expected = r"missing keys \['run_id'.*'cousins'\].*missing columns \['kld_tokens'\]"
+    with pytest.raises(ValueError, match=expected):
+        render_report({}, drift.drop_columns(["kld_tokens"]))
+
+
+def test_without_noise_floor_or_labels(run):
+    summary, drift = run
+    summary = {**summary, "noise_floor": None,
+               "cousins": [{**c, "metrics": {**c["metrics"], "flip_rate": {"value": None, "ci": None}}}
+                           for c in summary["cousins"]]}
+    html = render_report(summary, drift.filter(pc.not_equal(drift["cousin"], "noise-floor")))
+    assert "<tfoot>" not in html and "not measured in this run" in html
+    assert "Not measured: no prompt has a reference answer." in html
+    assert html.count("<img ") == PLOTS - 1  # no flip-rate chart
+
+
+def test_long_text_is_cut_around_the_divergence():
+    from cousins.report import _marked
+
+    shown = _marked("a" * 10_000 + "<b>" + "z" * 10_000, 10_000, 10_003)
+    assert "<mark>&lt;b&gt;</mark>" in shown and len(shown) < 5_000
+    assert shown.startswith("<span class=\"cut\">[… ") and shown.endswith(" characters …]</span>")
+    assert _marked("abc", 3, 3) == "abc<mark class=\"end\">⟨end of text⟩</mark>"  # the cousin stopped early
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium or chromium-browser on PATH "
+                    "(apt-get install chromium) to open the report in a real browser")
+def test_report_renders_in_chromium(html, tmp_path):
+    from PIL import Image
+
+    report = tmp_path / "report.html"
+    report.write_text(html, encoding="utf-8")
+    shot = tmp_path / "report.png"
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,4000"]
+
+    dom = subprocess.run([*base, "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    loaded = re.search(r"data-images-loaded=\"(\d+)/(\d+)\"", dom.stdout)
+    assert loaded, f"the report's image check did not run (blocked script?): {dom.stderr[-2000:]}"
+    decoded, total = map(int, loaded.groups())
+    assert decoded == total >= PLOTS
+    assert "<script>alert(1)" not in dom.stdout
+
+    run = subprocess.run([*base, f"--screenshot={shot}", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    with Image.open(shot) as img:
+        assert img.size == (1280, 4000)
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50  # None: more colours than maxcolors

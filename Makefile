@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (idempotent, quick when done).
-.PHONY: setup demo test
+.PHONY: setup demo drift test
 
 setup:
 	@bash scripts/setup.sh
@@ -7,6 +7,11 @@ setup:
 # The main job on the embedded default: tiny teacher (built if absent), demo corpus, local Ray, ./outputs.
 demo: setup
 	.venv/bin/python jobs/generate.py $(ARGS)
+
+# Behaviour drift on the embedded default: the tiny teacher against its quantized and distilled
+# cousins (built offline on first use) and the noise floor; commits drift rows, summary.json, report.html.
+drift: setup
+	.venv/bin/python jobs/drift.py $(ARGS)
 
 # The test suite.
 test: setup

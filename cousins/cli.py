@@ -2,6 +2,7 @@
 
     cousins models build [--out models/tiny-teacher] [--seed 0]
     cousins generate [hydra overrides…]      # runs jobs/generate.py from this checkout
+    cousins drift [hydra overrides…]         # runs jobs/drift.py (the original against its cousins)
     cousins corpus demo [--out PATH]         # (re)writes the bundled demo corpus
     cousins submit [--address URL] [--job generate] [--no-wait] [hydra overrides…]
     cousins status JOB_ID [--address URL]     # a submitted job's status; --logs for its logs
@@ -35,10 +36,11 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    job = ROOT / "jobs" / "generate.py"
+def _run_job(args: argparse.Namespace) -> int:
+    job = ROOT / "jobs" / f"{args.command}.py"
     if not job.exists():
-        print(f"error: {job} not found; `cousins generate` runs from a checkout of the project", file=sys.stderr)
+        print(f"error: {job} not found; `cousins {args.command}` runs from a checkout of the project",
+              file=sys.stderr)
         return 2
     sys.argv = [str(job), *_overrides(args)]
     runpy.run_path(str(job), run_name="__main__")
@@ -46,9 +48,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _corpus_demo(args: argparse.Namespace) -> int:
-    from cousins.demo_corpus import DEMO_PATH, write_demo_corpus
+    from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, distill_records, write_demo_corpus
 
-    print(write_demo_corpus(args.out or DEMO_PATH))
+    if args.distill:
+        print(write_demo_corpus(args.out or DISTILL_PATH, distill_records()))
+    else:
+        print(write_demo_corpus(args.out or DEMO_PATH))
     return 0
 
 
@@ -85,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="run jobs/generate.py with Hydra overrides")
     gen.add_argument("overrides", nargs=argparse.REMAINDER)
-    gen.set_defaults(fn=_generate)
+    gen.set_defaults(fn=_run_job)
+
+    drift = sub.add_parser("drift", help="run jobs/drift.py with Hydra overrides")
+    drift.add_argument("overrides", nargs=argparse.REMAINDER)
+    drift.set_defaults(fn=_run_job)
 
     corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)
     demo = corpus.add_parser("demo", help="write the demo corpus")
     demo.add_argument("--out")
+    demo.add_argument("--distill", action="store_true", help="the distillation prompts instead of the demo's")
     demo.set_defaults(fn=_corpus_demo)
 
     address_help = "the cluster's dashboard/Job API address (default: RAY_ADDRESS, else http://127.0.0.1:8265)"

@@ -95,6 +95,41 @@ class RayConfig:
     object_store_gib: float | None = None  # for a local Ray only
 
 
+COUSIN_KINDS = ("quantized", "distilled", "other")
+NOISE_FLOOR = "noise-floor"  # the pseudo-cousin: the original against itself under another batching
+BUILD_RECIPES = ("rtn-int8", "rtn-int4", "w8a8-int8", "fp8-dynamic", "tiny-student")
+
+
+@dataclass
+class CousinConfig:
+    """A model compared with the original (`model`). Its name is its key under `cousins`."""
+
+    path: str | None = None  # a checkpoint directory (HF layout); None: the original's weights
+    kind: str = "other"  # quantized | distilled | other
+    dtype: str | None = None  # None: the original's dtype
+    quantization: str | None = None  # vLLM's on-the-fly quantization of `path`, e.g. "fp8_per_channel"
+    build: str | None = None  # a recipe that builds `path` when it is absent (BUILD_RECIPES)
+    distill_mode: str = "sft"  # build=tiny-student: "sft" (the teacher's text) or "kd" (its top-k logprobs)
+    distill_from: str | None = None  # build=tiny-student: a committed run of the original to learn from;
+    #                                  None: the drift job first generates one on drift.distill_corpus
+    distill_steps: int | None = None  # build=tiny-student: training steps (None: the recipe's)
+    text_only: bool = False  # compare texts only (a cousin with another tokenizer)
+
+
+@dataclass
+class DriftConfig:
+    score_topk: int = 20  # top-k logprobs kept at every scored position (<= max_logprobs)
+    noise_floor: bool = True  # also compare the original with itself under another batch order and size
+    answer_match: str = "contains"  # labelled prompts: contains | exact (after normalisation)
+    bootstrap: int = 1000  # resamples over prompts for every confidence interval
+    confidence: float = 0.95
+    seed: int = 0  # of the bootstrap and of the noise floor's reshuffle
+    worst_n: int = 10  # worst prompts per cousin shown in the report
+    distill_corpus: str = "${cousins_data:demo-distill.jsonl}"  # prompts the distilled cousins learn from
+    distill_samples: int = 2
+    recompute: bool = False  # jobs/drift.py: redo only the diff of the committed run.run_id, no engines
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -103,6 +138,11 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # name -> CousinConfig. Typed loosely for Hydra, so `+cousins.NAME={path: …, kind: …}` on the
+    # command line works (OmegaConf cannot assign a dict to a dataclass-typed dict entry);
+    # to_config turns each entry into a CousinConfig and reports unknown keys.
+    cousins: dict[str, Any] = field(default_factory=dict)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 def register() -> None:
@@ -127,6 +167,19 @@ def to_config(cfg: DictConfig | Config) -> Config:
         return cfg
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config), f"expected the composed config to be a Config, got {type(obj)}"
+    cousins, problems = {}, []
+    for name, entry in obj.cousins.items():
+        if isinstance(entry, CousinConfig):
+            cousins[str(name)] = entry
+            continue
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(CousinConfig), entry or {})
+            cousins[str(name)] = OmegaConf.to_object(merged)
+        except Exception as e:  # noqa: BLE001 - every bad entry is reported, together
+            problems.append(f"cousins.{name}: {str(e).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+    obj.cousins = cousins
     return obj
 
 
@@ -145,6 +198,12 @@ def resolve_paths(cfg: Config, base: str | None = None) -> Config:
     cfg.model.path = fix(cfg.model.path)
     cfg.corpus.path = fix(cfg.corpus.path)
     cfg.storage.root = fix(cfg.storage.root)
+    cfg.drift.distill_corpus = fix(cfg.drift.distill_corpus)
+    for c in cfg.cousins.values():
+        if c.path is not None:
+            c.path = fix(c.path)
+        if c.distill_from is not None:
+            c.distill_from = fix(c.distill_from)
     return cfg
 
 
@@ -206,6 +265,8 @@ def validate(cfg: Config) -> None:
     check(e.batch_size >= 1, f"engine.batch_size must be >= 1, got {e.batch_size}")
     check(e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
 
+    _validate_cousins(cfg, check)
+
     try:
         import fsspec
 
@@ -215,6 +276,36 @@ def validate(cfg: Config) -> None:
 
     if problems:
         raise ConfigError(problems)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "=" not in name and not name.startswith(".") and "\\" not in name
+
+
+def _validate_cousins(cfg: Config, check) -> None:
+    d = cfg.drift
+    check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
+    check(d.answer_match in ("contains", "exact"), f"drift.answer_match {d.answer_match!r} must be contains or exact")
+    check(d.bootstrap >= 10, f"drift.bootstrap must be >= 10 resamples, got {d.bootstrap}")
+    check(0.5 <= d.confidence < 1, f"drift.confidence must be in [0.5, 1), got {d.confidence}")
+    check(d.worst_n >= 0, f"drift.worst_n must be >= 0, got {d.worst_n}")
+    check(d.distill_samples >= 1, f"drift.distill_samples must be >= 1, got {d.distill_samples}")
+    for name, c in cfg.cousins.items():
+        where = f"cousins.{name}"
+        check(_plain_name(name), f"{where}: the name must be plain (no '/', '=', '\\' or leading '.')")
+        check(name not in (cfg.model.name, NOISE_FLOOR),
+              f"{where}: the name is taken (the original is {cfg.model.name!r}; {NOISE_FLOOR!r} is reserved)")
+        check(c.kind in COUSIN_KINDS, f"{where}.kind {c.kind!r} must be one of {list(COUSIN_KINDS)}")
+        check(c.dtype is None or c.dtype in DTYPES, f"{where}.dtype {c.dtype!r} must be one of {list(DTYPES)}")
+        check(c.build is None or c.build in BUILD_RECIPES,
+              f"{where}.build {c.build!r} is not a known recipe; known: {list(BUILD_RECIPES)}")
+        check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
+        check(c.path is not None or c.quantization is not None or c.dtype not in (None, cfg.model.dtype),
+              f"{where}: without a path it is the original's weights; set quantization or another dtype")
+        check(c.distill_mode in ("sft", "kd"), f"{where}.distill_mode {c.distill_mode!r} must be sft or kd")
+        if (c.path is not None and c.build is None and "://" not in c.path
+                and not os.path.exists(os.path.join(c.path, "config.json"))):
+            check(False, f"{where}: model directory not found: {c.path!r} has no config.json (set its path or build)")
 
 
 def fields_of(cfg: Config):

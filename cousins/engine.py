@@ -93,16 +93,19 @@ def _topk(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
     return [tid for tid, _ in ranked], [lp.logprob for _, lp in ranked]
 
 
-class EngineActor:
-    """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
+def _node_id() -> str | None:
+    import ray
 
-    def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None):
-        os.environ.update(ENGINE_ENV)
-        from vllm import LLM, SamplingParams
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
-        self._SamplingParams = SamplingParams
-        self.spec, self.sampling = spec, sampling
-        self.llm = LLM(
+
+def _load(spec: EngineSpec, ledger, tolerate_failure: bool):
+    """(the vLLM engine, None), or (None, the reason) when loading fails and that is tolerated."""
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    try:
+        llm = LLM(
             model=spec.model_path,
             tokenizer=spec.model_path,
             dtype=spec.dtype,
@@ -117,13 +120,29 @@ class EngineActor:
             logprobs_mode="raw_logprobs",
             seed=0,
         )
-        self.tokenizer = self.llm.get_tokenizer()
-        self.ledger = ledger
+    except Exception as e:  # noqa: BLE001 - reported as the model's row errors when tolerated
+        if not tolerate_failure:
+            raise
+        return None, f"engine failed to load {spec.model_name!r} from {spec.model_path}: {type(e).__name__}: {e}"[:2000]
+    if ledger is not None:
         import ray
 
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        if ledger is not None:
-            ray.get(ledger.engine_started.remote(spec.model_name))
+        ray.get(ledger.engine_started.remote(spec.model_name))
+    return llm, None
+
+
+class EngineActor:
+    """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
+
+    def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None, tolerate_load_failure: bool = False):
+        self.spec, self.sampling, self.ledger = spec, sampling, ledger
+        self.llm, self.load_error = _load(spec, ledger, tolerate_load_failure)
+        if self.llm is not None:
+            from vllm import SamplingParams
+
+            self._SamplingParams = SamplingParams
+            self.tokenizer = self.llm.get_tokenizer()
+        self.node = _node_id()
 
     def _params(self, seed: int):
         s = self.sampling
@@ -147,6 +166,12 @@ class EngineActor:
             self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows)
         rows = batch.to_pylist()
         cols = _Columns()
+        if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
+            for row in rows:
+                cols.add(prompt_id=row["prompt_id"], sample_index=row["sample_index"], seed=row["seed"],
+                         model=self.spec.model_name, category=row.get("category"), engine_node=self.node,
+                         error=self.load_error)
+            return cols.table()
         texts: list[str | None] = []
         ids: list[list[int] | None] = []
         errors: list[str | None] = []
@@ -209,14 +234,73 @@ class EngineActor:
         return outputs
 
 
-def generate(rows, *, spec: EngineSpec, sampling: Sampling, num_actors: int, cpus_per_actor: float,
-             gpus_per_actor: float, batch_size: int, ledger=None):
-    """Expanded prompt rows (expand_samples) -> generations (schema.GENERATIONS rows), lazily."""
+class ScoreActor:
+    """Teacher-forced scoring: one model's distribution at every output position of the ORIGINAL's
+    generations (vLLM prompt logprobs over prompt + output, nothing sampled). One SCORES row per
+    input row; rows the original failed on, or that do not fit the context, are error rows."""
+
+    def __init__(self, spec: EngineSpec, topk: int, ledger=None, tolerate_load_failure: bool = False):
+        self.spec, self.topk, self.ledger = spec, topk, ledger
+        self.llm, self.load_error = _load(spec, ledger, tolerate_load_failure)
+        if self.llm is not None:
+            from vllm import SamplingParams
+
+            self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
+            self.tokenizer = self.llm.get_tokenizer()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.ledger is not None:
+            from cousins.ledger import batch_key
+
+            self.ledger.batch_started.remote(f"score:{self.spec.model_name}", batch_key(batch), batch.num_rows)
+        rows = batch.select(["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]).to_pylist()
+        cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
+        todo, inputs, errors = [], [], [None] * len(rows)
+        for i, row in enumerate(rows):
+            if self.llm is None:
+                errors[i] = self.load_error
+            elif row["error"] is not None or not row["output_token_ids"]:
+                errors[i] = "the original has no output here to score"
+            else:
+                ids = self.tokenizer.encode(row["prompt_text"], add_special_tokens=False) + list(row["output_token_ids"])
+                if len(ids) + 1 > self.spec.max_model_len:
+                    errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
+                else:
+                    todo.append(i), inputs.append(ids)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in inputs], self.params, use_tqdm=False) if inputs else []
+        elapsed = time.perf_counter() - t0
+        total = sum(len(x) for x in inputs) or 1
+        scored = dict(zip(todo, zip(outs, inputs)))
+        for i, row in enumerate(rows):
+            cols["prompt_id"].append(row["prompt_id"])
+            cols["sample_index"].append(row["sample_index"])
+            cols["model"].append(self.spec.model_name)
+            if i not in scored:
+                for name in ("topk_token_ids", "topk_logprobs", "token_logprobs", "engine_time_s"):
+                    cols[name].append(None)
+                cols["error"].append(errors[i])
+                continue
+            out, ids = scored[i]
+            y = list(row["output_token_ids"])
+            start = len(ids) - len(y)
+            positions = out.prompt_logprobs[start:start + len(y)]
+            pairs = [_topk(pos, self.topk) for pos in positions]
+            cols["topk_token_ids"].append([p[0] for p in pairs])
+            cols["topk_logprobs"].append([p[1] for p in pairs])
+            cols["token_logprobs"].append([pos[t].logprob for pos, t in zip(positions, y)])
+            cols["engine_time_s"].append(elapsed * len(ids) / total)
+            cols["error"].append(None)
+        return pa.Table.from_pydict(cols, schema=schema.SCORES)
+
+
+def _pool(rows, actor, kwargs: dict, *, num_actors: int, cpus_per_actor: float, gpus_per_actor: float,
+          batch_size: int):
     from ray.data import ActorPoolStrategy
 
     return rows.map_batches(
-        EngineActor,
-        fn_constructor_kwargs={"spec": spec, "sampling": sampling, "ledger": ledger},
+        actor,
+        fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=num_actors),
@@ -224,3 +308,17 @@ def generate(rows, *, spec: EngineSpec, sampling: Sampling, num_actors: int, cpu
         num_gpus=gpus_per_actor,
         runtime_env={"env_vars": ENGINE_ENV},
     )
+
+
+def generate(rows, *, spec: EngineSpec, sampling: Sampling, ledger=None, tolerate_load_failure: bool = False,
+             **placement):
+    """Expanded prompt rows (expand_samples) -> generations (schema.GENERATIONS rows), lazily.
+    placement: num_actors, cpus_per_actor, gpus_per_actor, batch_size."""
+    return _pool(rows, EngineActor, {"spec": spec, "sampling": sampling, "ledger": ledger,
+                                     "tolerate_load_failure": tolerate_load_failure}, **placement)
+
+
+def score(rows, *, spec: EngineSpec, topk: int, ledger=None, tolerate_load_failure: bool = False, **placement):
+    """The original's generation rows -> `spec`'s teacher-forced scores (schema.SCORES rows), lazily."""
+    return _pool(rows, ScoreActor, {"spec": spec, "topk": topk, "ledger": ledger,
+                                    "tolerate_load_failure": tolerate_load_failure}, **placement)

@@ -31,13 +31,14 @@ import pyarrow.dataset as pads
 import yaml
 
 from cousins import __version__, corpus, engine, schema
-from cousins.config import Config, fields_of, redacted
+from cousins.config import NOISE_FLOOR, Config, fields_of, redacted
 from cousins.ledger import batch_key, new_ledger
 from cousins.storage import (Location, RunLayout, data_files, done_info, is_done, mark_done, resolve,
                              write_parquet_atomic)
 
 # Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
-RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "storage.options", "run.run_id")
+RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "storage.options", "run.run_id",
+                  "drift.recompute")
 LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
 
 
@@ -80,6 +81,39 @@ class RunResult:
     corpus_errors: int
     models: list[ModelStats]
     state: str = "new"  # new | resumed | committed (was already)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a run: the original, a cousin, or the noise-floor pass of the original."""
+
+    name: str
+    path: str
+    dtype: str
+    quantization: str | None
+    kind: str  # original | quantized | distilled | other | noise
+    text_only: bool = False
+    reorder: bool = False  # the noise floor: other batch order and size than the original's pass
+
+    @property
+    def is_original(self) -> bool:
+        return self.kind == "original"
+
+
+def model_entries(cfg: Config, *, noise_floor: bool = False) -> list[ModelEntry]:
+    """The original first, then the cousins in config order, then (if asked) the noise floor."""
+    m = cfg.model
+    out = [ModelEntry(m.name, m.path, m.dtype, m.quantization, "original")]
+    for name, c in cfg.cousins.items():
+        out.append(ModelEntry(name, c.path or m.path, c.dtype or m.dtype, c.quantization, c.kind, c.text_only))
+    if noise_floor:
+        out.append(ModelEntry(NOISE_FLOOR, m.path, m.dtype, m.quantization, "noise", reorder=True))
+    return out
+
+
+def reordered_batch_size(batch_size: int) -> int:
+    """The noise floor's batch size: another batch composition than the original pass's."""
+    return max(1, (batch_size * 3) // 4 + 1) if batch_size > 1 else 2
 
 
 # --- config identity -----------------------------------------------------------------------------
@@ -176,14 +210,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _engine_spec(cfg: Config) -> engine.EngineSpec:
-    m, e = cfg.model, cfg.engine
+def engine_spec(cfg: Config, entry: ModelEntry) -> engine.EngineSpec:
+    e = cfg.engine
     return engine.EngineSpec(
-        model_name=m.name, model_path=m.path, dtype=m.dtype, quantization=m.quantization,
+        model_name=entry.name, model_path=entry.path, dtype=entry.dtype, quantization=entry.quantization,
         max_model_len=e.max_model_len, kv_cache_bytes=int(e.kv_cache_gib * (1 << 30)),
         tensor_parallel_size=e.tensor_parallel_size, max_num_seqs=e.max_num_seqs,
-        enforce_eager=e.enforce_eager, max_logprobs=max(20, cfg.run.sampling.logprobs),
+        enforce_eager=e.enforce_eager, max_logprobs=max(20, cfg.run.sampling.logprobs, cfg.drift.score_topk),
     )
+
+
+def placement(cfg: Config, *, reorder: bool = False) -> dict:
+    e = cfg.engine
+    return {"num_actors": e.num_actors, "cpus_per_actor": e.cpus_per_actor, "gpus_per_actor": e.gpus_per_actor,
+            "batch_size": reordered_batch_size(e.batch_size) if reorder else e.batch_size}
 
 
 def _sampling(cfg: Config) -> engine.Sampling:
@@ -224,7 +264,7 @@ def stage_prompts(cfg: Config, layout: RunLayout):
     n_errors = done_info(layout.errors)["rows"]
     files = data_files(layout.prompts)
     prompts = (ray.data.read_parquet(files, filesystem=layout.prompts.arrow_fs(),
-                                     ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}) if files
+                                     num_cpus=LIGHT_TASK_CPUS) if files
                else ray.data.from_arrow(schema.PROMPTS.empty_table()))
     return prompts, n_prompts, n_errors
 
@@ -248,7 +288,7 @@ def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
 def _write_part(batch: pa.Table, *, out: Location) -> pa.Table:
     """Publish one part file, named by its rows' keys: a retried batch rewrites the same name."""
     write_parquet_atomic(batch, out.join(f"part-{batch_key(batch)}.parquet"))
-    tokens = batch.column("output_tokens").to_pylist()
+    tokens = batch.column("output_tokens").to_pylist() if "output_tokens" in batch.column_names else []
     return pa.table({"rows": [batch.num_rows], "output_tokens": [sum(t or 0 for t in tokens)]})
 
 
@@ -290,10 +330,14 @@ def _check_cpu_room(cfg: Config) -> None:
             f"(e.g. engine.cpus_per_actor={max(0.25, (total - 1) / e.num_actors):g}) or engine.num_actors")
 
 
-def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> ModelStats:
+def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int,
+                   entry: ModelEntry | None = None) -> ModelStats:
+    """Generate (or finish generating) one model's rows. A cousin that fails to load writes error
+    rows with the reason (and the run goes on); the original failing to load fails the run."""
     import ray
 
-    name, samples = cfg.model.name, cfg.run.samples
+    entry = entry or model_entries(cfg)[0]
+    name, samples = entry.name, cfg.run.samples
     out = layout.generations(name)
     expected = n_prompts * samples
     if is_done(out):
@@ -315,13 +359,15 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> M
                                    "base_seed": cfg.run.sampling.seed}, zero_copy_batch=True, **light)
         if done:
             rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done)}, **light)
+        where = placement(cfg, reorder=entry.reorder)
+        if entry.reorder:
+            rows = rows.random_shuffle(seed=cfg.drift.seed + 1)
         ledger = new_ledger()
         try:
             gens = engine.generate(
-                rows.repartition(max(cfg.engine.num_actors, (expected - len(done)) // cfg.engine.batch_size)),
-                spec=_engine_spec(cfg), sampling=_sampling(cfg), num_actors=cfg.engine.num_actors,
-                cpus_per_actor=cfg.engine.cpus_per_actor, gpus_per_actor=cfg.engine.gpus_per_actor,
-                batch_size=cfg.engine.batch_size, ledger=ledger)
+                rows.repartition(max(cfg.engine.num_actors, (expected - len(done)) // where["batch_size"])),
+                spec=engine_spec(cfg, entry), sampling=_sampling(cfg), ledger=ledger,
+                tolerate_load_failure=not entry.is_original, **where)
             written = gens.map_batches(_write_part, fn_kwargs={"out": out}, batch_size=cfg.storage.rows_per_file,
                                        **light).take_all()
             retries = {**ray.get(ledger.report.remote(name)), "engine_actors": cfg.engine.num_actors}
@@ -339,38 +385,99 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int) -> M
 # --- the run -------------------------------------------------------------------------------------
 
 def run_generate(cfg: Config, run: RunHandle | None = None) -> RunResult:
-    """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray."""
+    """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray:
+    the original and every cousin, on the same prompts and seeds."""
     run = run or open_run(cfg)
-    layout, state, run_id = run.layout, run.state, run.layout.run_id
+    layout, state = run.layout, run.state
     if state == "committed":
         return result_from_manifest(layout)
-    print(f"run {run_id} ({'resuming' if state == 'resume' else 'new'}) at {layout.run.url}", flush=True)
-
+    print(f"run {layout.run_id} ({'resuming' if state == 'resume' else 'new'}) at {layout.run.url}", flush=True)
     prompts, n_prompts, n_errors = stage_prompts(cfg, layout)
-    stats = [stage_generate(cfg, layout, prompts, n_prompts)]
+    entries = model_entries(cfg)
+    stats = [stage_generate(cfg, layout, prompts, n_prompts, e) for e in entries]
+    result = RunResult(run_id=layout.run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
+                       prompts=n_prompts, corpus_errors=n_errors, models=stats,
+                       state="resumed" if state == "resume" else "new")
+    layout.manifest.write_json_atomic(build_manifest(cfg, layout, result, entries, resumed=state == "resume"))
+    return result
 
-    manifest = {
-        "run_id": run_id,
+
+def run_drift(cfg: Config, run: RunHandle | None = None) -> tuple[RunResult, dict]:
+    """Generate with the original, every cousin and the noise floor; score the original's outputs
+    with each; diff; commit summary.json, report.html and the manifest. Returns (result, summary)."""
+    from cousins.drift.stages import stage_diff, stage_score
+
+    run = run or open_run(cfg)
+    layout, state = run.layout, run.state
+    if state == "committed":
+        return result_from_manifest(layout), json.loads(layout.summary.read_text())
+    print(f"run {layout.run_id} ({'resuming' if state == 'resume' else 'new'}) at {layout.run.url}", flush=True)
+    prompts, n_prompts, n_errors = stage_prompts(cfg, layout)
+    entries = model_entries(cfg, noise_floor=cfg.drift.noise_floor)
+    t0 = time.perf_counter()
+    stats = [stage_generate(cfg, layout, prompts, n_prompts, e) for e in entries]
+    generate_s = time.perf_counter() - t0
+    by_name = {s.model: s for s in stats}
+    scores = {}
+    t0 = time.perf_counter()
+    for e in entries:
+        if e.text_only or (not e.is_original and by_name[e.name].error_rows == by_name[e.name].rows):
+            continue  # text-only, or it failed to load: nothing to score with
+        scores[e.name] = stage_score(cfg, layout, e, entries[0])
+    score_s = time.perf_counter() - t0
+    summary = stage_diff(cfg, layout, entries, run_id=layout.run_id)
+    summary["timings"].update(generate_s=generate_s, score_s=score_s)
+    layout.summary.write_json_atomic(summary)
+    result = RunResult(run_id=layout.run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
+                       prompts=n_prompts, corpus_errors=n_errors, models=stats,
+                       state="resumed" if state == "resume" else "new")
+    stages = {**{f"scores/model={n}": "done" for n in scores},
+              **{f"drift/cousin={e.name}": "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}
+    layout.manifest.write_json_atomic(build_manifest(
+        cfg, layout, result, entries, resumed=state == "resume", extra_stages=stages,
+        scores={n: {k: v for k, v in info.items() if k != "retries"} for n, info in scores.items()},
+        drift=drift_headline(summary)))
+    return result, summary
+
+
+def drift_headline(summary: dict) -> dict:
+    """The manifest's short view of the summary: per cousin, the figures a listing shows."""
+    keys = ("kld_mean", "same_top1", "flip_rate", "length_ratio", "exact_match")
+    out = {}
+    for s in [*summary["cousins"], *([summary["noise_floor"]] if summary.get("noise_floor") else [])]:
+        out[s["name"]] = {"kind": s["kind"], "error": s["error"],
+                          **{k: (s["metrics"].get(k) or {}).get("value") for k in keys}}
+    return out
+
+
+def build_manifest(cfg: Config, layout: RunLayout, result: RunResult, entries: list[ModelEntry], *,
+                   resumed: bool, extra_stages: dict | None = None, **extra: Any) -> dict:
+    """The manifest, written last: what ran, on what, and how many rows each stage holds."""
+    return {
+        "run_id": layout.run_id,
         "status": "committed",
         "committed": datetime.now(timezone.utc).isoformat(),
-        "resumed": state == "resume",
+        "resumed": resumed,
         "config_hash": config_hash(cfg),
         "versions": _versions(),
-        "models": [{"name": cfg.model.name, "path": cfg.model.path, "fingerprint": model_fingerprint(cfg.model.path),
-                    "dtype": cfg.model.dtype, "quantization": cfg.model.quantization}],
-        "corpus": {"path": cfg.corpus.path, "rows": n_prompts + n_errors, "prompts": n_prompts,
-                   "error_rows": n_errors},
+        "models": [{"name": e.name, "kind": e.kind, "path": e.path, "fingerprint": _fingerprint_or_none(e.path),
+                    "dtype": e.dtype, "quantization": e.quantization, "text_only": e.text_only,
+                    "reordered": e.reorder} for e in entries],
+        "corpus": {"path": cfg.corpus.path, "rows": result.corpus_rows, "prompts": result.prompts,
+                   "error_rows": result.corpus_errors},
         "sampling": asdict(_sampling(cfg)),
         "samples": cfg.run.samples,
         "seed": cfg.run.sampling.seed,
         "seed_rule": "sha256(f'{seed}:{prompt_id}:{sample_index}')[:4] little-endian & 0x7fffffff",
-        "stages": {"prompts": "done", "errors": "done", **{f"generations/model={s.model}": "done" for s in stats}},
-        "row_counts": {s.model: {**asdict(s), "tokens_per_s": s.tokens_per_s} for s in stats},
+        "stages": {"prompts": "done", "errors": "done",
+                   **{f"generations/model={s.model}": "done" for s in result.models}, **(extra_stages or {})},
+        "row_counts": {s.model: {**asdict(s), "tokens_per_s": s.tokens_per_s} for s in result.models},
+        **extra,
     }
-    layout.manifest.write_json_atomic(manifest)
-    return RunResult(run_id=run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
-                     prompts=n_prompts, corpus_errors=n_errors, models=stats,
-                     state="resumed" if state == "resume" else "new")
+
+
+def _fingerprint_or_none(path: str) -> str | None:
+    return model_fingerprint(path) if os.path.isdir(path) else None
 
 
 def result_from_manifest(layout: RunLayout) -> RunResult:

@@ -163,6 +163,20 @@ class RunLayout:
     def generations(self, model: str) -> Location:
         return self.run.join("generations", f"model={model}")
 
+    def scores(self, model: str) -> Location:
+        return self.run.join("scores", f"model={model}")
+
+    def drift(self, cousin: str) -> Location:
+        return self.run.join("drift", f"cousin={cousin}")
+
+    @property
+    def summary(self) -> Location:
+        return self.run.join("summary.json")
+
+    @property
+    def report(self) -> Location:
+        return self.run.join("report.html")
+
     @property
     def config(self) -> Location:
         return self.run.join("config.yaml")

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cousins.config import ConfigError, resolve_paths, to_config, validate
-from cousins.models import ensure_model
+from cousins.family import build_students, prepare_before_ray
 from cousins.pipeline import RunConflict, open_run, result_from_manifest, run_generate, summary_table
 from cousins.runtime import init_ray, root_cause
 
@@ -21,15 +21,16 @@ def main(dcfg: DictConfig) -> None:
     cfg = resolve_paths(to_config(dcfg))  # absolute paths now: working dirs can move under Ray jobs
     try:
         validate(cfg)  # every config error at once, before any Ray work
+        prepare_before_ray(cfg)  # builds absent models (the tiny teacher, quantized cousins)
         run = open_run(cfg)  # an existing run id resumes; with a different config it is refused
     except (ConfigError, RunConflict) as e:
         sys.exit(f"error: {e}")
     if run.state == "committed":
         print(summary_table(result_from_manifest(run.layout)))
         return
-    ensure_model(cfg.model.path, cfg.model.build, cfg.model.seed)  # builds the tiny teacher if absent
     init_ray(cfg.ray)
     try:
+        build_students(cfg, run.layout.run_id)  # distilled cousins, if any, learn from teacher data first
         result = run_generate(cfg, run)
     except Exception as e:
         traceback.print_exc()  # the whole story for the log; the last line says what to do next

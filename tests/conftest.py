@@ -48,14 +48,14 @@ def tiny_config(tiny_teacher, tmp_path):
     return make
 
 
-def compose(*overrides: str):
+def compose(*overrides: str, config_name: str = "generate"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     import cousins.config  # noqa: F401 - registers the structured config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose(config_name="generate", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 class S3Server:

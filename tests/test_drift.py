@@ -1,0 +1,151 @@
+"""Integration: the drift run on real vLLM with the tiny teacher and real quantized cousins.
+
+One run (module fixture) with: two round-to-nearest fake-quant cousins (int8, int4), a cousin whose
+weights are broken (fails to load), a text-only cousin with another vocabulary, and the noise floor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import compose
+from cousins.config import resolve_paths, to_config, validate
+from cousins.drift import metrics
+from cousins.drift.stages import recompute
+from cousins.family import prepare_before_ray
+from cousins.pipeline import run_drift
+from cousins.storage import RunLayout, data_files, resolve
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+
+def _table(loc):
+    t = pads.dataset(data_files(loc), filesystem=loc.arrow_fs(), format="parquet").to_table()
+    return t.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def drift_run(ray_local, tiny_teacher, tmp_path_factory):
+    base = tmp_path_factory.mktemp("drift")
+    broken = base / "broken"
+    shutil.copytree(tiny_teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"these are not weights")
+    other = base / "other-vocab"
+    shutil.copytree(tiny_teacher, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = resolve_paths(to_config(compose(
+        f"model.path={tiny_teacher}", f"storage.root={base / 'out'}", "cousins=none", "corpus.limit=24",
+        "run.sampling.max_tokens=24", "engine.max_model_len=256", "run.run_id=drift-test", "drift.bootstrap=300",
+        f"+cousins.int8={{kind:quantized,build:rtn-int8,path:'{base / 'int8'}'}}",
+        f"+cousins.int4={{kind:quantized,build:rtn-int4,path:'{base / 'int4'}'}}",
+        f"+cousins.broken={{kind:other,path:'{broken}'}}",
+        f"+cousins.words={{kind:other,path:'{other}',text_only:true}}",
+        config_name="drift")))
+    validate(cfg)
+    prepare_before_ray(cfg)
+    result, summary = run_drift(cfg)
+    layout = RunLayout(resolve(cfg.storage.root), result.run_id)
+    return cfg, layout, result, summary
+
+
+def by_name(summary):
+    return {s["name"]: s for s in summary["cousins"]}
+
+
+def test_noise_floor_is_zero_in_fp32_and_quantized_cousins_drift_in_order(drift_run):
+    _, _, _, summary = drift_run
+    noise = summary["noise_floor"]["metrics"]
+    s = by_name(summary)
+    int8, int4 = s["int8"]["metrics"], s["int4"]["metrics"]
+    print(f"\nKLD mean: noise {noise['kld_mean']['value']:.3g}, int8 {int8['kld_mean']['value']:.3g}, "
+          f"int4 {int4['kld_mean']['value']:.3g}; same-top-1 int4 {int4['same_top1']['value']:.3f}")
+    assert noise["kld_mean"]["value"] < 1e-6
+    assert noise["same_top1"]["value"] == 1.0 and noise["exact_match"]["value"] == 1.0
+    assert int4["kld_mean"]["value"] > int8["kld_mean"]["value"] > noise["kld_mean"]["value"]
+    assert int4["kld_mean"]["ci"][0] <= int4["kld_mean"]["value"] <= int4["kld_mean"]["ci"][1]
+    assert summary["cousins"][0]["name"] == "int4"  # ranked by drift
+
+
+def test_every_cousin_has_one_drift_row_per_generation_and_the_run_commits(drift_run):
+    cfg, layout, result, summary = drift_run
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["status"] == "committed" and set(manifest["drift"]) == {"int8", "int4", "broken", "words",
+                                                                          "noise-floor"}
+    rows = result.prompts * cfg.run.samples
+    for name in ("int8", "int4", "broken", "words", "noise-floor"):
+        assert _table(layout.drift(name)).num_rows == rows
+    for name in ("tiny-teacher", "int8", "int4", "noise-floor"):
+        assert _table(layout.scores(name)).num_rows == rows
+    assert not layout.scores("words").exists() and not layout.scores("broken").exists()
+    html = layout.report.read_text()
+    assert "int4" in html and "noise" in html and "data:image/png;base64," in html
+
+
+def test_a_cousin_that_fails_to_load_fails_its_own_rows_only(drift_run):
+    _, layout, _, summary = drift_run
+    broken = by_name(summary)["broken"]
+    assert broken["error"].startswith("engine failed to load 'broken'")
+    assert broken["error_rows"] == broken["rows"]
+    gens = _table(layout.generations("broken"))
+    assert all(e.startswith("engine failed to load") for e in gens.column("error").to_pylist())
+    assert by_name(summary)["int8"]["error"] is None and by_name(summary)["int8"]["error_rows"] == 0
+
+
+def test_text_only_cousin_has_sequence_metrics_only(drift_run):
+    _, _, _, summary = drift_run
+    words = by_name(summary)["words"]
+    assert words["text_only"] and "kld_mean" not in words["metrics"]
+    assert 0 <= words["metrics"]["chrf"]["value"] <= 100 and words["metrics"]["length_ratio"]["value"] > 0
+
+
+def test_stored_topk_kld_agrees_with_full_vocabulary_transformers_within_the_bound(drift_run, tiny_teacher):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, layout, _, _ = drift_run
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    cousin = AutoModelForCausalLM.from_pretrained(cfg.cousins["int4"].path, dtype=torch.float32).eval()
+    gens = _table(layout.generations("tiny-teacher")).to_pylist()[:8]
+    drift = {r["prompt_id"]: r for r in _table(layout.drift("int4")).to_pylist()}
+    so = {r["prompt_id"]: r for r in _table(layout.scores("tiny-teacher")).to_pylist()}
+    sc = {r["prompt_id"]: r for r in _table(layout.scores("int4")).to_pylist()}
+    worst_gap = 0.0
+    for g in gens:
+        prompt = tok.encode(g["prompt_text"], add_special_tokens=False)
+        y = g["output_token_ids"]
+        ids = torch.tensor([prompt + y])
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(ids).logits[0, len(prompt) - 1:-1].double(), -1).numpy()
+            lq = torch.log_softmax(cousin(ids).logits[0, len(prompt) - 1:-1].double(), -1).numpy()
+        full = metrics.full_kld(lp, lq)
+        est = np.asarray(drift[g["prompt_id"]]["kld_tokens"], dtype=np.float64)
+        assert est.shape == full.shape
+        for t in range(len(y)):
+            known = (set(so[g["prompt_id"]]["topk_token_ids"][t]) | {y[t]}) & (set(sc[g["prompt_id"]]["topk_token_ids"][t]) | {y[t]})
+            rest = np.array(sorted(set(range(lp.shape[1])) - known))
+            pr, qr = np.exp(lp[t, rest]), np.exp(lq[t, rest])
+            bound = pr.sum() * float((pr / pr.sum() * np.log((pr / pr.sum()) / (qr / qr.sum()))).sum())
+            # the estimate is a lower bound, short by exactly the tail term (up to vLLM-vs-HF float noise)
+            assert est[t] <= full[t] + 2e-5
+            assert full[t] - est[t] == pytest.approx(bound, abs=2e-5)
+            worst_gap = max(worst_gap, full[t] - est[t])
+    print(f"\nlargest full-minus-top-{cfg.drift.score_topk} KLD gap over {len(gens)} prompts: {worst_gap:.2e}")
+
+
+def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift_run):
+    cfg, layout, _, summary = drift_run
+    again = recompute(cfg)
+    strip = lambda s: json.dumps({k: v for k, v in s.items() if k not in ("computed", "timings")}, sort_keys=True)  # noqa: E731
+    assert strip(again) == strip(summary)
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["drift_recomputed"] == again["computed"]

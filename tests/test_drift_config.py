@@ -1,0 +1,81 @@
+"""The drift job's config: cousins validated all at once, vocabularies checked before any cluster work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import compose
+from cousins.config import NOISE_FLOOR, CousinConfig, ConfigError, resolve_paths, to_config, validate
+from cousins.family import check_vocabularies, teacher_data_config
+from cousins.pipeline import model_entries, reordered_batch_size
+
+
+def drift_config(tiny_teacher, *overrides):
+    return resolve_paths(to_config(compose(f"model.path={tiny_teacher}", *overrides, config_name="drift")))
+
+
+def test_drift_yaml_composes_to_the_demo_cousins(tiny_teacher):
+    cfg = drift_config(tiny_teacher)
+    validate(cfg)
+    assert cfg.run.samples == 1 and cfg.run.sampling.temperature == 0.0
+    kinds = {n: c.kind for n, c in cfg.cousins.items()}
+    assert kinds["rtn-int4"] == "quantized" and kinds["student-kd"] == "distilled"
+    assert cfg.cousins["fp8-per-channel"].path is None and cfg.cousins["fp8-per-channel"].quantization
+    names = [e.name for e in model_entries(cfg, noise_floor=True)]
+    assert names[0] == "tiny-teacher" and names[-1] == NOISE_FLOOR and len(names) == len(cfg.cousins) + 2
+    noise = model_entries(cfg, noise_floor=True)[-1]
+    assert noise.path == cfg.model.path and noise.reorder
+    assert reordered_batch_size(cfg.engine.batch_size) != cfg.engine.batch_size
+
+
+def test_cousin_errors_are_reported_together(tiny_teacher, tmp_path):
+    cfg = drift_config(tiny_teacher, "cousins=none", "+cousins.noise-floor={quantization:fp8_per_channel}",
+                       "+cousins.b={kind:squashed,path:/nonexistent}", "+cousins.c={build:magic}",
+                       "+cousins.d={kind:other}", "drift.score_topk=99",
+                       "drift.answer_match=fuzzy")
+    cfg.cousins["../up"] = CousinConfig(kind="quantized", quantization="fp8_per_channel")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    text = str(e.value)
+    for needle in ("'noise-floor' is reserved", "cousins.../up: the name must be plain", "cousins.b.kind",
+                   "cousins.b: model directory not found", "cousins.c.build 'magic'", "cousins.c: build=magic needs a path",
+                   "cousins.d: without a path", "drift.score_topk", "drift.answer_match"):
+        assert needle in text, needle
+    assert len(e.value.problems) >= 9
+
+
+def test_a_cousin_with_another_vocabulary_is_refused_naming_both(tiny_teacher, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_teacher, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, another vocabulary
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = drift_config(tiny_teacher, "cousins=none", f"+cousins.odd={{path:'{other}',kind:other}}")
+    validate(cfg)
+    with pytest.raises(ConfigError) as e:
+        check_vocabularies(cfg)
+    msg = str(e.value)
+    assert str(other) in msg and tiny_teacher in msg and "text_only=true" in msg
+    cfg.cousins["odd"].text_only = True  # texts only: allowed
+    check_vocabularies(cfg)
+    same = drift_config(tiny_teacher, "cousins=none", f"+cousins.same={{path:'{tiny_teacher}'}}")
+    check_vocabularies(same)
+
+
+def test_unknown_cousin_keys_are_reported_together(tiny_teacher):
+    with pytest.raises(ConfigError) as e:
+        drift_config(tiny_teacher, "+cousins.z={kindd:other}", "+cousins.y={pth:/x}")
+    assert len(e.value.problems) == 2 and "kindd" in str(e.value) and "pth" in str(e.value)
+
+
+def test_teacher_data_run_is_the_original_alone_on_the_distill_corpus(tiny_teacher):
+    cfg = drift_config(tiny_teacher, "run.run_id=r1")
+    t = teacher_data_config(cfg, "r1")
+    assert t.cousins == {} and t.run.run_id == "r1.teacher-data" and t.corpus.path.endswith("demo-distill.jsonl")
+    assert cfg.run.sampling.temperature == 0 and t.run.sampling.temperature > 0 and t.run.sampling.logprobs >= 5
+    assert cfg.cousins and cfg.corpus.path.endswith("demo.jsonl")  # the original config is untouched

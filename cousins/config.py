@@ -131,6 +131,14 @@ class DriftConfig:
 
 
 @dataclass
+class CostConfig:
+    # Price of one accelerator for an hour (a GPU; on CPU engines, one engine actor), for the cost per
+    # 1M output tokens in the summaries. None: costs are not computed (token accounting still is).
+    price_per_accelerator_hour: float | None = None
+    currency: str = "USD"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -143,6 +151,7 @@ class Config:
     # to_config turns each entry into a CousinConfig and reports unknown keys.
     cousins: dict[str, Any] = field(default_factory=dict)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
 
 def register() -> None:
@@ -266,6 +275,8 @@ def validate(cfg: Config) -> None:
     check(e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
 
     _validate_cousins(cfg, check)
+    price = cfg.cost.price_per_accelerator_hour
+    check(price is None or price >= 0, f"cost.price_per_accelerator_hour must be >= 0 or null, got {price}")
 
     try:
         import fsspec

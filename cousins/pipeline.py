@@ -38,7 +38,7 @@ from cousins.storage import (Location, RunLayout, data_files, done_info, is_done
 
 # Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
 RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "storage.options", "run.run_id",
-                  "drift.recompute")
+                  "drift.recompute", "cost.")
 LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
 
 
@@ -65,11 +65,46 @@ class ModelStats:
     new_output_tokens: int = 0
     finish_reasons: dict[str, int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)  # engine starts, batches/rows retried
+    # Accounting. Accelerator-seconds held by this attempt's engines: stage wall time x actors x GPUs
+    # per actor (x tensor-parallel size) on GPUs; x 1 per actor on CPU engines (actor-seconds).
+    accelerator: str = "cpu-actor"  # "gpu" or "cpu-actor": what accelerator_s counts
+    accelerator_s: float = 0.0
+    price_per_accelerator_hour: float | None = None
+    labelled_rows: int = 0  # rows whose prompt has a reference answer
+    correct_rows: int = 0  # of those, rows whose answer contains the reference (normalised)
+    labelled_output_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         """Output tokens per wall second of this attempt (rows from earlier attempts not counted)."""
         return self.new_output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_prompt(self) -> float | None:
+        """Mean output tokens per generated row (token efficiency)."""
+        ok = self.rows - self.error_rows
+        return self.output_tokens / ok if ok else None
+
+    @property
+    def tokens_per_correct(self) -> float | None:
+        """Output tokens spent on labelled prompts per correct answer among them."""
+        return self.labelled_output_tokens / self.correct_rows if self.correct_rows else None
+
+    @property
+    def cost_per_1m_output_tokens(self) -> float | None:
+        """This attempt's accelerator cost over the output tokens it generated, per million."""
+        if self.price_per_accelerator_hour is None or not self.new_output_tokens:
+            return None
+        return self.price_per_accelerator_hour * self.accelerator_s / 3600 / self.new_output_tokens * 1e6
+
+    def accounting(self) -> dict:
+        return {"accelerator": self.accelerator, "accelerator_s": self.accelerator_s,
+                "price_per_accelerator_hour": self.price_per_accelerator_hour,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "tokens_per_s": self.tokens_per_s, "engine_s": self.engine_s,
+                "tokens_per_prompt": self.tokens_per_prompt, "labelled_rows": self.labelled_rows,
+                "correct_rows": self.correct_rows, "tokens_per_correct": self.tokens_per_correct,
+                "cost_per_1m_output_tokens": self.cost_per_1m_output_tokens}
 
 
 @dataclass
@@ -345,7 +380,10 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int,
         counts = _verify_and_count(out, name, expected)
         return ModelStats(model=name, prompts=n_prompts, samples=samples, wall_s=info["wall_s"],
                           new_rows=info["new_rows"], new_output_tokens=info["new_output_tokens"],
-                          retries=info["retries"], **counts)
+                          retries=info["retries"], accelerator=info.get("accelerator", "cpu-actor"),
+                          accelerator_s=info.get("accelerator_s", 0.0),
+                          price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
+                          **counts, **_efficiency(cfg, layout, out))
 
     _check_cpu_room(cfg)
     t0 = time.perf_counter()
@@ -377,9 +415,40 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int,
         new_tokens = sum(w["output_tokens"] for w in written)
     counts = _verify_and_count(out, name, expected)
     wall = time.perf_counter() - t0
-    mark_done(out, {"wall_s": wall, "new_rows": new_rows, "new_output_tokens": new_tokens, "retries": retries})
+    accelerator, accelerator_s = _accelerator_seconds(cfg, wall if new_rows else 0.0)
+    mark_done(out, {"wall_s": wall, "new_rows": new_rows, "new_output_tokens": new_tokens, "retries": retries,
+                    "accelerator": accelerator, "accelerator_s": accelerator_s})
     return ModelStats(model=name, prompts=n_prompts, samples=samples, wall_s=wall, new_rows=new_rows,
-                      new_output_tokens=new_tokens, retries=retries, **counts)
+                      new_output_tokens=new_tokens, retries=retries, accelerator=accelerator,
+                      accelerator_s=accelerator_s, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
+                      **counts, **_efficiency(cfg, layout, out))
+
+
+def _accelerator_seconds(cfg: Config, wall_s: float) -> tuple[str, float]:
+    e = cfg.engine
+    if e.gpus_per_actor > 0:
+        return "gpu", wall_s * e.num_actors * e.gpus_per_actor * e.tensor_parallel_size
+    return "cpu-actor", wall_s * e.num_actors
+
+
+def _efficiency(cfg: Config, layout: RunLayout, out: Location) -> dict:
+    """Correct answers on labelled prompts and the output tokens spent on them."""
+    from cousins.drift.metrics import is_correct
+
+    prompts = _read_stage(layout.prompts, ["prompt_id", "reference"])
+    refs = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(), prompts.column("reference").to_pylist())
+            if r is not None} if prompts.num_rows else {}
+    if not refs:
+        return {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0}
+    t = _read_stage(out, ["prompt_id", "output_text", "output_tokens", "error"]).to_pydict()
+    labelled = correct = tokens = 0
+    for pid, text, n, err in zip(t["prompt_id"], t["output_text"], t["output_tokens"], t["error"]):
+        if pid not in refs or err is not None:
+            continue
+        labelled += 1
+        tokens += n or 0
+        correct += is_correct(text or "", refs[pid], cfg.drift.answer_match)
+    return {"labelled_rows": labelled, "correct_rows": correct, "labelled_output_tokens": tokens}
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -427,6 +496,8 @@ def run_drift(cfg: Config, run: RunHandle | None = None) -> tuple[RunResult, dic
     score_s = time.perf_counter() - t0
     summary = stage_diff(cfg, layout, entries, run_id=layout.run_id)
     summary["timings"].update(generate_s=generate_s, score_s=score_s)
+    summary["accounting"] = {s.model: s.accounting() for s in stats}
+    summary["cost_currency"] = cfg.cost.currency
     layout.summary.write_json_atomic(summary)
     result = RunResult(run_id=layout.run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
                        prompts=n_prompts, corpus_errors=n_errors, models=stats,
@@ -472,6 +543,7 @@ def build_manifest(cfg: Config, layout: RunLayout, result: RunResult, entries: l
         "stages": {"prompts": "done", "errors": "done",
                    **{f"generations/model={s.model}": "done" for s in result.models}, **(extra_stages or {})},
         "row_counts": {s.model: {**asdict(s), "tokens_per_s": s.tokens_per_s} for s in result.models},
+        "accounting": {s.model: s.accounting() for s in result.models},
         **extra,
     }
 
@@ -490,12 +562,16 @@ def result_from_manifest(layout: RunLayout) -> RunResult:
 
 
 def summary_table(result: RunResult) -> str:
-    header = ("model", "prompts", "samples", "rows", "error rows", "output tokens", "tok/s", "engine tok/s")
+    header = ("model", "prompts", "samples", "rows", "error rows", "output tokens", "tok/s", "engine tok/s",
+              "actor-s", "tok/prompt", "tok/correct", "cost/1M tok")
     lines = [header]
+    opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for s in result.models:
         lines.append((s.model, str(s.prompts), str(s.samples), str(s.rows), str(s.error_rows),
                       str(s.output_tokens), f"{s.tokens_per_s:.1f}",
-                      f"{s.output_tokens / s.engine_s:.1f}" if s.engine_s else "-"))
+                      f"{s.output_tokens / s.engine_s:.1f}" if s.engine_s else "-",
+                      f"{s.accelerator_s:.1f}", opt(s.tokens_per_prompt, ".1f"), opt(s.tokens_per_correct, ".1f"),
+                      opt(s.cost_per_1m_output_tokens, ".3f")))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     body = [fmt(lines[0]), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in lines[1:]]
@@ -508,6 +584,8 @@ def summary_table(result: RunResult) -> str:
             notes.append(f"{s.model}: {r['batches_retried']} batches ({r['rows_retried']} rows) retried, "
                          f"{r['engine_starts']} engine starts")
     verb = {"new": "committed", "resumed": "resumed and committed", "committed": "was already committed"}[result.state]
-    foot = [f"corpus rows: {result.corpus_rows} (prompts {result.prompts}, error rows {result.corpus_errors})",
+    foot = ["actor-s: engine actor-seconds of this attempt (GPU-seconds on GPU engines); tok/correct: output "
+            "tokens per correct answer on labelled prompts; cost needs cost.price_per_accelerator_hour",
+            f"corpus rows: {result.corpus_rows} (prompts {result.prompts}, error rows {result.corpus_errors})",
             *notes, f"run {result.run_id} {verb} at {result.run_url}"]
     return "\n".join(body + foot)

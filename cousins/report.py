@@ -97,6 +97,7 @@ def render_report(summary: dict, drift: pa.Table, *, worst_n: int = 10) -> str:
         _header(summary),
         "<h2>Cousins ranked by drift</h2>",
         _ranking_table(cousins, noise, summary["bootstrap"]),
+        _accounting_table(summary.get("accounting"), summary.get("cost_currency", "USD")),
         "<h2>Across cousins</h2>",
         _across_cousins(cousins, noise, drift, colours),
         "<h2>Per cousin</h2>",
@@ -202,6 +203,30 @@ def _header(s: dict) -> str:
     ]
     rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items)
     return f"<h1>Drift report — {escape(str(s['run_id']))}</h1>\n<dl class=\"meta\">{rows}</dl>"
+
+
+def _accounting_table(accounting: dict | None, currency: str) -> str:
+    """Capability against cost: tokens, throughput, accelerator time, cost and token efficiency per model."""
+    if not accounting:
+        return ""
+
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    head = ("model", "output tokens", "tok/s", "accelerator-s", f"cost / 1M tokens ({currency})",
+            "tokens / answer", "correct / labelled", "tokens / correct answer")
+    rows = []
+    for name, a in accounting.items():
+        rows.append("<tr>" + "".join(f"<td{' class=l' if i == 0 else ''}>{escape(str(c))}</td>" for i, c in enumerate((
+            name, f(a["output_tokens"], "d"), f(a["tokens_per_s"], ".1f"),
+            f(a["accelerator_s"], ".1f") + (" GPU" if a["accelerator"] == "gpu" else ""),
+            f(a["cost_per_1m_output_tokens"], ".4f"), f(a["tokens_per_prompt"], ".1f"),
+            f"{a['correct_rows']} / {a['labelled_rows']}", f(a["tokens_per_correct"], ".1f")))) + "</tr>")
+    header = "".join(f"<th{' class=l' if i == 0 else ''}>{escape(h)}</th>" for i, h in enumerate(head))
+    return ("<h2>Cost and token efficiency</h2>\n<div class=\"scroll\"><table><thead><tr>" + header
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>\n<p class=\"note\">Accelerator-"
+            "seconds are the engines' held time in this run's generation stage (actor-seconds on CPU engines). "
+            "A cousin that is cheaper per token but needs more tokens per correct answer shows it here.</p>")
 
 
 _COLUMNS = [  # (header, metric, formatter)

@@ -149,3 +149,22 @@ def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift
     assert strip(again) == strip(summary)
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["drift_recomputed"] == again["computed"]
+
+
+def test_accounting_adds_up_to_the_per_row_sums(drift_run):
+    from cousins.drift.metrics import is_correct
+
+    cfg, layout, result, summary = drift_run
+    refs = {r["prompt_id"]: r["reference"] for r in _table(layout.prompts).to_pylist() if r["reference"]}
+    for name in ("tiny-teacher", "int4"):
+        rows = _table(layout.generations(name)).to_pylist()
+        a = summary["accounting"][name]
+        assert a["output_tokens"] == sum(r["output_tokens"] for r in rows)
+        assert a["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
+        labelled = [r for r in rows if r["prompt_id"] in refs]
+        assert a["labelled_rows"] == len(labelled)
+        assert a["correct_rows"] == sum(is_correct(r["output_text"], refs[r["prompt_id"]]) for r in labelled)
+        assert a["tokens_per_prompt"] == pytest.approx(a["output_tokens"] / len(rows))
+        assert a["accelerator"] == "cpu-actor" and a["accelerator_s"] > 0
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["accounting"]["int4"] == summary["accounting"]["int4"]

@@ -56,7 +56,8 @@ def test_summary_table_reports_resumed_rows_and_retries():
     text = summary_table(RunResult("r", "/x/runs/r", 11, 10, 1, [stats], state="resumed"))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["model", "prompts", "samples"]
-    assert lines[2].split() == ["m", "10", "2", "20", "1", "400", "120.0", "400.0"]
+    # actor-s, tokens per answer (400 / 19 rows that generated), per correct (no labels), cost (no price)
+    assert lines[2].split() == ["m", "10", "2", "20", "1", "400", "120.0", "400.0", "0.0", "21.1", "-", "-"]
     assert "m: 8 rows from an earlier attempt, 12 generated now" in text
     assert "m: 1 batches (4 rows) retried, 2 engine starts" in text
     assert text.endswith("run r resumed and committed at /x/runs/r")

@@ -1,0 +1,199 @@
+"""Distillation exports: each filter on crafted rows, MinHash near-duplicates, and an export of a
+committed run read back through `datasets`, pyarrow and DuckDB."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cousins import schema
+from cousins.export import (KD, SFT, ExportConfig, ExportError, FiltersConfig, apply_filters, export,
+                            near_duplicates)
+from cousins.storage import RunLayout, mark_done, resolve
+
+TEACHER = "teach"
+
+
+def _gen(pid, i, text, *, tokens=None, finish="stop", error=None, lps=None, k=3):
+    n = tokens if tokens is not None else max(1, len(text.split()))
+    ids = list(range(10, 10 + n))
+    return {"prompt_id": pid, "sample_index": i, "model": TEACHER, "seed": 7, "category": "c",
+            "prompt_text": f"<|user|>{pid}<|assistant|>", "output_text": None if error else text,
+            "output_token_ids": None if error else ids,
+            "output_logprobs": None if error else (lps or [-0.5] * n),
+            "topk_token_ids": None if error else [[t, t + 1, t + 2][:k] for t in ids],
+            "topk_logprobs": None if error else [[-0.5, -1.5, -2.5][:k] for _ in ids],
+            "finish_reason": None if error else finish, "prompt_tokens": 4, "output_tokens": None if error else n,
+            "engine_time_s": 0.01, "engine_node": "n", "error": error}
+
+
+def _table(rows):
+    t = pa.Table.from_pylist(rows, schema=schema.GENERATIONS)
+    keys = [f"prompt {p}" for p in t.column("prompt_id").to_pylist()]
+    t = t.append_column("prompt_key", pa.array(keys))
+    lps = t.column("output_logprobs").to_pylist()
+    return t.append_column("mean_logprob", pa.array([sum(x) / len(x) if x else None for x in lps], pa.float64()))
+
+
+def _names(t):
+    return [(r["prompt_id"], r["sample_index"]) for r in t.select(["prompt_id", "sample_index"]).to_pylist()]
+
+
+def _dropped(reports):
+    return {r.name: r.dropped for r in reports}
+
+
+def test_errors_truncation_and_length_filters():
+    t = _table([_gen("a", 0, "fine answer"), _gen("a", 1, "x", error="boom"), _gen("b", 0, "cut off", finish="length"),
+                _gen("c", 0, "one two three four five six", tokens=6), _gen("d", 0, "", tokens=0)])
+    kept, rep = apply_filters(t, FiltersConfig(max_output_tokens=5, exact_dedup=False), {})
+    assert _names(kept) == [("a", 0)]
+    assert _dropped(rep) == {"generation errors": 1, "truncated (length)": 1, "output length": 2}
+    kept, _ = apply_filters(t, FiltersConfig(drop_truncated=False, min_output_tokens=0, exact_dedup=False), {})
+    assert ("b", 0) in _names(kept) and ("d", 0) in _names(kept)
+
+
+def test_answer_check_contains_exact_and_regex_apply_to_labelled_prompts_only():
+    t = _table([_gen("p1", 0, "The answer is 42."), _gen("p1", 1, "It is 41."), _gen("p2", 0, "no reference here")])
+    refs = {"p1": "42"}
+    kept, rep = apply_filters(t, FiltersConfig(answer_check="contains", exact_dedup=False), refs)
+    assert _names(kept) == [("p1", 0), ("p2", 0)] and _dropped(rep)["answer check"] == 1
+    kept, _ = apply_filters(t, FiltersConfig(answer_check="exact", exact_dedup=False), refs)
+    assert _names(kept) == [("p2", 0)]
+    kept, _ = apply_filters(t, FiltersConfig(answer_check="regex", answer_regex=r"answer is (\d+)",
+                                             exact_dedup=False), refs)
+    assert _names(kept) == [("p1", 0), ("p2", 0)]
+
+
+def test_exact_dedup_ignores_case_and_whitespace_within_a_prompt():
+    t = _table([_gen("a", 0, "Same  answer"), _gen("a", 1, "same answer"), _gen("b", 0, "same answer")])
+    kept, rep = apply_filters(t, FiltersConfig(), {})
+    assert _names(kept) == [("a", 0), ("b", 0)] and _dropped(rep)["exact duplicates"] == 1
+
+
+def test_minhash_finds_planted_near_duplicates_and_keeps_distinct_texts():
+    base = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old "
+            "wooden fence near the red barn at the end of a long summer day")
+    texts = [base, base.replace("lazy", "sleepy"), "completely different words about ships sailing on a grey sea "
+             "under heavy clouds with gulls crying above the harbour walls and fishing boats",
+             base + " indeed", "a short unrelated line"]
+    dup = near_duplicates(texts, threshold=0.7)
+    assert dup == [False, True, False, True, False]
+
+
+def test_best_of_n_keeps_one_row_per_prompt_by_the_chosen_field():
+    t = _table([_gen("a", 0, "x y", lps=[-2.0, -2.0]), _gen("a", 1, "x z", lps=[-0.1, -0.3]),
+                _gen("b", 0, "one", tokens=1), _gen("b", 1, "one two three", tokens=3)])
+    kept, rep = apply_filters(t, FiltersConfig(best_of_n="mean_logprob"), {})
+    assert ("a", 1) in _names(kept) and _dropped(rep)["best-of-n"] == 2
+    kept, _ = apply_filters(t, FiltersConfig(best_of_n="-output_tokens"), {})
+    assert ("b", 0) in _names(kept)
+
+
+# --- exporting a committed run --------------------------------------------------------------------
+
+def _committed_run(root, run_id="r1", commit=True):
+    layout = RunLayout(resolve(str(root)), run_id)
+    prompts = [{"prompt_id": f"p{i}", "messages": [{"role": "system", "content": "be brief"},
+                                                   {"role": "user", "content": f"q{i}"}],
+                "category": "c", "reference": "42" if i < 3 else None, "source": "x.jsonl", "source_row": i}
+               for i in range(6)]
+    layout.run.fs.makedirs(layout.prompts.path, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(prompts, schema=schema.PROMPTS), f"{layout.prompts.path}/part-0.parquet")
+    mark_done(layout.prompts, {"rows": 6})
+    gens = [_gen(f"p{i}", s, f"answer {i} is 42" if s == 0 else f"answer {i} is {40 + s}") for i in range(6)
+            for s in range(2)]
+    gens[3] = _gen("p1", 1, "x", error="engine failed")
+    gdir = layout.generations(TEACHER)
+    gdir.fs.makedirs(gdir.path, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(gens[:6], schema=schema.GENERATIONS), f"{gdir.path}/part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(gens[6:], schema=schema.GENERATIONS), f"{gdir.path}/part-b.parquet")
+    mark_done(gdir, {})
+    layout.config.write_text_atomic(yaml.safe_dump({"model": {"name": TEACHER}}))
+    if commit:
+        layout.manifest.write_json_atomic({
+            "run_id": run_id, "status": "committed", "committed": "2026-11-22T00:00:00+00:00", "config_hash": "abc",
+            "versions": {"cousins": "0.1.0"}, "models": [{"name": TEACHER, "path": "/m/teach", "fingerprint": "f00",
+                                                           "dtype": "float32", "quantization": None}],
+            "corpus": {"path": "x.jsonl", "prompts": 6}, "sampling": {"temperature": 0.8, "logprobs": 3},
+            "samples": 2, "seed": 0, "seed_rule": "sha256"})
+    return layout
+
+
+def test_export_round_trips_through_datasets_pyarrow_and_duckdb(tmp_path):
+    import datasets
+    import duckdb
+    import pyarrow.dataset as pads
+
+    _committed_run(tmp_path)
+    cfg = ExportConfig(run_id="r1", kd=True, rows_per_file=4,
+                       filters=FiltersConfig(answer_check="contains"))
+    cfg.storage.root = str(tmp_path)
+    result = export(cfg)
+    out = tmp_path / "runs" / "r1" / "distill" / "kd"
+    # 12 rows: 1 error; p0..p2 labelled: the sample-1 answers (41, 42→ p1's error, 43) fail the check
+    assert {r.name: r.dropped for r in result.filters} == {
+        "generation errors": 1, "truncated (length)": 0, "output length": 0, "answer check": 2, "exact duplicates": 0}
+    assert result.rows_out == 9 and len(result.files) == 3 and [f["rows"] for f in result.files] == [4, 4, 1]
+    ds = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    assert ds.num_rows == 9 and ds[0]["messages"][-1]["role"] == "assistant"
+    assert ds[0]["messages"][0] == {"role": "system", "content": "be brief"}
+    table = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
+    assert table.schema.equals(KD) and table.num_rows == 9
+    assert all(len(ids) == len(k) for ids, k in zip(table.column("token_ids").to_pylist(),
+                                                     table.column("topk_token_ids").to_pylist()))
+    n = duckdb.sql(f"select count(*), sum(output_tokens) from read_parquet('{out}/*.parquet')").fetchall()[0]
+    assert n == (9, result.output_tokens)
+    card = (out / "README.md").read_text()
+    for needle in ("run `r1`", "fingerprint `f00`", "answer check", "| answer check | 11 | 2 |", "top-3 logprobs"):
+        assert needle in card, needle
+    assert result.bytes_per_output_token == pytest.approx(sum(f["bytes"] for f in result.files) / result.output_tokens)
+
+
+def test_sft_export_as_jsonl(tmp_path):
+    import datasets
+
+    _committed_run(tmp_path)
+    cfg = ExportConfig(run_id="r1", format="jsonl", out=str(tmp_path / "sft"))
+    cfg.storage.root = str(tmp_path)
+    result = export(cfg)
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "sft" / "*.jsonl"), split="train")
+    assert ds.num_rows == result.rows_out == 11 and set(ds.column_names) == set(SFT.names)
+
+
+def test_export_refuses_unknown_and_uncommitted_runs_and_names_available_fields(tmp_path):
+    _committed_run(tmp_path, "open", commit=False)
+    _committed_run(tmp_path, "done")
+    cfg = ExportConfig(run_id="nope")
+    cfg.storage.root = str(tmp_path)
+    with pytest.raises(ExportError, match="unknown run 'nope'"):
+        export(cfg)
+    cfg.run_id = "open"
+    with pytest.raises(ExportError, match="not committed"):
+        export(cfg)
+    cfg.run_id, cfg.filters.best_of_n = "done", "reward"
+    with pytest.raises(ExportError, match=r"no field 'reward'; available fields: .*mean_logprob.*output_tokens"):
+        export(cfg)
+    cfg.filters.best_of_n, cfg.model = None, "student"
+    with pytest.raises(ExportError, match="no model 'student'; models: teach"):
+        export(cfg)
+
+
+def test_accounting_properties_add_up():
+    from cousins.pipeline import ModelStats
+
+    s = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=2, prompt_tokens=100, output_tokens=900,
+                   wall_s=30.0, engine_s=20.0, new_rows=20, new_output_tokens=900, accelerator="gpu",
+                   accelerator_s=60.0, price_per_accelerator_hour=3.6, labelled_rows=8, correct_rows=4,
+                   labelled_output_tokens=400)
+    a = s.accounting()
+    assert a["tokens_per_prompt"] == pytest.approx(900 / 18)
+    assert a["tokens_per_correct"] == pytest.approx(100.0)
+    assert a["cost_per_1m_output_tokens"] == pytest.approx(3.6 * 60 / 3600 / 900 * 1e6)
+    assert math.isclose(a["tokens_per_s"], 30.0)
+    assert json.dumps(a)  # plain data for summary.json and the manifest

@@ -101,3 +101,42 @@ def test_rayjob_entrypoint_runs_a_real_job_with_real_config_and_fits_the_gpus(pa
 def test_the_image_installs_the_gpu_extra():
     text = (ROOT / "infra" / "Dockerfile").read_text()
     assert '".[gpu]"' in text and "rayproject/ray:2.60.0" in text
+
+
+VM_CLUSTER = ROOT / "infra" / "vm" / "cluster.yaml"
+
+
+def _launcher_schema() -> dict:
+    import json
+    import os
+
+    import ray
+
+    with open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")) as f:
+        return json.load(f)
+
+
+def test_vm_cluster_launcher_config_validates_against_rays_schema():
+    import jsonschema
+
+    doc = yaml.safe_load(VM_CLUSTER.read_text())
+    validator = jsonschema.Draft7Validator(_launcher_schema())
+    errors = sorted(validator.iter_errors(doc), key=str)
+    assert not errors, "\n".join(e.message for e in errors[:10])
+    bad = yaml.safe_load(VM_CLUSTER.read_text())
+    bad["available_node_types"]["gpu-worker"]["min_workers"] = "none"  # the check itself can fail
+    assert list(validator.iter_errors(bad))
+
+
+def test_vm_cluster_autoscales_gpu_workers_behind_a_driver_only_head():
+    doc = yaml.safe_load(VM_CLUSTER.read_text())
+    head = doc["available_node_types"][doc["head_node_type"]]
+    workers = [t for n, t in doc["available_node_types"].items() if n != doc["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert workers and all(w["min_workers"] < w["max_workers"] <= doc["max_workers"] for w in workers)
+    assert all(w["resources"].get("GPU", 0) >= 1 for w in workers)
+    kuberay_image = yaml.safe_load((ROOT / "infra" / "kuberay" / "raycluster.yaml").read_text())[
+        "spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert doc["docker"]["image"] == kuberay_image  # one image for both ways of running a cluster
+    text = VM_CLUSTER.read_text().lower()
+    assert "aws_secret_access_key" not in text and "ray stop" not in text

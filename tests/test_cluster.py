@@ -129,3 +129,104 @@ def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _fake_autoscaling_config(gcs_port: int, max_workers: int) -> dict:
+    """Ray's fake multi-node provider: 'nodes' are extra raylets on this machine, started and
+    stopped by the autoscaler exactly as it would start and stop cloud VMs."""
+    return {
+        "cluster_name": "cousins-fake", "max_workers": max_workers,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu-worker": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 256 << 20}, "node_config": {},
+                           "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny_teacher, tmp_path):
+    """A head with no GPU, a run asking for two 1-GPU engine actors: the autoscaler adds two GPU
+    workers, the run finishes on them, and idle workers are removed again."""
+    import threading
+
+    import ray
+
+    from cousins.pipeline import run_generate
+
+    temp_dir = tempfile.mkdtemp(prefix="cas", dir="/tmp")
+    gcs = free_port()
+    config = Path(temp_dir) / "autoscaling.json"
+    config.write_text(json.dumps(_fake_autoscaling_config(gcs, max_workers=2)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           f"--autoscaling-config={config}", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", "--object-store-memory=268435456",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    t0 = time.monotonic()
+    seen: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def alive() -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"])
+
+    def watch():
+        while not stop.is_set():
+            seen.append((time.monotonic() - t0, alive()))
+            stop.wait(1.0)
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        ray.init(address=f"127.0.0.1:{gcs}")
+        before = alive()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        cfg = resolve_paths(to_config(compose(
+            f"model.path={tiny_teacher}", f"storage.root={tmp_path}", "run=greedy", "corpus.limit=24",
+            "run.sampling.max_tokens=16", "engine.batch_size=4", "engine.num_actors=2", "engine.gpus_per_actor=1",
+            "engine.cpus_per_actor=1", "run.run_id=autoscaled")))
+        validate(cfg)
+        result = run_generate(cfg)
+        done_at = time.monotonic() - t0
+        assert result.models[0].rows == 24 and result.models[0].error_rows == 0
+        out = RunLayout(resolve(str(tmp_path)), "autoscaled").generations("tiny-teacher")
+        nodes = Counter(pads.dataset(data_files(out), format="parquet").to_table(
+            columns=["engine_node"]).column("engine_node").to_pylist())
+        head = ray.get_runtime_context().get_node_id()
+        assert head not in nodes and len(nodes) == 2, nodes  # both engines ran on added GPU workers
+        deadline = time.monotonic() + 120
+        while alive() > before and time.monotonic() < deadline:
+            time.sleep(2)
+        stop.set()
+        watcher.join(timeout=5)
+        after, shrunk_at = alive(), time.monotonic() - t0
+        peak = max(n for _, n in seen)
+        grew_at = next(t for t, n in seen if n == peak)
+        assert before == 1 and peak == 3 and after == 1, seen
+        print(f"\n[autoscaler] nodes before {before}, peak {peak} at {grew_at:.0f}s, run done at {done_at:.0f}s, "
+              f"back to {after} at {shrunk_at:.0f}s; rows per worker {sorted(nodes.values())}")
+    finally:
+        stop.set()
+        ray.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the head and every node it launched, by process id
+            for pid in _pids_of(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        assert not _pids_of(temp_dir), "processes of the fake cluster survived"

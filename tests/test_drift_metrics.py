@@ -101,6 +101,24 @@ def test_chrf_and_rouge_l_on_small_examples():
     assert metrics.rouge_l("x y", "z") == 0.0
 
 
+def test_bit_parallel_lcs_equals_the_dynamic_programme():
+    rng = np.random.default_rng(3)
+
+    def dp(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    for _ in range(300):
+        a = rng.integers(0, 5, size=rng.integers(0, 40)).tolist()
+        b = rng.integers(0, 5, size=rng.integers(0, 40)).tolist()
+        assert metrics.lcs_length(a, b) == dp(a, b)
+
+
 def test_first_divergence():
     assert metrics.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert metrics.first_divergence([1, 2, 3], [1, 5, 3]) == 1

@@ -137,6 +137,22 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
     return 100.0 * total / effective
 
 
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence, bit-parallel (Allison-Dix / Hyyrö): one big-integer
+    step per element of `b` instead of a len(a) x len(b) table."""
+    if not a or not b:
+        return 0
+    masks: dict = {}
+    for i, x in enumerate(a):
+        masks[x] = masks.get(x, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for y in b:
+        u = v & masks.get(y, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
 def rouge_l(hypothesis: str, reference: str) -> float:
     """ROUGE-L F1 over whitespace-separated words (longest common subsequence)."""
     h, r = hypothesis.split(), reference.split()
@@ -144,13 +160,7 @@ def rouge_l(hypothesis: str, reference: str) -> float:
         return 1.0
     if not h or not r:
         return 0.0
-    prev = [0] * (len(r) + 1)
-    for hw in h:
-        cur = [0]
-        for j, rw in enumerate(r):
-            cur.append(prev[j] + 1 if hw == rw else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
+    lcs = lcs_length(h, r)
     if lcs == 0:
         return 0.0
     p, rc = lcs / len(h), lcs / len(r)

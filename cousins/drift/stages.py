@@ -90,17 +90,16 @@ def _count(loc: Location) -> int:
 
 
 def _decoder(path: str) -> Callable[[list[int]], str] | None:
-    """Token ids -> text with the original's tokenizer, to place divergent tokens in the texts."""
+    """Token ids -> text with the original's tokenizer (the `tokenizers` library: light to load),
+    to place divergent tokens in the texts; None without a local tokenizer.json."""
     import os
 
-    if not os.path.isdir(path):
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
         return None
-    try:
-        from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - without it, spans fall back to the first differing character
-        return None
+    tok = Tokenizer.from_file(file)
     return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
 

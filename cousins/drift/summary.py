@@ -32,19 +32,36 @@ class BootstrapSpec:
 
 
 class Bootstrap:
-    """Prompt-level resampling weights, drawn deterministically block by block."""
+    """Prompt-level resampling weights, drawn deterministically block by block (and kept, when
+    they fit in memory, so every figure of a summary reuses the same draws)."""
+
+    _CACHE_CELLS = 50_000_000  # resamples x prompts kept in memory at most
 
     def __init__(self, n_clusters: int, spec: BootstrapSpec, resamples: int | None = None):
         self.n, self.spec = n_clusters, spec
         self.resamples = spec.resamples if resamples is None else resamples
+        self._kept: list[np.ndarray] | None = None
 
-    def blocks(self):
+    def _draw(self):
         rng = np.random.default_rng(self.spec.seed)
         left = self.resamples
         while left > 0 and self.n > 0:
             b = min(_BLOCK, left)
-            yield rng.multinomial(self.n, np.full(self.n, 1.0 / self.n), size=b).astype(np.float64)
+            idx = rng.integers(0, self.n, size=(b, self.n))
+            # counts of each prompt in each resample (a multinomial draw), one bincount for the block
+            flat = (idx + (np.arange(b) * self.n)[:, None]).ravel()
+            yield np.bincount(flat, minlength=b * self.n).reshape(b, self.n).astype(np.float64)
             left -= b
+
+    def blocks(self):
+        if self._kept is not None:
+            yield from self._kept
+            return
+        if self.resamples * self.n > self._CACHE_CELLS:
+            yield from self._draw()
+            return
+        self._kept = list(self._draw())
+        yield from self._kept
 
     def interval(self, stats: np.ndarray) -> list[float] | None:
         stats = stats[np.isfinite(stats)]

@@ -154,8 +154,24 @@ class Config:
     cost: CostConfig = field(default_factory=CostConfig)
 
 
+@dataclass
+class BenchConfig:
+    prompts: int = 128  # prompts per measured run (the pipeline also runs half of them)
+    repeats: int = 3
+    bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
+    drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
+    two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
+    out: str = "benchmark.json"
+
+
+@dataclass
+class BenchJobConfig(Config):
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_benchmark", node=BenchJobConfig)
     if not OmegaConf.has_resolver("cousins_data"):
         # ${cousins_data:demo.jsonl} names a file bundled with the package.
         OmegaConf.register_new_resolver("cousins_data", lambda name: str(DEMO_PATH.parent / name))

@@ -213,6 +213,10 @@ class EngineActor:
                      engine_time_s=elapsed * work[i] / total_work)
         table = cols.table()
         assert table.num_rows == batch.num_rows, "the engine stage must return one row per input row"
+        if self.ledger is not None:
+            from cousins.ledger import peak_rss_bytes
+
+            self.ledger.batch_done.remote(self.spec.model_name, peak_rss_bytes())
         return table
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
@@ -291,6 +295,10 @@ class ScoreActor:
             cols["token_logprobs"].append([pos[t].logprob for pos, t in zip(positions, y)])
             cols["engine_time_s"].append(elapsed * len(ids) / total)
             cols["error"].append(None)
+        if self.ledger is not None:
+            from cousins.ledger import peak_rss_bytes
+
+            self.ledger.batch_done.remote(f"score:{self.spec.model_name}", peak_rss_bytes())
         return pa.Table.from_pydict(cols, schema=schema.SCORES)
 
 

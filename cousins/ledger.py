@@ -8,6 +8,7 @@ has actors was restarted. The run's summary and manifest say so.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 
 import pyarrow as pa
@@ -28,13 +29,21 @@ class Ledger:
         self.starts: Counter = Counter()
         self.batches: Counter = Counter()
         self.rows: dict[str, int] = {}
+        self.peak_rss: Counter = Counter()  # model -> the largest engine process RSS seen (bytes)
+        self.first_start: dict[str, float] = {}  # model -> when its first batch began (epoch s)
+        self.last_end: dict[str, float] = {}  # model -> when its last batch ended
 
     def engine_started(self, model: str) -> None:
         self.starts[model] += 1
 
     def batch_started(self, model: str, key: str, rows: int) -> None:
+        self.first_start.setdefault(model, time.time())
         self.batches[(model, key)] += 1
         self.rows[(model, key)] = rows
+
+    def batch_done(self, model: str, peak_rss_bytes: int) -> None:
+        self.peak_rss[model] = max(self.peak_rss[model], peak_rss_bytes)
+        self.last_end[model] = time.time()
 
     def report(self, model: str) -> dict:
         retried = [k for k, n in self.batches.items() if k[0] == model and n > 1]
@@ -43,7 +52,17 @@ class Ledger:
             "batches": sum(1 for k in self.batches if k[0] == model),
             "batches_retried": len(retried),
             "rows_retried": sum(self.rows[k] for k in retried),
+            "peak_rss_mib": round(self.peak_rss[model] / (1 << 20), 1),  # per engine actor process
+            # first batch begun to last batch done: the engines' working window, start-up excluded
+            "busy_window_s": (self.last_end[model] - self.first_start[model]) if model in self.last_end else None,
         }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def new_ledger():

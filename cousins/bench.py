@@ -1,0 +1,241 @@
+"""Benchmarks, measured in one run and printed as ratios (jobs/benchmark.py drives them).
+
+1. pipeline / bare vLLM: the generation stage's steady-state throughput against vLLM's `LLM` in
+   one process on the same model, prompts, sampling, seeds and logprobs. Steady state for the
+   pipeline is output tokens over the engines' working window (first batch begun to last batch
+   done, from the run's ledger); the rest of the stage's wall time is reported as start-up. Bare
+   vLLM runs in a subprocess: a warm-up call, then one timed `generate` of every prompt.
+2. drift: the diff's arithmetic time as a share of generation time, and scoring against generation
+   (one cousin, the same prompts).
+3. bytes on storage per generated token (zstd Parquet, with the run's top-k logprobs) and the peak
+   RSS of an engine actor process.
+4. two nodes against one (`two_node`): a local two-node Ray cluster, one engine actor per node,
+   against one actor on one node, with the rows per node.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from cousins.config import Config
+
+
+def _spread(values: list[float]) -> dict:
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "values": v}
+
+
+def bare_vllm(cfg: Config, limit: int) -> dict:
+    """vLLM's LLM in a fresh process on the run's first `limit` prompts, as the pipeline sends them."""
+    from cousins import corpus
+    from cousins.config import fields_of
+    from cousins.engine import row_seed
+
+    path = cfg.corpus.path
+    with open(path, "rb") as f:  # one local file: the bare engine needs no Ray to read it
+        rows, _ = corpus.parse_file(f.read(), source=path, fmt=corpus.format_of(path, cfg.corpus.format),
+                                    fields=fields_of(cfg), max_chars=cfg.corpus.max_chars)
+    rows = rows[:limit]  # the pipeline's corpus.limit keeps the first N in file order too
+    s = cfg.run.sampling
+    job = {"model": cfg.model.path, "dtype": cfg.model.dtype, "max_model_len": cfg.engine.max_model_len,
+           "kv": int(cfg.engine.kv_cache_gib * (1 << 30)), "max_num_seqs": cfg.engine.max_num_seqs,
+           "messages": [r["messages"] for r in rows for _ in range(cfg.run.samples)],
+           "seeds": [row_seed(s.seed, r["prompt_id"], i) for r in rows for i in range(cfg.run.samples)],
+           "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
+                        "max_tokens": s.max_tokens, "logprobs": s.logprobs or None}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        out = subprocess.run([sys.executable, "-m", "cousins.bench", f.name], capture_output=True, text=True,
+                             timeout=1200, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"bare vLLM run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _bare_main(path: str) -> None:
+    t0 = time.perf_counter()
+    job = json.load(open(path))
+    from vllm import LLM, SamplingParams
+
+    imported = time.perf_counter()
+    llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
+              kv_cache_memory_bytes=job["kv"], max_num_seqs=job["max_num_seqs"], enforce_eager=True,
+              distributed_executor_backend="uni", max_logprobs=20, logprobs_mode="raw_logprobs", seed=0)
+    loaded = time.perf_counter()
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                                               add_special_tokens=False)} for m in job["messages"]]
+    params = [SamplingParams(**job["sampling"], seed=s) for s in job["seeds"]]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
+    g0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    gen = time.perf_counter() - g0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(json.dumps({"import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
+                      "output_tokens": tokens, "rows": len(prompts), "tokens_per_s": tokens / gen}))
+
+
+def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:
+    """A generation run of `limit` prompts on the connected Ray. Steady-state throughput is the
+    output tokens over the engines' working window (first batch begun to last batch done: reading,
+    batching, generation and writing overlap in it; engine start-up and the final read-back are
+    outside it and reported as start-up)."""
+    from cousins.pipeline import run_generate
+
+    c = copy.deepcopy(cfg)
+    c.corpus.limit, c.run.run_id, c.cousins = limit, f"bench-{tag}", {}
+    r = run_generate(c).models[0]
+    window = r.retries.get("busy_window_s")
+    return {"rows": r.rows, "output_tokens": r.output_tokens, "wall_s": r.wall_s, "engine_s": r.engine_s,
+            "busy_window_s": window, "peak_rss_mib": r.retries.get("peak_rss_mib"), "run_id": c.run.run_id,
+            "steady_tokens_per_s": r.new_output_tokens / window if window else None,
+            "startup_s": r.wall_s - window if window else None}
+
+
+def bytes_per_token(cfg: Config, run_id: str) -> float:
+    from cousins.storage import RunLayout, data_files, resolve
+
+    loc = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), run_id).generations(cfg.model.name)
+    files = data_files(loc)
+    size = sum(loc.fs.size(f) for f in files)
+    import pyarrow.dataset as pads
+
+    tokens = pads.dataset(files, filesystem=loc.arrow_fs(), format="parquet").to_table(
+        columns=["output_tokens"]).column("output_tokens")
+    return size / max(1, sum(x or 0 for x in tokens.to_pylist()))
+
+
+def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str) -> dict:
+    """One quantized cousin against the original on `limit` prompts: generation, scoring, diff times."""
+    from cousins.config import CousinConfig
+    from cousins.family import prepare_before_ray
+    from cousins.pipeline import run_drift
+
+    c = copy.deepcopy(cfg)
+    c.corpus.limit, c.run.run_id = limit, f"bench-{tag}-drift"
+    c.cousins = {"rtn-int8": CousinConfig(path=cousin_path, kind="quantized", build="rtn-int8")}
+    c.drift.noise_floor = False
+    prepare_before_ray(c)
+    _, summary = run_drift(c)
+    t = summary["timings"]
+    return {"generate_s": t["generate_s"], "score_s": t["score_s"], "diff_s": t["diff_s"], "report_s": t["report_s"],
+            "diff_share_of_generation": t["diff_s"] / t["generate_s"],
+            "score_over_generation": t["score_s"] / t["generate_s"]}
+
+
+def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
+    """One engine actor on one node against two actors on a two-node local cluster (own Ray)."""
+    from collections import Counter
+
+    import pyarrow.dataset as pads
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cousins.pipeline import run_generate
+    from cousins.storage import RunLayout, data_files, resolve
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
+    cluster.add_node(num_cpus=1, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
+    out = {}
+    try:
+        ray.init(address=cluster.address)
+        names = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b") for n in ray.nodes()}
+        for actors in (1, 2):
+            c = copy.deepcopy(cfg)
+            c.corpus.limit, c.run.run_id, c.cousins = limit, f"bench-{tag}-nodes{actors}", {}
+            c.engine.num_actors, c.engine.gpus_per_actor, c.engine.cpus_per_actor = actors, 1, 0.5
+            r = run_generate(c).models[0]
+            loc = RunLayout(resolve(c.storage.root), c.run.run_id).generations(c.model.name)
+            split = Counter(names.get(x, x) for x in pads.dataset(data_files(loc), format="parquet").to_table(
+                columns=["engine_node"]).column("engine_node").to_pylist())
+            out[f"actors_{actors}"] = {"wall_s": r.wall_s, "output_tokens": r.output_tokens,
+                                       "tokens_per_s": r.output_tokens / r.wall_s, "rows_per_node": dict(split)}
+        out["speedup"] = out["actors_2"]["tokens_per_s"] / out["actors_1"]["tokens_per_s"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
+def summarise(reps: list[dict]) -> dict:
+    """Medians and spread of the ratios over repetitions."""
+    get = lambda *path: [_dig(r, path) for r in reps]  # noqa: E731
+    return {
+        "pipeline_over_bare": _spread([p / b if p and b else None for p, b in zip(
+            get("pipeline", "steady_tokens_per_s"), get("bare", "tokens_per_s"))]),
+        "pipeline_steady_tokens_per_s": _spread(get("pipeline", "steady_tokens_per_s")),
+        "bare_tokens_per_s": _spread(get("bare", "tokens_per_s")),
+        "pipeline_startup_s": _spread(get("pipeline", "startup_s")),
+        "bare_import_plus_load_s": _spread([a + b if a is not None and b is not None else None for a, b in zip(
+            get("bare", "import_s"), get("bare", "load_s"))]),
+        "drift_diff_share_of_generation": _spread(get("drift", "diff_share_of_generation")),
+        "drift_score_over_generation": _spread(get("drift", "score_over_generation")),
+        "bytes_per_output_token": _spread(get("bytes_per_output_token")),
+        "engine_peak_rss_mib": _spread(get("pipeline", "peak_rss_mib")),
+        "two_nodes_speedup": _spread(get("two_nodes", "speedup")),
+    }
+
+
+def _dig(d, path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+TARGETS = {"pipeline_over_bare": (">=", 0.95), "drift_diff_share_of_generation": ("<=", 0.02),
+           "drift_score_over_generation": ("<=", 0.5), "two_nodes_speedup": (">=", 1.7),
+           "bytes_per_output_token": ("<=", 120.0)}
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'figure':<34} {'median':>10} {'min':>10} {'max':>10} {'n':>3}  target"]
+    for name, s in summary.items():
+        if s["median"] is None:
+            continue
+        target = TARGETS.get(name)
+        mark = ""
+        if target:
+            ok = s["median"] >= target[1] if target[0] == ">=" else s["median"] <= target[1]
+            mark = f"{target[0]} {target[1]:g} {'met' if ok else 'MISSED'}"
+        lines.append(f"{name:<34} {s['median']:>10.4g} {s['min']:>10.4g} {s['max']:>10.4g} {s['n']:>3}  {mark}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _bare_main(sys.argv[1])
+
+
+def device() -> str:
+    """The machine in words: the GPU's name, else the CPU model and core count."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"gpu: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    except ImportError:
+        pass
+    name = "unknown cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores"

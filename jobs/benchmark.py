@@ -1,0 +1,59 @@
+"""Benchmarks: pipeline against bare vLLM, drift overhead, bytes per token, one node against two.
+Prints a table of medians and spread over repetitions and writes the whole result as JSON.
+
+    python jobs/benchmark.py                                  # 128 prompts x 3 repetitions, locally
+    python jobs/benchmark.py bench.prompts=16 bench.repeats=1 bench.two_node=false   # a smoke run
+"""
+
+import json
+import os
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from cousins import bench
+from cousins.config import ConfigError, redacted, resolve_paths, to_config, validate
+from cousins.family import prepare_before_ray
+from cousins.runtime import init_ray
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="benchmark")
+def main(dcfg: DictConfig) -> None:
+    cfg = resolve_paths(to_config(dcfg))
+    b = cfg.bench
+    try:
+        validate(cfg)
+        prepare_before_ray(cfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    tag = time.strftime("%Y%m%d-%H%M%S")
+    int8 = os.path.join(os.path.dirname(cfg.model.path), f"{os.path.basename(cfg.model.path)}-rtn-int8")
+    reps = []
+    init_ray(cfg.ray)
+    for i in range(b.repeats):
+        rep = {"bare": bench.bare_vllm(cfg, b.prompts)} if b.bare else {}
+        rep["pipeline"] = bench.pipeline_steady(cfg, b.prompts, f"{tag}-{i}")
+        rep["bytes_per_output_token"] = bench.bytes_per_token(cfg, rep["pipeline"]["run_id"])
+        if b.drift:
+            rep["drift"] = bench.drift_overhead(cfg, b.prompts, f"{tag}-{i}", int8)
+        reps.append(rep)
+        print(f"repetition {i + 1}/{b.repeats} done", flush=True)
+    if b.two_node and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.shutdown()  # the two-node comparison brings its own local cluster
+        for i, rep in enumerate(reps):
+            rep["two_nodes"] = bench.two_nodes(cfg, b.prompts, f"{tag}-{i}")
+    summary = bench.summarise(reps)
+    result = {"device": bench.device(), "tag": tag, "config": redacted(cfg), "repetitions": reps, "summary": summary}
+    with open(b.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"device: {result['device']}; {b.prompts} prompts, {b.repeats} repetitions")
+    print(bench.table(summary))
+    print(f"result: {os.path.abspath(b.out)}")
+
+
+if __name__ == "__main__":
+    main()

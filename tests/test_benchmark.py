@@ -1,0 +1,33 @@
+"""The benchmark job keeps working: a smoke run at tiny sizes. Its figures are printed, not asserted
+(speed is measured by the benchmark itself, on a quiet machine, never by a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def test_benchmark_smoke_run_writes_its_result(tiny_teacher, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "benchmark.py"), f"model.path={tiny_teacher}",
+         f"storage.root={tmp_path / 'runs'}", "bench.prompts=8", "bench.repeats=1", "bench.two_node=false",
+         "bench.drift=false", "run.sampling.max_tokens=16", f"bench.out={out}", "ray.num_cpus=2"],
+        capture_output=True, text=True, timeout=850, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    assert result["device"].startswith(("cpu:", "gpu:"))
+    s = result["summary"]
+    for name in ("pipeline_over_bare", "bare_tokens_per_s", "pipeline_startup_s", "bytes_per_output_token",
+                 "engine_peak_rss_mib"):
+        assert name in s, name
+    rep = result["repetitions"][0]
+    assert rep["pipeline"]["rows"] == 8 and rep["bare"]["rows"] == 8
+    print("\n" + "\n".join(proc.stdout.strip().splitlines()[-9:]))

@@ -94,3 +94,18 @@ def test_the_job_reports_config_errors_before_ray(tmp_path):
     assert "missing.jsonl" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
     assert not Path(tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("name", ["generate", "drift", "benchmark"])
+def test_every_job_config_composes_and_validates(name, tiny_teacher):
+    cfg = resolve_paths(to_config(compose(f"model.path={tiny_teacher}", config_name=name)))
+    validate(cfg)
+
+
+def test_export_config_composes():
+    from omegaconf import OmegaConf
+
+    from cousins.export import ExportConfig
+
+    cfg = OmegaConf.to_object(compose("run_id=r1", "kd=true", "filters.near_dedup=true", config_name="export"))
+    assert isinstance(cfg, ExportConfig) and cfg.kd and cfg.filters.near_dedup and cfg.storage.root == "outputs"

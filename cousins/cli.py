@@ -3,9 +3,11 @@
     cousins models build [--out models/tiny-teacher] [--seed 0]
     cousins generate [hydra overrides…]      # runs jobs/generate.py from this checkout
     cousins drift [hydra overrides…]         # runs jobs/drift.py (the original against its cousins)
+    cousins export run_id=RUN [kd=true] …    # runs jobs/export.py: SFT/KD data from a committed run
     cousins corpus demo [--out PATH]         # (re)writes the bundled demo corpus
     cousins submit [--address URL] [--job generate] [--no-wait] [hydra overrides…]
     cousins status JOB_ID [--address URL]     # a submitted job's status; --logs for its logs
+    cousins query runs|show RUN|config RUN|summary RUN|drift RUN|prompt RUN ID|report RUN [--root URL] [--json]
 """
 
 from __future__ import annotations
@@ -74,6 +76,52 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from cousins import query as q
+    from cousins.storage import resolve
+
+    root = resolve(args.root or os.environ.get("COUSINS_STORAGE_ROOT") or "outputs")
+    try:
+        if args.what == "runs":
+            data, text = q.list_runs(root), q.render_runs
+        elif args.what == "show":
+            data, text = q.get_run(root, args.run_id), q.render_run
+        elif args.what == "config":
+            import yaml
+
+            data, text = q.get_config(root, args.run_id), lambda d: yaml.safe_dump(d, sort_keys=False).rstrip()
+        elif args.what == "summary":
+            data = q.get_summary(root, args.run_id, args.cousin)
+            text = q.render_cousin_summary if args.cousin else q.render_summary
+        elif args.what == "drift":
+            if args.min_kld is not None and (args.min is not None or args.metric not in (None, "kld_mean")):
+                raise q.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
+            data, text = q.drift_page(
+                root, args.run_id, cousin=args.cousin, category=args.category, metric=args.metric or "kld_mean",
+                min_value=args.min if args.min_kld is None else args.min_kld, max_value=args.max,
+                flips_only=args.flips_only,
+                errors=args.errors, sort=args.sort, descending=not args.asc, limit=args.limit,
+                offset=args.offset, fields=args.fields.split(",") if args.fields else None), q.render_drift
+        elif args.what == "prompt":
+            data, text = q.prompt_view(root, args.run_id, args.prompt_id, sample_index=args.sample), q.render_prompt
+        else:  # report
+            html = q.get_report(root, args.run_id)
+            if args.out:
+                Path(args.out).write_bytes(html)
+                print(f"{args.out}: {len(html)} bytes")
+            else:
+                sys.stdout.write(html.decode("utf-8"))
+            return 0
+    except q.QueryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, q.BadInput) else 1
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text(data))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from cousins.models import RECIPES
 
@@ -96,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     drift.add_argument("overrides", nargs=argparse.REMAINDER)
     drift.set_defaults(fn=_run_job)
 
+    export = sub.add_parser("export", help="run jobs/export.py: SFT/KD data from a committed run")
+    export.add_argument("overrides", nargs=argparse.REMAINDER)
+    export.set_defaults(fn=_run_job)
+
     corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)
     demo = corpus.add_parser("demo", help="write the demo corpus")
     demo.add_argument("--out")
@@ -116,6 +168,43 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--address", help=address_help)
     st.add_argument("--logs", action="store_true")
     st.set_defaults(fn=_status)
+
+    qp = sub.add_parser("query", help="read committed runs: runs, manifests, drift summaries and rows, prompts")
+    qsub = qp.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help="storage root (default: COUSINS_STORAGE_ROOT, else outputs)")
+    common.add_argument("--json", action="store_true", help="JSON instead of a table")
+    qsub.add_parser("runs", parents=[common], help="committed runs, newest first")
+    for what, help_ in (("show", "a run's manifest: models and row counts"), ("config", "a run's resolved config"),
+                        ("summary", "a drift run's summary with CIs and the noise floor"),
+                        ("drift", "a page of drift rows, filtered and sorted"),
+                        ("prompt", "one prompt's generations by every model, first divergence in ⟦ ⟧"),
+                        ("report", "a drift run's report.html")):
+        p = qsub.add_parser(what, parents=[common], help=help_)
+        p.add_argument("run_id")
+        if what == "summary":
+            p.add_argument("--cousin", help="one cousin's figures beside the noise floor's")
+        elif what == "drift":
+            p.add_argument("--cousin")
+            p.add_argument("--category")
+            p.add_argument("--metric", help="numeric column --min/--max apply to (default kld_mean)")
+            p.add_argument("--min", type=float)
+            p.add_argument("--max", type=float)
+            p.add_argument("--min-kld", type=float, help="rows with kld_mean >= this (--metric kld_mean --min X)")
+            p.add_argument("--flips-only", action="store_true", help="rows whose correctness flipped")
+            p.add_argument("--errors", action=argparse.BooleanOptionalAction, default=None,
+                           help="only error rows (--errors) or only rows without (--no-errors)")
+            p.add_argument("--sort", default="kld_mean", help="column to sort by (default kld_mean, descending)")
+            p.add_argument("--asc", action="store_true", help="ascending instead of descending")
+            p.add_argument("--limit", type=int, default=20)
+            p.add_argument("--offset", type=int, default=0)
+            p.add_argument("--fields", help="comma-separated columns for --json (default: all but token lists)")
+        elif what == "prompt":
+            p.add_argument("prompt_id")
+            p.add_argument("--sample", type=int, help="one sample index (default: all)")
+        elif what == "report":
+            p.add_argument("--out", help="write to this file instead of stdout")
+    qp.set_defaults(fn=_query)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -147,9 +147,10 @@ def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
     from cousins.pipeline import run_generate
     from cousins.storage import RunLayout, data_files, resolve
 
+    # Two CPUs a node: with one, an engine actor and Ray Data's read/write tasks deadlock silently.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
-    cluster.add_node(num_cpus=1, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
+        "num_cpus": 2, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
+    cluster.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
     out = {}
     try:
         ray.init(address=cluster.address)

@@ -29,6 +29,14 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     tag = time.strftime("%Y%m%d-%H%M%S")
+
+    def save(reps: list[dict]) -> dict:  # after every step: a stalled step loses nothing measured before it
+        result = {"device": bench.device(), "tag": tag, "config": redacted(cfg), "repetitions": reps,
+                  "summary": bench.summarise(reps)}
+        with open(b.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        return result
+
     int8 = os.path.join(os.path.dirname(cfg.model.path), f"{os.path.basename(cfg.model.path)}-rtn-int8")
     reps = []
     init_ray(cfg.ray)
@@ -39,6 +47,7 @@ def main(dcfg: DictConfig) -> None:
         if b.drift:
             rep["drift"] = bench.drift_overhead(cfg, b.prompts, f"{tag}-{i}", int8)
         reps.append(rep)
+        save(reps)
         print(f"repetition {i + 1}/{b.repeats} done", flush=True)
     if b.two_node and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         import ray
@@ -46,12 +55,10 @@ def main(dcfg: DictConfig) -> None:
         ray.shutdown()  # the two-node comparison brings its own local cluster
         for i, rep in enumerate(reps):
             rep["two_nodes"] = bench.two_nodes(cfg, b.prompts, f"{tag}-{i}")
-    summary = bench.summarise(reps)
-    result = {"device": bench.device(), "tag": tag, "config": redacted(cfg), "repetitions": reps, "summary": summary}
-    with open(b.out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+            save(reps)
+    result = save(reps)
     print(f"device: {result['device']}; {b.prompts} prompts, {b.repeats} repetitions")
-    print(bench.table(summary))
+    print(bench.table(result["summary"]))
     print(f"result: {os.path.abspath(b.out)}")
 
 

@@ -43,6 +43,17 @@ def _pids_of(marker: str) -> list[int]:
     return pids
 
 
+def stop_processes_of(temp_dir: str) -> None:
+    """Stop every process whose command line names `temp_dir` (a Ray we started there): TERM, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_of(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+
+
 @pytest.fixture
 def ray_head():
     """`ray start --head` on loopback, in a temp dir of its own; stopped by the ids of its processes
@@ -60,13 +71,7 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _pids_of(temp_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+        stop_processes_of(temp_dir)
 
 
 def test_generation_job_submitted_to_a_real_head_succeeds(ray_head, tiny_teacher, tmp_path):
@@ -218,13 +223,7 @@ def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny
     finally:
         stop.set()
         ray.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # the head and every node it launched, by process id
-            for pid in _pids_of(temp_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+        stop_processes_of(temp_dir)  # the head and every node it launched, by process id
         if saved is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:

@@ -494,11 +494,10 @@ def run_drift(cfg: Config, run: RunHandle | None = None) -> tuple[RunResult, dic
             continue  # text-only, or it failed to load: nothing to score with
         scores[e.name] = stage_score(cfg, layout, e, entries[0])
     score_s = time.perf_counter() - t0
-    summary = stage_diff(cfg, layout, entries, run_id=layout.run_id)
-    summary["timings"].update(generate_s=generate_s, score_s=score_s)
-    summary["accounting"] = {s.model: s.accounting() for s in stats}
-    summary["cost_currency"] = cfg.cost.currency
-    layout.summary.write_json_atomic(summary)
+    summary = stage_diff(cfg, layout, entries, run_id=layout.run_id,
+                         extra={"accounting": {s.model: s.accounting() for s in stats},
+                                "cost_currency": cfg.cost.currency},
+                         timings={"generate_s": generate_s, "score_s": score_s})
     result = RunResult(run_id=layout.run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
                        prompts=n_prompts, corpus_errors=n_errors, models=stats,
                        state="resumed" if state == "resume" else "new")

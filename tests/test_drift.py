@@ -155,7 +155,8 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
     from cousins.drift.metrics import is_correct
 
     cfg, layout, result, summary = drift_run
-    refs = {r["prompt_id"]: r["reference"] for r in _table(layout.prompts).to_pylist() if r["reference"]}
+    prompts = pads.dataset(data_files(layout.prompts), format="parquet").to_table(columns=["prompt_id", "reference"])
+    refs = {r["prompt_id"]: r["reference"] for r in prompts.to_pylist() if r["reference"]}
     for name in ("tiny-teacher", "int4"):
         rows = _table(layout.generations(name)).to_pylist()
         a = summary["accounting"][name]
@@ -168,3 +169,4 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
         assert a["accelerator"] == "cpu-actor" and a["accelerator_s"] > 0
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["accounting"]["int4"] == summary["accounting"]["int4"]
+    assert "Cost and token efficiency" in layout.report.read_text()  # the report shows it too

@@ -103,9 +103,11 @@ def _decoder(path: str) -> Callable[[list[int]], str] | None:
     return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
 
-def stage_diff(cfg: Config, layout: RunLayout, entries: list, *, run_id: str) -> dict:
+def stage_diff(cfg: Config, layout: RunLayout, entries: list, *, run_id: str, extra: dict | None = None,
+               timings: dict | None = None) -> dict:
     """Drift rows for every cousin (and the noise floor), summary.json and report.html.
-    Returns the summary. Reads stored generations and scores only."""
+    Returns the summary. Reads stored generations and scores only. `extra` (e.g. the run's
+    accounting) and `timings` of the earlier stages go into the summary and the report."""
     from cousins.report import render_report
 
     t0 = time.perf_counter()
@@ -144,11 +146,12 @@ def stage_diff(cfg: Config, layout: RunLayout, entries: list, *, run_id: str) ->
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
         "computed": datetime.now(timezone.utc).isoformat(),
+        **(extra or {}),
     }
     diff_s = time.perf_counter() - t0
     html = render_report(summary, pa.concat_tables(tables) if tables else schema.DRIFT.empty_table(),
                          worst_n=cfg.drift.worst_n)
-    summary["timings"] = {"diff_s": diff_s, "report_s": time.perf_counter() - t0 - diff_s}
+    summary["timings"] = {**(timings or {}), "diff_s": diff_s, "report_s": time.perf_counter() - t0 - diff_s}
     layout.summary.write_text_atomic(json.dumps(summary, indent=1, allow_nan=False, default=_jsonable))
     layout.report.write_text_atomic(html)
     return summary
@@ -205,7 +208,10 @@ def recompute(cfg: Config) -> dict:
     missing = [e.name for e in entries if not is_done(layout.generations(e.name))]
     if missing:
         raise FileNotFoundError(f"run {cfg.run.run_id!r} has no generations for {missing}; it is not a drift run")
-    summary = stage_diff(stored, layout, entries, run_id=layout.run_id)
+    before = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
+    kept = {k: before[k] for k in ("accounting", "cost_currency") if k in before}  # measured when it ran
+    ran = {k: v for k, v in before.get("timings", {}).items() if k in ("generate_s", "score_s")}
+    summary = stage_diff(stored, layout, entries, run_id=layout.run_id, extra=kept, timings=ran)
     manifest = json.loads(layout.manifest.read_text())
     manifest["drift"] = drift_headline(summary)
     manifest["drift_recomputed"] = summary["computed"]

@@ -3,7 +3,9 @@ Ray is started once per test module that asks for it, on a fresh local instance.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,28 @@ def s3_server():
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@contextlib.contextmanager
+def hide_context_proxies():
+    """Start an in-process vLLM engine safely beside moto's Flask server.
+
+    vLLM's CPU platform scans the globals of every loaded module for Triton kernels with
+    `hasattr(value, "__dict__")`; a werkzeug LocalProxy (Flask's `request`, imported into this
+    process by the S3 test server) raises RuntimeError outside a request instead of answering.
+    Modules holding one are taken out of sys.modules while the engine starts, then put back.
+    Engine actors in the product run in their own processes and never meet this."""
+    try:
+        from werkzeug.local import LocalProxy
+    except ImportError:
+        yield
+        return
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None) or {}
+        if any(type(v) is LocalProxy for v in list(namespace.values())):  # type(): never touches the proxy
+            hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hide_context_proxies
 from cousins.models import RECIPE_FILE
 from cousins.quantize import LINEAR_WEIGHT, RECIPES, build_quantized, read_recipe, rtn_fake_quant, rtn_scales
 
@@ -135,9 +136,10 @@ def _vllm_greedy(path, dtype: str, quantization: str | None = None) -> list:
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"})
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(path), dtype=dtype, quantization=quantization, max_model_len=256,
-              kv_cache_memory_bytes=256 << 20, enforce_eager=True, distributed_executor_backend="uni",
-              max_logprobs=20, logprobs_mode="raw_logprobs", seed=0)
+    with hide_context_proxies():  # the suite's S3 server put Flask proxies in this process
+        llm = LLM(model=str(path), dtype=dtype, quantization=quantization, max_model_len=256,
+                  kv_cache_memory_bytes=256 << 20, enforce_eager=True, distributed_executor_backend="uni",
+                  max_logprobs=20, logprobs_mode="raw_logprobs", seed=0)
     try:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, logprobs=5))
         return [o.outputs[0] for o in outs]

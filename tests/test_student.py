@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from conftest import hide_context_proxies
 from cousins.models import RECIPE_FILE
 from cousins.student import StudentRecipe, build_student, read_teacher_data
 
@@ -239,8 +240,9 @@ def test_student_generates_in_vllm(trained_pair, monkeypatch):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(trained), dtype="float32", max_model_len=256, kv_cache_memory_bytes=256 << 20,
-              enforce_eager=True, distributed_executor_backend="uni", seed=0)
+    with hide_context_proxies():  # the suite's S3 server put Flask proxies in this process
+        llm = LLM(model=str(trained), dtype="float32", max_model_len=256, kv_cache_memory_bytes=256 << 20,
+                  enforce_eager=True, distributed_executor_backend="uni", seed=0)
     tok = AutoTokenizer.from_pretrained(trained)
     texts = [chat(tok, p) for p in held_out[:4]]
     outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=16, logprobs=5))

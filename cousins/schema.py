@@ -93,7 +93,7 @@ DRIFT = pa.schema(
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("cousin", pa.string(), nullable=False),
         pa.field("category", pa.string()),
-        pa.field("tokens", pa.int32()),  # scored positions (the original's output tokens); 0 if text-only
+        pa.field("tokens", pa.int32()),  # scored positions (the original's output tokens); null if text-only
         pa.field("kld_tokens", pa.list_(pa.float32())),  # KLD_t estimate from the top-k sets + rest bucket
         pa.field("rest_mass_tokens", pa.list_(pa.float32())),  # the original's mass in the rest bucket
         pa.field("margin_tokens", pa.list_(pa.float32())),  # the original's top-1 minus top-2 probability

@@ -12,7 +12,6 @@ Filters are pure functions over an Arrow table (`apply_filters`), tested on craf
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,13 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from omegaconf import MISSING
 
 from cousins import schema
 from cousins.config import StorageConfig
 from cousins.drift.metrics import is_correct, normalise_answer
-from cousins.storage import MANIFEST, RunLayout, data_files, mark_done, resolve
+from cousins.storage import MANIFEST, RunLayout, data_files, mark_done, parquet_bytes, resolve
 
 # --- config --------------------------------------------------------------------------------------
 
@@ -325,9 +323,7 @@ def export(cfg: ExportConfig) -> ExportResult:
 def _encode(t: pa.Table, fmt: str) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in t.to_pylist()).encode()
-    buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
-    return buf.getvalue()
+    return parquet_bytes(t)
 
 
 def dataset_card(cfg: ExportConfig, manifest: dict, model: str, r: ExportResult) -> str:

@@ -186,15 +186,44 @@ class RunLayout:
         return self.run.join(MANIFEST)
 
 
-def write_parquet_atomic(table, loc: Location) -> None:
-    """One Parquet file, published whole or not at all (zstd)."""
+def _leaves(schema) -> list[tuple[str, object]]:
+    """(Parquet leaf path, Arrow type) of every column, nested lists and structs walked
+    ("topk_logprobs.list.element.list.element")."""
+    import pyarrow as pa
+
+    def walk(path: str, t) -> list:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return walk(f"{path}.list.element", t.value_type)
+        if pa.types.is_struct(t):
+            return [p for f in t for p in walk(f"{path}.{f.name}", f.type)]
+        return [(path, t)]
+
+    return [p for f in schema for p in walk(f.name, f.type)]
+
+
+def parquet_bytes(table) -> bytes:
+    """A table as one zstd Parquet file. Floating-point columns (logprobs above all: top-k of them
+    per token are most of a KD run's bytes) are written BYTE_STREAM_SPLIT without a dictionary:
+    log-probabilities barely repeat, so a dictionary only adds indices, while splitting each
+    float's bytes into streams lets zstd find the shared sign and exponent bytes. Lossless, and
+    read by pyarrow, DuckDB, Spark and polars; a third smaller on top-20 generation rows (see
+    the benchmark). Other columns keep Parquet's dictionary encoding."""
     import io
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    leaves = _leaves(table.schema)
+    floats = [p for p, t in leaves if pa.types.is_floating(t)]
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    loc.write_bytes_atomic(buf.getvalue())
+    pq.write_table(table, buf, compression="zstd", use_byte_stream_split=floats or False,
+                   use_dictionary=[p for p, _ in leaves if p not in floats])
+    return buf.getvalue()
+
+
+def write_parquet_atomic(table, loc: Location) -> None:
+    """One Parquet file (`parquet_bytes`), published whole or not at all."""
+    loc.write_bytes_atomic(parquet_bytes(table))
 
 
 def data_files(stage_dir: Location) -> list[str]:

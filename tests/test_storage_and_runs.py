@@ -8,7 +8,8 @@ from cousins.config import redacted, to_config
 from cousins.pipeline import (ModelStats, RunConflict, RunResult, config_diff, config_hash, open_run,
                               summary_table)
 from cousins.runtime import forwarded_env, root_cause
-from cousins.storage import RunLayout, data_files, is_done, mark_done, resolve, write_parquet_atomic
+from cousins import schema
+from cousins.storage import RunLayout, data_files, is_done, mark_done, parquet_bytes, resolve, write_parquet_atomic
 
 
 def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_path):
@@ -21,6 +22,41 @@ def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_pa
     assert not is_done(loc)
     mark_done(loc, {"rows": 2})
     assert is_done(loc) and data_files(loc) == [str(tmp_path / "stage" / "part-a.parquet")]
+
+
+def test_logprob_columns_are_stored_byte_stream_split_losslessly_and_smaller():
+    """Top-k logprobs (the bulk of a KD run) go BYTE_STREAM_SPLIT without a dictionary; the
+    file reads back equal, other columns keep their dictionary, and it is smaller than the
+    writer's defaults on logprob-like data."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n, k, length = 64, 20, 40
+    logits = rng.normal(size=(n, length, 200)).astype(np.float32)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    top = np.argsort(-logp, axis=-1)[..., :k].astype(np.int32)
+    rows = {"prompt_id": [f"p{i}" for i in range(n)], "sample_index": [0] * n, "model": ["m"] * n,
+            "seed": list(range(n)), "output_token_ids": [t[:, 0].tolist() for t in top],
+            "output_logprobs": [np.take_along_axis(lp, t[:, :1], -1)[:, 0].tolist() for lp, t in zip(logp, top)],
+            "topk_token_ids": [t.tolist() for t in top],
+            "topk_logprobs": [np.take_along_axis(lp, t, -1).tolist() for lp, t in zip(logp, top)],
+            "output_tokens": [length] * n}
+    rows.update({c: [None] * n for c in schema.GENERATIONS.names if c not in rows})
+    table = schema.conform(pa.table(rows), schema.GENERATIONS)
+    data = parquet_bytes(table)
+    assert pq.read_table(io.BytesIO(data)).equals(table)
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
+    enc = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in enc["topk_logprobs.list.element.list.element"]
+    assert "BYTE_STREAM_SPLIT" in enc["output_logprobs.list.element"]
+    assert "RLE_DICTIONARY" not in enc["topk_logprobs.list.element.list.element"]
+    assert "RLE_DICTIONARY" in enc["topk_token_ids.list.element.list.element"]
+    plain = io.BytesIO()
+    pq.write_table(table, plain, compression="zstd")
+    assert len(data) < 0.9 * plain.tell()
 
 
 def test_config_diff_names_keys_and_ignores_placement():

@@ -120,6 +120,7 @@ def _load(spec: EngineSpec, ledger, tolerate_failure: bool):
             logprobs_mode="raw_logprobs",
             seed=0,
         )
+        _warm_up(llm, spec)
     except Exception as e:  # noqa: BLE001 - reported as the model's row errors when tolerated
         if not tolerate_failure:
             raise
@@ -129,6 +130,85 @@ def _load(spec: EngineSpec, ledger, tolerate_failure: bool):
 
         ray.get(ledger.engine_started.remote(spec.model_name))
     return llm, None
+
+
+def _warm_up(llm, spec: EngineSpec) -> None:
+    """One small call through everything a batch uses (sampling, top-k logprobs, prompt logprobs,
+    several sequence lengths): the engine's first call pays one-off costs (≈3 s for the tiny
+    model on CPU, a 96-row batch running at half speed) that belong to start-up, not to the
+    first batch of rows."""
+    from vllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    base = tok.encode("warm up the engine " * 8, add_special_tokens=False) or [0]
+    longest = max(1, min(len(base), spec.max_model_len // 2 - 8))
+    prompts = [{"prompt_token_ids": base[:max(1, longest * (i + 1) // 8)]} for i in range(8)]
+    k = max(1, min(20, spec.max_logprobs))
+    llm.generate(prompts, SamplingParams(max_tokens=8, logprobs=k, prompt_logprobs=k, ignore_eos=True, seed=0),
+                 use_tqdm=False)
+
+
+class _Feeder:
+    """One vLLM engine fed by several batches at once. Ray Data hands an actor its next batch
+    while the current one is still generating (`BATCHES_IN_FLIGHT` calls run in the actor's
+    threads); each call enqueues its requests, and whichever call holds the lock steps the engine
+    for everybody, so the engine's batch stays full across Ray Data's batch boundaries (one
+    batch's stragglers share steps with the next batch's prompts) and one batch's Arrow
+    conversion overlaps the next one's generation. Each step's time is split evenly over the
+    calls with requests in it: `run` returns the engine seconds its batch was charged."""
+
+    def __init__(self, llm):
+        import threading
+
+        self.llm, self.lock = llm, threading.Lock()
+        self.finished: dict[str, Any] = {}  # request id -> its final output, until its call takes it
+        self.owner: dict[str, object] = {}  # request id -> the call that enqueued it
+        self.pending: dict[object, int] = {}  # call -> its requests not finished yet
+        self.charged: dict[object, float] = {}  # call -> engine seconds so far
+        # The engine detokenizes inside step(); HF fast tokenizers are not safe to share across
+        # threads (Rust "Already borrowed"), so the actor's own tokenizing waits for the same lock.
+        self.tokenizer_lock = self.lock
+
+    def run(self, prompts: list, params) -> tuple[list, float]:
+        """(RequestOutputs in the order of `prompts`, engine seconds charged to this call)."""
+        if not prompts:
+            return [], 0.0
+        me = object()
+        with self.lock:  # vLLM aborts what it added if one prompt is refused, and raises
+            # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
+            ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
+            self.owner.update((i, me) for i in ids)
+            self.pending[me], self.charged[me] = len(ids), 0.0
+        try:
+            while True:
+                with self.lock:
+                    if not self.pending[me]:
+                        return [self.finished.pop(i) for i in ids], self.charged[me]
+                    engine = self.llm.llm_engine
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError("the engine dropped requests it had accepted")
+                    active = [c for c, n in self.pending.items() if n]
+                    t0 = time.perf_counter()
+                    outputs = engine.step()
+                    share = (time.perf_counter() - t0) / len(active)
+                    for c in active:
+                        self.charged[c] += share
+                    for out in outputs:
+                        if out.finished and out.request_id in self.owner:
+                            self.finished[out.request_id] = out
+                            self.pending[self.owner.pop(out.request_id)] -= 1
+        finally:
+            with self.lock:
+                for d in (self.pending, self.charged):
+                    d.pop(me, None)
+                for i in ids:
+                    self.finished.pop(i, None)
+                    self.owner.pop(i, None)
+
+
+# Batches an engine actor works on at once (see _Feeder): two keep its engine full across batch
+# boundaries; more would only queue rows in the actor.
+BATCHES_IN_FLIGHT = 2
 
 
 class EngineActor:
@@ -142,6 +222,11 @@ class EngineActor:
 
             self._SamplingParams = SamplingParams
             self.tokenizer = self.llm.get_tokenizer()
+            self.feeder = _Feeder(self.llm)
+        # vLLM detokenizes every top-k logprob token of every position when it detokenizes (21
+        # decodes a token at top-20: most of a small model's time on CPU). Only stop strings need
+        # the engine's text; otherwise the actor decodes each finished output once.
+        self.detokenize = bool(sampling.stop)
         self.node = _node_id()
 
     def _params(self, seed: int):
@@ -149,7 +234,7 @@ class EngineActor:
         return self._SamplingParams(
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
             max_tokens=s.max_tokens, logprobs=s.logprobs if s.logprobs > 0 else None,
-            seed=int(seed), stop=list(s.stop) or None,
+            seed=int(seed), stop=list(s.stop) or None, detokenize=self.detokenize,
         )
 
     def _prepare(self, messages: list[dict]) -> tuple[str, list[int]]:
@@ -175,19 +260,23 @@ class EngineActor:
         texts: list[str | None] = []
         ids: list[list[int] | None] = []
         errors: list[str | None] = []
-        for row in rows:
-            try:
-                text, tok = self._prepare(row["messages"])
-                texts.append(text), ids.append(tok), errors.append(None)
-            except Exception as e:  # noqa: BLE001 - a row the engine cannot take is an error row
-                texts.append(None), ids.append(None), errors.append(f"{type(e).__name__}: {e}")
+        with self.feeder.tokenizer_lock:  # once for the batch, not between every engine step
+            for row in rows:
+                try:
+                    text, tok = self._prepare(row["messages"])
+                    texts.append(text), ids.append(tok), errors.append(None)
+                except Exception as e:  # noqa: BLE001 - a row the engine cannot take is an error row
+                    texts.append(None), ids.append(None), errors.append(f"{type(e).__name__}: {e}")
 
         todo = [i for i, e in enumerate(errors) if e is None]
-        t0 = time.perf_counter()
-        outputs = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo)
-        elapsed = time.perf_counter() - t0
+        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo)
 
         by_row = dict(zip(todo, outputs))
+        texts_out = {}
+        if not self.detokenize:
+            with self.feeder.tokenizer_lock:
+                texts_out = {i: self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+                             for i, o in by_row.items() if o is not None}
         work = {i: len(ids[i]) + len(o.outputs[0].token_ids) for i, o in by_row.items() if o is not None}
         total_work = sum(work.values()) or 1
         k = self.sampling.logprobs
@@ -201,13 +290,14 @@ class EngineActor:
                 continue
             c = out.outputs[0]
             token_ids = list(c.token_ids)
+            text = c.text if self.detokenize else texts_out[i]
             topk_ids = topk_lps = sampled = None
             if k > 0 and c.logprobs is not None:
                 pairs = [_topk(pos, k) for pos in c.logprobs]
                 topk_ids = [p[0] for p in pairs]
                 topk_lps = [p[1] for p in pairs]
                 sampled = [pos[t].logprob for pos, t in zip(c.logprobs, token_ids)]
-            cols.add(**base, output_text=c.text, output_token_ids=token_ids, output_logprobs=sampled,
+            cols.add(**base, output_text=text, output_token_ids=token_ids, output_logprobs=sampled,
                      topk_token_ids=topk_ids, topk_logprobs=topk_lps, finish_reason=c.finish_reason,
                      prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
                      engine_time_s=elapsed * work[i] / total_work)
@@ -220,22 +310,23 @@ class EngineActor:
         return table
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
-        """Generate a batch; if vLLM rejects it, retry row by row so one bad row fails alone."""
-        if not prompt_ids:
-            return []
+        """Generate a batch -> (outputs, engine seconds); if vLLM refuses it, retry row by row so
+        one bad row fails alone."""
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
         try:
-            return self.llm.generate(prompts, [self._params(s) for s in seeds], use_tqdm=False)
+            return self.feeder.run(prompts, [self._params(s) for s in seeds])
         except (ValueError, TypeError):
             pass
-        outputs = []
+        outputs, elapsed = [], 0.0
         for p, s, i in zip(prompts, seeds, todo):
             try:
-                outputs.append(self.llm.generate([p], [self._params(s)], use_tqdm=False)[0])
+                out, t = self.feeder.run([p], [self._params(s)])
+                outputs.append(out[0])
+                elapsed += t
             except (ValueError, TypeError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
                 outputs.append(None)
-        return outputs
+        return outputs, elapsed
 
 
 class ScoreActor:
@@ -251,6 +342,7 @@ class ScoreActor:
 
             self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
             self.tokenizer = self.llm.get_tokenizer()
+            self.feeder = _Feeder(self.llm)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.ledger is not None:
@@ -266,14 +358,20 @@ class ScoreActor:
             elif row["error"] is not None or not row["output_token_ids"]:
                 errors[i] = "the original has no output here to score"
             else:
-                ids = self.tokenizer.encode(row["prompt_text"], add_special_tokens=False) + list(row["output_token_ids"])
-                if len(ids) + 1 > self.spec.max_model_len:
-                    errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
-                else:
-                    todo.append(i), inputs.append(ids)
-        t0 = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in inputs], self.params, use_tqdm=False) if inputs else []
-        elapsed = time.perf_counter() - t0
+                todo.append(i)
+        encoded = []
+        if todo:
+            with self.feeder.tokenizer_lock:  # once for the batch, not between every engine step
+                encoded = [self.tokenizer.encode(rows[i]["prompt_text"], add_special_tokens=False) for i in todo]
+        fits = []
+        for i, prompt_ids in zip(todo, encoded):
+            ids = prompt_ids + list(rows[i]["output_token_ids"])
+            if len(ids) + 1 > self.spec.max_model_len:
+                errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
+            else:
+                fits.append(i), inputs.append(ids)
+        todo = fits
+        outs, elapsed = self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params) if inputs else ([], 0.0)
         total = sum(len(x) for x in inputs) or 1
         scored = dict(zip(todo, zip(outs, inputs)))
         for i, row in enumerate(rows):
@@ -311,7 +409,9 @@ def _pool(rows, actor, kwargs: dict, *, num_actors: int, cpus_per_actor: float, 
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=num_actors),
+        # Two batches run in each actor's threads at once, feeding its one engine (see _Feeder).
+        compute=ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                                  enable_true_multi_threading=True),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         runtime_env={"env_vars": ENGINE_ENV},

@@ -403,7 +403,7 @@ def stage_generate(cfg: Config, layout: RunLayout, prompts, n_prompts: int,
         ledger = new_ledger()
         try:
             gens = engine.generate(
-                rows.repartition(max(cfg.engine.num_actors, (expected - len(done)) // where["batch_size"])),
+                rows.repartition(max(cfg.engine.num_actors, -(-(expected - len(done)) // where["batch_size"]))),
                 spec=engine_spec(cfg, entry), sampling=_sampling(cfg), ledger=ledger,
                 tolerate_load_failure=not entry.is_original, **where)
             written = gens.map_batches(_write_part, fn_kwargs={"out": out}, batch_size=cfg.storage.rows_per_file,
@@ -497,7 +497,11 @@ def run_drift(cfg: Config, run: RunHandle | None = None) -> tuple[RunResult, dic
     summary = stage_diff(cfg, layout, entries, run_id=layout.run_id,
                          extra={"accounting": {s.model: s.accounting() for s in stats},
                                 "cost_currency": cfg.cost.currency},
-                         timings={"generate_s": generate_s, "score_s": score_s})
+                         timings={"generate_s": generate_s, "score_s": score_s,
+                                  # the engines' working windows (first batch begun to last done),
+                                  # without engine start-up: what the passes cost in steady state
+                                  "generate_busy_s": _busy(s.retries for s in stats),
+                                  "score_busy_s": _busy(info.get("retries") for info in scores.values())})
     result = RunResult(run_id=layout.run_id, run_url=layout.run.url, corpus_rows=n_prompts + n_errors,
                        prompts=n_prompts, corpus_errors=n_errors, models=stats,
                        state="resumed" if state == "resume" else "new")
@@ -508,6 +512,13 @@ def run_drift(cfg: Config, run: RunHandle | None = None) -> tuple[RunResult, dic
         scores={n: {k: v for k, v in info.items() if k != "retries"} for n, info in scores.items()},
         drift=drift_headline(summary)))
     return result, summary
+
+
+def _busy(retries) -> float | None:
+    """The sum of the stages' engine working windows; None when a stage has none on record
+    (done by an earlier attempt, or no batch ran)."""
+    windows = [(r or {}).get("busy_window_s") for r in retries]
+    return sum(windows) if windows and all(w is not None for w in windows) else None
 
 
 def drift_headline(summary: dict) -> dict:

@@ -63,7 +63,7 @@ def stage_score(cfg: Config, layout: RunLayout, entry, original) -> dict:
         rows = rows.random_shuffle(seed=cfg.drift.seed + 2)
     ledger = new_ledger()
     try:
-        scored = engine.score(rows.repartition(max(cfg.engine.num_actors, expected // where["batch_size"])),
+        scored = engine.score(rows.repartition(max(cfg.engine.num_actors, -(-expected // where["batch_size"]))),
                               spec=engine_spec(cfg, entry), topk=cfg.drift.score_topk, ledger=ledger,
                               tolerate_load_failure=not entry.is_original, **where)
         scored.map_batches(_write_part, fn_kwargs={"out": out}, batch_size=cfg.storage.rows_per_file,
@@ -210,7 +210,7 @@ def recompute(cfg: Config) -> dict:
         raise FileNotFoundError(f"run {cfg.run.run_id!r} has no generations for {missing}; it is not a drift run")
     before = json.loads(layout.summary.read_text()) if layout.summary.exists() else {}
     kept = {k: before[k] for k in ("accounting", "cost_currency") if k in before}  # measured when it ran
-    ran = {k: v for k, v in before.get("timings", {}).items() if k in ("generate_s", "score_s")}
+    ran = {k: v for k, v in before.get("timings", {}).items() if k in ("generate_s", "score_s", "generate_busy_s", "score_busy_s")}
     summary = stage_diff(stored, layout, entries, run_id=layout.run_id, extra=kept, timings=ran)
     manifest = json.loads(layout.manifest.read_text())
     manifest["drift"] = drift_headline(summary)

@@ -119,8 +119,16 @@ def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:
     window = r.retries.get("busy_window_s")
     return {"rows": r.rows, "output_tokens": r.output_tokens, "wall_s": r.wall_s, "engine_s": r.engine_s,
             "busy_window_s": window, "peak_rss_mib": r.retries.get("peak_rss_mib"), "run_id": c.run.run_id,
-            "steady_tokens_per_s": r.new_output_tokens / window if window else None,
-            "startup_s": r.wall_s - window if window else None}
+            "steady_tokens_per_s": _steady(r), "startup_s": r.wall_s - window if window else None}
+
+
+def _steady(r) -> float | None:
+    """A generation stage's steady-state tokens/s: the sum over its engine actors of each one's
+    tokens over its own working window (the ledger's), else tokens over the pool's window."""
+    if r.retries.get("steady_tokens_per_s"):
+        return r.retries["steady_tokens_per_s"]
+    window = r.retries.get("busy_window_s")
+    return r.new_output_tokens / window if window else None
 
 
 def bytes_per_token(cfg: Config, run_id: str) -> float:
@@ -183,20 +191,24 @@ def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
     try:
         ray.init(address=cluster.address)
         names = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b") for n in ray.nodes()}
+        # Batches small enough that two actors both get several: Ray Data hands the first actor
+        # ready as many batches as it takes in flight, so a few large ones may all go to it.
+        batch_size = max(8, min(cfg.engine.batch_size, limit // 8))
         for actors in (1, 2):
             c = copy.deepcopy(cfg)
             c.corpus.limit, c.run.run_id, c.cousins = limit, f"bench-{tag}-nodes{actors}", {}
             c.engine.num_actors, c.engine.gpus_per_actor, c.engine.cpus_per_actor = actors, 1, 0.5
+            c.engine.batch_size = batch_size
             r = run_generate(c).models[0]
             loc = RunLayout(resolve(c.storage.root), c.run.run_id).generations(c.model.name)
             split = Counter(names.get(x, x) for x in pads.dataset(data_files(loc), format="parquet").to_table(
                 columns=["engine_node"]).column("engine_node").to_pylist())
-            window = r.retries.get("busy_window_s")
             out[f"actors_{actors}"] = {"wall_s": r.wall_s, "output_tokens": r.output_tokens,
-                                       "tokens_per_s": r.output_tokens / r.wall_s, "busy_window_s": window,
-                                       "steady_tokens_per_s": r.new_output_tokens / window if window else None,
+                                       "tokens_per_s": r.output_tokens / r.wall_s,
+                                       "busy_window_s": r.retries.get("busy_window_s"),
+                                       "steady_tokens_per_s": _steady(r), "per_actor": r.retries.get("actors"),
                                        "rows_per_node": dict(split)}
-        out["cores_per_node"] = [half_a, half_b]
+        out["cores_per_node"], out["batch_size"] = [half_a, half_b], batch_size
         out["speedup"] = out["actors_2"]["tokens_per_s"] / out["actors_1"]["tokens_per_s"]
         a1, a2 = out["actors_1"]["steady_tokens_per_s"], out["actors_2"]["steady_tokens_per_s"]
         out["speedup_steady"] = a2 / a1 if a1 and a2 else None
@@ -245,7 +257,7 @@ def _dig(d, path):
 
 
 TARGETS = {"pipeline_over_bare": (">=", 0.95), "drift_diff_share_of_generation": ("<=", 0.02),
-           "drift_score_over_generation_steady": ("<=", 0.5), "two_nodes_speedup": (">=", 1.7),
+           "drift_score_over_generation_steady": ("<=", 0.5), "two_nodes_speedup_steady": (">=", 1.7),
            "bytes_per_output_token": ("<=", 120.0)}
 
 

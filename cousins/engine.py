@@ -2,8 +2,8 @@
 
 `generate(prompts, ...)` expands every prompt into `samples` rows, each with its own seed, and
 shards them across a pool of engine actors (Ray Data `map_batches` with an `ActorPoolStrategy`).
-Each actor holds one in-process vLLM engine and returns exactly one GENERATIONS row per input
-row: a row the engine cannot take (a prompt longer than the context, a template that fails)
+Each actor holds one in-process vLLM engine, warmed up at load and fed by two batches at once
+(`_Feeder`), and returns exactly one GENERATIONS row per input row: a row the engine cannot take (a prompt longer than the context, a template that fails)
 becomes an error row with the reason, and the rest of its batch still generates. An engine that
 dies is an error of the job, not of a row.
 
@@ -165,6 +165,7 @@ class _Feeder:
         self.owner: dict[str, object] = {}  # request id -> the call that enqueued it
         self.pending: dict[object, int] = {}  # call -> its requests not finished yet
         self.charged: dict[object, float] = {}  # call -> engine seconds so far
+        self.most_calls = 0  # the most calls seen in the engine at once
         # The engine detokenizes inside step(); HF fast tokenizers are not safe to share across
         # threads (Rust "Already borrowed"), so the actor's own tokenizing waits for the same lock.
         self.tokenizer_lock = self.lock
@@ -179,6 +180,7 @@ class _Feeder:
             ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
             self.owner.update((i, me) for i in ids)
             self.pending[me], self.charged[me] = len(ids), 0.0
+            self.most_calls = max(self.most_calls, len(self.pending))
         try:
             while True:
                 with self.lock:
@@ -228,6 +230,7 @@ class EngineActor:
         # the engine's text; otherwise the actor decodes each finished output once.
         self.detokenize = bool(sampling.stop)
         self.node = _node_id()
+        self.actor = f"{self.node}:{os.getpid()}"  # for the ledger's per-actor working windows
 
     def _params(self, seed: int):
         s = self.sampling
@@ -248,7 +251,7 @@ class EngineActor:
         if self.ledger is not None:
             from cousins.ledger import batch_key
 
-            self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows)
+            self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows, self.actor)
         rows = batch.to_pylist()
         cols = _Columns()
         if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
@@ -306,7 +309,8 @@ class EngineActor:
         if self.ledger is not None:
             from cousins.ledger import peak_rss_bytes
 
-            self.ledger.batch_done.remote(self.spec.model_name, peak_rss_bytes())
+            self.ledger.batch_done.remote(self.spec.model_name, peak_rss_bytes(), self.actor,
+                                          sum(x or 0 for x in table.column("output_tokens").to_pylist()))
         return table
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
@@ -343,12 +347,14 @@ class ScoreActor:
             self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
             self.tokenizer = self.llm.get_tokenizer()
             self.feeder = _Feeder(self.llm)
+        self.actor = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.ledger is not None:
             from cousins.ledger import batch_key
 
-            self.ledger.batch_started.remote(f"score:{self.spec.model_name}", batch_key(batch), batch.num_rows)
+            self.ledger.batch_started.remote(f"score:{self.spec.model_name}", batch_key(batch), batch.num_rows,
+                                             self.actor)
         rows = batch.select(["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]).to_pylist()
         cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
         todo, inputs, errors = [], [], [None] * len(rows)
@@ -396,7 +402,8 @@ class ScoreActor:
         if self.ledger is not None:
             from cousins.ledger import peak_rss_bytes
 
-            self.ledger.batch_done.remote(f"score:{self.spec.model_name}", peak_rss_bytes())
+            self.ledger.batch_done.remote(f"score:{self.spec.model_name}", peak_rss_bytes(), self.actor,
+                                          sum(len(x) for x in inputs))
         return pa.Table.from_pydict(cols, schema=schema.SCORES)
 
 

@@ -32,21 +32,29 @@ class Ledger:
         self.peak_rss: Counter = Counter()  # model -> the largest engine process RSS seen (bytes)
         self.first_start: dict[str, float] = {}  # model -> when its first batch began (epoch s)
         self.last_end: dict[str, float] = {}  # model -> when its last batch ended
+        self.actor_start: dict[tuple, float] = {}  # (model, actor) -> when its first batch began
+        self.actor_end: dict[tuple, float] = {}  # (model, actor) -> when its last batch ended
+        self.actor_tokens: Counter = Counter()  # (model, actor) -> tokens its batches produced
 
     def engine_started(self, model: str) -> None:
         self.starts[model] += 1
 
-    def batch_started(self, model: str, key: str, rows: int) -> None:
-        self.first_start.setdefault(model, time.time())
+    def batch_started(self, model: str, key: str, rows: int, actor: str | None = None) -> None:
+        now = time.time()
+        self.first_start.setdefault(model, now)
+        self.actor_start.setdefault((model, actor), now)
         self.batches[(model, key)] += 1
         self.rows[(model, key)] = rows
 
-    def batch_done(self, model: str, peak_rss_bytes: int) -> None:
+    def batch_done(self, model: str, peak_rss_bytes: int, actor: str | None = None, tokens: int = 0) -> None:
         self.peak_rss[model] = max(self.peak_rss[model], peak_rss_bytes)
-        self.last_end[model] = time.time()
+        self.last_end[model] = self.actor_end[(model, actor)] = time.time()
+        self.actor_tokens[(model, actor)] += tokens
 
     def report(self, model: str) -> dict:
         retried = [k for k, n in self.batches.items() if k[0] == model and n > 1]
+        actors = {a: {"window_s": self.actor_end[(m, a)] - self.actor_start[(m, a)], "tokens": self.actor_tokens[(m, a)]}
+                  for (m, a) in self.actor_end if m == model}
         return {
             "engine_starts": self.starts[model],
             "batches": sum(1 for k in self.batches if k[0] == model),
@@ -55,6 +63,11 @@ class Ledger:
             "peak_rss_mib": round(self.peak_rss[model] / (1 << 20), 1),  # per engine actor process
             # first batch begun to last batch done: the engines' working window, start-up excluded
             "busy_window_s": (self.last_end[model] - self.first_start[model]) if model in self.last_end else None,
+            # each engine actor's own window and tokens; the pool's steady-state rate is the sum of
+            # the actors' rates (an actor that started late does not count as idle time of the others)
+            "actors": actors,
+            "steady_tokens_per_s": (sum(a["tokens"] / a["window_s"] for a in actors.values())
+                                    if actors and all(a["window_s"] > 0 for a in actors.values()) else None),
         }
 
 

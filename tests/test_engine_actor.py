@@ -1,0 +1,94 @@
+"""The engine actor in this process (no Ray): two batches at once through one engine (as Ray Data
+sends them) give each batch its own rows, equal to one batch at a time; the texts the actor
+decodes equal vLLM's own detokenized texts; the ledger's per-actor working windows."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pyarrow as pa
+import pytest
+
+from conftest import hide_context_proxies
+from cousins import engine
+from cousins.ledger import Ledger
+
+COMPARED = ["prompt_id", "sample_index", "seed", "output_text", "output_token_ids", "output_logprobs",
+            "topk_token_ids", "topk_logprobs", "finish_reason", "prompt_tokens", "output_tokens", "error"]
+
+
+def _rows(n: int, offset: int = 0) -> pa.Table:
+    ids = range(offset, offset + n)
+    t = pa.table({"prompt_id": [f"p{i}" for i in ids], "category": [None] * n,
+                  "messages": [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in ids]})
+    return engine.expand_samples(t, samples=1, base_seed=7)
+
+
+@pytest.fixture(scope="module")
+def actor(tiny_teacher):
+    os.environ.update(engine.ENGINE_ENV)
+    spec = engine.EngineSpec(model_name="tiny-teacher", model_path=tiny_teacher, dtype="float32", quantization=None,
+                             max_model_len=256, kv_cache_bytes=128 << 20, tensor_parallel_size=1, max_num_seqs=64,
+                             enforce_eager=True, max_logprobs=20)
+    sampling = engine.Sampling(temperature=0.8, top_p=0.95, top_k=0, max_tokens=48, logprobs=5)
+    with hide_context_proxies():  # the suite's S3 server put Flask proxies in this process
+        a = engine.EngineActor(spec, sampling)
+    yield a
+    del a
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_two_batches_at_once_get_their_own_rows_equal_to_one_at_a_time(actor):
+    a, b = _rows(16), _rows(16, 16)
+    one_at_a_time = [actor(a), actor(b)]
+    assert actor.feeder.most_calls == 1
+    together: dict[int, pa.Table] = {}
+    threads = [threading.Thread(target=lambda i, t: together.__setitem__(i, actor(t)), args=(i, t))
+               for i, t in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert actor.feeder.most_calls == 2  # both batches were in the engine at once
+    for i in (0, 1):
+        assert together[i].select(COMPARED).equals(one_at_a_time[i].select(COMPARED))
+        assert together[i].column("error").null_count == together[i].num_rows
+        times = together[i].column("engine_time_s").to_pylist()
+        assert all(x > 0 for x in times)
+    assert not actor.feeder.pending and not actor.feeder.finished and not actor.feeder.owner
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_actor_decoded_texts_equal_the_engine_detokenized_texts(actor):
+    rows = _rows(24, 100)
+    assert actor.detokenize is False  # no stop strings: the engine does not detokenize
+    ours = actor(rows)
+    actor.detokenize = True
+    try:
+        theirs = actor(rows)
+    finally:
+        actor.detokenize = False
+    assert ours.column("output_token_ids").equals(theirs.column("output_token_ids"))
+    assert ours.column("output_text").to_pylist() == theirs.column("output_text").to_pylist()
+    assert all(ours.column("output_text").to_pylist())
+
+
+def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
+    import cousins.ledger as ledger
+
+    clock = iter([0.0, 5.0, 10.0, 15.0, 20.0, 30.0])  # a starts at 0, b at 5 (it loaded later)
+    monkeypatch.setattr(ledger.time, "time", lambda: next(clock))
+    led = Ledger()
+    led.batch_started("m", "k1", 8, "a")
+    led.batch_started("m", "k2", 8, "b")
+    led.batch_done("m", 1 << 20, "a", 100)  # 10
+    led.batch_started("m", "k3", 8, "a")  # 15
+    led.batch_done("m", 2 << 20, "b", 150)  # 20: b worked 15 s
+    led.batch_done("m", 1 << 20, "a", 200)  # 30: a worked 30 s
+    r = led.report("m")
+    assert r["actors"] == {"a": {"window_s": 30.0, "tokens": 300}, "b": {"window_s": 15.0, "tokens": 150}}
+    assert r["steady_tokens_per_s"] == pytest.approx(300 / 30 + 150 / 15)
+    assert r["busy_window_s"] == 30.0 and r["batches"] == 3 and r["peak_rss_mib"] == 2.0

@@ -99,11 +99,12 @@ def _bare_main(path: str) -> None:
     g1 = time.perf_counter()
     default = llm.generate(prompts, [SamplingParams(**job["sampling"], seed=s) for s in job["seeds"]], use_tqdm=False)
     gen_default = time.perf_counter() - g1
+    default_tokens = sum(len(o.outputs[0].token_ids) for o in default)
     print(json.dumps({"import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
                       "output_tokens": tokens, "rows": len(prompts), "tokens_per_s": tokens / gen,
                       "default_detokenize_s": gen_default,
                       "default_texts_equal": [o.outputs[0].text for o in default] == texts,
-                      "default_detokenize_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in default) / gen_default}))
+                      "default_detokenize_tokens_per_s": default_tokens / gen_default}))
 
 
 def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:

@@ -3,9 +3,10 @@
 `generate(prompts, ...)` expands every prompt into `samples` rows, each with its own seed, and
 shards them across a pool of engine actors (Ray Data `map_batches` with an `ActorPoolStrategy`).
 Each actor holds one in-process vLLM engine, warmed up at load and fed by two batches at once
-(`_Feeder`), and returns exactly one GENERATIONS row per input row: a row the engine cannot take (a prompt longer than the context, a template that fails)
-becomes an error row with the reason, and the rest of its batch still generates. An engine that
-dies is an error of the job, not of a row.
+(`_Feeder`), and returns exactly one GENERATIONS row per input row: a row the engine cannot take
+(a prompt longer than the context, a template that fails) becomes an error row with the reason,
+and the rest of its batch still generates. An engine that dies is an error of the job, not of a
+row.
 
 Logprobs are vLLM's raw model logprobs (before temperature and top-p), the distribution a student
 distils from: for each generated token, the top-k (token id, logprob) pairs sorted by rank, plus
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,16 +168,33 @@ class _Feeder:
         self.pending: dict[object, int] = {}  # call -> its requests not finished yet
         self.charged: dict[object, float] = {}  # call -> engine seconds so far
         self.most_calls = 0  # the most calls seen in the engine at once
-        # The engine detokenizes inside step(); HF fast tokenizers are not safe to share across
-        # threads (Rust "Already borrowed"), so the actor's own tokenizing waits for the same lock.
-        self.tokenizer_lock = self.lock
+        self.arriving = 0  # calls waiting for the lock to tokenize or enqueue; the step loop yields to them
+        self._count = threading.Lock()
+
+    @contextmanager
+    def turn(self):
+        """The engine lock for work between steps: enqueueing, and the actor's own tokenizing (the
+        engine detokenizes inside step() with stop strings, and HF fast tokenizers are not safe to
+        share across threads). A thread stepping the engine lets such a caller in before its next
+        step; Python's lock is not fair, and the stepping thread would otherwise win it back."""
+        with self._count:
+            self.arriving += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._count:
+                self.arriving -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def run(self, prompts: list, params) -> tuple[list, float]:
         """(RequestOutputs in the order of `prompts`, engine seconds charged to this call)."""
         if not prompts:
             return [], 0.0
         me = object()
-        with self.lock:  # vLLM aborts what it added if one prompt is refused, and raises
+        with self.turn():  # vLLM aborts what it added if one prompt is refused, and raises
             # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
             ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
             self.owner.update((i, me) for i in ids)
@@ -199,6 +218,8 @@ class _Feeder:
                         if out.finished and out.request_id in self.owner:
                             self.finished[out.request_id] = out
                             self.pending[self.owner.pop(out.request_id)] -= 1
+                if self.arriving:
+                    time.sleep(0.0005)  # let the waiting caller take the lock
         finally:
             with self.lock:
                 for d in (self.pending, self.charged):
@@ -263,7 +284,7 @@ class EngineActor:
         texts: list[str | None] = []
         ids: list[list[int] | None] = []
         errors: list[str | None] = []
-        with self.feeder.tokenizer_lock:  # once for the batch, not between every engine step
+        with self.feeder.turn():  # once for the batch, not between every engine step
             for row in rows:
                 try:
                     text, tok = self._prepare(row["messages"])
@@ -277,7 +298,7 @@ class EngineActor:
         by_row = dict(zip(todo, outputs))
         texts_out = {}
         if not self.detokenize:
-            with self.feeder.tokenizer_lock:
+            with self.feeder.turn():
                 texts_out = {i: self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
                              for i, o in by_row.items() if o is not None}
         work = {i: len(ids[i]) + len(o.outputs[0].token_ids) for i, o in by_row.items() if o is not None}
@@ -367,7 +388,7 @@ class ScoreActor:
                 todo.append(i)
         encoded = []
         if todo:
-            with self.feeder.tokenizer_lock:  # once for the batch, not between every engine step
+            with self.feeder.turn():  # once for the batch, not between every engine step
                 encoded = [self.tokenizer.encode(rows[i]["prompt_text"], add_special_tokens=False) for i in todo]
         fits = []
         for i, prompt_ids in zip(todo, encoded):

@@ -2,7 +2,9 @@
 
 Engine actors report each start and each batch they begin. A batch begun twice was retried (its
 actor died, or its task failed and Ray ran it again); an engine started more often than the pool
-has actors was restarted. The run's summary and manifest say so.
+has actors was restarted. The run's summary and manifest say so. Each batch's end comes with its
+tokens, so the ledger also knows each actor's working window (first batch begun to last done):
+the steady-state rate the benchmark reports, start-up excluded.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ class Ledger:
 
     def report(self, model: str) -> dict:
         retried = [k for k, n in self.batches.items() if k[0] == model and n > 1]
-        actors = {a: {"window_s": self.actor_end[(m, a)] - self.actor_start[(m, a)], "tokens": self.actor_tokens[(m, a)]}
-                  for (m, a) in self.actor_end if m == model}
+        actors = {a: {"window_s": end - self.actor_start[(m, a)], "tokens": self.actor_tokens[(m, a)]}
+                  for (m, a), end in self.actor_end.items() if m == model}
         return {
             "engine_starts": self.starts[model],
             "batches": sum(1 for k in self.batches if k[0] == model),

@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from cousins.config import Config
 
@@ -37,74 +36,36 @@ def _spread(values: list[float]) -> dict:
 
 
 def bare_vllm(cfg: Config, limit: int) -> dict:
-    """vLLM's LLM in a fresh process on the run's first `limit` prompts, as the pipeline sends them."""
-    from cousins import corpus
-    from cousins.config import fields_of
-    from cousins.engine import row_seed
+    """vLLM's LLM in a fresh process (`python -m cousins.engine`) on the run's first `limit` prompts,
+    as the pipeline sends them: the same engine spec, sampling, seeds and logprobs."""
+    from cousins import corpus, engine, plan
+    from cousins.actors import row_seed
 
     path = cfg.corpus.path
     with open(path, "rb") as f:  # one local file: the bare engine needs no Ray to read it
         rows, _ = corpus.parse_file(f.read(), source=path, fmt=corpus.format_of(path, cfg.corpus.format),
-                                    fields=fields_of(cfg), max_chars=cfg.corpus.max_chars)
+                                    fields=cfg.corpus.fields, max_chars=cfg.corpus.max_chars)
     rows = rows[:limit]  # the pipeline's corpus.limit keeps the first N in file order too
-    s = cfg.run.sampling
-    job = {"model": cfg.model.path, "dtype": cfg.model.dtype, "max_model_len": cfg.engine.max_model_len,
-           "kv": int(cfg.engine.kv_cache_gib * (1 << 30)), "max_num_seqs": cfg.engine.max_num_seqs,
-           "messages": [r["messages"] for r in rows for _ in range(cfg.run.samples)],
-           "seeds": [row_seed(s.seed, r["prompt_id"], i) for r in rows for i in range(cfg.run.samples)],
-           "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
-                        "max_tokens": s.max_tokens, "logprobs": s.logprobs or None, "stop": list(s.stop) or None}}
+    entry = plan.model_entries(cfg)[0]
+    job = engine.bare_job(plan.engine_spec(cfg, entry), plan.sampling(cfg),
+                          messages=[r["messages"] for r in rows for _ in range(cfg.run.samples)],
+                          seeds=[row_seed(cfg.run.sampling.seed, r["prompt_id"], i)
+                                 for r in rows for i in range(cfg.run.samples)])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = dict(os.environ)
     if cfg.engine.gpus_per_actor == 0:
         # The CPUs an engine actor has: Ray gives an actor OMP_NUM_THREADS = its num_cpus, so a
         # bare engine with the whole machine would be measuring more cores, not less overhead.
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.engine.cpus_per_actor)))
     try:
-        out = subprocess.run([sys.executable, "-m", "cousins.bench", f.name], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "cousins.engine", f.name], capture_output=True, text=True,
                              timeout=1200, env=env)
     finally:
         os.unlink(f.name)
     if out.returncode != 0:
         raise RuntimeError(f"bare vLLM run failed:\n{out.stderr[-3000:]}")
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "omp_num_threads": env.get("OMP_NUM_THREADS")}
-
-
-def _bare_main(path: str) -> None:
-    t0 = time.perf_counter()
-    job = json.load(open(path))
-    from vllm import LLM, SamplingParams
-
-    imported = time.perf_counter()
-    llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
-              kv_cache_memory_bytes=job["kv"], max_num_seqs=job["max_num_seqs"], enforce_eager=True,
-              distributed_executor_backend="uni", max_logprobs=20, logprobs_mode="raw_logprobs", seed=0)
-    loaded = time.perf_counter()
-    tok = llm.get_tokenizer()
-    prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                                               add_special_tokens=False)} for m in job["messages"]]
-    # As the pipeline's engine actors run it: no engine detokenizing without stop strings (vLLM
-    # would decode every top-k logprob token), the texts decoded once per output, in the timing.
-    detok = bool(job["sampling"].get("stop"))
-    params = [SamplingParams(**job["sampling"], seed=s, detokenize=detok) for s in job["seeds"]]
-    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
-    g0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    texts = [o.outputs[0].text if detok else tok.decode(o.outputs[0].token_ids, skip_special_tokens=True)
-             for o in outs]
-    gen = time.perf_counter() - g0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    # vLLM's defaults (detokenize=True) on the same prompts, for the record
-    g1 = time.perf_counter()
-    default = llm.generate(prompts, [SamplingParams(**job["sampling"], seed=s) for s in job["seeds"]], use_tqdm=False)
-    gen_default = time.perf_counter() - g1
-    default_tokens = sum(len(o.outputs[0].token_ids) for o in default)
-    print(json.dumps({"import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
-                      "output_tokens": tokens, "rows": len(prompts), "tokens_per_s": tokens / gen,
-                      "default_detokenize_s": gen_default,
-                      "default_texts_equal": [o.outputs[0].text for o in default] == texts,
-                      "default_detokenize_tokens_per_s": default_tokens / gen_default}))
 
 
 def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:
@@ -133,15 +94,13 @@ def _steady(r) -> float | None:
 
 
 def bytes_per_token(cfg: Config, run_id: str) -> float:
-    from cousins.storage import RunLayout, data_files, resolve
+    from cousins.run import committed
+    from cousins.storage import data_files, resolve
 
-    loc = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), run_id).generations(cfg.model.name)
-    files = data_files(loc)
-    size = sum(loc.fs.size(f) for f in files)
-    import pyarrow.dataset as pads
-
-    tokens = pads.dataset(files, filesystem=loc.arrow_fs(), format="parquet").to_table(
-        columns=["output_tokens"]).column("output_tokens")
+    run = committed(resolve(cfg.storage.root, **cfg.storage.options), run_id)
+    loc = run.layout.generations(cfg.model.name)
+    size = sum(loc.fs.size(f) for f in data_files(loc))
+    tokens = run.read(loc, ["output_tokens"]).column("output_tokens")
     return size / max(1, sum(x or 0 for x in tokens.to_pylist()))
 
 
@@ -170,12 +129,12 @@ def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
     """One engine actor on one node against two actors on a two-node local cluster (own Ray)."""
     from collections import Counter
 
-    import pyarrow.dataset as pads
     import ray
     from ray.cluster_utils import Cluster
 
     from cousins.pipeline import run_generate
-    from cousins.storage import RunLayout, data_files, resolve
+    from cousins.run import committed
+    from cousins.storage import resolve
 
     # Two CPUs a node: with one, an engine actor and Ray Data's read/write tasks deadlock silently.
     # Both "nodes" share this machine, so each is given half its cores for the engine's threads:
@@ -201,9 +160,9 @@ def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
             c.engine.num_actors, c.engine.gpus_per_actor, c.engine.cpus_per_actor = actors, 1, 0.5
             c.engine.batch_size = batch_size
             r = run_generate(c).models[0]
-            loc = RunLayout(resolve(c.storage.root), c.run.run_id).generations(c.model.name)
-            split = Counter(names.get(x, x) for x in pads.dataset(data_files(loc), format="parquet").to_table(
-                columns=["engine_node"]).column("engine_node").to_pylist())
+            done = committed(resolve(c.storage.root), c.run.run_id)
+            split = Counter(names.get(x, x) for x in done.read(done.layout.generations(c.model.name),
+                                                               ["engine_node"]).column("engine_node").to_pylist())
             out[f"actors_{actors}"] = {"wall_s": r.wall_s, "output_tokens": r.output_tokens,
                                        "tokens_per_s": r.output_tokens / r.wall_s,
                                        "busy_window_s": r.retries.get("busy_window_s"),
@@ -274,10 +233,6 @@ def table(summary: dict) -> str:
             mark = f"{target[0]} {target[1]:g} {'met' if ok else 'MISSED'}"
         lines.append(f"{name:<34} {s['median']:>10.4g} {s['min']:>10.4g} {s['max']:>10.4g} {s['n']:>3}  {mark}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    _bare_main(sys.argv[1])
 
 
 def device() -> str:

@@ -81,21 +81,22 @@ def _query(args: argparse.Namespace) -> int:
     import os
 
     from cousins import query as q
+    from cousins import query_render as qr
     from cousins.storage import resolve
 
     root = resolve(args.root or os.environ.get("COUSINS_STORAGE_ROOT") or "outputs")
     try:
         if args.what == "runs":
-            data, text = q.list_runs(root), q.render_runs
+            data, text = q.list_runs(root), qr.render_runs
         elif args.what == "show":
-            data, text = q.get_run(root, args.run_id), q.render_run
+            data, text = q.get_run(root, args.run_id), qr.render_run
         elif args.what == "config":
             import yaml
 
             data, text = q.get_config(root, args.run_id), lambda d: yaml.safe_dump(d, sort_keys=False).rstrip()
         elif args.what == "summary":
             data = q.get_summary(root, args.run_id, args.cousin)
-            text = q.render_cousin_summary if args.cousin else q.render_summary
+            text = qr.render_cousin_summary if args.cousin else qr.render_summary
         elif args.what == "drift":
             if args.min_kld is not None and (args.min is not None or args.metric not in (None, "kld_mean")):
                 raise q.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
@@ -104,9 +105,9 @@ def _query(args: argparse.Namespace) -> int:
                 min_value=args.min if args.min_kld is None else args.min_kld, max_value=args.max,
                 flips_only=args.flips_only,
                 errors=args.errors, sort=args.sort, descending=not args.asc, limit=args.limit,
-                offset=args.offset, fields=args.fields.split(",") if args.fields else None), q.render_drift
+                offset=args.offset, fields=args.fields.split(",") if args.fields else None), qr.render_drift
         elif args.what == "prompt":
-            data, text = q.prompt_view(root, args.run_id, args.prompt_id, sample_index=args.sample), q.render_prompt
+            data, text = q.prompt_view(root, args.run_id, args.prompt_id, sample_index=args.sample), qr.render_prompt
         else:  # report
             html = q.get_report(root, args.run_id)
             if args.out:
@@ -124,13 +125,15 @@ def _query(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from cousins.models import RECIPES
+    from cousins.query import DEFAULT_LIMIT
+    from cousins.recipes import TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="tiny models built offline").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="build a tiny model from its recipe (skipped if already built)")
-    build.add_argument("recipe", nargs="?", default="tiny-teacher", choices=sorted(RECIPES))
+    build.add_argument("recipe", nargs="?", default=TINY_TEACHER, choices=sorted(RECIPES))
     build.add_argument("--out", help="directory to write (default: models/RECIPE)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="only error rows (--errors) or only rows without (--no-errors)")
             p.add_argument("--sort", default="kld_mean", help="column to sort by (default kld_mean, descending)")
             p.add_argument("--asc", action="store_true", help="ascending instead of descending")
-            p.add_argument("--limit", type=int, default=20)
+            p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
             p.add_argument("--offset", type=int, default=0)
             p.add_argument("--fields", help="comma-separated columns for --json (default: all but token lists)")
         elif what == "prompt":

@@ -15,9 +15,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cousins.demo_corpus import DEMO_PATH
+from cousins.recipes import COUSIN_RECIPES, MODEL_RECIPES
+from cousins.records import NOISE_FLOOR
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-# What vLLM accepts as max_logprobs by default; asking for more needs the engine to allow it.
+# The most top-k logprobs a run stores per position (vLLM's default max_logprobs). Every engine is
+# started allowing this many, so one engine serves generation and scoring at any k up to it.
 MAX_LOGPROBS = 20
 
 
@@ -96,8 +99,6 @@ class RayConfig:
 
 
 COUSIN_KINDS = ("quantized", "distilled", "other")
-NOISE_FLOOR = "noise-floor"  # the pseudo-cousin: the original against itself under another batching
-BUILD_RECIPES = ("rtn-int8", "rtn-int4", "w8a8-int8", "fp8-dynamic", "tiny-student")
 
 
 @dataclass
@@ -108,7 +109,7 @@ class CousinConfig:
     kind: str = "other"  # quantized | distilled | other
     dtype: str | None = None  # None: the original's dtype
     quantization: str | None = None  # vLLM's on-the-fly quantization of `path`, e.g. "fp8_per_channel"
-    build: str | None = None  # a recipe that builds `path` when it is absent (BUILD_RECIPES)
+    build: str | None = None  # a recipe that builds `path` when it is absent (COUSIN_RECIPES)
     distill_mode: str = "sft"  # build=tiny-student: "sft" (the teacher's text) or "kd" (its top-k logprobs)
     distill_from: str | None = None  # build=tiny-student: a committed run of the original to learn from;
     #                                  None: the drift job first generates one on drift.distill_corpus
@@ -234,8 +235,6 @@ def resolve_paths(cfg: Config, base: str | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Every problem in one ConfigError, or nothing. Reads the local filesystem, starts nothing."""
-    from cousins import models
-
     problems: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
@@ -246,8 +245,8 @@ def validate(cfg: Config) -> None:
     check(bool(m.name) and "/" not in m.name and "=" not in m.name and not m.name.startswith("."),
           f"model.name {m.name!r} must be a plain name (no '/', '=' or leading '.')")
     check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} must be one of {list(DTYPES)}")
-    check(m.build is None or m.build in models.RECIPES,
-          f"model.build {m.build!r} is not a known recipe; known: {sorted(models.RECIPES)}")
+    check(m.build is None or m.build in MODEL_RECIPES,
+          f"model.build {m.build!r} is not a known recipe; known: {list(MODEL_RECIPES)}")
     if "://" not in m.path and not os.path.exists(os.path.join(m.path, "config.json")) and m.build is None:
         problems.append(f"model directory not found: {m.path!r} has no config.json "
                         f"(build it with `cousins models build`, or set model.path)")
@@ -324,8 +323,8 @@ def _validate_cousins(cfg: Config, check) -> None:
               f"{where}: the name is taken (the original is {cfg.model.name!r}; {NOISE_FLOOR!r} is reserved)")
         check(c.kind in COUSIN_KINDS, f"{where}.kind {c.kind!r} must be one of {list(COUSIN_KINDS)}")
         check(c.dtype is None or c.dtype in DTYPES, f"{where}.dtype {c.dtype!r} must be one of {list(DTYPES)}")
-        check(c.build is None or c.build in BUILD_RECIPES,
-              f"{where}.build {c.build!r} is not a known recipe; known: {list(BUILD_RECIPES)}")
+        check(c.build is None or c.build in COUSIN_RECIPES,
+              f"{where}.build {c.build!r} is not a known recipe; known: {list(COUSIN_RECIPES)}")
         check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
         check(c.path is not None or c.quantization is not None or c.dtype not in (None, cfg.model.dtype),
               f"{where}: without a path it is the original's weights; set quantization or another dtype")
@@ -333,14 +332,6 @@ def _validate_cousins(cfg: Config, check) -> None:
         if (c.path is not None and c.build is None and "://" not in c.path
                 and not os.path.exists(os.path.join(c.path, "config.json"))):
             check(False, f"{where}: model directory not found: {c.path!r} has no config.json (set its path or build)")
-
-
-def fields_of(cfg: Config):
-    from cousins.corpus import Fields
-
-    f = cfg.corpus.fields
-    return Fields(prompt=f.prompt, messages=f.messages, id=f.id, category=f.category,
-                  reference=f.reference, system_prompt=f.system_prompt)
 
 
 SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key")

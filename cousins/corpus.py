@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -20,24 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cousins import schema
+from cousins.config import CorpusConfig, FieldsConfig
 from cousins.storage import Location, list_files
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
 RAW_CHARS = 200  # how much of a bad row an error row keeps
-MAX_CHARS = 1_000_000
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Which corpus fields hold what. `messages` wins over `prompt` when a row has both."""
-
-    prompt: str = "prompt"
-    messages: str | None = "messages"
-    id: str | None = None
-    category: str | None = "category"
-    reference: str | None = "reference"
-    system_prompt: str | None = None  # prepended when a row brings no system message
+MAX_CHARS = CorpusConfig.max_chars  # the config's default, for callers that give none
+Fields = FieldsConfig  # which corpus fields hold what; `messages` wins over `prompt` when a row has both
 
 
 class BadRow(ValueError):
@@ -243,13 +232,14 @@ def _without_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch["prompt_id"], value_set=ids)))
 
 
-def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields = Fields(), limit: int | None = None,
+def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = None, limit: int | None = None,
                 max_chars: int = MAX_CHARS):
     """The corpus at `loc` as (prompts, errors) Ray Datasets, both materialised.
 
     A prompt_id seen more than once keeps its first row; the others become error rows.
     `limit` keeps the first N usable prompts in file order (for smoke runs).
     """
+    fields = fields or Fields()
     import ray.data
     from ray.data.expressions import col
 

@@ -20,13 +20,14 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from omegaconf import MISSING
 
 from cousins import schema
 from cousins.config import StorageConfig
 from cousins.drift.metrics import is_correct, normalise_answer
-from cousins.storage import MANIFEST, RunLayout, data_files, mark_done, parquet_bytes, resolve
+from cousins.records import ExportDone, ExportFile, encode
+from cousins.run import NotCommitted, committed
+from cousins.storage import mark_done, parquet_bytes, resolve
 
 # --- config --------------------------------------------------------------------------------------
 
@@ -225,13 +226,6 @@ def apply_filters(t: pa.Table, filters: FiltersConfig, references: dict[str, str
 
 # --- the export ----------------------------------------------------------------------------------
 
-def _read(loc, columns=None) -> pa.Table:
-    files = data_files(loc)
-    if not files:
-        return pa.table({})
-    return pads.dataset(files, filesystem=loc.arrow_fs(), format="parquet").to_table(columns=columns)
-
-
 def _rows(gens: pa.Table, prompts: pa.Table, kd: bool, teacher: str) -> pa.Table:
     by_id = {r["prompt_id"]: r for r in prompts.select(["prompt_id", "messages", "reference"]).to_pylist()}
     cols: dict[str, list] = {f.name: [] for f in (KD if kd else SFT)}
@@ -272,13 +266,11 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(f"format {cfg.format!r} must be parquet or jsonl")
     if cfg.rows_per_file < 1:
         raise ExportError(f"rows_per_file must be >= 1, got {cfg.rows_per_file}")
-    root = resolve(cfg.storage.root, **cfg.storage.options)
-    layout = RunLayout(root, cfg.run_id)
-    if not layout.config.exists():
-        raise ExportError(f"unknown run {cfg.run_id!r}: nothing at {layout.run.url}")
-    if not layout.manifest.exists():
-        raise ExportError(f"run {cfg.run_id!r} is not committed (no {MANIFEST}): resume it first")
-    manifest = json.loads(layout.manifest.read_text())
+    try:
+        run = committed(resolve(cfg.storage.root, **cfg.storage.options), cfg.run_id)
+    except NotCommitted as e:
+        raise ExportError(str(e)) from None
+    layout, manifest = run.layout, run.manifest
     models = {m["name"]: m for m in manifest["models"]}
     model = cfg.model or manifest["models"][0]["name"]
     if model not in models:
@@ -286,11 +278,11 @@ def export(cfg: ExportConfig) -> ExportResult:
     if cfg.kd and not manifest["sampling"].get("logprobs"):
         raise ExportError(f"run {cfg.run_id!r} stored no top-k logprobs (sampling.logprobs=0): KD export needs them")
 
-    gens = _derived(_read(layout.generations(model), GEN_COLUMNS + (KD_COLUMNS if cfg.kd else [])))
+    gens = _derived(run.read(layout.generations(model), GEN_COLUMNS + (KD_COLUMNS if cfg.kd else [])))
     problems = check_filters(cfg.filters, numeric_fields(gens))
     if problems:
         raise ExportError("invalid export filters:\n" + "\n".join(f"  - {p}" for p in problems))
-    prompts = _read(layout.prompts, ["prompt_id", "messages", "reference"])
+    prompts = run.read(layout.prompts, ["prompt_id", "messages", "reference"])
     references = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(),
                                        prompts.column("reference").to_pylist()) if r is not None}
     keys = {r["prompt_id"]: json.dumps(r["messages"], sort_keys=True) for r in prompts.to_pylist()}
@@ -315,7 +307,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     result = ExportResult(out_url=out.url, files=files, rows_in=gens.num_rows, rows_out=table.num_rows,
                           filters=reports, output_tokens=tokens,
                           bytes_per_output_token=size / tokens if tokens else None, topk=topk)
-    mark_done(out, {"rows": table.num_rows, "files": files})
+    mark_done(out, encode(ExportDone(rows=table.num_rows, files=[ExportFile(**f) for f in files])))
     out.join("README.md").write_text_atomic(dataset_card(cfg, manifest, model, result))
     return result
 

@@ -16,8 +16,8 @@ import dataclasses
 import os
 
 from cousins.config import Config, ConfigError, SamplingConfig
+from cousins.recipes import QUANT_RECIPES, TINY_STUDENT
 
-QUANT_RECIPES = ("rtn-int8", "rtn-int4", "w8a8-int8", "fp8-dynamic")
 
 
 def build_quantized_cousins(cfg: Config) -> list[str]:
@@ -66,7 +66,7 @@ def students_to_build(cfg: Config) -> list[str]:
     from cousins.models import RECIPE_FILE
 
     return [n for n, c in cfg.cousins.items()
-            if c.build == "tiny-student" and not os.path.exists(os.path.join(c.path, RECIPE_FILE))]
+            if c.build == TINY_STUDENT and not os.path.exists(os.path.join(c.path, RECIPE_FILE))]
 
 
 def teacher_data_config(cfg: Config, run_id: str) -> Config:
@@ -80,24 +80,6 @@ def teacher_data_config(cfg: Config, run_id: str) -> Config:
     t.run.sampling = dataclasses.replace(SamplingConfig(), max_tokens=cfg.run.sampling.max_tokens,
                                          seed=cfg.run.sampling.seed)
     return t
-
-
-def build_students(cfg: Config, run_id: str) -> None:
-    """Train every absent distilled cousin (needs the connected Ray when it must make teacher data)."""
-    from cousins import pipeline, student
-
-    for name in students_to_build(cfg):
-        c = cfg.cousins[name]
-        source = c.distill_from
-        if source is None:
-            tcfg = teacher_data_config(cfg, run_id)
-            result = pipeline.run_generate(tcfg)
-            source = result.run_url
-            print(f"teacher data for cousin {name!r}: {result.models[0].rows} rows in run {result.run_id}", flush=True)
-        data = student.read_teacher_data(source, cfg.model.name, cfg.storage.options)
-        print(f"training cousin {name!r} ({c.distill_mode}) on {data.num_rows} teacher rows from {source}", flush=True)
-        student.build_student(c.path, cfg.model.path, data, mode=c.distill_mode, seed=cfg.model.seed,
-                              steps=c.distill_steps, source=source)
 
 
 def prepare_before_ray(cfg: Config) -> None:

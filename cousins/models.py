@@ -17,6 +17,8 @@ import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cousins.recipes import TINY_TEACHER
+
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "<|bos|>"
@@ -42,7 +44,7 @@ class TinyLlamaRecipe:
     lr: float = 3e-3
 
 
-RECIPES = {"tiny-teacher": TinyLlamaRecipe()}
+RECIPES = {TINY_TEACHER: TinyLlamaRecipe()}
 
 
 def _stdlib_texts(n_files: int) -> list[str]:

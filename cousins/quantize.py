@@ -31,17 +31,9 @@ import shutil
 from pathlib import Path
 
 from cousins.models import RECIPE_FILE
+from cousins.recipes import QUANT_RECIPES
 
-RECIPES: dict[str, str] = {
-    "rtn-int8": "fake-quant: decoder Linear weights rounded to a symmetric per-output-channel int8 grid "
-                "(scale = max|w|/127, 255 levels), stored dequantized as the source dtype",
-    "rtn-int4": "fake-quant: decoder Linear weights rounded to a symmetric per-output-channel int4 grid "
-                "(scale = max|w|/7, 15 levels), stored dequantized as the source dtype",
-    "w8a8-int8": "compressed-tensors W8A8 preset: int8 weights (per-channel symmetric, min-max) + dynamic "
-                 "per-token int8 activations; all Linear layers except lm_head",
-    "fp8-dynamic": "compressed-tensors FP8_DYNAMIC preset: fp8 e4m3 weights (per-channel symmetric, min-max) "
-                   "+ dynamic per-token fp8 activations; all Linear layers except lm_head",
-}
+RECIPES = QUANT_RECIPES  # name -> what it does (declared in cousins/recipes.py)
 
 # recipe -> (kind, bits or compressed-tensors preset, dtype to serve it with in vLLM on CPU)
 _SPECS: dict[str, tuple[str, int | str, str]] = {

@@ -4,13 +4,14 @@ Everything is inline (CSS, and plots as PNG data URIs), so the page reads offlin
 or an e-mail attachment, and without JavaScript. Model outputs and prompts are untrusted: every piece of
 text goes through html.escape, and a Content-Security-Policy allows no fetches and only the one inline
 script below (it just records, for the browser test, how many images decoded).
+
+This module lays out the page; the matplotlib figures it embeds are drawn by `cousins.report_figures`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import math
 from html import escape
 
@@ -18,15 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
 
-from cousins.config import NOISE_FLOOR
+from cousins.records import NOISE_FLOOR
+from cousins.report_figures import bar_figure, img, kld_figure, length_figure
 
 NOISE = NOISE_FLOOR  # the pseudo-cousin: the original against its reshuffled self
 _NOISE_COLOUR = "#7f7f7f"
-_KLD_FLOOR = 1e-6  # log-x plots need a floor: an exact-zero KLD is drawn at it
-_LENGTH_CLIP = 32.0  # length ratios drawn within [1/32, 32]
 _TEXT_BUDGET = 4000  # characters of each output shown per worst prompt, kept around the divergence
 
 _SUMMARY_KEYS = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound", "noise_floor", "cousins")
@@ -263,14 +261,7 @@ def _ranking_table(cousins: list[dict], noise: dict | None, bootstrap: dict) -> 
             "flips need labelled prompts).</p>")
 
 
-# --- plots -----------------------------------------------------------------------------------------
-
-def _img(fig: Figure, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img src=\"{uri}\" alt=\"{escape(alt)}\">"
-
+# --- across cousins -------------------------------------------------------------------------------
 
 def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, colours: dict) -> str:
     shown = [c for c in cousins if not c.get("error")] + ([noise] if noise else [])
@@ -280,7 +271,7 @@ def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, co
                 if _value(c, metric) is not None]
         out.append(f"<h3>{escape(title)}</h3>")
         if bars:
-            out.append(_img(_bar_figure(title, bars), f"{title} per cousin with confidence intervals"))
+            out.append(img(bar_figure(title, bars), f"{title} per cousin with confidence intervals"))
         else:
             why = "no cousin has token metrics" if metric == "same_top1" else "no prompt has a reference answer"
             out.append(f"<p class=\"note\">Not measured: {why}.</p>")
@@ -292,74 +283,10 @@ def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, co
             ratios.append((c["name"], r, colours[c["name"]]))
     out.append("<h3>Length ratio (cousin tokens / original tokens, per prompt)</h3>")
     if ratios:
-        out.append(_img(_length_figure(ratios), "distribution of length ratios per cousin"))
+        out.append(img(length_figure(ratios), "distribution of length ratios per cousin"))
     else:
         out.append("<p class=\"note\">No drift rows with a length ratio.</p>")
     return "\n".join(out)
-
-
-def _bar_figure(title: str, bars: list[tuple[str, dict, tuple]]) -> Figure:
-    fig = Figure(figsize=(max(4.5, 1.3 * len(bars) + 2), 3.2), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(bars))
-    vals = np.array([100 * m["value"] for _, m, _ in bars])
-    cis = [m["ci"] if m.get("ci") and None not in m["ci"] else [m["value"]] * 2 for _, m, _ in bars]
-    lo, hi = 100 * np.array(cis, dtype=np.float64).T
-    err = np.clip(np.vstack([vals - lo, hi - vals]), 0, None)
-    ax.bar(x, vals, color=[c for _, _, c in bars], yerr=err, capsize=4, ecolor="#333")
-    for xi, v, h in zip(x, vals, hi):
-        ax.annotate(f"{v:.1f}%", (xi, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-    ax.set_xticks(x, [n for n, _, _ in bars], rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel(f"{title} (%)")
-    ax.set_ylim(0, min(110, max(hi.max() * 1.15, 5)))
-    ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def _length_figure(ratios: list[tuple[str, np.ndarray, tuple]]) -> Figure:
-    fig = Figure(figsize=(max(4.5, 1.3 * len(ratios) + 2), 3.2), layout="constrained")
-    ax = fig.subplots()
-    data = [np.clip(r, 1 / _LENGTH_CLIP, _LENGTH_CLIP) for _, r, _ in ratios]
-    box = ax.boxplot(data, tick_labels=[n for n, _, _ in ratios], patch_artist=True, showmeans=True)
-    for patch, (_, _, colour) in zip(box["boxes"], ratios):
-        patch.set_facecolor(colour)
-        patch.set_alpha(0.5)
-    ax.axhline(1.0, color="#333", lw=0.8, ls="--")
-    ax.set_yscale("log", base=2)
-    lo = math.floor(np.log2(min(d.min() for d in data)))
-    hi = math.ceil(np.log2(max(d.max() for d in data)))
-    ticks = [2.0 ** e for e in range(lo, max(hi, lo + 1) + 1)]  # powers of two, labelled 1/2, 1, 2
-    ax.set_yticks(ticks, [f"1/{1 / t:.0f}" if t < 1 else f"{t:.0f}" for t in ticks])
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.set_ylabel(f"length ratio (clipped to 1/{_LENGTH_CLIP:.0f}..{_LENGTH_CLIP:.0f})")
-    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def _kld_figure(series: list[tuple[str, np.ndarray, tuple]]) -> Figure:
-    """Histogram (fraction of tokens, log-x) and CDF of per-token KLD, the cousin against the noise floor."""
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
-    ax_h, ax_c = fig.subplots(1, 2)
-    top = max(float(x.max()) for _, x, _ in series)
-    bins = np.geomspace(_KLD_FLOOR, max(top, _KLD_FLOOR * 10) * 1.2, 61)
-    for label, x, colour in series:
-        xc = np.clip(x, _KLD_FLOOR, None)
-        ax_h.hist(xc, bins=bins, weights=np.full(xc.size, 1 / xc.size), histtype="step", lw=1.5,
-                  color=colour, label=f"{label} (mean {x.mean():.3g})")
-        ax_h.axvline(max(x.mean(), _KLD_FLOOR), color=colour, lw=0.8, ls=":")
-        q = np.linspace(0, 1, min(xc.size, 2000))
-        ax_c.plot(np.quantile(xc, q), q, color=colour, lw=1.5, drawstyle="steps-post", label=label)
-    for ax in (ax_h, ax_c):
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_locator(NullLocator())  # decades suffice; minor ticks double the drawing time
-        ax.set_xlabel(f"KLD per token (nats; below {_KLD_FLOOR:g} drawn at {_KLD_FLOOR:g})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax_h.set_ylabel("fraction of tokens")
-    ax_c.set_ylabel("fraction of tokens ≤ x")
-    ax_c.set_ylim(0, 1.01)
-    return fig
 
 
 # --- per cousin ------------------------------------------------------------------------------------
@@ -382,7 +309,7 @@ def _cousin_section(i: int, c: dict, noise: dict | None, drift: pa.Table, noise_
         if kld.size:
             series = [(name, kld, colour)] + ([(NOISE, noise_kld, _NOISE_COLOUR)] if noise_kld.size else [])
             out.append("<h4>Per-token KLD</h4>")
-            out.append(_img(_kld_figure(series), f"histogram and CDF of per-token KLD of {name}"))
+            out.append(img(kld_figure(series), f"histogram and CDF of per-token KLD of {name}"))
     out.append(_slices(c, noise))
     out.append(_worst(c, drift, worst_n))
     out.append("</section>")

@@ -40,6 +40,8 @@ from typing import Any
 import pyarrow as pa
 
 from cousins.models import RECIPE_FILE
+from cousins.recipes import TINY_STUDENT
+from cousins.schema import row_keys
 
 # What training needs from a GENERATIONS row; the rest of the row is not read.
 TRAIN_COLUMNS = ["prompt_id", "sample_index", "prompt_text", "output_token_ids", "topk_token_ids",
@@ -97,28 +99,22 @@ def read_teacher_data(run_url_or_path: str, teacher_name: str,
     teacher's name ride along in the schema metadata for build_student's recipe file.
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from cousins.storage import MANIFEST, data_files, resolve
+    from cousins.run import NotCommitted, committed_at
+    from cousins.storage import data_files
 
-    run = resolve(run_url_or_path, **(storage_options or {}))
-    manifest = run.join(MANIFEST)
-    if not manifest.exists():
-        raise FileNotFoundError(f"{run.url} is not a committed run (no {MANIFEST})")
-    status = json.loads(manifest.read_text()).get("status")
-    if status != "committed":
-        raise ValueError(f"run {run.url} has status {status!r}, not 'committed'")
-    stage = run.join("generations", f"model={teacher_name}")
-    files = data_files(stage)
-    if not files:
+    try:
+        run = committed_at(run_url_or_path, **(storage_options or {}))
+    except NotCommitted as e:
+        raise FileNotFoundError(f"{run_url_or_path} is not a committed run: {e}") from None
+    stage = run.layout.generations(teacher_name)
+    if not data_files(stage):
         raise FileNotFoundError(f"run {run.url} has no generations for model {teacher_name!r}")
-    fs = run.arrow_fs()
-    parts = [pq.read_table(f, filesystem=fs, columns=TRAIN_COLUMNS + ["error"]) for f in files]
-    t = pa.concat_tables(parts, promote_options="default")
+    t = run.read(stage, TRAIN_COLUMNS + ["error"])
     ok = pc.and_(pc.is_null(t["error"]), pc.fill_null(pc.greater(pc.list_value_length(t["output_token_ids"]), 0),
                                                     False))
     t = t.filter(ok).drop_columns(["error"]).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
-    keys = [f"{p}\0{i}" for p, i in zip(t["prompt_id"].to_pylist(), t["sample_index"].to_pylist())]
+    keys = row_keys(t)
     first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
     if len(first) != t.num_rows:
         t = t.take(first)
@@ -295,7 +291,7 @@ def _eval_loss(model, examples: list[_Example], pad: int, recipe: StudentRecipe)
 
 
 def _settings(recipe: StudentRecipe, teacher_dir: Path, fingerprint: str) -> dict:
-    return {"recipe": "tiny-student", **asdict(recipe), "teacher": str(teacher_dir), "data_fingerprint": fingerprint}
+    return {"recipe": TINY_STUDENT, **asdict(recipe), "teacher": str(teacher_dir), "data_fingerprint": fingerprint}
 
 
 def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, data: pa.Table, *,

@@ -4,39 +4,23 @@
     python jobs/generate.py run.samples=4 corpus.path=s3://bucket/prompts.jsonl
 """
 
-import sys
-import traceback
-
 import hydra
 from omegaconf import DictConfig
 
-from cousins.config import ConfigError, resolve_paths, to_config, validate
-from cousins.family import build_students, prepare_before_ray
-from cousins.pipeline import RunConflict, open_run, result_from_manifest, run_generate, summary_table
-from cousins.runtime import init_ray, root_cause
+from cousins.accounting import summary_table
+from cousins.config import resolve_paths, to_config
+from cousins.jobkit import execute, start
+from cousins.pipeline import result_from_manifest, run_generate
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate")
 def main(dcfg: DictConfig) -> None:
     cfg = resolve_paths(to_config(dcfg))  # absolute paths now: working dirs can move under Ray jobs
-    try:
-        validate(cfg)  # every config error at once, before any Ray work
-        prepare_before_ray(cfg)  # builds absent models (the tiny teacher, quantized cousins)
-        run = open_run(cfg)  # an existing run id resumes; with a different config it is refused
-    except (ConfigError, RunConflict) as e:
-        sys.exit(f"error: {e}")
+    run = start(cfg)
     if run.state == "committed":
-        print(summary_table(result_from_manifest(run.layout)))
+        print(summary_table(result_from_manifest(run)))
         return
-    init_ray(cfg.ray)
-    try:
-        build_students(cfg, run.layout.run_id)  # distilled cousins, if any, learn from teacher data first
-        result = run_generate(cfg, run)
-    except Exception as e:
-        traceback.print_exc()  # the whole story for the log; the last line says what to do next
-        sys.exit(f"error: run {run.layout.run_id} failed: {root_cause(e)}\n"
-                 f"Nothing of it is committed; rerun with the same run.run_id={run.layout.run_id} to resume.")
-    print(summary_table(result))
+    print(summary_table(execute(cfg, run, lambda: run_generate(cfg, run))))
 
 
 if __name__ == "__main__":

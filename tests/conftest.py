@@ -30,7 +30,7 @@ def ray_local(s3_server):
 
     # address="local": never attach to a cluster some other process left running.
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})  # tests/fake_engine.py too
     yield ray
     ray.shutdown()
 

@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 from conftest import compose
-from cousins.config import NOISE_FLOOR, CousinConfig, ConfigError, resolve_paths, to_config, validate
+from cousins.config import CousinConfig, ConfigError, resolve_paths, to_config, validate
 from cousins.family import check_vocabularies, teacher_data_config
-from cousins.pipeline import model_entries, reordered_batch_size
+from cousins.plan import model_entries, reordered_batch_size
+from cousins.records import NOISE_FLOOR
 
 
 def drift_config(tiny_teacher, *overrides):

@@ -143,7 +143,7 @@ def test_style_metrics():
 
 
 def test_bootstrap_interval_covers_the_value_and_shrinks_with_data():
-    spec = BootstrapSpec(resamples=400, seed=1)
+    spec = BootstrapSpec(resamples=400, level=0.95, seed=1)
     rng = np.random.default_rng(0)
     small = rng.normal(1.0, 1.0, size=30)
     big = rng.normal(1.0, 1.0, size=3000)
@@ -193,7 +193,7 @@ def test_compare_and_summary_on_a_crafted_pair():
     assert r0["length_ratio"] == pytest.approx(1.5)
     assert r0["correct_original"] is False and r0["correct_cousin"] is False and r0["flip"] is False
     assert r1["exact_match"] and r1["first_divergence"] is None and r1["correct_cousin"] is True
-    s = summarise("c", "quantized", drift, BootstrapSpec(resamples=50))
+    s = summarise("c", "quantized", drift, BootstrapSpec(resamples=50, level=0.95, seed=0))
     m = s["metrics"]
     assert s["tokens"] == 3 and s["error_rows"] == 0
     assert m["same_top1"]["value"] == pytest.approx(2 / 3)
@@ -213,5 +213,5 @@ def test_compare_makes_error_rows_and_keeps_the_rest():
     rows = drift.to_pylist()
     assert rows[0]["error"] is None and rows[0]["exact_match"] and rows[0]["kld_tokens"] is None
     assert rows[1]["error"] == "cousin: no generation row"
-    s = summarise("c", "other", drift, BootstrapSpec(resamples=20), text_only=True)
+    s = summarise("c", "other", drift, BootstrapSpec(resamples=20, level=0.95, seed=0), text_only=True)
     assert s["error_rows"] == 1 and "kld_mean" not in s["metrics"]

@@ -16,7 +16,8 @@ import pytest
 from conftest import compose
 from cousins.config import resolve_paths, to_config, validate
 from cousins.drift import metrics
-from cousins.drift.stages import recompute
+from cousins.drift.diff import recompute
+from cousins.drift.summary import BootstrapSpec
 from cousins.family import prepare_before_ray
 from cousins.pipeline import run_drift
 from cousins.storage import RunLayout, data_files, resolve
@@ -144,7 +145,9 @@ def test_stored_topk_kld_agrees_with_full_vocabulary_transformers_within_the_bou
 
 def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift_run):
     cfg, layout, _, summary = drift_run
-    again = recompute(cfg)
+    d = cfg.drift
+    again = recompute(resolve(cfg.storage.root), layout.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
+                      bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
     strip = lambda s: json.dumps({k: v for k, v in s.items() if k not in ("computed", "timings")}, sort_keys=True)  # noqa: E731
     assert strip(again) == strip(summary)
     manifest = json.loads(layout.manifest.read_text())

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import hide_context_proxies
-from cousins import engine
+from cousins import actors, engine
 from cousins.ledger import Ledger
 
 KEYS = ["prompt_id", "sample_index", "seed", "prompt_tokens", "error"]
@@ -22,7 +22,7 @@ def _rows(n: int, offset: int = 0) -> pa.Table:
     ids = range(offset, offset + n)
     t = pa.table({"prompt_id": [f"p{i}" for i in ids], "category": [None] * n,
                   "messages": [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in ids]})
-    return engine.expand_samples(t, samples=1, base_seed=7)
+    return actors.expand_samples(t, samples=1, base_seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def actor(tiny_teacher):
                              enforce_eager=True, max_logprobs=20)
     sampling = engine.Sampling(temperature=0.8, top_p=0.95, top_k=0, max_tokens=48, logprobs=5)
     with hide_context_proxies():  # the suite's S3 server put Flask proxies in this process
-        a = engine.EngineActor(spec, sampling)
+        a = actors.EngineActor(spec, sampling)
     yield a
     del a
 

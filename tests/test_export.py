@@ -185,13 +185,13 @@ def test_export_refuses_unknown_and_uncommitted_runs_and_names_available_fields(
 
 
 def test_accounting_properties_add_up():
-    from cousins.pipeline import ModelStats
+    from cousins.records import ModelStats, encode
 
     s = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=2, prompt_tokens=100, output_tokens=900,
                    wall_s=30.0, engine_s=20.0, new_rows=20, new_output_tokens=900, accelerator="gpu",
                    accelerator_s=60.0, price_per_accelerator_hour=3.6, labelled_rows=8, correct_rows=4,
                    labelled_output_tokens=400)
-    a = s.accounting()
+    a = encode(s.accounting())
     assert a["tokens_per_prompt"] == pytest.approx(900 / 18)
     assert a["tokens_per_correct"] == pytest.approx(100.0)
     assert a["cost_per_1m_output_tokens"] == pytest.approx(3.6 * 60 / 3600 / 900 * 1e6)

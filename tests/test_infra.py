@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml

@@ -137,7 +137,7 @@ def write_run(root: Location, run_id: str, *, prompts: int = 60, samples: int = 
                rows_per_file)
     summary = None
     if drift:
-        spec = BootstrapSpec(resamples=50, quantile_resamples=20)
+        spec = BootstrapSpec(resamples=50, level=0.95, seed=0, quantile_resamples=20)
         summaries = {}
         for c, (kind, _, _) in COUSINS.items():
             table = pa.Table.from_pylist(drift_rows[c], schema.DRIFT)

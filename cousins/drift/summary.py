@@ -25,9 +25,11 @@ _BLOCK = 100
 
 @dataclass(frozen=True)
 class BootstrapSpec:
-    resamples: int = 1000
-    level: float = 0.95
-    seed: int = 0
+    """How CIs are drawn (the drift config's bootstrap, confidence and seed)."""
+
+    resamples: int
+    level: float
+    seed: int
     quantile_resamples: int = 200  # quantiles resample tokens: fewer draws keep them cheap
 
 

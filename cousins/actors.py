@@ -1,0 +1,319 @@
+"""The engine stage: rows in, exactly one row out per row in, on a pool of engine actors.
+
+`generate(rows, ...)` shards expanded prompt rows (`expand_samples`: each prompt x sample with its
+own seed) across a pool of `EngineActor`s (Ray Data `map_batches` with an `ActorPoolStrategy`);
+`score(rows, ...)` runs the original's outputs through `ScoreActor`s, teacher-forced. Each actor
+holds one engine (cousins/engine.py), fed by two batches at once (cousins/feeder.py), and returns
+exactly one row per input row in input order (checked: `EngineContractError` names the model and the
+batch). A row the engine cannot take (a prompt longer than the context, a template that fails)
+becomes an error row with the reason, and the rest of its batch still runs. An engine that dies is
+an error of the job, not of a row.
+
+Logprobs are vLLM's raw model logprobs (before temperature and top-p), the distribution a student
+distils from: for each generated token, the top-k (token id, logprob) pairs sorted by rank, plus
+the sampled token's own logprob (which may lie outside the top-k when sampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cousins import schema
+from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
+from cousins.feeder import BATCHES_IN_FLIGHT, Feeder
+
+class EngineContractError(RuntimeError):
+    """An engine actor broke the one-row-out-per-row-in rule: a bug, never a row's error."""
+
+
+def check_rows(model: str, batch: pa.Table, out: pa.Table) -> pa.Table:
+    """`out` if it holds exactly one row per row of `batch`, keys in the same order."""
+    if out.num_rows != batch.num_rows or schema.row_keys(out) != schema.row_keys(batch):
+        from cousins.ledger import batch_key
+
+        raise EngineContractError(f"model {model!r}, batch {batch_key(batch)}: {out.num_rows} rows out for "
+                                  f"{batch.num_rows} in (or in another order); an engine stage returns one "
+                                  f"row per input row")
+    return out
+
+
+def row_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
+    """The seed of one (prompt, sample): independent of batching, order and sharding."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def expand_samples(batch: pa.Table, *, samples: int, base_seed: int) -> pa.Table:
+    """Each prompt row -> `samples` rows with sample_index and seed (Arrow in, Arrow out)."""
+    n = batch.num_rows
+    take = np.repeat(np.arange(n), samples)
+    out = batch.take(pa.array(take))
+    sample_index = np.tile(np.arange(samples, dtype=np.int32), n)
+    ids = out.column("prompt_id").to_pylist()
+    seeds = [row_seed(base_seed, pid, int(s)) for pid, s in zip(ids, sample_index)]
+    return out.append_column("sample_index", pa.array(sample_index, pa.int32())).append_column(
+        "seed", pa.array(seeds, pa.int64()))
+
+
+class _Columns:
+    """Accumulates GENERATIONS rows column by column, typed, without per-row dicts."""
+
+    def __init__(self):
+        self.cols: dict[str, list] = {f.name: [] for f in schema.GENERATIONS}
+
+    def add(self, **values: Any) -> None:
+        for name, col in self.cols.items():
+            col.append(values.get(name))
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.cols, schema=schema.GENERATIONS)
+
+
+def _topk(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
+    """The k best (token id, logprob) of one position, by vLLM's rank (1 = best)."""
+    ranked = sorted(position_logprobs.items(), key=lambda kv: (kv[1].rank, kv[0]))[:k]
+    return [tid for tid, _ in ranked], [lp.logprob for _, lp in ranked]
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _load(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
+    """(the engine, None), or (None, the reason) when loading fails and that is tolerated."""
+    try:
+        llm = backend.load(spec)
+    except Exception as e:  # noqa: BLE001 - reported as the model's row errors when tolerated
+        if not tolerate_failure:
+            raise
+        return None, f"engine failed to load {spec.model_name!r} from {spec.model_path}: {type(e).__name__}: {e}"[:2000]
+    if ledger is not None:
+        import ray
+
+        ray.get(ledger.engine_started.remote(spec.model_name))
+    return llm, None
+
+
+class EngineActor:
+    """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
+
+    def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None, tolerate_load_failure: bool = False,
+                 backend=None):
+        self.spec, self.sampling, self.ledger = spec, sampling, ledger
+        self.backend = backend or VllmBackend()
+        self.llm, self.load_error = _load(spec, self.backend, ledger, tolerate_load_failure)
+        if self.llm is not None:
+            self.tokenizer = self.llm.get_tokenizer()
+            self.feeder = Feeder(self.llm)
+        # vLLM detokenizes every top-k logprob token of every position when it detokenizes (21
+        # decodes a token at top-20: most of a small model's time on CPU). Only stop strings need
+        # the engine's text; otherwise the actor decodes each finished output once.
+        self.detokenize = bool(sampling.stop)
+        self.node = _node_id()
+        self.actor = f"{self.node}:{os.getpid()}"  # for the ledger's per-actor working windows
+
+    def _params(self, seed: int):
+        return self.backend.params(**sampling_kwargs(self.sampling, seed, self.detokenize))
+
+    def _prepare(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= self.spec.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; engine.max_model_len is {self.spec.max_model_len}")
+        return text, ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.ledger is not None:
+            from cousins.ledger import batch_key
+
+            self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows, self.actor)
+        rows = batch.to_pylist()
+        cols = _Columns()
+        if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
+            for row in rows:
+                cols.add(prompt_id=row["prompt_id"], sample_index=row["sample_index"], seed=row["seed"],
+                         model=self.spec.model_name, category=row.get("category"), engine_node=self.node,
+                         error=self.load_error)
+            return check_rows(self.spec.model_name, batch, cols.table())
+        texts: list[str | None] = []
+        ids: list[list[int] | None] = []
+        errors: list[str | None] = []
+        with self.feeder.turn():  # once for the batch, not between every engine step
+            for row in rows:
+                try:
+                    text, tok = self._prepare(row["messages"])
+                    texts.append(text), ids.append(tok), errors.append(None)
+                except Exception as e:  # noqa: BLE001 - a row the engine cannot take is an error row
+                    texts.append(None), ids.append(None), errors.append(f"{type(e).__name__}: {e}")
+
+        todo = [i for i, e in enumerate(errors) if e is None]
+        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo)
+
+        by_row = dict(zip(todo, outputs))
+        texts_out = {}
+        if not self.detokenize:
+            with self.feeder.turn():
+                texts_out = {i: self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+                             for i, o in by_row.items() if o is not None}
+        work = {i: len(ids[i]) + len(o.outputs[0].token_ids) for i, o in by_row.items() if o is not None}
+        total_work = sum(work.values()) or 1
+        k = self.sampling.logprobs
+        for i, row in enumerate(rows):
+            base = dict(prompt_id=row["prompt_id"], sample_index=row["sample_index"], seed=row["seed"],
+                        model=self.spec.model_name, category=row.get("category"), prompt_text=texts[i],
+                        engine_node=self.node)
+            out = by_row.get(i)
+            if out is None:
+                cols.add(**base, error=errors[i], prompt_tokens=len(ids[i]) if ids[i] else None)
+                continue
+            c = out.outputs[0]
+            token_ids = list(c.token_ids)
+            text = c.text if self.detokenize else texts_out[i]
+            topk_ids = topk_lps = sampled = None
+            if k > 0 and c.logprobs is not None:
+                pairs = [_topk(pos, k) for pos in c.logprobs]
+                topk_ids = [p[0] for p in pairs]
+                topk_lps = [p[1] for p in pairs]
+                sampled = [pos[t].logprob for pos, t in zip(c.logprobs, token_ids)]
+            cols.add(**base, output_text=text, output_token_ids=token_ids, output_logprobs=sampled,
+                     topk_token_ids=topk_ids, topk_logprobs=topk_lps, finish_reason=c.finish_reason,
+                     prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
+                     engine_time_s=elapsed * work[i] / total_work)
+        table = check_rows(self.spec.model_name, batch, cols.table())
+        if self.ledger is not None:
+            from cousins.ledger import peak_rss_bytes
+
+            self.ledger.batch_done.remote(self.spec.model_name, peak_rss_bytes(), self.actor,
+                                          sum(x or 0 for x in table.column("output_tokens").to_pylist()))
+        return table
+
+    def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
+        """Generate a batch -> (outputs, engine seconds); if vLLM refuses it, retry row by row so
+        one bad row fails alone."""
+        prompts = [{"prompt_token_ids": p} for p in prompt_ids]
+        try:
+            return self.feeder.run(prompts, [self._params(s) for s in seeds])
+        except (ValueError, TypeError):
+            pass
+        outputs, elapsed = [], 0.0
+        for p, s, i in zip(prompts, seeds, todo):
+            try:
+                out, t = self.feeder.run([p], [self._params(s)])
+                outputs.append(out[0])
+                elapsed += t
+            except (ValueError, TypeError) as e:
+                errors[i] = f"{type(e).__name__}: {e}"
+                outputs.append(None)
+        return outputs, elapsed
+
+
+class ScoreActor:
+    """Teacher-forced scoring: one model's distribution at every output position of the ORIGINAL's
+    generations (vLLM prompt logprobs over prompt + output, nothing sampled). One SCORES row per
+    input row; rows the original failed on, or that do not fit the context, are error rows."""
+
+    def __init__(self, spec: EngineSpec, topk: int, ledger=None, tolerate_load_failure: bool = False,
+                 backend=None):
+        self.spec, self.topk, self.ledger = spec, topk, ledger
+        backend = backend or VllmBackend()
+        self.llm, self.load_error = _load(spec, backend, ledger, tolerate_load_failure)
+        if self.llm is not None:
+            self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
+            self.tokenizer = self.llm.get_tokenizer()
+            self.feeder = Feeder(self.llm)
+        self.actor = f"{_node_id()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.ledger is not None:
+            from cousins.ledger import batch_key
+
+            self.ledger.batch_started.remote(f"score:{self.spec.model_name}", batch_key(batch), batch.num_rows,
+                                             self.actor)
+        rows = batch.select(["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]).to_pylist()
+        cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
+        todo, inputs, errors = [], [], [None] * len(rows)
+        for i, row in enumerate(rows):
+            if self.llm is None:
+                errors[i] = self.load_error
+            elif row["error"] is not None or not row["output_token_ids"]:
+                errors[i] = "the original has no output here to score"
+            else:
+                todo.append(i)
+        encoded = []
+        if todo:
+            with self.feeder.turn():  # once for the batch, not between every engine step
+                encoded = [self.tokenizer.encode(rows[i]["prompt_text"], add_special_tokens=False) for i in todo]
+        fits = []
+        for i, prompt_ids in zip(todo, encoded):
+            ids = prompt_ids + list(rows[i]["output_token_ids"])
+            if len(ids) + 1 > self.spec.max_model_len:
+                errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
+            else:
+                fits.append(i), inputs.append(ids)
+        todo = fits
+        outs, elapsed = self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params) if inputs else ([], 0.0)
+        total = sum(len(x) for x in inputs) or 1
+        scored = dict(zip(todo, zip(outs, inputs)))
+        for i, row in enumerate(rows):
+            cols["prompt_id"].append(row["prompt_id"])
+            cols["sample_index"].append(row["sample_index"])
+            cols["model"].append(self.spec.model_name)
+            if i not in scored:
+                for name in ("topk_token_ids", "topk_logprobs", "token_logprobs", "engine_time_s"):
+                    cols[name].append(None)
+                cols["error"].append(errors[i])
+                continue
+            out, ids = scored[i]
+            y = list(row["output_token_ids"])
+            start = len(ids) - len(y)
+            positions = out.prompt_logprobs[start:start + len(y)]
+            pairs = [_topk(pos, self.topk) for pos in positions]
+            cols["topk_token_ids"].append([p[0] for p in pairs])
+            cols["topk_logprobs"].append([p[1] for p in pairs])
+            cols["token_logprobs"].append([pos[t].logprob for pos, t in zip(positions, y)])
+            cols["engine_time_s"].append(elapsed * len(ids) / total)
+            cols["error"].append(None)
+        if self.ledger is not None:
+            from cousins.ledger import peak_rss_bytes
+
+            self.ledger.batch_done.remote(f"score:{self.spec.model_name}", peak_rss_bytes(), self.actor,
+                                          sum(len(x) for x in inputs))
+        return check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))
+
+
+def _pool(rows, actor, kwargs: dict, placement: Placement):
+    from ray.data import ActorPoolStrategy
+
+    return rows.map_batches(
+        actor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=placement.batch_size,
+        batch_format="pyarrow",
+        # Two batches run in each actor's threads at once, feeding its one engine (see cousins.feeder).
+        compute=ActorPoolStrategy(size=placement.num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                                  enable_true_multi_threading=True),
+        num_cpus=placement.cpus_per_actor,
+        num_gpus=placement.gpus_per_actor,
+        runtime_env={"env_vars": ENGINE_ENV},
+    )
+
+
+def generate(rows, *, spec: EngineSpec, sampling: Sampling, placement: Placement, ledger=None,
+             tolerate_load_failure: bool = False, backend=None):
+    """Expanded prompt rows (expand_samples) -> generations (schema.GENERATIONS rows), lazily."""
+    return _pool(rows, EngineActor, {"spec": spec, "sampling": sampling, "ledger": ledger,
+                                     "tolerate_load_failure": tolerate_load_failure, "backend": backend}, placement)
+
+
+def score(rows, *, spec: EngineSpec, topk: int, placement: Placement, ledger=None,
+          tolerate_load_failure: bool = False, backend=None):
+    """The original's generation rows -> `spec`'s teacher-forced scores (schema.SCORES rows), lazily."""
+    return _pool(rows, ScoreActor, {"spec": spec, "topk": topk, "ledger": ledger,
+                                    "tolerate_load_failure": tolerate_load_failure, "backend": backend}, placement)

@@ -1,0 +1,99 @@
+"""One engine fed by several batches at once (used by the engine actors in cousins/engine.py).
+
+Ray Data hands an engine actor its next batch while the current one is still generating
+(`BATCHES_IN_FLIGHT` calls run in the actor's threads). The feeder lets each call enqueue its
+requests while whichever call holds the lock steps the engine for everybody, so the engine's batch
+stays full across Ray Data's batch boundaries. It needs an object with vLLM's `LLM` surface:
+`enqueue(prompts, params, use_tqdm=False)` returning request ids, and `llm_engine.step()` /
+`llm_engine.has_unfinished_requests()`; no vLLM import here, so a fake engine tests it in the
+fast tier (tests/fake_engine.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any
+
+# Batches an engine actor works on at once (see _Feeder): two keep its engine full across batch
+# boundaries; more would only queue rows in the actor.
+BATCHES_IN_FLIGHT = 2
+
+
+
+class Feeder:
+    """One vLLM engine fed by several batches at once. Ray Data hands an actor its next batch
+    while the current one is still generating (`BATCHES_IN_FLIGHT` calls run in the actor's
+    threads); each call enqueues its requests, and whichever call holds the lock steps the engine
+    for everybody, so the engine's batch stays full across Ray Data's batch boundaries (one
+    batch's stragglers share steps with the next batch's prompts) and one batch's Arrow
+    conversion overlaps the next one's generation. Each step's time is split evenly over the
+    calls with requests in it: `run` returns the engine seconds its batch was charged."""
+
+    def __init__(self, llm):
+        self.llm, self.lock = llm, threading.Lock()
+        self.finished: dict[str, Any] = {}  # request id -> its final output, until its call takes it
+        self.owner: dict[str, object] = {}  # request id -> the call that enqueued it
+        self.pending: dict[object, int] = {}  # call -> its requests not finished yet
+        self.charged: dict[object, float] = {}  # call -> engine seconds so far
+        self.most_calls = 0  # the most calls seen in the engine at once
+        self.arriving = 0  # calls waiting for the lock to tokenize or enqueue; the step loop yields to them
+        self._count = threading.Lock()
+
+    @contextmanager
+    def turn(self):
+        """The engine lock for work between steps: enqueueing, and the actor's own tokenizing (the
+        engine detokenizes inside step() with stop strings, and HF fast tokenizers are not safe to
+        share across threads). A thread stepping the engine lets such a caller in before its next
+        step; Python's lock is not fair, and the stepping thread would otherwise win it back."""
+        with self._count:
+            self.arriving += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._count:
+                self.arriving -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def run(self, prompts: list, params) -> tuple[list, float]:
+        """(RequestOutputs in the order of `prompts`, engine seconds charged to this call)."""
+        if not prompts:
+            return [], 0.0
+        me = object()
+        with self.turn():  # vLLM aborts what it added if one prompt is refused, and raises
+            # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
+            ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
+            self.owner.update((i, me) for i in ids)
+            self.pending[me], self.charged[me] = len(ids), 0.0
+            self.most_calls = max(self.most_calls, len(self.pending))
+        try:
+            while True:
+                with self.lock:
+                    if not self.pending[me]:
+                        return [self.finished.pop(i) for i in ids], self.charged[me]
+                    engine = self.llm.llm_engine
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError("the engine dropped requests it had accepted")
+                    active = [c for c, n in self.pending.items() if n]
+                    t0 = time.perf_counter()
+                    outputs = engine.step()
+                    share = (time.perf_counter() - t0) / len(active)
+                    for c in active:
+                        self.charged[c] += share
+                    for out in outputs:
+                        if out.finished and out.request_id in self.owner:
+                            self.finished[out.request_id] = out
+                            self.pending[self.owner.pop(out.request_id)] -= 1
+                if self.arriving:
+                    time.sleep(0.0005)  # let the waiting caller take the lock
+        finally:
+            with self.lock:
+                for d in (self.pending, self.charged):
+                    d.pop(me, None)
+                for i in ids:
+                    self.finished.pop(i, None)
+                    self.owner.pop(i, None)

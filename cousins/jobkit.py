@@ -1,0 +1,41 @@
+"""The skeleton every run job shares: config errors and run conflicts reported before any cluster
+work, then Ray, then the job's body; a failure ends with the resume command."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable, TypeVar
+
+from cousins.config import Config, ConfigError, validate
+from cousins.family import check_vocabularies, prepare_before_ray
+from cousins.pipeline import build_students, open_run
+from cousins.run import Run, RunConflict
+from cousins.runtime import init_ray, root_cause
+
+T = TypeVar("T")
+
+
+def start(cfg: Config) -> Run:
+    """Validate (every config error at once), build absent models, open the run (an existing run id
+    resumes; with a different config it is refused). Exits with the message on any of those."""
+    try:
+        validate(cfg)
+        prepare_before_ray(cfg)  # the tiny teacher and quantized cousins, vocabularies checked
+        return open_run(cfg)
+    except (ConfigError, RunConflict) as e:
+        sys.exit(f"error: {e}")
+
+
+def execute(cfg: Config, run: Run, body: Callable[[], T]) -> T:
+    """Connect to Ray, train absent distilled cousins (they learn from teacher data first), run the
+    body. Any failure prints its story and ends with what to do next."""
+    init_ray(cfg.ray)
+    try:
+        build_students(cfg, run.run_id)
+        check_vocabularies(cfg)  # distilled cousins built just now included
+        return body()
+    except Exception as e:
+        traceback.print_exc()  # the whole story for the log; the last line says what to do next
+        sys.exit(f"error: run {run.run_id} failed: {root_cause(e)}\n"
+                 f"Nothing of it is committed; rerun with the same run.run_id={run.run_id} to resume.")

@@ -1,0 +1,193 @@
+"""The run's row stages: prompts, generate, score. Each takes the open run and narrow values (the
+engine spec, sampling, placement), writes part files through the run, verifies the stage and
+finishes it with its marker record. A finished stage is read back, not redone; an unfinished one
+is continued (generations: every published key is kept) or redone (prompts, scores).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from cousins import actors, corpus, schema
+from cousins.config import FieldsConfig
+from cousins.engine import EngineSpec, Placement, Sampling
+from cousins.ledger import new_ledger
+from cousins.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
+from cousins.run import Run, publish_part
+from cousins.storage import Location, data_files
+
+LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
+SCORE_INPUT = ["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]
+
+
+def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConfig, limit: int | None,
+                  max_chars: int):
+    """The run's prompts as a Ray Dataset, with (prompts, corpus error rows) counts.
+
+    Once written, a run's prompts are fixed: a resumed run reads them back from the run, not the
+    corpus (which may have changed since)."""
+    import ray.data
+
+    layout = run.layout
+    if not (run.done(layout.prompts) and run.done(layout.errors)):
+        for loc in (layout.prompts, layout.errors):
+            run.restart(loc)
+        prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
+        for ds, loc, sch in ((prompts, layout.prompts, schema.PROMPTS), (errors, layout.errors, schema.ERRORS)):
+            rows = ds.count()
+            if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
+                ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
+                    loc.path, filesystem=loc.arrow_fs(), compression="zstd")
+            run.finish(loc, PromptsDone(rows=rows))
+    n_prompts = run.marker(layout.prompts, PromptsDone).rows
+    n_errors = run.marker(layout.errors, PromptsDone).rows
+    files = data_files(layout.prompts)
+    prompts = (ray.data.read_parquet(files, filesystem=layout.prompts.arrow_fs(), num_cpus=LIGHT_TASK_CPUS)
+               if files else ray.data.from_arrow(schema.PROMPTS.empty_table()))
+    return prompts, n_prompts, n_errors
+
+
+_DONE_CACHE: dict[str, set] = {}
+
+
+def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
+    """Keep the rows whose (prompt_id, sample_index) no published part holds yet."""
+    import ray
+
+    ref = done_ref.hex()
+    if ref not in _DONE_CACHE:  # one fetch per worker process, not per batch
+        _DONE_CACHE.clear()
+        _DONE_CACHE[ref] = ray.get(done_ref)
+    done = _DONE_CACHE[ref]
+    keep = [key not in done for key in schema.row_keys(batch)]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _counts(t: pa.Table) -> dict:
+    """A generation stage's counts from its STAT columns."""
+    d = t.to_pydict()
+    reasons: dict[str, int] = {}
+    for r in d["finish_reason"]:
+        if r is not None:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"rows": t.num_rows, "error_rows": sum(e is not None for e in d["error"]),
+            "prompt_tokens": sum(x or 0 for x in d["prompt_tokens"]),
+            "output_tokens": sum(x or 0 for x in d["output_tokens"]),
+            "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons}
+
+
+def check_cpu_room(where: Placement) -> None:
+    """Refuse a CPU-engine pool that would take every CPU: Ray Data's read, shuffle and write
+    tasks would then wait forever, silently."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = where.num_actors * where.cpus_per_actor
+    if where.gpus_per_actor == 0 and taken > total - 1:
+        raise RuntimeError(
+            f"engine.num_actors x engine.cpus_per_actor = {taken:g} CPUs leaves less than one of the cluster's "
+            f"{total:g} for reading and writing, and the run would stall; lower engine.cpus_per_actor "
+            f"(e.g. engine.cpus_per_actor={max(0.25, (total - 1) / where.num_actors):g}) or engine.num_actors")
+
+
+def accelerator_seconds(where: Placement, spec: EngineSpec, wall_s: float) -> tuple[str, float]:
+    """What a stage's engines held: GPU-seconds (x tensor-parallel size), else engine actor-seconds."""
+    if where.gpus_per_actor > 0:
+        return "gpu", wall_s * where.num_actors * where.gpus_per_actor * spec.tensor_parallel_size
+    return "cpu-actor", wall_s * where.num_actors
+
+
+def _blocks(rows: int, where: Placement) -> int:
+    """Input blocks of at most one batch each, so every actor task is one batch and tasks overlap."""
+    return max(where.num_actors, -(-rows // where.batch_size))
+
+
+def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec: EngineSpec, sampling: Sampling,
+                   where: Placement, samples: int, seed: int, shuffle_seed: int, rows_per_file: int,
+                   backend=None) -> ModelStats:
+    """Generate (or finish generating) one model's rows. A cousin that fails to load writes error
+    rows with the reason (and the run goes on); the original failing to load fails the run.
+    `shuffle_seed` reorders the rows of a `reorder` entry (the noise floor)."""
+    import ray
+
+    out = run.layout.generations(entry.name)
+    expected = n_prompts * samples
+    what = f"generations for model {entry.name!r}"
+    if run.done(out):
+        done = run.marker(out, GenerationsDone)
+        return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=done.wall_s,
+                          new_rows=done.new_rows, new_output_tokens=done.new_output_tokens, retries=done.retries,
+                          accelerator=done.accelerator, accelerator_s=done.accelerator_s,
+                          **_counts(run.verify(out, expected, what)))
+
+    check_cpu_room(where)
+    t0 = time.perf_counter()
+    done_keys = run.keys(out)
+    new_rows = new_tokens = 0
+    retries: dict = {}
+    if expected - len(done_keys) > 0:
+        light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
+        rows = prompts.map_batches(actors.expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
+                                   zero_copy_batch=True, **light)
+        if done_keys:
+            rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done_keys)}, **light)
+        if entry.reorder:
+            rows = rows.random_shuffle(seed=shuffle_seed)
+        ledger = new_ledger()
+        try:
+            gens = actors.generate(rows.repartition(_blocks(expected - len(done_keys), where)), spec=spec,
+                                   sampling=sampling, placement=where, ledger=ledger,
+                                   tolerate_load_failure=not entry.is_original, backend=backend)
+            written = gens.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                       **light).take_all()
+            retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
+        finally:
+            ray.kill(ledger)
+        new_rows = sum(w["rows"] for w in written)
+        new_tokens = sum(w["output_tokens"] for w in written)
+    counts = _counts(run.verify(out, expected, what))
+    wall = time.perf_counter() - t0
+    accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
+    run.finish(out, GenerationsDone(wall_s=wall, new_rows=new_rows, new_output_tokens=new_tokens, retries=retries,
+                                    accelerator=accelerator, accelerator_s=accelerator_s))
+    return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=wall, new_rows=new_rows,
+                      new_output_tokens=new_tokens, retries=retries, accelerator=accelerator,
+                      accelerator_s=accelerator_s, **counts)
+
+
+def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec, topk: int, where: Placement,
+                shuffle_seed: int, rows_per_file: int, backend=None) -> ScoresDone:
+    """Score the original's outputs with `entry`'s engine (teacher-forced). An unfinished stage is
+    redone whole: scoring costs less than generating."""
+    import ray
+    import ray.data
+
+    out = run.layout.scores(entry.name)
+    if run.done(out):
+        return run.marker(out, ScoresDone)
+    run.restart(out)
+    src = run.layout.generations(original)
+    expected = run.count(src)
+    t0 = time.perf_counter()
+    rows = ray.data.read_parquet(data_files(src), filesystem=src.arrow_fs(), columns=SCORE_INPUT,
+                                 num_cpus=LIGHT_TASK_CPUS)
+    if entry.reorder:
+        rows = rows.random_shuffle(seed=shuffle_seed)
+    ledger = new_ledger()
+    try:
+        scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk, placement=where,
+                              ledger=ledger, tolerate_load_failure=not entry.is_original, backend=backend)
+        scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).take_all()
+        retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
+    finally:
+        ray.kill(ledger)
+    t = run.verify(out, expected, f"scores of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
+    d = t.to_pydict()
+    done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
+                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=time.perf_counter() - t0,
+                      batch_size=where.batch_size, reordered=entry.reorder, retries=retries)
+    run.finish(out, done)
+    return done

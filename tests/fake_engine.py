@@ -1,0 +1,149 @@
+"""A deterministic fake of the engine backend (cousins.engine.VllmBackend): vLLM's `LLM` surface the
+engine actors and the feeder use, on a toy language model, so the actor, feeder and pipeline logic
+run in the fast tier without vLLM.
+
+The toy model: a vocabulary of V tokens; the next-token distribution depends only on the model's
+path (cousins differ, the noise floor equals the original) and the previous token. Generation takes
+one token per request per step (at most max_num_seqs requests at once), is greedy at temperature 0
+and otherwise samples with a generator seeded by the request's seed, so a seed gives the same sample
+whatever the batch. A prompt containing "FAIL" is refused (ValueError), like a prompt vLLM rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+V, EOS = 40, 0
+
+
+@dataclass
+class Params:
+    temperature: float = 1.0
+    max_tokens: int = 16
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    seed: int | None = None
+    kw: dict = field(default_factory=dict)
+
+
+class Tokenizer:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=False):
+        return [1 + ord(c) % (V - 1) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if i != EOS)
+
+
+class _Model:
+    def __init__(self, path: str):
+        self.salt = hashlib.sha256(path.encode()).digest()
+        self.cache: dict[int, list[float]] = {}
+
+    def logprobs(self, prev: int) -> list[float]:
+        if prev not in self.cache:
+            rng = random.Random(self.salt + bytes([prev % 256]))
+            logits = [rng.gauss(0, 2.0) for _ in range(V)]
+            logits[EOS] -= 1.5  # answers of a few tokens to a dozen
+            z = math.log(sum(math.exp(x) for x in logits))
+            self.cache[prev] = [x - z for x in logits]
+        return self.cache[prev]
+
+
+def _ranked(lps: list[float], k: int, extra: int | None = None) -> dict:
+    order = sorted(range(V), key=lambda t: (-lps[t], t))
+    keep = order[:k] + ([extra] if extra is not None and extra not in order[:k] else [])
+    return {t: SimpleNamespace(logprob=lps[t], rank=order.index(t) + 1) for t in keep}
+
+
+class _Request:
+    def __init__(self, rid, prompt, params, model):
+        self.rid, self.prompt, self.p, self.model = rid, list(prompt), params, model
+        self.rng = random.Random(params.seed)
+        self.tokens, self.logprobs = [], []
+
+    def step(self) -> SimpleNamespace | None:
+        p = self.p
+        if p.prompt_logprobs is not None:  # teacher-forced scoring: one step, the prompt's distributions
+            pl = [None] + [_ranked(self.model.logprobs(a), p.prompt_logprobs, b)
+                           for a, b in zip(self.prompt, self.prompt[1:])]
+            return self._out("length", prompt_logprobs=pl)
+        lps = self.model.logprobs(self.tokens[-1] if self.tokens else self.prompt[-1])
+        if p.temperature == 0:
+            tok = max(range(V), key=lambda t: (lps[t], -t))
+        else:
+            tok = self.rng.choices(range(V), weights=[math.exp(x / p.temperature) for x in lps])[0]
+        self.tokens.append(tok)
+        if p.logprobs:
+            self.logprobs.append(_ranked(lps, p.logprobs, tok))
+        if tok == EOS or len(self.tokens) >= p.max_tokens:
+            return self._out("stop" if tok == EOS else "length")
+        return None
+
+    def _out(self, reason, prompt_logprobs=None):
+        c = SimpleNamespace(token_ids=self.tokens, text=Tokenizer().decode(self.tokens), finish_reason=reason,
+                            logprobs=self.logprobs if self.p.logprobs else None)
+        return SimpleNamespace(request_id=self.rid, finished=True, outputs=[c], prompt_token_ids=self.prompt,
+                               prompt_logprobs=prompt_logprobs)
+
+
+class _Engine:
+    def __init__(self, max_num_seqs):
+        self.waiting, self.running, self.max_num_seqs = [], [], max_num_seqs
+
+    def has_unfinished_requests(self):
+        return bool(self.waiting or self.running)
+
+    def step(self):
+        time.sleep(0.001)  # a step takes time, as a real one does: batches meet in the engine
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            self.running.append(self.waiting.pop(0))
+        outs = [(r, r.step()) for r in self.running]
+        self.running = [r for r, o in outs if o is None]
+        return [o for _, o in outs if o is not None]
+
+
+class FakeLLM:
+    _ids = itertools.count()
+
+    def __init__(self, spec):
+        self.model, self.llm_engine, self.tok = _Model(spec.model_path), _Engine(spec.max_num_seqs), Tokenizer()
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def enqueue(self, prompts, params, use_tqdm=False):
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        bad = self.tok.encode("FAIL")
+        for p in prompts:  # vLLM adds none of them when it refuses one
+            ids = p["prompt_token_ids"]
+            if any(ids[i:i + len(bad)] == bad for i in range(len(ids))):
+                raise ValueError("the fake engine refuses this prompt")
+        ids = [str(next(self._ids)) for _ in prompts]
+        self.llm_engine.waiting.extend(_Request(i, p["prompt_token_ids"], q, self.model)
+                                       for i, p, q in zip(ids, prompts, params))
+        return [f"{i}-abcdefgh" for i in ids]
+
+
+class FakeBackend:
+    """`backend=FakeBackend()` for the engine actors and the pipeline's run_generate/run_drift."""
+
+    def __init__(self, fail_loading: tuple[str, ...] = ()):
+        self.fail_loading = fail_loading
+
+    def load(self, spec):
+        if spec.model_name in self.fail_loading:
+            raise OSError(f"no weights at {spec.model_path}")
+        return FakeLLM(spec)
+
+    def params(self, **kw):
+        known = {k: kw.pop(k) for k in ("temperature", "max_tokens", "logprobs", "prompt_logprobs", "seed") if k in kw}
+        return Params(**known, kw=kw)

@@ -1,0 +1,127 @@
+"""The orchestrations end to end on a local Ray with the fake engine (tests/fake_engine.py): stages,
+resume, a cousin that cannot load, the diff, recompute, and every JSON a run holds read back through
+its declaration (cousins/records.py). Real vLLM runs of the same paths are in test_generate.py and
+test_drift_vllm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import compose
+from cousins import records
+from cousins.config import resolve_paths, to_config
+from cousins.drift.diff import recompute
+from cousins.drift.summary import BootstrapSpec
+from cousins.pipeline import open_run, run_drift, run_generate
+from cousins.run import committed
+from cousins.storage import data_files, resolve
+from fake_engine import FakeBackend
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MARKERS = {"prompts": records.PromptsDone, "errors": records.PromptsDone, "generations": records.GenerationsDone,
+           "scores": records.ScoresDone, "drift": records.DriftDone}
+
+
+def fake_config(tmp_path, *overrides, config_name="generate"):
+    return resolve_paths(to_config(compose(
+        f"model.path={tmp_path / 'teacher'}", f"storage.root={tmp_path / 'out'}", "corpus.limit=24",
+        "run.sampling.max_tokens=12", "engine.batch_size=8", "storage.rows_per_file=8", *overrides,
+        config_name=config_name)))
+
+
+def every_json_reads_back_as_declared(run_dir: str) -> int:
+    """Decode every JSON file of a run with its record; encoding it again gives the same JSON."""
+    checked = 0
+    for dirpath, _, files in os.walk(run_dir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, run_dir).split(os.sep)
+            if name == "manifest.json":
+                cls = records.Manifest
+            elif name == "summary.json":
+                cls = records.Summary
+            elif name == "_SUCCESS":
+                cls = MARKERS[rel[0]]
+            else:
+                continue
+            data = json.loads(open(path).read())
+            assert records.encode(records.decode(cls, data, path)) == data, path
+            checked += 1
+    return checked
+
+
+@pytest.fixture(scope="module")
+def drift_run(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fake-drift")
+    cfg = fake_config(tmp, "run=greedy", "run.run_id=fake-drift", "drift.bootstrap=50", "cousins=none",
+                      f"+cousins.q={{kind:quantized,path:'{tmp / 'q'}'}}",
+                      f"+cousins.broken={{kind:other,path:'{tmp / 'broken'}'}}",
+                      f"+cousins.words={{kind:other,path:'{tmp / 'words'}',text_only:true}}", config_name="drift")
+    result, summary = run_drift(cfg, backend=FakeBackend(fail_loading=("broken",)))
+    return cfg, result, summary
+
+
+def test_a_drift_run_commits_with_the_noise_floor_at_zero_and_a_failed_cousin_as_data(drift_run):
+    cfg, result, summary = drift_run
+    assert [s.model for s in result.models] == ["tiny-teacher", "q", "broken", "words", "noise-floor"]
+    assert all(s.rows == 24 for s in result.models)
+    by = {c["name"]: c for c in summary["cousins"]}
+    assert summary["noise_floor"]["metrics"]["kld_mean"]["value"] == 0.0
+    assert summary["noise_floor"]["metrics"]["exact_match"]["value"] == 1.0
+    assert by["q"]["metrics"]["kld_mean"]["value"] > 0.01 and by["q"]["error"] is None
+    assert by["broken"]["error"].startswith("engine failed to load 'broken'") and by["broken"]["rows"] == 24
+    assert by["words"]["text_only"] and "kld_mean" not in by["words"]["metrics"]
+    run = committed(resolve(cfg.storage.root), result.run_id)
+    m = run.typed()
+    assert set(m.scores) == {"tiny-teacher", "q", "noise-floor"} and set(m.drift) == {"q", "broken", "words",
+                                                                                       "noise-floor"}
+    assert m.scores["noise-floor"].reordered and m.scores["noise-floor"].batch_size == 7
+
+
+def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):
+    cfg, result, _ = drift_run
+    run_dir = committed(resolve(cfg.storage.root), result.run_id).layout.run.path
+    # manifest, summary, prompts + errors, 5 generations, 3 scores, 4 drift markers
+    assert every_json_reads_back_as_declared(run_dir) == 2 + 2 + 5 + 3 + 4
+
+
+def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generation_run(drift_run, tmp_path):
+    cfg, result, summary = drift_run
+    d = cfg.drift
+    spec = BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed)
+    again = recompute(resolve(cfg.storage.root), result.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
+                      bootstrap=spec)
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("computed", "timings")}  # noqa: E731
+    assert strip(again) == strip(summary)
+    assert committed(resolve(cfg.storage.root), result.run_id).typed().drift_recomputed == again["computed"]
+    gen = run_generate(fake_config(tmp_path, "run.run_id=gen-only", "run.samples=1"), backend=FakeBackend())
+    with pytest.raises(FileNotFoundError, match="not a drift run"):
+        recompute(resolve(str(tmp_path / "out")), gen.run_id, answer_match="contains", worst_n=1, bootstrap=spec)
+
+
+def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(ray_local, tmp_path):
+    cfg = fake_config(tmp_path, "run.run_id=resumable", "run.samples=2")
+    first = run_generate(cfg, backend=FakeBackend())
+    layout = committed(resolve(cfg.storage.root), first.run_id).layout
+    stage = layout.generations("tiny-teacher")
+    before = {f: open(f, "rb").read() for f in data_files(stage)}
+    lost = sorted(before)[1]
+    for gone in (lost, f"{stage.path}/_SUCCESS", layout.manifest.path):  # a run killed after some parts
+        os.remove(gone)
+    assert open_run(cfg).state == "resume"
+    again = run_generate(cfg, backend=FakeBackend())
+    assert again.state == "resumed" and again.models[0].rows == 48
+    assert 0 < again.models[0].new_rows < 48  # only the lost part's rows were generated again
+    after = committed(resolve(cfg.storage.root), first.run_id).read(stage).sort_by([("prompt_id", "ascending"),
+                                                                                    ("sample_index", "ascending")])
+    want = pa.concat_tables([pads.dataset([f], format="parquet").to_table() for f in sorted(before)])
+    want = want.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+    same = ["prompt_id", "sample_index", "seed", "output_token_ids", "output_text", "topk_logprobs"]
+    assert after.select(same).equals(want.select(same))  # seeds make the redone rows the same rows
+    assert every_json_reads_back_as_declared(layout.run.path) == 1 + 2 + 1

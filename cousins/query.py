@@ -15,7 +15,7 @@ columns of those names): the first streams only the filter and sort columns with
 keeps the best `offset + limit` keys with the file each came from, the second reads the page's rows
 with the requested columns from those files only. Memory follows the page and the key columns, never the size of the run.
 
-The CLI's plain-text views of these answers are in `cousins.query_render`.
+Request input and query errors: `cousins.query_input` (re-exported here); CLI text views: `cousins.query_render`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -33,18 +32,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cousins import schema
+from cousins.query_input import (  # re-exported: callers use cousins.query.X
+    DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
+    NAME_PATTERN as NAME_PATTERN, _NAME as _NAME, QueryError as QueryError, BadInput as BadInput,
+    NotFound as NotFound, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
 from cousins.run import NotCommitted, committed, manifest_of
 from cousins.storage import Location, RunLayout, data_files
 
-# --- limits and allow-lists ------------------------------------------------------------------------
+# --- allow-lists ----------------------------------------------------------------------------------
 
-NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"  # run ids, models, cousins: never a path
-_NAME = re.compile(NAME_PATTERN)
-MAX_TEXT = 500  # category and prompt id values (compared as values, never used as paths)
-DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
-MAX_OFFSET = 100_000  # deeper pages: narrow the filter (a cousin, a category) instead
 _BATCH = 65_536
-
 # Scalar drift columns are the default projection of a page; the per-token lists are opt-in.
 LIST_COLUMNS = tuple(f.name for f in schema.DRIFT if pa.types.is_list(f.type))
 ROW_COLUMNS = tuple(f.name for f in schema.DRIFT if not pa.types.is_list(f.type))
@@ -52,44 +49,6 @@ DRIFT_FIELDS = tuple(schema.DRIFT.names)
 METRICS = tuple(f.name for f in schema.DRIFT if pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
 SORT_FIELDS = tuple(n for n in ROW_COLUMNS if n not in ("original_text", "cousin_text", "error"))
 _TIE = ("cousin", "prompt_id", "sample_index")  # a total order: pages never overlap or skip rows
-
-
-class QueryError(Exception):
-    """A request that cannot be answered; `status` is the HTTP status the service gives it."""
-
-    status = 422
-
-
-class BadInput(QueryError, ValueError):
-    status = 422
-
-
-class NotFound(QueryError, LookupError):
-    status = 404
-
-
-def check_name(value: Any, what: str) -> str:
-    """`value` if it is a safe name (letters, digits, '-', '_', '.', not starting with '.');
-    anything that could name another path, an absolute path or a URL is refused."""
-    if not isinstance(value, str) or not _NAME.match(value):
-        shown = repr(value)[:80]
-        raise BadInput(f"invalid {what} {shown}: use letters, digits, '-', '_' and '.', "
-                       f"not starting with '.', at most 200 characters")
-    return value
-
-
-def _check_text(value: str | None, what: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_TEXT):
-        raise BadInput(f"invalid {what}: give 1 to {MAX_TEXT} characters")
-    return value
-
-
-def _check_number(value: float | None, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInput(f"invalid {what} {value!r}: give a finite number")
-    return float(value)
 
 
 # --- runs ------------------------------------------------------------------------------------------

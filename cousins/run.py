@@ -112,12 +112,10 @@ def publish_part(batch: pa.Table, *, out: Location) -> pa.Table:
     return pa.table({"rows": [batch.num_rows], "output_tokens": [sum(t or 0 for t in tokens)]})
 
 
-@dataclass(frozen=True)
-class Run:
-    """An open run: `state` is new (config.yaml written now), resume, or committed (already)."""
+class _RunDir:
+    """What the write and the read side share: a run directory (`layout`) and reading its stages."""
 
     layout: RunLayout
-    state: str
 
     @property
     def run_id(self) -> str:
@@ -127,11 +125,19 @@ class Run:
     def url(self) -> str:
         return self.layout.run.url
 
-    def done(self, stage: Location) -> bool:
-        return is_done(stage)
-
     def read(self, stage: Location, columns: list[str] | None = None) -> pa.Table:
         return read_stage(stage, columns)
+
+
+@dataclass(frozen=True)
+class Run(_RunDir):
+    """An open run: `state` is new (config.yaml written now), resume, or committed (already)."""
+
+    layout: RunLayout
+    state: str
+
+    def done(self, stage: Location) -> bool:
+        return is_done(stage)
 
     def marker(self, stage: Location, cls: type[R]) -> R:
         return read_marker(stage, cls)
@@ -260,26 +266,15 @@ def manifest_of(layout: RunLayout) -> dict | None:
 
 
 @dataclass(frozen=True)
-class CommittedRun:
+class CommittedRun(_RunDir):
     """A committed run, read-only: its layout, its manifest (as written) and its stages."""
 
     layout: RunLayout
     manifest: dict
 
-    @property
-    def run_id(self) -> str:
-        return self.layout.run_id
-
-    @property
-    def url(self) -> str:
-        return self.layout.run.url
-
     def typed(self) -> Manifest:
         """The manifest as its record (RecordError naming the first key that does not fit)."""
         return decode(Manifest, self.manifest, f"{self.url}/manifest.json")
-
-    def read(self, stage: Location, columns: list[str] | None = None) -> pa.Table:
-        return read_stage(stage, columns)
 
     def model_names(self) -> list[str]:
         return [m["name"] for m in self.manifest.get("models", [])]

@@ -291,7 +291,7 @@ class ScoreActor:
 def _pool(rows, actor, kwargs: dict, placement: Placement):
     from ray.data import ActorPoolStrategy
 
-    return rows.map_batches(
+    out = rows.map_batches(
         actor,
         fn_constructor_kwargs=kwargs,
         batch_size=placement.batch_size,
@@ -303,6 +303,11 @@ def _pool(rows, actor, kwargs: dict, placement: Placement):
         num_gpus=placement.gpus_per_actor,
         runtime_env={"env_vars": ENGINE_ENV},
     )
+    # Every engine of the pool starts (loads its model) before the first batch is sent: otherwise
+    # Ray Data hands the first actor ready as many batches as it takes, and on a small run an
+    # engine that starts later (another node, an autoscaled one) may get nothing.
+    out.context.wait_for_min_actors_s = placement.start_timeout_s
+    return out
 
 
 def generate(rows, *, spec: EngineSpec, sampling: Sampling, placement: Placement, ledger=None,

@@ -82,6 +82,9 @@ class EngineConfig:
     batch_size: int = 64  # rows per batch sent to an engine actor (one vLLM generate call)
     max_num_seqs: int = 128  # sequences the engine schedules at once
     enforce_eager: bool = True
+    # How long a stage waits for every engine actor of its pool to start (nodes an autoscaler adds
+    # included) before it sends a batch; a pool that cannot be placed in that time fails the stage.
+    start_timeout_s: int = 900
 
 
 @dataclass
@@ -288,6 +291,7 @@ def validate(cfg: Config) -> None:
     check(e.num_actors >= 1, f"engine.num_actors must be >= 1, got {e.num_actors}")
     check(e.batch_size >= 1, f"engine.batch_size must be >= 1, got {e.batch_size}")
     check(e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
+    check(e.start_timeout_s >= 1, f"engine.start_timeout_s must be >= 1, got {e.start_timeout_s}")
 
     _validate_cousins(cfg, check)
     price = cfg.cost.price_per_accelerator_hour

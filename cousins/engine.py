@@ -53,6 +53,7 @@ class Placement:
     cpus_per_actor: float
     gpus_per_actor: float
     batch_size: int  # rows per batch sent to an engine actor
+    start_timeout_s: int = 900  # every actor of the pool must be up before the first batch
 
 
 def llm_kwargs(spec: EngineSpec) -> dict:

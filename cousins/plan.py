@@ -38,7 +38,8 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
 def placement(cfg: Config, *, reorder: bool = False) -> Placement:
     e = cfg.engine
     return Placement(num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor,
-                     batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size)
+                     batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size,
+                     start_timeout_s=e.start_timeout_s)
 
 
 def sampling(cfg: Config) -> Sampling:

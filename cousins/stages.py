@@ -99,6 +99,20 @@ def accelerator_seconds(where: Placement, spec: EngineSpec, wall_s: float) -> tu
     return "cpu-actor", wall_s * where.num_actors
 
 
+def _run_pool(ds, what: str, where: Placement):
+    """Execute a stage's dataset; a pool that never starts becomes an error that says why."""
+    import ray
+
+    try:
+        return ds.take_all()
+    except ray.exceptions.GetTimeoutError as e:
+        raise RuntimeError(
+            f"the engine pool of {what} ({where.num_actors} actors x {where.gpus_per_actor:g} GPU, "
+            f"{where.cpus_per_actor:g} CPU) did not start within engine.start_timeout_s={where.start_timeout_s}: "
+            f"the cluster lacks those resources, or its autoscaler could not add them in time; lower "
+            f"engine.num_actors or engine.gpus_per_actor, or grow the cluster") from e
+
+
 def _blocks(rows: int, where: Placement) -> int:
     """Input blocks of at most one batch each, so every actor task is one batch and tasks overlap."""
     return max(where.num_actors, -(-rows // where.batch_size))
@@ -140,8 +154,8 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
             gens = actors.generate(rows.repartition(_blocks(expected - len(done_keys), where)), spec=spec,
                                    sampling=sampling, placement=where, ledger=ledger,
                                    tolerate_load_failure=not entry.is_original, backend=backend)
-            written = gens.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                       **light).take_all()
+            written = _run_pool(gens.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                                 **light), f"model {entry.name!r}", where)
             retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
         finally:
             ray.kill(ledger)
@@ -179,8 +193,8 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
     try:
         scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk, placement=where,
                               ledger=ledger, tolerate_load_failure=not entry.is_original, backend=backend)
-        scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).take_all()
+        _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                     batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), f"scorer {entry.name!r}", where)
         retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
     finally:
         ray.kill(ledger)

@@ -125,3 +125,10 @@ def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(r
     same = ["prompt_id", "sample_index", "seed", "output_token_ids", "output_text", "topk_logprobs"]
     assert after.select(same).equals(want.select(same))  # seeds make the redone rows the same rows
     assert every_json_reads_back_as_declared(layout.run.path) == 1 + 2 + 1
+
+
+def test_an_engine_pool_the_cluster_cannot_place_fails_with_the_reason_instead_of_waiting(ray_local, tmp_path):
+    cfg = fake_config(tmp_path, "run.run_id=no-gpus", "engine.gpus_per_actor=1", "engine.start_timeout_s=5")
+    with pytest.raises(RuntimeError, match=r"engine pool of model 'tiny-teacher' \(1 actors x 1 GPU, 1 CPU\) did not "
+                                           r"start within engine.start_timeout_s=5"):
+        run_generate(cfg, backend=FakeBackend())

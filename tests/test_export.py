@@ -153,6 +153,10 @@ def test_export_round_trips_through_datasets_pyarrow_and_duckdb(tmp_path):
     for needle in ("run `r1`", "fingerprint `f00`", "answer check", "| answer check | 11 | 2 |", "top-3 logprobs"):
         assert needle in card, needle
     assert result.bytes_per_output_token == pytest.approx(sum(f["bytes"] for f in result.files) / result.output_tokens)
+    from cousins import records
+
+    marker = json.loads((out / "_SUCCESS").read_text())  # the export's marker reads back as declared
+    assert records.encode(records.decode(records.ExportDone, marker)) == marker and marker["rows"] == 9
 
 
 def test_sft_export_as_jsonl(tmp_path):

@@ -1,4 +1,5 @@
-"""The drift job's config: cousins validated all at once, vocabularies checked before any cluster work."""
+"""Who runs in a drift run (cousins/family.py, cousins/plan.py): cousins validated all at once, model entries,
+vocabularies checked before any cluster work."""
 
 from __future__ import annotations
 

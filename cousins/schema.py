@@ -109,8 +109,8 @@ DRIFT = pa.schema(
         pa.field("length_ratio", pa.float64()),  # cousin_tokens / original_tokens (token efficiency)
         pa.field("exact_match", pa.bool_()),  # identical output token ids (same seed; greedy: same answer)
         pa.field("first_divergence", pa.int32()),  # first differing output token index; null if identical
-        pa.field("chrf", pa.float64()),  # chrF (char 6-grams, beta 2) of the cousin's text against the original's, 0-100
-        pa.field("rouge_l", pa.float64()),  # ROUGE-L F1 over whitespace words, 0-1
+        pa.field("chrf", pa.float64()),  # sacreBLEU's sentence chrF of the cousin's text against the original's, 0-100
+        pa.field("rouge_l", pa.float64()),  # ROUGE-L F1 over whitespace words (case kept), 0-1
         pa.field("finish_original", pa.string()),
         pa.field("finish_cousin", pa.string()),
         pa.field("finish_changed", pa.bool_()),

@@ -184,7 +184,8 @@ def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
         names = [c.get("name") for c in entries]
         raise NotFound(f"run {run_id!r} has no cousin {cousin!r}; its cousins: {names}")
     keep = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound")
-    return {**{k: summary.get(k) for k in keep}, "cousin": found, "noise_floor": noise}
+    warnings = [w for w in summary.get("warnings") or [] if w.startswith(f"{cousin}: ")]
+    return {**{k: summary.get(k) for k in keep}, "cousin": found, "noise_floor": noise, "warnings": warnings}
 
 
 def list_cousins(root: Location, run_id: str) -> list[str]:

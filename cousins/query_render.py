@@ -103,7 +103,8 @@ def render_cousin_summary(view: dict) -> str:
     rows = [(name, _figure(m), _figure(nm.get(name))) for name, m in sorted((c.get("metrics") or {}).items())]
     b = view["bootstrap"]
     return head + "\n\n" + text_table(("metric", "value [CI]", "noise floor [CI]"), rows) + (
-        f"\n[CI] = {100 * b['level']:.0f}% bootstrap over prompts ({b['resamples']} resamples)")
+        f"\n[CI] = {100 * b['level']:.0f}% bootstrap over prompts ({b['resamples']} resamples)") + "".join(
+        f"\nwarning: {w}" for w in view.get("warnings") or [])
 
 
 def _figure(m: dict | None) -> str:

@@ -395,6 +395,7 @@ class Summary:
     noise_floor: CousinSummary | None
     cousins: list[CousinSummary]
     computed: str
+    warnings: list[str] | None = optional()  # e.g. a top-k KLD that understates the full KLD
     accounting: dict[str, Accounting] | None = optional()
     cost_currency: str | None = optional()
     timings: dict[str, float | None] | None = optional()

@@ -42,6 +42,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
  padding:0 24px 48px}
 h1{font-size:22px;margin:24px 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:16px;margin:28px 0 6px}h4{font-size:14px;margin:16px 0 6px}
+ul.warnings{background:#fff4e5;border-left:4px solid #e08a00;padding:8px 8px 8px 28px;margin:8px 0}
 dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:8px 0}
 dl.meta dt{color:#555}dl.meta dd{margin:0}
 table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
@@ -200,7 +201,9 @@ def _header(s: dict) -> str:
          if s["noise_floor"] else "not measured in this run"),
     ]
     rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items)
-    return f"<h1>Drift report — {escape(str(s['run_id']))}</h1>\n<dl class=\"meta\">{rows}</dl>"
+    warnings = "".join(f"<li>{escape(w)}</li>" for w in s.get("warnings") or [])
+    return (f"<h1>Drift report — {escape(str(s['run_id']))}</h1>\n<dl class=\"meta\">{rows}</dl>"
+            + (f"\n<ul class=\"warnings\">{warnings}</ul>" if warnings else ""))
 
 
 def _accounting_table(accounting: dict | None, currency: str) -> str:
@@ -229,6 +232,7 @@ def _accounting_table(accounting: dict | None, currency: str) -> str:
 
 _COLUMNS = [  # (header, metric, formatter)
     ("KLD mean", "kld_mean", _num), ("KLD p99", "kld_p99", _num), ("KLD max", "kld_max", _num),
+    ("rest mass", "rest_mass_mean", _pct),
     ("same top-1", "same_top1", _pct), ("RMS Δp", "rms_dp", _pct), ("PPL ratio", "ppl_ratio", _num),
     ("flip rate", "flip_rate", _pct), ("Δ accuracy", "accuracy_delta", _pp),
     ("length ratio", "length_ratio", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),

@@ -252,3 +252,17 @@ def test_chrf_equals_sacrebleus_sentence_chrf_on_random_and_text_pairs():
         assert metrics.chrf(hyp, r) == pytest.approx(ref.sentence_score(hyp, [r]).score, abs=1e-6), (hyp, r)
         checked += 1
     assert checked >= 1400
+
+
+def test_a_large_rest_mass_is_a_warning_in_the_summary_and_the_table():
+    from cousins.drift.summary import drift_table
+
+    assert metrics.rest_mass_warning("q", 0.05, 20) is None and metrics.rest_mass_warning("q", None, 20) is None
+    w = metrics.rest_mass_warning("q", 0.78, 20)
+    assert w.startswith("q: the original puts 78.0% of its probability outside its top-20") and "lower bound" in w
+    m = {"kld_mean": {"value": 0.1, "ci": [0.09, 0.11]}, "rest_mass_mean": {"value": 0.78, "ci": [0.7, 0.8]}}
+    summary = {"cousins": [{"name": "q", "kind": "quantized", "error": None, "metrics": m}], "noise_floor": None,
+               "prompts": 3, "score_topk": 20, "bootstrap": {"level": 0.95, "resamples": 10}, "warnings": [w]}
+    text = drift_table(summary)
+    assert text.splitlines()[0].split()[:6] == ["cousin", "kind", "KLD", "mean", "[CI]", "rest"]
+    assert "78.0%" in text.splitlines()[2] and text.endswith(f"warning: {w}")

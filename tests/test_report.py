@@ -121,6 +121,7 @@ def run():
         "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0},
         "kld_bound": "Computed on the union of both top-20 sets plus a rest bucket; it is a lower bound.",
         "noise_floor": _summary_of("noise-floor", "noise", rows["noise-floor"]), "cousins": cousins,
+        "warnings": ["q8-w8a8: the original puts 78.0% of its probability outside its top-20 <on average>"],
     }
     return summary, drift
 
@@ -276,3 +277,9 @@ def test_report_renders_in_chromium(html, tmp_path):
         assert img.size == (1280, 4000)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is None or len(colours) > 50  # None: more colours than maxcolors
+
+
+def test_warnings_are_shown_under_the_header_escaped(html):
+    assert '<ul class="warnings"><li>q8-w8a8: the original puts 78.0% of its probability outside its top-20 ' \
+           '&lt;on average&gt;</li></ul>' in html
+    assert "<th>rest mass</th>" in html

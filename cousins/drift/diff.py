@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from cousins import schema
 from cousins.drift import compare as cmp
-from cousins.drift.metrics import KLD_BOUND
+from cousins.drift.metrics import KLD_BOUND, rest_mass_warning
 from cousins.drift.summary import BootstrapSpec, summarise
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
 from cousins.run import Run, committed, now
@@ -82,6 +82,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         summaries[e.name] = summarise(e.name, e.kind, drift, spec, text_only=not token_level, error=load_error)
         tables.append(drift)
     noise = summaries.pop(NOISE_FLOOR, None)
+    warnings = [w for s in summaries.values() if (w := rest_mass_warning(
+        s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
     summary = {
         "run_id": run.run_id, "original": original.name, "score_topk": settings.score_topk,
         "prompts": len(set(og.column("prompt_id").to_pylist())),
@@ -90,6 +92,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         "kld_bound": KLD_BOUND, "answer_match": settings.answer_match,
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
+        "warnings": warnings,
         "computed": now(),
         **(extra or {}),
     }

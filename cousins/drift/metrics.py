@@ -35,6 +35,21 @@ KLD_BOUND = ("KLD is estimated from the top-k of both models plus one rest bucke
              "full-vocabulary KLD, short of it by the original's rest mass times the KLD within the tail "
              "(0 ≤ full − estimate = r_p · KL(p_rest ‖ q_rest)).")
 
+# Above this mean rest mass (the original's probability outside its top-k, on its own outputs) the
+# top-k KLD is flagged as understating the full-vocabulary KLD.
+REST_MASS_WARN = 0.05
+
+
+def rest_mass_warning(name: str, rest_mass: float | None, topk: int) -> str | None:
+    """The warning a cousin's summary carries when the top-k KLD may be far below the full KLD."""
+    if rest_mass is None or rest_mass <= REST_MASS_WARN:
+        return None
+    return (f"{name}: the original puts {rest_mass:.1%} of its probability outside its top-{topk} on average "
+            f"(over {REST_MASS_WARN:.0%}): the KLD shown is a lower bound that can understate the full "
+            f"KLD several times over (full − estimate = r_p · KL(p_rest ‖ q_rest)); score with a larger "
+            f"drift.score_topk")
+
+
 _TINY = 1e-30
 
 

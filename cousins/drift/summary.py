@@ -250,16 +250,18 @@ def _fmt(m: dict | None, pct: bool = False, digits: int = 4) -> str:
 
 def drift_table(summary: dict) -> str:
     """The summary as a plain-text table: cousins ranked by drift, the noise floor last."""
-    header = ("cousin", "kind", "KLD mean [CI]", "same top-1 [CI]", "RMS dp", "PPL ratio", "flips",
+    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "same top-1 [CI]", "RMS dp", "PPL ratio", "flips",
               "acc delta", "length ratio", "exact match")
     rows = [header]
     noise = [summary["noise_floor"]] if summary.get("noise_floor") else []
     for s in [*summary["cousins"], *noise]:
         m = s["metrics"]
         if s["error"] is not None and not m:
-            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * 7))
+            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * 8))
             continue
-        rows.append((s["name"], s["kind"], _fmt(m.get("kld_mean")), _fmt(m.get("same_top1"), pct=True),
+        rows.append((s["name"], s["kind"], _fmt(m.get("kld_mean")),
+                     _fmt(m.get("rest_mass_mean") and {"value": m["rest_mass_mean"]["value"]}, pct=True),
+                     _fmt(m.get("same_top1"), pct=True),
                      _fmt(m.get("rms_dp") and {"value": m["rms_dp"]["value"]}, pct=True),
                      _fmt(m.get("ppl_ratio") and {"value": m["ppl_ratio"]["value"]}),
                      _fmt(m.get("flip_rate"), pct=True), _fmt(m.get("accuracy_delta"), pct=True),
@@ -269,5 +271,7 @@ def drift_table(summary: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     b = summary["bootstrap"]
     lines.append(f"{summary['prompts']} prompts; [CI] = {100 * b['level']:.0f}% bootstrap over prompts "
-                 f"({b['resamples']} resamples); KLD from the top-{summary['score_topk']} (a lower bound)")
+                 f"({b['resamples']} resamples); KLD from the top-{summary['score_topk']} (a lower bound); "
+                 f"rest mass: the original's probability outside its top-{summary['score_topk']}")
+    lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     return "\n".join(lines)

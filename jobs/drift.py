@@ -19,6 +19,7 @@ from cousins.drift.summary import BootstrapSpec, drift_table
 from cousins.jobkit import execute, start
 from cousins.pipeline import decode_summary, result_from_manifest, run_drift
 from cousins.run import NotCommitted
+from cousins.runtime import init_ray
 from cousins.storage import resolve
 
 
@@ -29,6 +30,7 @@ def main(dcfg: DictConfig) -> None:
         d = cfg.drift
         if not cfg.run.run_id:
             sys.exit("error: drift.recompute needs run.run_id: the committed run to recompute")
+        init_ray(cfg.ray)  # the diff runs on the cluster (or a local Ray), like every stage
         try:
             summary = recompute(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id,
                                 bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed),

@@ -1,21 +1,21 @@
 """The drift diff: per cousin, its generations and scores joined with the original's by row key into
-drift rows (drift/cousin={name}/), then summaries with bootstrap CIs (summary.json, records.Summary)
-and report.html. CPU only: reads stored generations and scores through the run, never an engine
-(this package does not import the engine modules). `recompute` redoes it for a committed run.
+drift rows (drift/cousin={name}/, computed on Ray Data workers: drift/rows.py), then summaries with
+bootstrap CIs (summary.json, records.Summary) and report.html. CPU only: reads stored generations
+and scores, never an engine (this package does not import the engine modules). `recompute` redoes
+it for a committed run, on the connected Ray.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cousins import schema
-from cousins.drift import compare as cmp
+from cousins.drift.rows import drift_rows, load_error
 from cousins.drift.metrics import KLD_BOUND, rest_mass_warning
 from cousins.drift.summary import BootstrapSpec, summarise
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
@@ -33,24 +33,12 @@ class DiffSettings:
     worst_n: int
 
 
-def _read(run: Run, stage: Location, columns: list[str]) -> pa.Table | None:
+def _read(run: Run, stage: Location, columns: list[str] | None = None) -> pa.Table | None:
     """A stage sorted by row key; None when it holds no part."""
     if not data_files(stage):
         return None
     t = run.read(stage, columns)
     return t.sort_by([(k, "ascending") for k in ("prompt_id", "sample_index") if k in t.column_names])
-
-
-def _decoder(path: str) -> Callable[[list[int]], str] | None:
-    """Token ids -> text with the original's tokenizer (the `tokenizers` library: light to load),
-    to place divergent tokens in the texts; None without a local tokenizer.json."""
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        return None
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(file)
-    return lambda ids: tok.decode(ids, skip_special_tokens=True)
 
 
 def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, extra: dict | None = None,
@@ -62,31 +50,27 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
 
     t0 = time.perf_counter()
     layout, original = run.layout, entries[0]
-    prompts = _read(run, layout.prompts, ["prompt_id", "reference"])
-    references = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(),
-                                       prompts.column("reference").to_pylist()) if r is not None}
-    og = _read(run, layout.generations(original.name), cmp.GEN_COLUMNS)
-    so = _read(run, layout.scores(original.name), cmp.SCORE_COLUMNS)
-    decode_ids = _decoder(original.path)
+    errors = {e.name: load_error(layout.generations(e.name)) for e in entries[1:]}
+    token_level = {e.name: not (e.text_only or errors[e.name]) for e in entries[1:]}
+    written = drift_rows(run, entries, token_level, answer_match=settings.answer_match)
+    expected = run.count(layout.generations(original.name))
     spec = settings.bootstrap
     summaries, tables = {}, []
     for e in entries[1:]:
-        cg = _read(run, layout.generations(e.name), cmp.GEN_COLUMNS)
-        load_error = _load_error(cg)
-        token_level = not (e.text_only or load_error)
-        sc = _read(run, layout.scores(e.name), cmp.SCORE_COLUMNS) if token_level else None
-        drift = cmp.compare(e.name, og, cg, so if token_level else None, sc, answer_match=settings.answer_match,
-                            references=references, decode=decode_ids)
-        run.write_part(layout.drift(e.name), drift, "part-00000.parquet")
-        run.finish(layout.drift(e.name), DriftDone(rows=drift.num_rows))
-        summaries[e.name] = summarise(e.name, e.kind, drift, spec, text_only=not token_level, error=load_error)
+        stage = layout.drift(e.name)
+        run.verify(stage, expected, f"drift rows of {e.name!r}", ["prompt_id", "sample_index"])
+        run.finish(stage, DriftDone(rows=written[e.name]))
+        drift = _read(run, stage)
+        drift = schema.DRIFT.empty_table() if drift is None else drift
+        summaries[e.name] = summarise(e.name, e.kind, drift, spec, text_only=not token_level[e.name],
+                                      error=errors[e.name])
         tables.append(drift)
     noise = summaries.pop(NOISE_FLOOR, None)
     warnings = [w for s in summaries.values() if (w := rest_mass_warning(
         s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
     summary = {
         "run_id": run.run_id, "original": original.name, "score_topk": settings.score_topk,
-        "prompts": len(set(og.column("prompt_id").to_pylist())),
+        "prompts": _prompts_answered(run, layout.generations(original.name)),
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
         "kld_bound": KLD_BOUND, "answer_match": settings.answer_match,
@@ -103,21 +87,17 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     return run.write_summary(decode(Summary, encode(summary)), html)
 
 
+def _prompts_answered(run: Run, generations: Location) -> int:
+    """Distinct prompts among the original's generation rows."""
+    t = run.read(generations, ["prompt_id"])
+    return len(pc.unique(t.column("prompt_id"))) if t.num_rows else 0
+
+
 def _drift_rank(s: dict):
     """Most drift first: token KLD mean where there is one, else 100 - chrF."""
     kld = (s["metrics"].get("kld_mean") or {}).get("value")
     chrf = (s["metrics"].get("chrf") or {}).get("value")
     return (s["error"] is not None, -(kld if kld is not None else -1.0), chrf if chrf is not None else 0.0)
-
-
-def _load_error(gens: pa.Table | None) -> str | None:
-    """The engine's load error when every row of a model failed with it."""
-    if gens is None or gens.num_rows == 0:
-        return "no generations"
-    errors = gens.column("error").to_pylist()
-    if all(e is not None and e.startswith("engine failed to load") for e in errors):
-        return errors[0]
-    return None
 
 
 def drift_headline(summary: dict) -> dict[str, Headline]:

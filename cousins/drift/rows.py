@@ -1,0 +1,165 @@
+"""Drift rows as a Ray Data computation: every model's generations and scores of a prompt meet in
+one worker, which computes that prompt's drift rows for every cousin and publishes them.
+
+The original's generations and scores, each cousin's, and the prompts' references are read as one
+union of tagged rows (`UNION`), hash-partitioned by prompt_id (`repartition(keys=...)`, the shuffle
+Ray Data's own `map_groups` uses: a partition holds all rows of its prompts), and each partition is
+joined locally by (prompt_id, sample_index) with `compare.compare`. Drift rows are written as part
+files under drift/cousin={name}/, named by their keys. No row reaches the driver: it gets the
+rows written per cousin.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cousins import schema
+from cousins.drift import compare as cmp
+from cousins.storage import Location, data_files
+
+KEYS = ["prompt_id", "sample_index"]
+PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
+
+_G = {f.name: f.type for f in schema.GENERATIONS}
+_S = {f.name: f.type for f in schema.SCORES}
+UNION = pa.schema([
+    ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("model", pa.string()),
+    ("part", pa.string()),  # prompt | gen | score
+    ("reference", pa.string()),  # part=prompt
+    *[(c, _G[c]) for c in cmp.GEN_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
+    *[(c, _S[c]) for c in cmp.SCORE_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
+    ("error", pa.string()),
+])
+
+
+def _tag(batch: pa.Table, *, model: str, part: str) -> pa.Table:
+    """A stage's rows in the union's shape: its own columns, the others null."""
+    n = batch.num_rows
+    cols = {"model": pa.array([model] * n, pa.string()), "part": pa.array([part] * n, pa.string())}
+    return pa.table({f.name: cols[f.name] if f.name in cols else
+                     (batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(n, f.type))
+                     for f in UNION}, schema=UNION)
+
+
+_DECODERS: dict[str, Callable | None] = {}
+
+
+def decoder(path: str) -> Callable[[list[int]], str] | None:
+    """Token ids -> text with the original's tokenizer (the `tokenizers` library: light to load),
+    to place divergent tokens in the texts; None without a local tokenizer.json. One per process."""
+    if path not in _DECODERS:
+        file = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(file):
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(file)
+            _DECODERS[path] = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        else:
+            _DECODERS[path] = None
+    return _DECODERS[path]
+
+
+def _pick(block: pa.Table, part: str, model: str, columns: list[str], types: dict) -> pa.Table:
+    sel = pc.and_(pc.equal(block.column("part"), part), pc.equal(block.column("model"), model))
+    t = block.filter(sel).select(columns)
+    t = pa.table({c: t.column(c).cast(types[c]) for c in columns})
+    return t.sort_by([(k, "ascending") for k in KEYS])
+
+
+def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, bool]], original_scored: bool,
+                   answer_match: str, tokenizer_path: str) -> pa.Table:
+    """The drift rows (schema.DRIFT) of every cousin for the prompts of one partition.
+    cousins: (name, compared token by token)."""
+    prompts = block.filter(pc.equal(block.column("part"), "prompt"))
+    references = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(),
+                                       prompts.column("reference").to_pylist()) if r is not None}
+    og = _pick(block, "gen", original, cmp.GEN_COLUMNS, _G)
+    so = _pick(block, "score", original, cmp.SCORE_COLUMNS, _S) if original_scored else None
+    decode = decoder(tokenizer_path)
+    out = [schema.DRIFT.empty_table()]
+    for name, token_level in cousins:
+        cg = _pick(block, "gen", name, cmp.GEN_COLUMNS, _G)
+        sc = _pick(block, "score", name, cmp.SCORE_COLUMNS, _S) if token_level else None
+        out.append(cmp.compare(name, og, cg, so if token_level else None, sc, answer_match=answer_match,
+                               references=references, decode=decode))
+    return pa.concat_tables(out)
+
+
+def publish_drift(batch: pa.Table, *, drift_dir: Location) -> pa.Table:
+    """Publish a batch's drift rows, one part per cousin, named by the rows' keys (a retried task
+    rewrites the same names); returns the rows written per cousin."""
+    from cousins.ledger import batch_key
+    from cousins.storage import write_parquet_atomic
+
+    names, rows = [], []
+    for cousin in pc.unique(batch.column("cousin")).to_pylist():
+        part = batch.filter(pc.equal(batch.column("cousin"), cousin))
+        write_parquet_atomic(part, drift_dir.join(f"cousin={cousin}", f"part-{batch_key(part)}.parquet"))
+        names.append(cousin)
+        rows.append(part.num_rows)
+    return pa.table({"cousin": pa.array(names, pa.string()), "rows": pa.array(rows, pa.int64())})
+
+
+def load_error(stage: Location) -> str | None:
+    """The engine's load error when every row of a model failed with it ("no generations" when the
+    stage holds none); streams the error column, stopping at the first row that did not fail so."""
+    import pyarrow.dataset as pads
+
+    files = data_files(stage)
+    if not files:
+        return "no generations"
+    first, seen = None, 0
+    for batch in pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").to_batches(columns=["error"]):
+        for e in batch.column(0).to_pylist():
+            if e is None or not e.startswith("engine failed to load"):
+                return None
+            first, seen = first or e, seen + 1
+    return first if seen else "no generations"
+
+
+def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, num_cpus: float = 1.0) -> dict[str, int]:
+    """Compute and publish every cousin's drift rows on the connected Ray; returns rows per cousin.
+    `entries`: the run's models, the original first; `token_level`: per cousin, whether it is
+    compared token by token (not text-only, and its engine loaded)."""
+    import ray
+    import ray.data
+
+    layout, original = run.layout, entries[0]
+
+    def read(stage: Location, columns: list[str], model: str, part: str):
+        files = data_files(stage)
+        if not files:
+            return None
+        return ray.data.read_parquet(files, filesystem=stage.arrow_fs(), num_cpus=0.1).select_columns(
+            columns).map_batches(_tag, fn_kwargs={"model": model, "part": part}, batch_format="pyarrow",
+                                 num_cpus=0.1)
+
+    parts = [read(layout.prompts, ["prompt_id", "reference"], "", "prompt"),
+             read(layout.generations(original.name), cmp.GEN_COLUMNS, original.name, "gen"),
+             read(layout.scores(original.name), cmp.SCORE_COLUMNS, original.name, "score")]
+    original_scored = parts[-1] is not None
+    for e in entries[1:]:
+        parts.append(read(layout.generations(e.name), cmp.GEN_COLUMNS, e.name, "gen"))
+        if token_level[e.name]:
+            parts.append(read(layout.scores(e.name), cmp.SCORE_COLUMNS, e.name, "score"))
+    parts = [p for p in parts if p is not None]
+    for e in entries[1:]:
+        run.restart(layout.drift(e.name))  # an earlier diff's parts never mix with this one's
+    n_prompts = run.count(layout.prompts)
+    partitions = max(int(ray.cluster_resources().get("CPU", 1)), -(-n_prompts // PROMPTS_PER_PARTITION))
+    union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    rows = union.repartition(partitions, keys=["prompt_id"]).map_batches(
+        diff_partition, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+        fn_kwargs={"original": original.name, "cousins": [(e.name, token_level[e.name]) for e in entries[1:]],
+                   "original_scored": original_scored, "answer_match": answer_match,
+                   "tokenizer_path": original.path})
+    written = rows.map_batches(publish_drift, fn_kwargs={"drift_dir": layout.run.join("drift")},
+                               batch_format="pyarrow", num_cpus=0.1).take_all()
+    counts = {e.name: 0 for e in entries[1:]}
+    for w in written:
+        counts[w["cousin"]] += w["rows"]
+    return counts

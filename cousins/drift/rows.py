@@ -121,6 +121,32 @@ def load_error(stage: Location) -> str | None:
     return first if seen else "no generations"
 
 
+def _model_of(path: str) -> str:
+    """The model a stage file belongs to, from its directory: .../generations/model=NAME/part-….parquet"""
+    parent = path.rstrip("/").rsplit("/", 2)[-2]
+    return parent.split("=", 1)[1] if parent.startswith(("model=", "cousin=")) else ""
+
+
+def _tag_files(batch: pa.Table, *, part: str) -> pa.Table:
+    paths = batch.column("path").to_pylist()
+    models = {p: _model_of(p) for p in set(paths)}
+    out = _tag(batch.drop_columns(["path"]), model="", part=part)
+    return out.set_column(out.schema.get_field_index("model"), "model",
+                          pa.array([models[p] for p in paths], pa.string()))
+
+
+def _read(run, stages: list[Location], columns: list[str], part: str):
+    """One Ray Data read of several stages' parts, tagged with their model and part."""
+    import ray.data
+
+    files = [f for stage in stages for f in data_files(stage)]
+    if not files:
+        return None
+    return ray.data.read_parquet(files, filesystem=stages[0].arrow_fs(), include_paths=True,
+                                 num_cpus=0.1).select_columns([*columns, "path"]).map_batches(
+        _tag_files, fn_kwargs={"part": part}, batch_format="pyarrow", num_cpus=0.1)
+
+
 def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, num_cpus: float = 1.0) -> dict[str, int]:
     """Compute and publish every cousin's drift rows on the connected Ray; returns rows per cousin.
     `entries`: the run's models, the original first; `token_level`: per cousin, whether it is
@@ -130,22 +156,13 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
 
     layout, original = run.layout, entries[0]
 
-    def read(stage: Location, columns: list[str], model: str, part: str):
-        files = data_files(stage)
-        if not files:
-            return None
-        return ray.data.read_parquet(files, filesystem=stage.arrow_fs(), num_cpus=0.1).select_columns(
-            columns).map_batches(_tag, fn_kwargs={"model": model, "part": part}, batch_format="pyarrow",
-                                 num_cpus=0.1)
-
-    parts = [read(layout.prompts, ["prompt_id", "reference"], "", "prompt"),
-             read(layout.generations(original.name), cmp.GEN_COLUMNS, original.name, "gen"),
-             read(layout.scores(original.name), cmp.SCORE_COLUMNS, original.name, "score")]
-    original_scored = parts[-1] is not None
-    for e in entries[1:]:
-        parts.append(read(layout.generations(e.name), cmp.GEN_COLUMNS, e.name, "gen"))
-        if token_level[e.name]:
-            parts.append(read(layout.scores(e.name), cmp.SCORE_COLUMNS, e.name, "score"))
+    # One read per kind of stage (prompts, generations, scores), the model taken from each file's
+    # path: a handful of operators whatever the number of cousins.
+    gens = [layout.generations(e.name) for e in entries]
+    scores = [layout.scores(e.name) for e in entries if e.is_original or token_level[e.name]]
+    parts = [_read(run, [layout.prompts], ["prompt_id", "reference"], "prompt"),
+             _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
+    original_scored = bool(data_files(layout.scores(original.name)))
     parts = [p for p in parts if p is not None]
     for e in entries[1:]:
         run.restart(layout.drift(e.name))  # an earlier diff's parts never mix with this one's

@@ -178,6 +178,37 @@ def two_nodes(cfg: Config, limit: int, tag: str) -> dict:
     return out
 
 
+def diff_scale(cfg: Config, run_id: str, factors: list[int]) -> dict:
+    """The diff of `run_id` (a committed drift run) copied 1x, 8x, ... its prompts, recomputed in a
+    fresh driver on one local node and on two (one CPU each): wall time, driver peak RSS, and
+    throughput in prompts x cousins per second."""
+    from ray.cluster_utils import Cluster
+
+    from cousins.bench_scale import measure, synthesize
+    from cousins.storage import resolve
+
+    root = resolve(cfg.storage.root, **cfg.storage.options)
+    runs = {f: synthesize(root, run_id, f) for f in factors}
+    out: dict = {"source_run": run_id, "factors": factors}
+    for nodes in (1, 2):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 512 << 20})
+        if nodes == 2:
+            cluster.add_node(num_cpus=1, object_store_memory=512 << 20)
+        try:
+            for f, rid in runs.items():
+                m = measure(root.url, rid, cluster.address)
+                m["throughput"] = m["prompts"] * m["cousins"] / m["wall_s"]
+                out[f"nodes_{nodes}_x{f}"] = m
+                print(f"diff x{f} on {nodes} node(s): {m['wall_s']:.1f} s, driver peak RSS "
+                      f"{m['driver_peak_rss_mib']:.0f} MiB", flush=True)
+        finally:
+            cluster.shutdown()
+    lo, hi = min(factors), max(factors)
+    out["rss_growth"] = out[f"nodes_1_x{hi}"]["driver_peak_rss_mib"] / out[f"nodes_1_x{lo}"]["driver_peak_rss_mib"]
+    out["two_node_throughput_ratio"] = out[f"nodes_2_x{hi}"]["throughput"] / out[f"nodes_1_x{hi}"]["throughput"]
+    return out
+
+
 def _halves(cores: list[int]) -> tuple[list[int], list[int]]:
     """This machine's cores split in two (one each on a single-core machine)."""
     if len(cores) < 2:
@@ -205,6 +236,8 @@ def summarise(reps: list[dict]) -> dict:
         "engine_peak_rss_mib": _spread(get("pipeline", "peak_rss_mib")),
         "two_nodes_speedup": _spread(get("two_nodes", "speedup")),
         "two_nodes_speedup_steady": _spread(get("two_nodes", "speedup_steady")),
+        "diff_scale_driver_rss_growth": _spread(get("diff_scale", "rss_growth")),
+        "diff_scale_two_node_throughput_ratio": _spread(get("diff_scale", "two_node_throughput_ratio")),
     }
 
 
@@ -218,7 +251,8 @@ def _dig(d, path):
 
 TARGETS = {"pipeline_over_bare": (">=", 0.95), "drift_diff_share_of_generation": ("<=", 0.02),
            "drift_score_over_generation_steady": ("<=", 0.5), "two_nodes_speedup_steady": (">=", 1.7),
-           "bytes_per_output_token": ("<=", 120.0)}
+           "bytes_per_output_token": ("<=", 120.0), "diff_scale_driver_rss_growth": ("<=", 1.5),
+           "diff_scale_two_node_throughput_ratio": (">=", 1.7)}
 
 
 def table(summary: dict) -> str:

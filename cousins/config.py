@@ -165,6 +165,11 @@ class BenchConfig:
     bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
     drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
     two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
+    # The diff at scale: synthetic copies of a committed drift run (scale_run; default: this
+    # benchmark's own drift run) recomputed on one local node and on two, one CPU each.
+    scale: bool = False
+    scale_run: str | None = None
+    scale_factors: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
     out: str = "benchmark.json"
 
 

@@ -56,6 +56,15 @@ def main(dcfg: DictConfig) -> None:
         for i, rep in enumerate(reps):
             rep["two_nodes"] = bench.two_nodes(cfg, b.prompts, f"{tag}-{i}")
             save(reps)
+    if b.scale and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.shutdown()  # the scale comparison brings its own local clusters
+        source = b.scale_run or (f"bench-{tag}-0-drift" if b.drift else None)
+        if source is None:
+            sys.exit("error: bench.scale needs bench.scale_run (a committed drift run) or bench.drift=true")
+        reps[0]["diff_scale"] = bench.diff_scale(cfg, source, list(b.scale_factors))
+        save(reps)
     result = save(reps)
     print(f"device: {result['device']}; {b.prompts} prompts, {b.repeats} repetitions")
     print(bench.table(result["summary"]))

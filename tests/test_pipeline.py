@@ -132,3 +132,20 @@ def test_an_engine_pool_the_cluster_cannot_place_fails_with_the_reason_instead_o
     with pytest.raises(RuntimeError, match=r"engine pool of model 'tiny-teacher' \(1 actors x 1 GPU, 1 CPU\) did not "
                                            r"start within engine.start_timeout_s=5"):
         run_generate(cfg, backend=FakeBackend())
+
+
+def test_a_synthetic_copy_of_a_run_diffs_to_the_same_figures_on_twice_the_prompts(drift_run):
+    from cousins.bench_scale import synthesize
+
+    cfg, result, summary = drift_run
+    root, d = resolve(cfg.storage.root), cfg.drift
+    copy = synthesize(root, result.run_id, 2)
+    again = recompute(root, copy, answer_match=d.answer_match, worst_n=d.worst_n,
+                      bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
+    assert again["prompts"] == 2 * summary["prompts"]
+    run = committed(root, copy)
+    assert all(run.read(run.layout.drift(c), ["prompt_id"]).num_rows == 48 for c in ("q", "broken", "words"))
+    for mine, theirs in zip(again["cousins"], summary["cousins"]):  # every prompt twice: the same means
+        for name in ("kld_mean", "same_top1", "chrf", "length_ratio"):
+            if name in theirs["metrics"]:
+                assert mine["metrics"][name]["value"] == pytest.approx(theirs["metrics"][name]["value"])

@@ -156,6 +156,7 @@ class DriftDone:
     """drift/cousin=NAME/."""
 
     rows: int
+    nodes: list[str] | None = optional()  # the Ray nodes that computed the rows
 
 
 @dataclass

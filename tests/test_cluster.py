@@ -229,3 +229,48 @@ def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny
         else:
             os.environ["RAY_AUTH_MODE"] = saved
         assert not _pids_of(temp_dir), "processes of the fake cluster survived"
+
+
+def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
+    """A drift run (fake engines, no vLLM) on a two-node cluster: its drift rows are computed on
+    both nodes; recomputing the diff on one node gives the same rows."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cousins.drift.diff import recompute
+    from cousins.drift.summary import BootstrapSpec
+    from cousins.pipeline import run_drift
+    from cousins.records import DriftDone
+    from cousins.run import committed, read_marker
+    from fake_engine import FakeBackend
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = resolve_paths(to_config(compose(
+        f"model.path={tmp_path / 'teacher'}", f"storage.root={tmp_path / 'out'}", "run=greedy", "corpus.limit=48",
+        "run.sampling.max_tokens=8", "engine.batch_size=16", "engine.cpus_per_actor=0.5", "run.run_id=diff-2n",
+        "drift.bootstrap=20", "drift.noise_floor=false", "cousins=none", f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
+        config_name="drift")))
+    d = cfg.drift
+    spec = BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed)
+    env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}"}}  # the fake engine on every worker
+    drift = {}
+    for nodes in (2, 1):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 256 << 20})
+        if nodes == 2:
+            cluster.add_node(num_cpus=2, object_store_memory=256 << 20)
+        try:
+            ray.init(address=cluster.address, runtime_env=env)
+            if nodes == 2:
+                result, _ = run_drift(cfg, backend=FakeBackend())
+            else:
+                recompute(resolve(cfg.storage.root), result.run_id, bootstrap=spec, answer_match=d.answer_match,
+                          worst_n=d.worst_n)
+            run = committed(resolve(cfg.storage.root), result.run_id)
+            stage = run.layout.drift("q")
+            marker = read_marker(stage, DriftDone)
+            assert marker.rows == 48 and len(marker.nodes) == nodes, marker  # computed on every node
+            drift[nodes] = run.read(stage).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    assert drift[2].equals(drift[1]) and drift[1].column("error").null_count == 48

@@ -59,7 +59,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     for e in entries[1:]:
         stage = layout.drift(e.name)
         run.verify(stage, expected, f"drift rows of {e.name!r}", ["prompt_id", "sample_index"])
-        run.finish(stage, DriftDone(rows=written[e.name]))
+        rows, nodes = written[e.name]
+        run.finish(stage, DriftDone(rows=rows, nodes=nodes))
         drift = _read(run, stage)
         drift = schema.DRIFT.empty_table() if drift is None else drift
         summaries[e.name] = summarise(e.name, e.kind, drift, spec, text_only=not token_level[e.name],

@@ -95,13 +95,17 @@ def publish_drift(batch: pa.Table, *, drift_dir: Location) -> pa.Table:
     from cousins.ledger import batch_key
     from cousins.storage import write_parquet_atomic
 
+    import ray
+
     names, rows = [], []
     for cousin in pc.unique(batch.column("cousin")).to_pylist():
         part = batch.filter(pc.equal(batch.column("cousin"), cousin))
         write_parquet_atomic(part, drift_dir.join(f"cousin={cousin}", f"part-{batch_key(part)}.parquet"))
         names.append(cousin)
         rows.append(part.num_rows)
-    return pa.table({"cousin": pa.array(names, pa.string()), "rows": pa.array(rows, pa.int64())})
+    node = ray.get_runtime_context().get_node_id()
+    return pa.table({"cousin": pa.array(names, pa.string()), "rows": pa.array(rows, pa.int64()),
+                     "node": pa.array([node] * len(names), pa.string())})
 
 
 def load_error(stage: Location) -> str | None:
@@ -147,8 +151,10 @@ def _read(run, stages: list[Location], columns: list[str], part: str):
         _tag_files, fn_kwargs={"part": part}, batch_format="pyarrow", num_cpus=0.1)
 
 
-def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, num_cpus: float = 1.0) -> dict[str, int]:
-    """Compute and publish every cousin's drift rows on the connected Ray; returns rows per cousin.
+def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
+               num_cpus: float = 1.0) -> dict[str, tuple[int, list[str]]]:
+    """Compute and publish every cousin's drift rows on the connected Ray; returns per cousin the
+    rows written and the nodes that wrote them.
     `entries`: the run's models, the original first; `token_level`: per cousin, whether it is
     compared token by token (not text-only, and its engine loaded)."""
     import ray
@@ -171,12 +177,14 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     rows = union.repartition(partitions, keys=["prompt_id"]).map_batches(
         diff_partition, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+        scheduling_strategy="SPREAD",  # the diff is CPU work: over every node of the cluster
         fn_kwargs={"original": original.name, "cousins": [(e.name, token_level[e.name]) for e in entries[1:]],
                    "original_scored": original_scored, "answer_match": answer_match,
                    "tokenizer_path": original.path})
     written = rows.map_batches(publish_drift, fn_kwargs={"drift_dir": layout.run.join("drift")},
                                batch_format="pyarrow", num_cpus=0.1).take_all()
-    counts = {e.name: 0 for e in entries[1:]}
+    counts: dict[str, tuple[int, list[str]]] = {e.name: (0, []) for e in entries[1:]}
     for w in written:
-        counts[w["cousin"]] += w["rows"]
+        n, nodes = counts[w["cousin"]]
+        counts[w["cousin"]] = (n + w["rows"], sorted({*nodes, w["node"]}))
     return counts

@@ -3,11 +3,10 @@ process: no Ray, no vLLM. What only real vLLM shows is in test_engine_vllm.py.""
 
 from __future__ import annotations
 
-import threading
-
 import pyarrow as pa
 import pytest
 
+from conftest import at_once
 from cousins import actors, schema
 from cousins.engine import EngineSpec, Sampling
 from fake_engine import FakeBackend
@@ -47,13 +46,7 @@ def test_two_batches_at_once_through_one_engine_equal_one_at_a_time_and_seeds_ho
     x, y = rows(8, samples=2), rows(8, 8, samples=2)
     one_at_a_time = [a(x), a(y)]
     assert a.feeder.most_calls == 1
-    together: dict[int, pa.Table] = {}
-    threads = [threading.Thread(target=lambda i, t: together.__setitem__(i, a(t)), args=(i, t))
-               for i, t in enumerate((x, y))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    together = at_once(a, (x, y), timeout=60)
     assert a.feeder.most_calls == 2 and not a.feeder.pending and not a.feeder.finished  # nothing left behind
     cols = ["prompt_id", "sample_index", "seed", "output_token_ids", "topk_logprobs"]
     for i in (0, 1):

@@ -5,13 +5,12 @@ decodes equal vLLM's own detokenized texts; the ledger's per-actor working windo
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import hide_context_proxies
+from conftest import at_once, hide_context_proxies
 from cousins import actors, engine
 from cousins.ledger import Ledger
 
@@ -44,13 +43,7 @@ def test_two_batches_at_once_get_their_own_rows_equal_to_one_at_a_time(actor):
     a, b = _rows(16), _rows(16, 16)
     one_at_a_time = [actor(a), actor(b)]
     assert actor.feeder.most_calls == 1
-    together: dict[int, pa.Table] = {}
-    threads = [threading.Thread(target=lambda i, t: together.__setitem__(i, actor(t)), args=(i, t))
-               for i, t in enumerate((a, b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
+    together = at_once(actor, (a, b), timeout=240)
     assert actor.feeder.most_calls == 2  # both batches were in the engine at once
     for i in (0, 1):
         got, want = together[i], one_at_a_time[i]

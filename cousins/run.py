@@ -171,10 +171,6 @@ class Run(_RunDir):
         """Publish a stage: its `_SUCCESS` marker, holding the stage's record."""
         mark_done(stage, encode(record))
 
-    def write_part(self, stage: Location, table: pa.Table, name: str) -> None:
-        """A stage's part under a fixed name (stages written whole by one task, e.g. the diff's)."""
-        write_parquet_atomic(table, stage.join(name))
-
     def write_summary(self, summary: Summary, report_html: str) -> dict:
         """summary.json and report.html of a drift run; returns the summary as written."""
         data = encode(summary)

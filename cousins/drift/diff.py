@@ -71,7 +71,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
     summary = {
         "run_id": run.run_id, "original": original.name, "score_topk": settings.score_topk,
-        "prompts": _prompts_answered(run, layout.generations(original.name)),
+        "prompts": _prompts_of(run, layout.generations(original.name)),
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
         "kld_bound": KLD_BOUND, "answer_match": settings.answer_match,
@@ -88,8 +88,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     return run.write_summary(decode(Summary, encode(summary)), html)
 
 
-def _prompts_answered(run: Run, generations: Location) -> int:
-    """Distinct prompts among the original's generation rows."""
+def _prompts_of(run: Run, generations: Location) -> int:
+    """Distinct prompts among a model's generation rows."""
     t = run.read(generations, ["prompt_id"])
     return len(pc.unique(t.column("prompt_id"))) if t.num_rows else 0
 

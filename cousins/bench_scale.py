@@ -86,7 +86,7 @@ def _main(root: str, run_id: str, address: str) -> None:
     ray.init(address=address, log_to_driver=False)
     t0 = time.perf_counter()
     summary = recompute(resolve(root), run_id, answer_match=d.answer_match, worst_n=d.worst_n,
-                        bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
+                        bootstrap=BootstrapSpec.of(d))
     wall = time.perf_counter() - t0
     print(json.dumps({"run_id": run_id, "prompts": summary["prompts"], "cousins": len(summary["cousins"]) + 1,
                       "wall_s": wall, "diff_s": summary["timings"]["diff_s"],

@@ -11,6 +11,7 @@ Config is read here and in cousins/plan.py only; the stages take narrow values. 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from cousins import family, plan
 from cousins.accounting import RunResult, efficiency
@@ -69,8 +70,6 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
 def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[RunResult, dict]:
     """Generate with the original, every cousin and the noise floor; score the original's outputs
     with each; diff; commit summary.json, report.html and the manifest. Returns (result, summary)."""
-    import time
-
     run = run or open_run(cfg)
     if run.state == "committed":
         return result_from_manifest(run), decode_summary(run)
@@ -86,7 +85,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     t2 = time.perf_counter()
     d = cfg.drift
     settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,
-                            bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
+                            bootstrap=BootstrapSpec.of(d))
     summary = stage_diff(run, entries, settings,
                          extra={"accounting": {s.model: encode(s.accounting()) for s in stats},
                                 "cost_currency": cfg.cost.currency},

@@ -33,7 +33,7 @@ def main(dcfg: DictConfig) -> None:
         init_ray(cfg.ray)  # the diff runs on the cluster (or a local Ray), like every stage
         try:
             summary = recompute(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id,
-                                bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed),
+                                bootstrap=BootstrapSpec.of(d),
                                 answer_match=d.answer_match, worst_n=d.worst_n)
         except (NotCommitted, FileNotFoundError) as e:
             sys.exit(f"error: {e}")

@@ -251,7 +251,7 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
         "drift.bootstrap=20", "drift.noise_floor=false", "cousins=none", f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
         config_name="drift")))
     d = cfg.drift
-    spec = BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed)
+    spec = BootstrapSpec.of(d)
     env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}"}}  # the fake engine on every worker
     drift = {}
     for nodes in (2, 1):

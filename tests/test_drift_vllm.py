@@ -147,7 +147,7 @@ def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift
     cfg, layout, _, summary = drift_run
     d = cfg.drift
     again = recompute(resolve(cfg.storage.root), layout.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
-                      bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
+                      bootstrap=BootstrapSpec.of(d))
     strip = lambda s: json.dumps({k: v for k, v in s.items() if k not in ("computed", "timings")}, sort_keys=True)  # noqa: E731
     assert strip(again) == strip(summary)
     manifest = json.loads(layout.manifest.read_text())

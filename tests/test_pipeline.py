@@ -94,7 +94,7 @@ def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):
 def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generation_run(drift_run, tmp_path):
     cfg, result, summary = drift_run
     d = cfg.drift
-    spec = BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed)
+    spec = BootstrapSpec.of(d)
     again = recompute(resolve(cfg.storage.root), result.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
                       bootstrap=spec)
     strip = lambda s: {k: v for k, v in s.items() if k not in ("computed", "timings")}  # noqa: E731
@@ -141,7 +141,7 @@ def test_a_synthetic_copy_of_a_run_diffs_to_the_same_figures_on_twice_the_prompt
     root, d = resolve(cfg.storage.root), cfg.drift
     copy = synthesize(root, result.run_id, 2)
     again = recompute(root, copy, answer_match=d.answer_match, worst_n=d.worst_n,
-                      bootstrap=BootstrapSpec(resamples=d.bootstrap, level=d.confidence, seed=d.seed))
+                      bootstrap=BootstrapSpec.of(d))
     assert again["prompts"] == 2 * summary["prompts"]
     run = committed(root, copy)
     assert all(run.read(run.layout.drift(c), ["prompt_id"]).num_rows == 48 for c in ("q", "broken", "words"))

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cousins import schema
 from cousins.drift.rows import drift_rows, load_error
@@ -71,7 +70,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
     summary = {
         "run_id": run.run_id, "original": original.name, "score_topk": settings.score_topk,
-        "prompts": _prompts_of(run, layout.generations(original.name)),
+        "prompts": run.count(layout.prompts),
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
         "kld_bound": KLD_BOUND, "answer_match": settings.answer_match,
@@ -86,12 +85,6 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
                          worst_n=settings.worst_n)
     summary["timings"] = {**(timings or {}), "diff_s": diff_s, "report_s": time.perf_counter() - t0 - diff_s}
     return run.write_summary(decode(Summary, encode(summary)), html)
-
-
-def _prompts_of(run: Run, generations: Location) -> int:
-    """Distinct prompts among a model's generation rows."""
-    t = run.read(generations, ["prompt_id"])
-    return len(pc.unique(t.column("prompt_id"))) if t.num_rows else 0
 
 
 def _drift_rank(s: dict):

@@ -32,6 +32,11 @@ class BootstrapSpec:
     seed: int
     quantile_resamples: int = 200  # quantiles resample tokens: fewer draws keep them cheap
 
+    @classmethod
+    def of(cls, drift) -> "BootstrapSpec":
+        """The spec a drift config (`bootstrap`, `confidence`, `seed`) asks for."""
+        return cls(resamples=drift.bootstrap, level=drift.confidence, seed=drift.seed)
+
 
 class Bootstrap:
     """Prompt-level resampling weights, drawn deterministically block by block (and kept, when

@@ -15,11 +15,9 @@ import hashlib
 import math
 from html import escape
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from matplotlib import colormaps
 
+from cousins.drift.aggregate import ReportView
 from cousins.records import NOISE_FLOOR
 from cousins.report_figures import bar_figure, img, kld_figure, length_figure
 
@@ -28,7 +26,7 @@ _NOISE_COLOUR = "#7f7f7f"
 _TEXT_BUDGET = 4000  # characters of each output shown per worst prompt, kept around the divergence
 
 _SUMMARY_KEYS = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound", "noise_floor", "cousins")
-_DRIFT_COLUMNS = ("prompt_id", "sample_index", "cousin", "category", "kld_tokens", "kld_mean", "chrf",
+_WORST_COLUMNS = ("prompt_id", "sample_index", "cousin", "category", "kld_mean", "chrf",
                   "length_ratio", "exact_match", "original_text", "cousin_text", "div_original_start",
                   "div_original_end", "div_cousin_start", "div_cousin_end", "error")
 
@@ -75,22 +73,23 @@ _CSP = (f"default-src 'none'; img-src data:; style-src 'sha256-{_sha256_b64(_CSS
         f"script-src 'sha256-{_sha256_b64(_SCRIPT)}'; base-uri 'none'; form-action 'none'")
 
 
-def render_report(summary: dict, drift: pa.Table, *, worst_n: int = 10) -> str:
+def render_report(summary: dict, views: dict[str, ReportView]) -> str:
     """The HTML text of the run's drift report.
 
     `summary` is the run's summary.json (cousins with their metrics, CIs and slices, plus the noise
-    floor); `drift` holds the drift rows (`cousins.schema.DRIFT`) of every cousin and the noise floor.
-    `worst_n` prompts per cousin are shown side by side: highest KLD mean, or lowest chrF for text-only
-    cousins. Cousins are ranked by KLD mean, descending; text-only cousins follow by chrF, ascending;
-    failed cousins come last.
+    floor); `views` hold, per cousin and the noise floor, what the diff's workers aggregated for the
+    plots and the worst prompts (drift.aggregate.ReportView: histograms and a top-N of rows, never
+    the run's rows). The worst prompts are shown side by side: highest KLD mean, or lowest chrF for
+    text-only cousins. Cousins are ranked by KLD mean, descending; text-only cousins follow by chrF,
+    ascending; failed cousins come last.
     """
-    _check_inputs(summary, drift)
+    _check_inputs(summary, views)
     cousins = sorted(summary["cousins"], key=_rank_key)
     noise = summary["noise_floor"]
     palette = colormaps["tab10"].colors
     colours = {c["name"]: palette[i % len(palette)] for i, c in enumerate(cousins)}
     colours[NOISE] = _NOISE_COLOUR
-    noise_kld = _kld_tokens(drift, NOISE) if noise else np.empty(0)
+    noise_view = views.get(NOISE) if noise else None
 
     body = [
         _header(summary),
@@ -98,9 +97,9 @@ def render_report(summary: dict, drift: pa.Table, *, worst_n: int = 10) -> str:
         _ranking_table(cousins, noise, summary["bootstrap"]),
         _accounting_table(summary.get("accounting"), summary.get("cost_currency", "USD")),
         "<h2>Across cousins</h2>",
-        _across_cousins(cousins, noise, drift, colours),
+        _across_cousins(cousins, noise, views, colours),
         "<h2>Per cousin</h2>",
-        *(_cousin_section(i, c, noise, drift, noise_kld, colours[c["name"]], worst_n)
+        *(_cousin_section(i, c, noise, views.get(c["name"]), noise_view, colours[c["name"]])
           for i, c in enumerate(cousins)),
     ]
     return (
@@ -115,7 +114,7 @@ def render_report(summary: dict, drift: pa.Table, *, worst_n: int = 10) -> str:
 
 # --- inputs ----------------------------------------------------------------------------------------
 
-def _check_inputs(summary: dict, drift: pa.Table) -> None:
+def _check_inputs(summary: dict, views: dict) -> None:
     problems = []
     missing = [k for k in _SUMMARY_KEYS if k not in summary]
     if missing:
@@ -124,9 +123,11 @@ def _check_inputs(summary: dict, drift: pa.Table) -> None:
         lacking = [k for k in ("name", "kind", "text_only", "metrics") if k not in c]
         if lacking:
             problems.append(f"summary cousins[{i}] is missing keys {lacking}")
-    absent = [n for n in _DRIFT_COLUMNS if n not in drift.column_names]
-    if absent:
-        problems.append(f"drift table is missing columns {absent}; conform it to cousins.schema.DRIFT")
+    for name, v in views.items():
+        absent = [n for n in _WORST_COLUMNS if n not in v.worst.column_names]
+        if absent:
+            problems.append(f"the worst rows of {name!r} lack columns {absent}; conform them to "
+                            f"cousins.drift.aggregate.WORST")
     if problems:
         raise ValueError("cannot render the report: " + "; ".join(problems))
 
@@ -148,17 +149,6 @@ def _rank_key(c: dict):
         return (0, -kld, c["name"])
     chrf = _value(c, "chrf")
     return (1, math.inf if chrf is None else chrf, c["name"])
-
-
-def _rows_of(drift: pa.Table, name: str) -> pa.Table:
-    rows = drift.filter(pc.equal(drift["cousin"], name))
-    return rows.filter(pc.is_null(rows["error"]))
-
-
-def _kld_tokens(drift: pa.Table, name: str) -> np.ndarray:
-    col = _rows_of(drift, name)["kld_tokens"]
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
-    return flat[np.isfinite(flat)]
 
 
 # --- formatting --------------------------------------------------------------------------------------
@@ -267,7 +257,7 @@ def _ranking_table(cousins: list[dict], noise: dict | None, bootstrap: dict) -> 
 
 # --- across cousins -------------------------------------------------------------------------------
 
-def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, colours: dict) -> str:
+def _across_cousins(cousins: list[dict], noise: dict | None, views: dict, colours: dict) -> str:
     shown = [c for c in cousins if not c.get("error")] + ([noise] if noise else [])
     out = []
     for title, metric in (("Same top-1 token", "same_top1"), ("Flip rate", "flip_rate")):
@@ -281,10 +271,9 @@ def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, co
             out.append(f"<p class=\"note\">Not measured: {why}.</p>")
     ratios = []
     for c in shown:
-        r = _rows_of(drift, c["name"])["length_ratio"].to_numpy(zero_copy_only=False).astype(np.float64)
-        r = r[np.isfinite(r)]  # nulls arrive as NaN
-        if r.size:
-            ratios.append((c["name"], r, colours[c["name"]]))
+        v = views.get(c["name"])
+        if v is not None and v.length.sum() > 0:
+            ratios.append((c["name"], v.length, v.length_mean, colours[c["name"]]))
     out.append("<h3>Length ratio (cousin tokens / original tokens, per prompt)</h3>")
     if ratios:
         out.append(img(length_figure(ratios), "distribution of length ratios per cousin"))
@@ -295,8 +284,8 @@ def _across_cousins(cousins: list[dict], noise: dict | None, drift: pa.Table, co
 
 # --- per cousin ------------------------------------------------------------------------------------
 
-def _cousin_section(i: int, c: dict, noise: dict | None, drift: pa.Table, noise_kld: np.ndarray,
-                    colour: tuple, worst_n: int) -> str:
+def _cousin_section(i: int, c: dict, noise: dict | None, view: ReportView | None, noise_view: ReportView | None,
+                    colour: tuple) -> str:
     name = c["name"]
     facts = f"{escape(str(c['kind']))}, {c.get('rows', 0)} rows, {c.get('tokens', 0)} scored tokens"
     if c.get("text_only"):
@@ -309,13 +298,14 @@ def _cousin_section(i: int, c: dict, noise: dict | None, drift: pa.Table, noise_
         out.append(f"<p class=\"err\">{n} {'row' if n == 1 else 'rows'} failed and "
                    f"{'is' if n == 1 else 'are'} left out of every figure.</p>")
     if not c.get("text_only") and not c.get("error"):
-        kld = _kld_tokens(drift, name)
-        if kld.size:
-            series = [(name, kld, colour)] + ([(NOISE, noise_kld, _NOISE_COLOUR)] if noise_kld.size else [])
+        if view is not None and view.kld is not None and view.kld.sum() > 0:
+            series = [(name, view.kld, view.kld_mean, colour)]
+            if noise_view is not None and noise_view.kld is not None and noise_view.kld.sum() > 0:
+                series.append((NOISE, noise_view.kld, noise_view.kld_mean, _NOISE_COLOUR))
             out.append("<h4>Per-token KLD</h4>")
             out.append(img(kld_figure(series), f"histogram and CDF of per-token KLD of {name}"))
     out.append(_slices(c, noise))
-    out.append(_worst(c, drift, worst_n))
+    out.append(_worst(c, view))
     out.append("</section>")
     return "\n".join(p for p in out if p)
 
@@ -363,18 +353,11 @@ def _slice_table(title: str, label: str, count: str, groups: dict, ref: dict, co
     return f"<h4>{escape(title)}</h4><table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _worst(c: dict, drift: pa.Table, worst_n: int) -> str:
-    rows = _rows_of(drift, c["name"])
-    if worst_n <= 0 or rows.num_rows == 0:
+def _worst(c: dict, view: ReportView | None) -> str:
+    if view is None or view.worst.num_rows == 0:
         return ""
-    if c.get("text_only"):
-        key, order, label = "chrf", "ascending", "chrF"
-    else:
-        key, order, label = "kld_mean", "descending", "KLD mean"
-    # nulls sort last (Arrow's default); ties break by row key, so the choice is deterministic
-    idx = pc.sort_indices(rows, sort_keys=[(key, order), ("prompt_id", "ascending"),
-                                           ("sample_index", "ascending")])
-    top = rows.take(idx[:worst_n]).to_pylist()
+    key, label = ("chrf", "chrF") if c.get("text_only") else ("kld_mean", "KLD mean")
+    top = view.worst.to_pylist()  # worst first (drift.aggregate.worst_order)
     what = "lowest chrF" if c.get("text_only") else "highest KLD mean"
     out = [f"<h4>Worst {len(top)} prompts ({what}); first divergent token marked</h4>"]
     for r in top:

@@ -1,7 +1,7 @@
 """The drift report's plots: matplotlib figures and the inline PNG <img> they become.
 
 Owns the bar chart with CIs (same top-1, flip rate), the length-ratio box plot and the per-token KLD
-histogram and CDF. Each builder takes plain arrays and colours, never the summary or drift table, so
+histogram and CDF. Each builder takes histograms (cousins.drift.sketch grids), means and colours, never the summary or drift table, so
 `cousins.report` (which lays out the page) imports this module and never the other way round.
 """
 
@@ -15,6 +15,8 @@ from html import escape
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
+
+from cousins.drift.sketch import KLD_GRID, LENGTH_GRID
 
 _KLD_FLOOR = 1e-6  # log-x plots need a floor: an exact-zero KLD is drawn at it
 _LENGTH_CLIP = 32.0  # length ratios drawn within [1/32, 32]
@@ -45,18 +47,33 @@ def bar_figure(title: str, bars: list[tuple[str, dict, tuple]]) -> Figure:
     return fig
 
 
-def length_figure(ratios: list[tuple[str, np.ndarray, tuple]]) -> Figure:
+def _box(counts: np.ndarray, mean: float | None) -> dict:
+    """Box-plot statistics (quartiles, whiskers at 1.5 IQR, mean) of a LENGTH_GRID histogram."""
+    q1, med, q3 = (LENGTH_GRID.quantile(counts, q) for q in (0.25, 0.5, 0.75))
+    seen = [LENGTH_GRID.centre(i) if i else LENGTH_GRID.lo for i in np.nonzero(counts)[0]]
+    seen = np.clip(seen, LENGTH_GRID.lo, LENGTH_GRID.hi)
+    q1, med, q3 = (min(max(v or LENGTH_GRID.lo, LENGTH_GRID.lo), LENGTH_GRID.hi) for v in (q1, med, q3))
+    iqr = q3 - q1
+    inside = seen[(seen >= q1 - 1.5 * iqr) & (seen <= q3 + 1.5 * iqr)]
+    return {"med": med, "q1": q1, "q3": q3, "whislo": float(inside.min()) if inside.size else q1,
+            "whishi": float(inside.max()) if inside.size else q3, "fliers": [],
+            "mean": float(np.clip(mean, LENGTH_GRID.lo, LENGTH_GRID.hi)) if mean is not None else med}
+
+
+def length_figure(ratios: list[tuple[str, np.ndarray, float | None, tuple]]) -> Figure:
+    """Box plots of per-row length ratios, one per cousin, from their LENGTH_GRID histograms (values
+    within 2%; outliers beyond the whiskers are not drawn)."""
     fig = Figure(figsize=(max(4.5, 1.3 * len(ratios) + 2), 3.2), layout="constrained")
     ax = fig.subplots()
-    data = [np.clip(r, 1 / _LENGTH_CLIP, _LENGTH_CLIP) for _, r, _ in ratios]
-    box = ax.boxplot(data, tick_labels=[n for n, _, _ in ratios], patch_artist=True, showmeans=True)
-    for patch, (_, _, colour) in zip(box["boxes"], ratios):
+    stats = [{**_box(counts, mean), "label": name} for name, counts, mean, _ in ratios]
+    box = ax.bxp(stats, patch_artist=True, showmeans=True, showfliers=False)
+    for patch, (_, _, _, colour) in zip(box["boxes"], ratios):
         patch.set_facecolor(colour)
         patch.set_alpha(0.5)
     ax.axhline(1.0, color="#333", lw=0.8, ls="--")
     ax.set_yscale("log", base=2)
-    lo = math.floor(np.log2(min(d.min() for d in data)))
-    hi = math.ceil(np.log2(max(d.max() for d in data)))
+    lo = math.floor(np.log2(min(s["whislo"] for s in stats)))
+    hi = math.ceil(np.log2(max(s["whishi"] for s in stats)))
     ticks = [2.0 ** e for e in range(lo, max(hi, lo + 1) + 1)]  # powers of two, labelled 1/2, 1, 2
     ax.set_yticks(ticks, [f"1/{1 / t:.0f}" if t < 1 else f"{t:.0f}" for t in ticks])
     ax.yaxis.set_minor_locator(NullLocator())
@@ -66,19 +83,34 @@ def length_figure(ratios: list[tuple[str, np.ndarray, tuple]]) -> Figure:
     return fig
 
 
-def kld_figure(series: list[tuple[str, np.ndarray, tuple]]) -> Figure:
-    """Histogram (fraction of tokens, log-x) and CDF of per-token KLD, the cousin against the noise floor."""
+def _display(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A KLD_GRID histogram regrouped for drawing in steps of ×1.49 (20 buckets) from the floor, a
+    bucket drawn where its centre falls (below the floor: in the first bin); (edges, fractions)."""
+    step = KLD_GRID.ratio ** 20
+    centres = np.asarray([KLD_GRID.centre(i) for i in range(KLD_GRID.buckets)])
+    at = np.floor(np.log(np.maximum(centres, _KLD_FLOOR) / _KLD_FLOOR) / math.log(step)).astype(int)
+    frac = np.bincount(at, weights=counts) / counts.sum()
+    top = int(np.nonzero(frac)[0].max()) + 1 if frac.any() else 1
+    return _KLD_FLOOR * step ** np.arange(top + 1), frac[:top]
+
+
+def kld_figure(series: list[tuple[str, np.ndarray, float | None, tuple]]) -> Figure:
+    """Histogram (fraction of tokens, log-x) and CDF of per-token KLD, the cousin against the noise
+    floor, from KLD_GRID histograms (the CDF is exact at the grid's 2% steps)."""
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     ax_h, ax_c = fig.subplots(1, 2)
-    top = max(float(x.max()) for _, x, _ in series)
-    bins = np.geomspace(_KLD_FLOOR, max(top, _KLD_FLOOR * 10) * 1.2, 61)
-    for label, x, colour in series:
-        xc = np.clip(x, _KLD_FLOOR, None)
-        ax_h.hist(xc, bins=bins, weights=np.full(xc.size, 1 / xc.size), histtype="step", lw=1.5,
-                  color=colour, label=f"{label} (mean {x.mean():.3g})")
-        ax_h.axvline(max(x.mean(), _KLD_FLOOR), color=colour, lw=0.8, ls=":")
-        q = np.linspace(0, 1, min(xc.size, 2000))
-        ax_c.plot(np.quantile(xc, q), q, color=colour, lw=1.5, drawstyle="steps-post", label=label)
+    for label, counts, mean, colour in series:
+        edges, frac = _display(counts)
+        mean_txt = f" (mean {mean:.3g})" if mean is not None else ""
+        ax_h.stairs(frac, edges, lw=1.5, color=colour, label=f"{label}{mean_txt}")
+        if mean is not None:
+            ax_h.axvline(max(mean, _KLD_FLOOR), color=colour, lw=0.8, ls=":")
+        edges = KLD_GRID.edges()
+        upper = np.maximum(np.append(edges, edges[-1]), _KLD_FLOOR)  # bucket i's upper edge, floored
+        cdf = np.cumsum(counts) / counts.sum()
+        last = int(np.nonzero(counts)[0].max()) + 1
+        ax_c.plot(np.concatenate([[_KLD_FLOOR], upper[:last]]), np.concatenate([[0.0], cdf[:last]]),
+                  color=colour, lw=1.5, drawstyle="steps-post", label=label)
     for ax in (ax_h, ax_c):
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())  # decades suffice; minor ticks double the drawing time
@@ -89,4 +121,3 @@ def kld_figure(series: list[tuple[str, np.ndarray, tuple]]) -> Figure:
     ax_c.set_ylabel("fraction of tokens ≤ x")
     ax_c.set_ylim(0, 1.01)
     return fig
-

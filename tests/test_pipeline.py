@@ -149,3 +149,20 @@ def test_a_synthetic_copy_of_a_run_diffs_to_the_same_figures_on_twice_the_prompt
         for name in ("kld_mean", "same_top1", "chrf", "length_ratio"):
             if name in theirs["metrics"]:
                 assert mine["metrics"][name]["value"] == pytest.approx(theirs["metrics"][name]["value"])
+
+
+def test_the_workers_summary_equals_resampling_every_drift_row_in_one_process(drift_run):
+    """The diff's summary (per-prompt sums and histograms merged in the driver) against the code it
+    replaced, run on the run's own drift rows: every figure and CI equal, quantiles within the
+    sketch's stated error."""
+    import summary_reference as reference
+    from test_aggregate import _close
+
+    cfg, result, summary = drift_run
+    run = committed(resolve(cfg.storage.root), result.run_id)
+    spec = BootstrapSpec.of(cfg.drift)
+    theirs = {c["name"]: c for c in [*summary["cousins"], summary["noise_floor"]]}
+    for name in ("q", "words", "noise-floor"):
+        rows = run.read(run.layout.drift(name)).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+        want = reference.summarise(name, theirs[name]["kind"], rows, spec, text_only=theirs[name]["text_only"])
+        _close(json.loads(json.dumps(want)), theirs[name])

@@ -5,6 +5,7 @@ Chromium to see that every plot decodes and the page is not blank."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from cousins.drift.aggregate import merge_table
 from cousins.report import render_report
 from cousins.schema import DRIFT
 
@@ -126,9 +128,16 @@ def run():
     return summary, drift
 
 
+def _views(drift: pa.Table, worst_n: int = 10) -> dict:
+    """The report's inputs as the diff's workers make them (one partial per cousin here)."""
+    merged = merge_table(drift, text_only={"distill-tiny"}, worst_n=worst_n, quantile_resamples=0)
+    return {name: m.view() for name, m in merged.items()}
+
+
 @pytest.fixture(scope="module")
 def html(run):
-    return render_report(*run)
+    summary, drift = run
+    return render_report(summary, _views(drift))
 
 
 class _Tags(HTMLParser):
@@ -203,7 +212,7 @@ def test_cousins_in_ranked_order(html):
 
 def test_worst_prompts_per_cousin(run):
     summary, drift = run
-    html = render_report(summary, drift, worst_n=2)
+    html = render_report(summary, _views(drift, worst_n=2))
     shown = re.findall(r"<div class=\"pair\" data-cousin=\"([^\"]+)\" data-prompt=\"([^\"]+)\">", html)
     by = {}
     for cousin, prompt in shown:
@@ -221,9 +230,11 @@ def test_worst_prompts_per_cousin(run):
 
 def test_missing_inputs_are_named_at_once(run):
     _, drift = run
-    expected = r"missing keys \['run_id'.*'cousins'\].*missing columns \['kld_tokens'\]"
+    views = _views(drift)
+    views["q8-w8a8"] = dataclasses.replace(views["q8-w8a8"], worst=views["q8-w8a8"].worst.drop_columns(["chrf"]))
+    expected = r"missing keys \['run_id'.*'cousins'\].*worst rows of 'q8-w8a8' lack columns \['chrf'\]"
     with pytest.raises(ValueError, match=expected):
-        render_report({}, drift.drop_columns(["kld_tokens"]))
+        render_report({}, views)
 
 
 def test_without_noise_floor_or_labels(run):
@@ -231,7 +242,7 @@ def test_without_noise_floor_or_labels(run):
     summary = {**summary, "noise_floor": None,
                "cousins": [{**c, "metrics": {**c["metrics"], "flip_rate": {"value": None, "ci": None}}}
                            for c in summary["cousins"]]}
-    html = render_report(summary, drift.filter(pc.not_equal(drift["cousin"], "noise-floor")))
+    html = render_report(summary, _views(drift.filter(pc.not_equal(drift["cousin"], "noise-floor"))))
     assert "<tfoot>" not in html and "not measured in this run" in html
     assert "Not measured: no prompt has a reference answer." in html
     assert html.count("<img ") == PLOTS - 1  # no flip-rate chart

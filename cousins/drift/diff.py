@@ -1,6 +1,7 @@
 """The drift diff: per cousin, its generations and scores joined with the original's by row key into
 drift rows (drift/cousin={name}/, computed on Ray Data workers: drift/rows.py), then summaries with
-bootstrap CIs (summary.json, records.Summary) and report.html. CPU only: reads stored generations
+bootstrap CIs (summary.json, records.Summary) and report.html, made from the workers' mergeable
+aggregates (drift/aggregate.py): the driver never holds a drift row. CPU only: reads stored generations
 and scores, never an engine (this package does not import the engine modules). `recompute` redoes
 it for a committed run, on the connected Ray.
 """
@@ -11,15 +12,14 @@ import json
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
+import numpy as np
 
-from cousins import schema
-from cousins.drift.rows import drift_rows, load_error
-from cousins.drift.metrics import KLD_BOUND, rest_mass_warning
-from cousins.drift.summary import BootstrapSpec, summarise
+from cousins.drift.metrics import KLD_BOUND, jaccard_pairs, pair_indices, rest_mass_warning
+from cousins.drift.rows import drift_rows, first_texts, load_error
+from cousins.drift.summary import BootstrapSpec, summary_of
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
 from cousins.run import Run, committed, now
-from cousins.storage import Location, data_files
+from cousins.storage import Location
 
 
 @dataclass(frozen=True)
@@ -32,39 +32,49 @@ class DiffSettings:
     worst_n: int
 
 
-def _read(run: Run, stage: Location, columns: list[str] | None = None) -> pa.Table | None:
-    """A stage sorted by row key; None when it holds no part."""
-    if not data_files(stage):
-        return None
-    t = run.read(stage, columns)
-    return t.sort_by([(k, "ascending") for k in ("prompt_id", "sample_index") if k in t.column_names])
+def _homogenisation(run: Run, merged: dict, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per cousin, the homogenisation pairs' similarities: pairs of sample-0 answers picked by rank
+    among the prompts that have one (metrics.pair_indices: known from the count alone), then only
+    those answers read back."""
+    order = {}
+    for name, m in merged.items():
+        s = m.prompt_sums()
+        has0 = s.column("has0").to_numpy() > 0
+        ids = [p for p, h in zip(s.column("prompt_id").to_pylist(), has0) if h]
+        order[name] = (ids, pair_indices(len(ids), seed=seed))
+    wanted = {name: sorted({ids[i] for pair in pairs for i in pair}) for name, (ids, pairs) in order.items()}
+    texts = first_texts(run, wanted) if any(wanted.values()) else {}
+    out = {}
+    for name, (ids, pairs) in order.items():
+        got = texts.get(name, {})
+        out[name] = {side: jaccard_pairs({i: got.get(ids[i], ("", ""))[k] for pair in pairs for i in pair}, pairs)
+                     for k, side in enumerate(("original", "cousin"))}
+    return out
 
 
 def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, extra: dict | None = None,
                timings: dict | None = None) -> dict:
     """Drift rows for every cousin (and the noise floor), summary.json and report.html; returns the
     summary (as written). `entries` are the run's models, the original first. `extra` (the run's
-    accounting) and `timings` of the earlier stages go into the summary and the report."""
+    accounting) and `timings` of the earlier stages go into the summary and the report. Rows are
+    computed and written by Ray Data workers; the driver merges their aggregates."""
     from cousins.report import render_report
 
     t0 = time.perf_counter()
     layout, original = run.layout, entries[0]
     errors = {e.name: load_error(layout.generations(e.name)) for e in entries[1:]}
     token_level = {e.name: not (e.text_only or errors[e.name]) for e in entries[1:]}
-    written = drift_rows(run, entries, token_level, answer_match=settings.answer_match)
-    expected = run.count(layout.generations(original.name))
     spec = settings.bootstrap
-    summaries, tables = {}, []
+    merged = drift_rows(run, entries, token_level, answer_match=settings.answer_match, worst_n=settings.worst_n,
+                        seed=spec.seed, quantile_resamples=spec.quantile_resamples)
+    expected = run.count(layout.generations(original.name))
+    homogenisation = _homogenisation(run, merged, spec.seed)
+    summaries = {}
     for e in entries[1:]:
-        stage = layout.drift(e.name)
+        stage, m = layout.drift(e.name), merged[e.name]
         run.verify(stage, expected, f"drift rows of {e.name!r}", ["prompt_id", "sample_index"])
-        rows, nodes = written[e.name]
-        run.finish(stage, DriftDone(rows=rows, nodes=nodes))
-        drift = _read(run, stage)
-        drift = schema.DRIFT.empty_table() if drift is None else drift
-        summaries[e.name] = summarise(e.name, e.kind, drift, spec, text_only=not token_level[e.name],
-                                      error=errors[e.name])
-        tables.append(drift)
+        run.finish(stage, DriftDone(rows=m.rows, nodes=sorted(m.nodes)))
+        summaries[e.name] = summary_of(m, e.kind, spec, error=errors[e.name], homogenisation=homogenisation[e.name])
     noise = summaries.pop(NOISE_FLOOR, None)
     warnings = [w for s in summaries.values() if (w := rest_mass_warning(
         s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
@@ -81,8 +91,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         **(extra or {}),
     }
     diff_s = time.perf_counter() - t0
-    html = render_report(summary, pa.concat_tables(tables) if tables else schema.DRIFT.empty_table(),
-                         worst_n=settings.worst_n)
+    html = render_report(summary, {name: m.view() for name, m in merged.items()})
     summary["timings"] = {**(timings or {}), "diff_s": diff_s, "report_s": time.perf_counter() - t0 - diff_s}
     return run.write_summary(decode(Summary, encode(summary)), html)
 
@@ -105,8 +114,8 @@ def drift_headline(summary: dict) -> dict[str, Headline]:
 
 
 def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, answer_match: str, worst_n: int) -> dict:
-    """Redo the diff of a committed drift run from its stored generations and scores: no Ray, no
-    engine. The models come from its manifest, the top-k from its config; the presentation settings
+    """Redo the diff of a committed drift run from its stored generations and scores on the
+    connected Ray (no engine). The models come from its manifest, the top-k from its config; the presentation settings
     (bootstrap, answer_match, worst_n) are the caller's. Rewrites drift rows, summary, report and
     the manifest's drift headline."""
     done = committed(root, run_id)

@@ -220,26 +220,40 @@ def distinct_n(text: str, n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
+def pair_indices(n: int, max_pairs: int = 2000, seed: int = 0) -> list[tuple[int, int]]:
+    """Pairs (i, j) of different answers among n: all of them up to `max_pairs`, else a fixed random
+    sample that depends on (n, seed) only, so a driver can pick them knowing just how many there are."""
+    if n < 2:
+        return []
+    if n * (n - 1) // 2 <= max_pairs:
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, size=max_pairs)
+    b = (a + rng.integers(1, n, size=max_pairs)) % n
+    return list(zip(a.tolist(), b.tolist()))
+
+
+def jaccard_pairs(texts: list[str] | dict[int, str], pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Word-bigram Jaccard similarity of each pair of texts (texts indexed by the pairs' numbers)."""
+    sets: dict[int, set] = {}
+
+    def bigrams(i: int) -> set:
+        if i not in sets:
+            words = texts[i].split()
+            sets[i] = set(zip(words, words[1:]))
+        return sets[i]
+
+    out = np.empty(len(pairs))
+    for idx, (i, j) in enumerate(pairs):
+        u = len(bigrams(i) | bigrams(j))
+        out[idx] = len(bigrams(i) & bigrams(j)) / u if u else 1.0
+    return out
+
+
 def homogenisation_pairs(texts: list[str], max_pairs: int = 2000, seed: int = 0) -> np.ndarray:
     """Word-bigram Jaccard similarity of pairs of answers to DIFFERENT prompts (a fixed random
     sample of pairs): a model whose answers converge on the same phrasing scores higher."""
-    sets = [set(zip(t.split(), t.split()[1:])) for t in texts]
-    n = len(sets)
-    if n < 2:
-        return np.zeros(0)
-    rng = np.random.default_rng(seed)
-    total = n * (n - 1) // 2
-    if total <= max_pairs:
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    else:
-        a = rng.integers(0, n, size=max_pairs)
-        b = (a + rng.integers(1, n, size=max_pairs)) % n
-        pairs = list(zip(a.tolist(), b.tolist()))
-    out = np.empty(len(pairs))
-    for idx, (i, j) in enumerate(pairs):
-        u = len(sets[i] | sets[j])
-        out[idx] = len(sets[i] & sets[j]) / u if u else 1.0
-    return out
+    return jaccard_pairs(texts, pair_indices(len(texts), max_pairs, seed))
 
 
 def quantile(values: np.ndarray, q: float) -> float | None:

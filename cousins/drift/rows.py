@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins import schema
+from cousins.drift import aggregate
 from cousins.drift import compare as cmp
 from cousins.storage import Location, data_files
 
@@ -89,23 +90,28 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
     return pa.concat_tables(out)
 
 
-def publish_drift(batch: pa.Table, *, drift_dir: Location) -> pa.Table:
-    """Publish a batch's drift rows, one part per cousin, named by the rows' keys (a retried task
-    rewrites the same names); returns the rows written per cousin."""
+def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cousins: list[tuple[str, bool]],
+                     original_scored: bool, answer_match: str, tokenizer_path: str, worst_n: int, seed: int,
+                     quantile_resamples: int) -> pa.Table:
+    """One partition's work: its drift rows (diff_partition), published one part per cousin and
+    named by the rows' keys (a retried task rewrites the same names), and returned only as
+    aggregates (aggregate.PARTIALS, one row per cousin)."""
     from cousins.ledger import batch_key
     from cousins.storage import write_parquet_atomic
 
     import ray
 
-    names, rows = [], []
-    for cousin in pc.unique(batch.column("cousin")).to_pylist():
-        part = batch.filter(pc.equal(batch.column("cousin"), cousin))
-        write_parquet_atomic(part, drift_dir.join(f"cousin={cousin}", f"part-{batch_key(part)}.parquet"))
-        names.append(cousin)
-        rows.append(part.num_rows)
+    rows = diff_partition(block, original=original, cousins=cousins, original_scored=original_scored,
+                          answer_match=answer_match, tokenizer_path=tokenizer_path)
     node = ray.get_runtime_context().get_node_id()
-    return pa.table({"cousin": pa.array(names, pa.string()), "rows": pa.array(rows, pa.int64()),
-                     "node": pa.array([node] * len(names), pa.string())})
+    parts = []
+    for cousin, token_level in cousins:
+        part = rows.filter(pc.equal(rows.column("cousin"), cousin))
+        if part.num_rows:
+            write_parquet_atomic(part, drift_dir.join(f"cousin={cousin}", f"part-{batch_key(part)}.parquet"))
+        parts.append(aggregate.partial(cousin, part, token_level=token_level, worst_n=worst_n, seed=seed,
+                                       quantile_resamples=quantile_resamples, node=node))
+    return aggregate.to_rows(parts)
 
 
 def load_error(stage: Location) -> str | None:
@@ -151,14 +157,13 @@ def _read(run, stages: list[Location], columns: list[str], part: str):
         _tag_files, fn_kwargs={"part": part}, batch_format="pyarrow", num_cpus=0.1)
 
 
-def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
-               num_cpus: float = 1.0) -> dict[str, tuple[int, list[str]]]:
+def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
+               quantile_resamples: int, num_cpus: float = 1.0) -> dict[str, aggregate.Merged]:
     """Compute and publish every cousin's drift rows on the connected Ray; returns per cousin the
-    rows written and the nodes that wrote them.
+    merged aggregates of its rows (rows written, nodes that wrote them, sums, histograms, worst rows).
     `entries`: the run's models, the original first; `token_level`: per cousin, whether it is
     compared token by token (not text-only, and its engine loaded)."""
     import ray
-    import ray.data
 
     layout, original = run.layout, entries[0]
 
@@ -175,16 +180,45 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     n_prompts = run.count(layout.prompts)
     partitions = max(int(ray.cluster_resources().get("CPU", 1)), -(-n_prompts // PROMPTS_PER_PARTITION))
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows = union.repartition(partitions, keys=["prompt_id"]).map_batches(
-        diff_partition, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+    cousins = [(e.name, token_level[e.name]) for e in entries[1:]]
+    out = union.repartition(partitions, keys=["prompt_id"]).map_batches(
+        diff_and_publish, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
         scheduling_strategy="SPREAD",  # the diff is CPU work: over every node of the cluster
-        fn_kwargs={"original": original.name, "cousins": [(e.name, token_level[e.name]) for e in entries[1:]],
+        fn_kwargs={"drift_dir": layout.run.join("drift"), "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "answer_match": answer_match,
-                   "tokenizer_path": original.path})
-    written = rows.map_batches(publish_drift, fn_kwargs={"drift_dir": layout.run.join("drift")},
-                               batch_format="pyarrow", num_cpus=0.1).take_all()
-    counts: dict[str, tuple[int, list[str]]] = {e.name: (0, []) for e in entries[1:]}
-    for w in written:
-        n, nodes = counts[w["cousin"]]
-        counts[w["cousin"]] = (n + w["rows"], sorted({*nodes, w["node"]}))
-    return counts
+                   "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
+                   "quantile_resamples": quantile_resamples})
+    # Streamed: each partition's aggregates are merged as they arrive and then dropped.
+    return aggregate.merge_all(out.iter_batches(batch_size=None, batch_format="pyarrow"),
+                               {name: not tl for name, tl in cousins}, worst_n)
+
+
+def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:
+    keep = pc.and_(pc.equal(batch.column("sample_index"), 0), pc.is_null(batch.column("error")))
+    batch = batch.filter(keep)
+    mask = pa.array([False] * batch.num_rows)
+    for name, ids in wanted.items():
+        if ids:
+            mask = pc.or_(mask, pc.and_(pc.equal(batch.column("cousin"), name),
+                                        pc.is_in(batch.column("prompt_id"), pa.array(ids, pa.string()))))
+    return batch.filter(mask).select(["cousin", "prompt_id", "original_text", "cousin_text"])
+
+
+def first_texts(run, wanted: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, str]]]:
+    """For each cousin, the (original, cousin) texts of sample 0 of the prompts asked for (a few
+    thousand at most: the homogenisation pairs), read from its drift rows on the connected Ray."""
+    import ray.data
+
+    out: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in wanted}
+    files = [f for name in wanted if wanted[name] for f in data_files(run.layout.drift(name))]
+    if not files:
+        return out
+    ds = ray.data.read_parquet(files, filesystem=run.layout.drift(next(iter(wanted))).arrow_fs(),
+                               partitioning=None, num_cpus=0.1).select_columns(
+        ["cousin", "prompt_id", "sample_index", "error", "original_text", "cousin_text"])
+    ds = ds.map_batches(_sample0_of, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", num_cpus=0.1)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for c, p, o, t in zip(*(batch.column(k).to_pylist() for k in
+                                ("cousin", "prompt_id", "original_text", "cousin_text"))):
+            out[c][p] = (o or "", t or "")
+    return out

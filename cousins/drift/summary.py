@@ -1,10 +1,12 @@
 """Summaries of drift rows: every figure with a bootstrap confidence interval over prompts.
 
 The unit of resampling is the prompt (all samples of a prompt move together): tokens of one answer
-are not independent, and neither are the samples of one prompt. A ratio figure (a token-weighted
-mean such as KLD mean, or a rate) is resampled as Σ num / Σ den over the resampled prompts; a
-quantile of token KLD is taken over the resampled prompts' tokens, weighted by how many times each
-prompt was drawn. Resamples are drawn in blocks so memory stays (block x prompts).
+are not independent, and neither are the samples of one prompt. Every ratio figure (a token-weighted
+mean such as KLD mean, or a rate) is Σ num / Σ den, so it is resampled from per-prompt sums
+(aggregate.SUMS, computed by the diff's workers) as Σ w·num / Σ w·den, w a prompt's count in the
+resample; all figures are evaluated on each block of resamples in one matrix product, and blocks
+are drawn one at a time so memory stays (block x prompts). Quantiles of token KLD come from merged
+histograms (sketch.py states their error), their CIs from Poisson-resampled histograms.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.drift import metrics
+from cousins.drift.aggregate import MARGIN_BINS, Merged, margin_labels, merge_table
+from cousins.drift.sketch import KLD_BOOT_GRID, KLD_GRID
 
-MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
+__all__ = ["MARGIN_BINS", "QUANTILES", "Bootstrap", "BootstrapSpec", "summarise", "summary_of", "drift_table"]
+
 QUANTILES = {"kld_median": 0.5, "kld_p90": 0.9, "kld_p99": 0.99, "kld_p999": 0.999}
 _BLOCK = 100
+_BLOCK_CELLS = 2_000_000  # resamples x prompts drawn at once at most
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class BootstrapSpec:
     resamples: int
     level: float
     seed: int
-    quantile_resamples: int = 200  # quantiles resample tokens: fewer draws keep them cheap
+    quantile_resamples: int = 200  # quantiles resample histograms: fewer draws keep them cheap
 
     @classmethod
     def of(cls, drift) -> "BootstrapSpec":
@@ -39,36 +45,25 @@ class BootstrapSpec:
 
 
 class Bootstrap:
-    """Prompt-level resampling weights, drawn deterministically block by block (and kept, when
-    they fit in memory, so every figure of a summary reuses the same draws)."""
-
-    _CACHE_CELLS = 50_000_000  # resamples x prompts kept in memory at most
+    """Prompt-level resampling weights, drawn deterministically block by block: resample r of a
+    summary is the same draw for every figure, and no more than one block is held at once."""
 
     def __init__(self, n_clusters: int, spec: BootstrapSpec, resamples: int | None = None):
         self.n, self.spec = n_clusters, spec
         self.resamples = spec.resamples if resamples is None else resamples
-        self._kept: list[np.ndarray] | None = None
 
-    def _draw(self):
+    def blocks(self):
         rng = np.random.default_rng(self.spec.seed)
         left = self.resamples
+        step = max(1, min(_BLOCK, _BLOCK_CELLS // max(self.n, 1)))
         while left > 0 and self.n > 0:
-            b = min(_BLOCK, left)
+            b = min(step, left)
             idx = rng.integers(0, self.n, size=(b, self.n))
             # counts of each prompt in each resample (a multinomial draw), one bincount for the block
             flat = (idx + (np.arange(b) * self.n)[:, None]).ravel()
+            del idx
             yield np.bincount(flat, minlength=b * self.n).reshape(b, self.n).astype(np.float64)
             left -= b
-
-    def blocks(self):
-        if self._kept is not None:
-            yield from self._kept
-            return
-        if self.resamples * self.n > self._CACHE_CELLS:
-            yield from self._draw()
-            return
-        self._kept = list(self._draw())
-        yield from self._kept
 
     def interval(self, stats: np.ndarray) -> list[float] | None:
         stats = stats[np.isfinite(stats)]
@@ -78,171 +73,153 @@ class Bootstrap:
         lo, hi = np.quantile(stats, [a, 1 - a])
         return [float(lo), float(hi)]
 
+    def ratios(self, figures: dict[str, tuple]) -> dict[str, dict]:
+        """{name: (num, den[, transform])} per-cluster sums -> {name: {value, ci}} of
+        transform(Σ num / Σ den), every figure over the same resamples."""
+        names = list(figures)
+        if not names:
+            return {}
+        num = np.column_stack([np.asarray(figures[k][0], dtype=np.float64) for k in names])
+        den = np.column_stack([np.asarray(figures[k][1], dtype=np.float64) for k in names])
+        fs = [figures[k][2] if len(figures[k]) > 2 and figures[k][2] is not None else (lambda x: x) for k in names]
+        stats = []
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for w in self.blocks():
+                stats.append((w @ num) / (w @ den))
+            stats = np.concatenate(stats) if stats else np.zeros((0, len(names)))
+            out = {}
+            for j, k in enumerate(names):
+                total = den[:, j].sum()
+                if total == 0:
+                    out[k] = {"value": None, "ci": None}
+                    continue
+                out[k] = {"value": float(fs[j](num[:, j].sum() / total)), "ci": self.interval(fs[j](stats[:, j]))}
+        return out
+
     def ratio(self, num: np.ndarray, den: np.ndarray, clusters: np.ndarray, transform=None) -> dict:
         """Σ num / Σ den (optionally transformed) with its interval; num, den per item of a cluster."""
         num_c = np.bincount(clusters, weights=num, minlength=self.n)
         den_c = np.bincount(clusters, weights=den, minlength=self.n)
-        total = den_c.sum()
-        if total == 0:
-            return {"value": None, "ci": None}
-        f = transform or (lambda x: x)
-        stats = []
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for w in self.blocks():
-                stats.append(f((w @ num_c) / (w @ den_c)))
-        return {"value": float(f(num_c.sum() / total)), "ci": self.interval(np.concatenate(stats))}
-
-    def quantiles(self, values: np.ndarray, clusters: np.ndarray, qs: dict[str, float]) -> dict[str, dict]:
-        if not len(values):
-            return {name: {"value": None, "ci": None} for name in qs}
-        order = np.argsort(values, kind="stable")
-        v, c = values[order], clusters[order]
-        out = {name: {"value": float(np.quantile(values, q))} for name, q in qs.items()}
-        draws: dict[str, list[float]] = {name: [] for name in qs}
-        sub = Bootstrap(self.n, self.spec, resamples=self.spec.quantile_resamples)
-        rows_per_step = max(1, 20_000_000 // len(v))  # bound the (draws x tokens) matrix
-        for block in sub.blocks():
-            for start in range(0, len(block), rows_per_step):
-                cum = np.cumsum(block[start:start + rows_per_step][:, c], axis=1)  # weights in value order
-                for name, q in qs.items():
-                    idx = (cum < q * cum[:, -1:]).sum(axis=1)
-                    draws[name].extend(v[np.minimum(idx, len(v) - 1)].tolist())
-        for name in qs:
-            out[name]["ci"] = self.interval(np.asarray(draws[name]))
-        return out
+        return self.ratios({"x": (num_c, den_c, transform)})["x"]
 
     def mean(self, values: np.ndarray, clusters: np.ndarray) -> dict:
         return self.ratio(values, np.ones_like(values), clusters)
 
 
-def _flat(table: pa.Table, column: str, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """A list column's values flattened, with the row index of each value."""
-    col = table.column(column).combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
-    values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(dtype)
-    return values, np.repeat(np.arange(table.num_rows), lengths)
+def _quantiles(m: Merged, spec: BootstrapSpec) -> dict[str, dict]:
+    out = {}
+    for name, q in QUANTILES.items():
+        value = KLD_GRID.quantile(m.kld, q, m.kld_max) if m.kld is not None else None
+        ci = None
+        if value is not None and m.kld_boot is not None and len(m.kld_boot):
+            draws = np.asarray([np.nan if (v := KLD_BOOT_GRID.quantile(h, q, m.kld_max)) is None else v
+                                for h in m.kld_boot])
+            ci = Bootstrap(0, spec).interval(draws)
+        out[name] = {"value": value, "ci": ci}
+    return out
 
 
-def _col(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric or boolean column as float64 with NaN for nulls."""
-    return np.asarray([np.nan if x is None else float(x) for x in table.column(name).to_pylist()])
+def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None = None,
+               homogenisation: dict[str, np.ndarray] | None = None) -> dict:
+    """One cousin's summary (the CousinSummary shape of summary.json) from its merged aggregates.
+    homogenisation: per side (original, cousin), the similarities of the sampled pairs."""
+    text_only = m.text_only
+    s = m.prompt_sums()
+    c = {name: s.column(name).to_numpy() for name in s.column_names if name not in ("prompt_id", "category")}
+    out = {"name": m.cousin, "kind": kind, "text_only": text_only, "rows": m.rows,
+           "tokens": int(c["T"].sum()) if s.num_rows and not text_only else 0,
+           "error_rows": m.error_rows, "error": error, "metrics": {}, "slices": {}}
+    if s.num_rows == 0:
+        return out
+    boot = Bootstrap(s.num_rows, spec)
+    n = c["n"]
+    f: dict[str, tuple] = {}
+    if not text_only:
+        T = c["T"]
+        f.update(kld_mean=(c["kld"], T), same_top1=(c["same"], T), mean_dp=(c["dp"], T),
+                 rms_dp=(c["dp2"], T, np.sqrt), ppl_original=(c["nll_o"], c["tokens"], np.exp),
+                 ppl_cousin=(c["nll_c"], c["tokens"], np.exp), ppl_ratio=(c["nll_d"], c["tokens"], np.exp),
+                 ln_ppl_ratio=(c["nll_d"], c["tokens"]), rest_mass_mean=(c["rest"], T))
+        for i, label in enumerate(margin_labels()):
+            f[f"margin {label} kld"] = (c[f"m{i}_kld"], c[f"m{i}_n"])
+            f[f"margin {label} same"] = (c[f"m{i}_same"], c[f"m{i}_n"])
+    f.update(exact_match=(c["exact"], n), first_divergence_mean=(c["fd"], c["fd_n"]), chrf=(c["chrf"], n),
+             rouge_l=(c["rouge"], n),
+             # Token efficiency: the cousin's output tokens per original output token, over all rows.
+             length_ratio=(c["ctok"], c["otok"]), finish_changed=(c["finish"], n),
+             accuracy_original=(c["co"], c["labelled"]), accuracy_cousin=(c["cc"], c["labelled"]),
+             accuracy_delta=(c["cc"] - c["co"], c["labelled"]), flip_rate=(c["flip"], c["labelled"]))
+    for side, name in (("o", "original"), ("c", "cousin")):
+        for k in (1, 2):
+            f[f"distinct{k}_{name}"] = (c[f"d{k}_{side}"], c[f"d{k}_{side}_n"])
+        f[f"mean_length_{name}"] = (c["otok" if side == "o" else "ctok"], n)
+    r = boot.ratios(f)
+
+    m_ = out["metrics"]
+    if not text_only:
+        N, k1, k2 = float(c["T"].sum()), float(c["kld"].sum()), float(c["kld2"].sum())
+        m_["kld_mean"] = {**r.pop("kld_mean"),
+                          "se": math.sqrt(max(k2 - k1 * k1 / N, 0.0) / (N - 1)) / math.sqrt(N) if N > 1 else None}
+        m_.update(_quantiles(m, spec))
+        m_["kld_max"] = {"value": m.kld_max, "ci": None}
+        v = r["same_top1"]["value"]
+        m_["same_top1"] = {**r.pop("same_top1"), "se": math.sqrt(v * (1 - v) / N) if v is not None else None}
+        for k in ("mean_dp", "rms_dp", "ppl_original", "ppl_cousin", "ppl_ratio", "ln_ppl_ratio"):
+            m_[k] = r.pop(k)
+        out["slices"]["margin"] = {
+            label: {"tokens": int(c[f"m{i}_n"].sum()), "kld_mean": r.pop(f"margin {label} kld"),
+                    "same_top1": r.pop(f"margin {label} same")}
+            for i, label in enumerate(margin_labels())}
+        m_["rest_mass_mean"] = r.pop("rest_mass_mean")
+    for k in ("exact_match", "first_divergence_mean", "chrf", "rouge_l", "length_ratio", "finish_changed",
+              "accuracy_original", "accuracy_cousin", "accuracy_delta", "flip_rate"):
+        m_[k] = r.pop(k)
+    for name in ("original", "cousin"):
+        for k in (1, 2):
+            m_[f"distinct{k}_{name}"] = r.pop(f"distinct{k}_{name}")
+        m_[f"mean_length_{name}"] = r.pop(f"mean_length_{name}")
+        sims = (homogenisation or {}).get(name, np.zeros(0))
+        m_[f"homogenisation_{name}"] = Bootstrap(len(sims), spec).mean(sims, np.arange(len(sims)))
+    out["slices"]["category"] = _category_slices(s, c, spec, text_only)
+    return out
+
+
+def _category_slices(s: pa.Table, c: dict, spec: BootstrapSpec, text_only: bool) -> dict:
+    cats = np.asarray(["(none)" if x is None else x for x in s.column("category").to_pylist()], dtype=object)
+    small = BootstrapSpec(resamples=min(spec.resamples, 200), level=spec.level, seed=spec.seed,
+                          quantile_resamples=0)
+    out = {}
+    for cat in sorted(set(cats.tolist())):
+        sel = cats == cat
+        sub = {k: v[sel] for k, v in c.items()}
+        f = {"flip_rate": (sub["flip"], sub["labelled"]), "length_ratio": (sub["ctok"], sub["otok"])}
+        if not text_only:
+            f.update(kld_mean=(sub["kld"], sub["T"]), same_top1=(sub["same"], sub["T"]))
+        r = Bootstrap(int(sel.sum()), small).ratios(f)
+        out[cat] = {"rows": int(sub["n"].sum()),
+                    **({} if text_only else {"kld_mean": r["kld_mean"], "same_top1": r["same_top1"]}),
+                    "flip_rate": r["flip_rate"], "length_ratio": r["length_ratio"]}
+    return out
+
+
+def homogenisation_sims(texts: list[str], seed: int) -> np.ndarray:
+    """The sampled pairs' similarities for answers listed in prompt order (metrics.pair_indices)."""
+    pairs = metrics.pair_indices(len(texts), seed=seed)
+    return metrics.jaccard_pairs(texts, pairs)
 
 
 def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, text_only: bool = False,
               error: str | None = None) -> dict:
-    """One cousin's summary (the CousinSummary shape of summary.json) from its drift rows."""
-    ok = drift.filter(pc.is_null(drift.column("error")))
-    out = {"name": name, "kind": kind, "text_only": text_only, "rows": drift.num_rows, "tokens": 0,
-           "error_rows": drift.num_rows - ok.num_rows, "error": error, "metrics": {}, "slices": {}}
-    if ok.num_rows == 0:
-        return out
-    prompts = ok.column("prompt_id").to_pylist()
-    uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-    row_cluster = np.asarray([uniq[p] for p in prompts])
-    boot = Bootstrap(len(uniq), spec)
-    m = out["metrics"]
-
-    if not text_only:
-        kld, tok_row = _flat(ok, "kld_tokens")
-        tok_cluster = row_cluster[tok_row]
-        same, _ = _flat(ok, "same_top1_tokens")
-        dp, _ = _flat(ok, "dp_tokens")
-        ones = np.ones_like(kld)
-        out["tokens"] = int(len(kld))
-        m["kld_mean"] = boot.ratio(kld, ones, tok_cluster)
-        m["kld_mean"]["se"] = float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None
-        m.update(boot.quantiles(kld, tok_cluster, QUANTILES))
-        m["kld_max"] = {"value": float(kld.max()) if len(kld) else None, "ci": None}
-        m["same_top1"] = boot.ratio(same, ones, tok_cluster)
-        f = m["same_top1"]["value"]
-        m["same_top1"]["se"] = math.sqrt(f * (1 - f) / len(same)) if f is not None else None
-        m["mean_dp"] = boot.ratio(dp, ones, tok_cluster)
-        m["rms_dp"] = boot.ratio(dp * dp, ones, tok_cluster, transform=np.sqrt)
-        tokens = _col(ok, "tokens")
-        nll_o, nll_c = _col(ok, "nll_original"), _col(ok, "nll_cousin")
-        m["ppl_original"] = boot.ratio(nll_o, tokens, row_cluster, transform=np.exp)
-        m["ppl_cousin"] = boot.ratio(nll_c, tokens, row_cluster, transform=np.exp)
-        m["ppl_ratio"] = boot.ratio(nll_c - nll_o, tokens, row_cluster, transform=np.exp)
-        m["ln_ppl_ratio"] = boot.ratio(nll_c - nll_o, tokens, row_cluster)
-        margin, _ = _flat(ok, "margin_tokens")
-        out["slices"]["margin"] = _margin_slices(boot, kld, same, margin, tok_cluster)
-        m["rest_mass_mean"] = boot.ratio(_flat(ok, "rest_mass_tokens")[0], ones, tok_cluster)
-
-    rows = np.ones(ok.num_rows)
-    m["exact_match"] = boot.ratio(_col(ok, "exact_match"), rows, row_cluster)
-    fd = _col(ok, "first_divergence")
-    has_fd = ~np.isnan(fd)
-    m["first_divergence_mean"] = boot.ratio(np.nan_to_num(fd), has_fd.astype(float), row_cluster)
-    m["chrf"] = boot.mean(_col(ok, "chrf"), row_cluster)
-    m["rouge_l"] = boot.mean(_col(ok, "rouge_l"), row_cluster)
-    # Token efficiency: the cousin's output tokens per original output token, over all rows.
-    m["length_ratio"] = boot.ratio(_col(ok, "cousin_tokens"), _col(ok, "original_tokens"), row_cluster)
-    m["finish_changed"] = boot.mean(_col(ok, "finish_changed"), row_cluster)
-    co, cc = _col(ok, "correct_original"), _col(ok, "correct_cousin")
-    labelled = (~np.isnan(co)).astype(float)
-    co, cc = np.nan_to_num(co), np.nan_to_num(cc)
-    m["accuracy_original"] = boot.ratio(co, labelled, row_cluster)
-    m["accuracy_cousin"] = boot.ratio(cc, labelled, row_cluster)
-    m["accuracy_delta"] = boot.ratio(cc - co, labelled, row_cluster)
-    m["flip_rate"] = boot.ratio(np.nan_to_num(_col(ok, "flip")), labelled, row_cluster)
-    m.update(_style(ok, boot, row_cluster, spec))
-    out["slices"]["category"] = _category_slices(ok, spec, text_only)
-    return out
-
-
-def _style(ok: pa.Table, boot: Bootstrap, row_cluster: np.ndarray, spec: BootstrapSpec) -> dict:
-    out = {}
-    for side in ("original", "cousin"):
-        texts = [t or "" for t in ok.column(f"{side}_text").to_pylist()]
-        for n in (1, 2):
-            d = np.asarray([np.nan if (x := metrics.distinct_n(t, n)) is None else x for t in texts])
-            has = ~np.isnan(d)
-            out[f"distinct{n}_{side}"] = boot.ratio(np.nan_to_num(d), has.astype(float), row_cluster)
-        out[f"mean_length_{side}"] = boot.mean(_col(ok, f"{side}_tokens"), row_cluster)
-        # One answer per prompt (sample 0) so the pairs compare different prompts.
-        first = [t for t, s in zip(texts, ok.column("sample_index").to_pylist()) if s == 0]
-        sims = metrics.homogenisation_pairs(first, seed=spec.seed)
-        pair_boot = Bootstrap(len(sims), spec)
-        out[f"homogenisation_{side}"] = pair_boot.mean(sims, np.arange(len(sims)))
-    return out
-
-
-def _margin_slices(boot: Bootstrap, kld, same, margin, clusters) -> dict:
-    out = {}
-    edges = list(MARGIN_BINS)
-    for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
-        last = i == len(edges) - 2
-        sel = (margin >= lo) & ((margin <= hi) if last else (margin < hi))
-        label = f"[{lo:.1f},{hi:.1f}{']' if last else ')'}"
-        ones = sel.astype(float)
-        out[label] = {"tokens": int(sel.sum()),
-                      "kld_mean": boot.ratio(np.where(sel, kld, 0.0), ones, clusters),
-                      "same_top1": boot.ratio(np.where(sel, same, 0.0), ones, clusters)}
-    return out
-
-
-def _category_slices(ok: pa.Table, spec: BootstrapSpec, text_only: bool) -> dict:
-    cats = ["(none)" if c is None else c for c in ok.column("category").to_pylist()]
-    out = {}
-    small = BootstrapSpec(resamples=min(spec.resamples, 200), level=spec.level, seed=spec.seed,
-                          quantile_resamples=0)
-    for cat in sorted(set(cats)):
-        sub = ok.filter(pa.array([c == cat for c in cats]))
-        prompts = sub.column("prompt_id").to_pylist()
-        uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        clusters = np.asarray([uniq[p] for p in prompts])
-        boot = Bootstrap(len(uniq), small)
-        s = {"rows": sub.num_rows}
-        if not text_only:
-            kld, tok_row = _flat(sub, "kld_tokens")
-            same, _ = _flat(sub, "same_top1_tokens")
-            s["kld_mean"] = boot.ratio(kld, np.ones_like(kld), clusters[tok_row])
-            s["same_top1"] = boot.ratio(same, np.ones_like(same), clusters[tok_row])
-        co = _col(sub, "correct_original")
-        s["flip_rate"] = boot.ratio(np.nan_to_num(_col(sub, "flip")), (~np.isnan(co)).astype(float), clusters)
-        s["length_ratio"] = boot.ratio(_col(sub, "cousin_tokens"), _col(sub, "original_tokens"), clusters)
-        out[cat] = s
-    return out
+    """One cousin's summary from its drift rows in memory: the same aggregates the diff's workers
+    make, merged as one partial (small tables and tests)."""
+    m = merge_table(drift, text_only={name} if text_only else set(), seed=spec.seed,
+                    quantile_resamples=spec.quantile_resamples)
+    merged = m.get(name) or Merged(name, text_only, 0)
+    ok = drift.filter(pc.and_(pc.is_null(drift.column("error")), pc.equal(drift.column("sample_index"), 0)))
+    ok = ok.sort_by([("prompt_id", "ascending")])
+    sims = {side: homogenisation_sims([t or "" for t in ok.column(f"{side}_text").to_pylist()], spec.seed)
+            for side in ("original", "cousin")}
+    return summary_of(merged, kind, spec, error=error, homogenisation=sims)
 
 
 def _fmt(m: dict | None, pct: bool = False, digits: int = 4) -> str:

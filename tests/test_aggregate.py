@@ -1,0 +1,164 @@
+"""The diff's mergeable aggregates: log histograms whose quantiles keep their stated error, and
+per-partition partials that merge into the same summary (figures and CIs) as resampling every
+drift row in one process (tests/summary_reference.py, the code the aggregates replaced)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from cousins.drift import aggregate
+from cousins.drift.sketch import KLD_GRID, LENGTH_GRID, poisson_weights
+from cousins.drift.summary import BootstrapSpec, summarise, summary_of
+from cousins.schema import DRIFT
+
+import summary_reference as reference
+
+SPEC = BootstrapSpec(resamples=300, level=0.95, seed=7)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1_000, 200_000])
+def test_quantiles_are_within_the_stated_error_of_numpys(n):
+    rng = np.random.default_rng(n)
+    data = {
+        "lognormal": np.exp(rng.normal(-9, 3, n)),  # spans 1e-13 .. 1e-5 and beyond: both sides of lo
+        "exponential": rng.exponential(0.01, n),
+        "with zeros": np.where(rng.random(n) < 0.3, 0.0, rng.exponential(1.0, n)),
+        "heavy tail": rng.pareto(1.5, n) * 1e-4,
+    }
+    bound = math.sqrt(KLD_GRID.ratio) * (1 + 1e-9)
+    checked = 0
+    for name, x in data.items():
+        counts = KLD_GRID.counts(x)
+        assert counts.sum() == n
+        xs = np.sort(x)
+        for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0):
+            est, exact = KLD_GRID.quantile(counts, q, float(x.max())), float(np.quantile(x, q))
+            h = q * (n - 1)
+            a, b = xs[math.floor(h)], xs[min(math.floor(h) + 1, n - 1)]
+            if a >= KLD_GRID.lo and b < KLD_GRID.hi:  # the stated bound
+                assert exact / bound <= est <= exact * bound, (name, q, est, exact)
+                checked += 1
+            elif b < KLD_GRID.lo:  # below the grid: read as 0
+                assert est == 0.0 and exact < KLD_GRID.lo
+    assert checked >= 10
+    assert KLD_GRID.quantile(np.zeros(KLD_GRID.buckets), 0.5) is None
+
+
+def test_histograms_and_poisson_weights_merge_across_workers():
+    rng = np.random.default_rng(0)
+    x = rng.exponential(0.1, 10_000)
+    parts = np.array_split(x, 7)
+    assert np.array_equal(sum(KLD_GRID.counts(p) for p in parts), KLD_GRID.counts(x))
+    both = poisson_weights(["a", "b", "c"], 50, seed=3)
+    assert np.array_equal(poisson_weights(["c", "a"], 50, seed=3), both[:, [2, 0]])  # by id, not position
+    assert not np.array_equal(poisson_weights(["a"], 50, seed=4), both[:, [0]])
+    assert abs(both.mean() - 1.0) < 0.3
+    assert LENGTH_GRID.counts(np.array([0.0, 1.0, 100.0])).sum() == 3
+
+
+def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
+    """Drift rows of a token cousin ('q'), a text-only one ('t') and the noise floor: two samples a
+    prompt, some rows failed, some prompts labelled, three categories, empty outputs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    words = "the answer is four five six seven because sum of digits".split()
+    for cousin in ("q", "t", "noise-floor"):
+        for i in range(prompts):
+            labelled = i % 3 != 0
+            for s in range(2):
+                r = {f.name: None for f in DRIFT}
+                n = int(rng.integers(0, 30)) if i % 11 else 0
+                otext = " ".join(rng.choice(words, n)) if n else ""
+                ctext = " ".join(rng.choice(words, int(rng.integers(0, 30))))
+                r.update(prompt_id=f"p{(i * 37) % prompts:03d}", sample_index=s, cousin=cousin,
+                         category=["math", "chat", None][i % 3], original_text=otext, cousin_text=ctext,
+                         original_tokens=n, cousin_tokens=len(ctext.split()), exact_match=bool(rng.random() < .2),
+                         first_divergence=None if rng.random() < .2 else int(rng.integers(0, 10)),
+                         chrf=float(rng.uniform(0, 100)), rouge_l=float(rng.random()),
+                         finish_changed=bool(rng.random() < .1), length_ratio=len(ctext.split()) / n if n else None)
+                if labelled:
+                    co, cc = bool(rng.random() < .6), bool(rng.random() < .5)
+                    r.update(correct_original=co, correct_cousin=cc, flip=co != cc)
+                if cousin != "t":
+                    scale = 1e-6 if cousin == "noise-floor" else 0.05
+                    kld = rng.exponential(scale, n) * np.where(rng.random(n) < .1, 0, 1)
+                    r.update(tokens=n, kld_tokens=kld.astype(np.float32).tolist(),
+                             rest_mass_tokens=rng.random(n).astype(np.float32).tolist(),
+                             margin_tokens=rng.random(n).astype(np.float32).tolist(),
+                             same_top1_tokens=(rng.random(n) < .8).tolist(),
+                             dp_tokens=rng.normal(0, .1, n).astype(np.float32).tolist(),
+                             kld_mean=float(kld.mean()) if n else None, nll_original=float(rng.uniform(0, 9)),
+                             nll_cousin=float(rng.uniform(0, 9)))
+                if rng.random() < 0.05:
+                    r["error"] = "cousin: scoring failed"
+                rows.append(r)
+    return pa.Table.from_pylist(rows, schema=DRIFT).sort_by([("prompt_id", "ascending"),
+                                                             ("sample_index", "ascending")])
+
+
+def _close(a, b, path="", quantile=False):
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _close(a[k], b[k], f"{path}/{k}", quantile or k in reference.QUANTILES)
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]", quantile)
+    elif isinstance(a, float) and quantile:
+        if "/ci" not in path:  # values: the sketch's bound; CIs: another resampling scheme
+            assert b == pytest.approx(a, rel=0.0101, abs=KLD_GRID.lo), path
+    elif isinstance(a, float) and not math.isnan(a):
+        assert b == pytest.approx(a, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b or (a != a and b != b), path
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_partials_merge_into_the_row_by_row_summary(partitions):
+    drift = _drift()
+    prompts = sorted(set(drift.column("prompt_id").to_pylist()))
+    groups = np.array_split(np.asarray(prompts, dtype=object), partitions)
+    for cousin, text_only in (("q", False), ("t", True), ("noise-floor", False)):
+        rows = drift.filter(pc.equal(drift.column("cousin"), cousin))
+        parts = [aggregate.partial(cousin, rows.filter(pc.is_in(rows.column("prompt_id"), pa.array(g.tolist()))),
+                                   token_level=not text_only, worst_n=5, seed=SPEC.seed,
+                                   quantile_resamples=SPEC.quantile_resamples, node=f"n{i}")
+                 for i, g in enumerate(groups)]
+        merged = aggregate.merge_all([aggregate.to_rows(parts[:2]), aggregate.to_rows(parts[2:])],
+                                     {cousin: text_only}, worst_n=5)[cousin]
+        assert merged.nodes == {f"n{i}" for i in range(partitions)} and merged.rows == rows.num_rows
+        want = reference.summarise(cousin, "quantized", rows, SPEC, text_only=text_only)
+        ok0 = rows.filter(pc.and_(pc.is_null(rows.column("error")), pc.equal(rows.column("sample_index"), 0)))
+        sims = {side: reference.metrics.homogenisation_pairs(
+            [t or "" for t in ok0.column(f"{side}_text").to_pylist()], seed=SPEC.seed) for side in ("original", "cousin")}
+        got = summary_of(merged, "quantized", SPEC, homogenisation=sims)
+        _close(want, got)
+        _close(want, summarise(cousin, "quantized", rows, SPEC, text_only=text_only))
+        if not text_only:
+            for q in reference.QUANTILES:
+                lo, hi = got["metrics"][q]["ci"]
+                assert lo <= got["metrics"][q]["value"] * 1.05 and hi >= got["metrics"][q]["value"] / 1.05
+        # the worst rows: the same top-N as sorting every row
+        ok = rows.filter(pc.is_null(rows.column("error")))
+        top = aggregate.top_rows(ok, text_only, 5)
+        assert merged.view().worst.to_pylist() == top.to_pylist()
+        key = "chrf" if text_only else "kld_mean"
+        vals = [v for v in ok.column(key).to_pylist() if v is not None]
+        assert top.column(key)[0].as_py() == (min(vals) if text_only else max(vals))
+
+
+def test_a_cousin_without_rows_or_with_only_failures():
+    drift = _drift(prompts=4)
+    failed = drift.filter(pc.equal(drift.column("cousin"), "q")).set_column(
+        DRIFT.get_field_index("error"), "error", pa.array(["boom"] * 8, pa.string()))
+    s = summarise("q", "quantized", failed, SPEC)
+    assert s["rows"] == 8 and s["error_rows"] == 8 and s["metrics"] == {} and s["tokens"] == 0
+    empty = summary_of(aggregate.Merged("x", False, 3), "quantized", SPEC, error="no generations")
+    assert empty["rows"] == 0 and empty["error"] == "no generations"
+    assert aggregate.Merged("x", False, 3).view().kld is None

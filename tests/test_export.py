@@ -125,7 +125,8 @@ def _committed_run(root, run_id="r1", commit=True):
     return layout
 
 
-def test_export_round_trips_through_datasets_pyarrow_and_duckdb(tmp_path):
+@pytest.mark.integration
+def test_export_round_trips_through_datasets_pyarrow_and_duckdb(ray_local, tmp_path):
     import datasets
     import duckdb
     import pyarrow.dataset as pads
@@ -139,7 +140,9 @@ def test_export_round_trips_through_datasets_pyarrow_and_duckdb(tmp_path):
     # 12 rows: 1 error; p0..p2 labelled: the sample-1 answers (41, 42→ p1's error, 43) fail the check
     assert {r.name: r.dropped for r in result.filters} == {
         "generation errors": 1, "truncated (length)": 0, "output length": 0, "answer check": 2, "exact duplicates": 0}
-    assert result.rows_out == 9 and len(result.files) == 3 and [f["rows"] for f in result.files] == [4, 4, 1]
+    # files of at most rows_per_file rows, one partition's each (partitions of about that many rows)
+    assert result.rows_out == 9 and sum(f["rows"] for f in result.files) == 9
+    assert all(1 <= f["rows"] <= 4 for f in result.files) and len(result.files) >= 3
     ds = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
     assert ds.num_rows == 9 and ds[0]["messages"][-1]["role"] == "assistant"
     assert ds[0]["messages"][0] == {"role": "system", "content": "be brief"}
@@ -159,7 +162,8 @@ def test_export_round_trips_through_datasets_pyarrow_and_duckdb(tmp_path):
     assert records.encode(records.decode(records.ExportDone, marker)) == marker and marker["rows"] == 9
 
 
-def test_sft_export_as_jsonl(tmp_path):
+@pytest.mark.integration
+def test_sft_export_as_jsonl(ray_local, tmp_path):
     import datasets
 
     _committed_run(tmp_path)

@@ -24,6 +24,7 @@ from cousins.storage import Location, data_files
 
 KEYS = ["prompt_id", "sample_index"]
 PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
+SHUFFLE_INPUT_BYTES = 64 << 20
 
 _G = {f.name: f.type for f in schema.GENERATIONS}
 _S = {f.name: f.type for f in schema.SCORES}
@@ -152,8 +153,13 @@ def _read(run, stages: list[Location], columns: list[str], part: str):
     files = [f for stage in stages for f in data_files(stage)]
     if not files:
         return None
-    return ray.data.read_parquet(files, filesystem=stages[0].arrow_fs(), include_paths=True,
-                                 num_cpus=0.1).select_columns([*columns, "path"]).map_batches(
+    import ray
+
+    # a few read tasks per CPU of the cluster (never one for everything): the reads and the
+    # shuffle's map side run on every node
+    blocks = min(len(files), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+    return ray.data.read_parquet(files, filesystem=stages[0].arrow_fs(), include_paths=True, num_cpus=0.1,
+                                 override_num_blocks=blocks).select_columns([*columns, "path"]).map_batches(
         _tag_files, fn_kwargs={"part": part}, batch_format="pyarrow", num_cpus=0.1)
 
 
@@ -180,6 +186,9 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     n_prompts = run.count(layout.prompts)
     partitions = max(int(ray.cluster_resources().get("CPU", 1)), -(-n_prompts // PROMPTS_PER_PARTITION))
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # the shuffle's map side takes its input as it streams in (Ray's default buffers up to 1 GiB
+    # per node first, which puts a small run's whole shuffle in one task on one node)
+    ray.data.DataContext.get_current().shuffle_input_batch_bytes = SHUFFLE_INPUT_BYTES
     cousins = [(e.name, token_level[e.name]) for e in entries[1:]]
     out = union.repartition(partitions, keys=["prompt_id"]).map_batches(
         diff_and_publish, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,

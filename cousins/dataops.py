@@ -1,0 +1,69 @@
+"""Ray Data building blocks the filters and joins share: reading a stage, and bringing the rows of
+several datasets that share a key into the same partition (a hash-partitioned join without a
+join library: each side padded to one union schema, tagged, `repartition(keys=...)`, split back in
+the worker). Nothing here reads rows into the driver.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cousins.storage import Location, data_files
+
+SIDE = "_side"
+
+
+def read_stage(stage: Location, columns: list[str] | None = None, *, num_cpus: float = 0.1):
+    """A stage's part files as a Dataset (None when it holds none)."""
+    import ray.data
+
+    files = data_files(stage)
+    if not files:
+        return None
+    ds = ray.data.read_parquet(files, filesystem=stage.arrow_fs(), partitioning=None, num_cpus=num_cpus)
+    return ds.select_columns(columns) if columns else ds
+
+
+def union_schema(sides: dict[str, pa.Schema]) -> pa.Schema:
+    fields: dict[str, pa.Field] = {}
+    for s in sides.values():
+        for f in s:
+            if f.name in fields and not fields[f.name].type.equals(f.type):
+                raise TypeError(f"column {f.name!r} is {fields[f.name].type} on one side and {f.type} on another")
+            fields.setdefault(f.name, f.with_nullable(True))
+    return pa.schema([*fields.values(), pa.field(SIDE, pa.string())])
+
+
+def _pad(batch: pa.Table, *, side: str, schema: pa.Schema) -> pa.Table:
+    n = batch.num_rows
+    cols = [pa.array([side] * n, pa.string()) if f.name == SIDE else
+            (batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(n, f.type))
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def co_partition(sides: dict, schemas: dict[str, pa.Schema], key: str, partitions: int):
+    """One Dataset whose partitions each hold every side's rows of their keys (split them with
+    `split`). sides: name -> Dataset (or None: no rows); schemas: name -> the side's columns."""
+    schema = union_schema(schemas)
+    tagged = [ds.map_batches(_pad, fn_kwargs={"side": name, "schema": schema}, batch_format="pyarrow",
+                             num_cpus=0.1) for name, ds in sides.items() if ds is not None]
+    union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    return union.repartition(max(1, partitions), keys=[key])
+
+
+def split(block: pa.Table, schemas: dict[str, pa.Schema]) -> dict[str, pa.Table]:
+    """A co-partitioned block back into its sides, each with its own columns and types."""
+    out = {}
+    for name, s in schemas.items():
+        rows = block.filter(pc.equal(block.column(SIDE), name)) if block.num_rows else block
+        out[name] = pa.Table.from_arrays([rows.column(f.name).cast(f.type) for f in s], schema=s)
+    return out
+
+
+def partitions_for(rows: int, per_partition: int) -> int:
+    """Partitions for `rows` rows: at least one per CPU of the cluster, at most `per_partition` rows each."""
+    import ray
+
+    return max(int(ray.cluster_resources().get("CPU", 1)), -(-rows // per_partition), 1)

@@ -20,25 +20,58 @@ class RunResult:
     state: str = "new"  # new | resumed | committed (was already)
 
 
-def efficiency(reader, prompts: Location, generations: Location, answer_match: str) -> dict:
-    """Correct answers on labelled prompts and the output tokens spent on them (ModelStats fields).
-    `reader` is the run (anything with `read(stage, columns)`)."""
+_ZERO = {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0}
+
+
+def _efficiency_partition(block, *, schemas: dict, answer_match: str):
+    import pyarrow as pa
+
+    from cousins.dataops import split
     from cousins.drift.metrics import is_correct
 
-    p = reader.read(prompts, ["prompt_id", "reference"])
-    refs = {k: r for k, r in zip(p.column("prompt_id").to_pylist(), p.column("reference").to_pylist())
-            if r is not None} if p.num_rows else {}
-    if not refs:
-        return {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0}
-    t = reader.read(generations, ["prompt_id", "output_text", "output_tokens", "error"]).to_pydict()
+    sides = split(block, schemas)
+    p = sides["prompt"]
+    refs = {k: r for k, r in zip(p.column("prompt_id").to_pylist(), p.column("reference").to_pylist()) if r is not None}
+    g = sides["gen"].to_pydict()
     labelled = correct = tokens = 0
-    for pid, text, n, err in zip(t["prompt_id"], t["output_text"], t["output_tokens"], t["error"]):
+    for pid, text, n, err in zip(g["prompt_id"], g["output_text"], g["output_tokens"], g["error"]):
         if pid not in refs or err is not None:
             continue
         labelled += 1
         tokens += n or 0
         correct += is_correct(text or "", refs[pid], answer_match)
-    return {"labelled_rows": labelled, "correct_rows": correct, "labelled_output_tokens": tokens}
+    return pa.table({"labelled_rows": [labelled], "correct_rows": [correct], "labelled_output_tokens": [tokens]})
+
+
+def efficiency(prompts: Location, generations: Location, answer_match: str) -> dict:
+    """Correct answers on labelled prompts and the output tokens spent on them (ModelStats fields),
+    checked on the connected Ray where each prompt's reference meets its generations; the driver
+    gets three sums per partition."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from cousins.dataops import co_partition, partitions_for, read_stage
+    from cousins.storage import data_files
+
+    files = data_files(prompts)
+    if not files or not data_files(generations):
+        return dict(_ZERO)
+    labelled = pads.dataset(files, filesystem=prompts.arrow_fs(), format="parquet").count_rows(
+        filter=pads.field("reference").is_valid())  # streamed, one column
+    if not labelled:
+        return dict(_ZERO)
+    schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string())]),
+               "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),
+                                 ("output_tokens", pa.int32()), ("error", pa.string())])}
+    rows = pads.dataset(data_files(generations), filesystem=generations.arrow_fs(), format="parquet").count_rows()
+    sides = {"prompt": read_stage(prompts, schemas["prompt"].names), "gen": read_stage(generations, schemas["gen"].names)}
+    out = dict(_ZERO)
+    for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
+            _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+            fn_kwargs={"schemas": schemas, "answer_match": answer_match}).take_all():
+        for k in out:
+            out[k] += int(r[k])
+    return out
 
 
 def summary_table(result: RunResult) -> str:

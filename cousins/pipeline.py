@@ -41,7 +41,7 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
                            samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=cfg.drift.seed + 1,
                            rows_per_file=cfg.storage.rows_per_file, backend=backend)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
-                               **efficiency(run, run.layout.prompts, run.layout.generations(entry.name),
+                               **efficiency(run.layout.prompts, run.layout.generations(entry.name),
                                             cfg.drift.answer_match))
 
 

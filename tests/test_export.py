@@ -205,3 +205,56 @@ def test_accounting_properties_add_up():
     assert a["cost_per_1m_output_tokens"] == pytest.approx(3.6 * 60 / 3600 / 900 * 1e6)
     assert math.isclose(a["tokens_per_s"], 30.0)
     assert json.dumps(a)  # plain data for summary.json and the manifest
+
+
+def _planted_run(root, run_id="dups"):
+    """40 prompts x 3 samples: prompts 20-39 repeat the messages of 0-19 (exact duplicates across
+    prompt ids), near-duplicate answers planted across prompts, varied logprobs for best-of-n."""
+    layout = _committed_run(root, run_id)
+    base = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old wooden "
+            "fence near the red barn at the end of a long summer day").split()
+    prompts, gens = [], []
+    for i in range(40):
+        prompts.append({"prompt_id": f"q{i:02d}", "messages": [{"role": "user", "content": f"question {i % 20}"}],
+                        "category": "c", "reference": "42" if i % 4 == 0 else None, "source": "x", "source_row": i})
+        for s in range(3):
+            if s == 2 and i % 5 == 0:  # a near-duplicate of a text shared across prompts
+                words = base[:-1] + [f"day{i % 2}"]
+            else:
+                words = [f"w{(i % 20) * 7 + s * 3 + k}" for k in range(12)] + (["is", "42"] if s == 0 else [])
+            gens.append(_gen(f"q{i:02d}", s, " ".join(words), lps=[-0.1 * (1 + (i + s) % 4)] * len(words)))
+    for stage in (layout.prompts, layout.generations(TEACHER)):
+        stage.remove_tree()
+        stage.fs.makedirs(stage.path, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(prompts, schema=schema.PROMPTS), f"{layout.prompts.path}/part-0.parquet")
+    mark_done(layout.prompts, {"rows": 40})
+    g = layout.generations(TEACHER)
+    for k in range(4):
+        pq.write_table(pa.Table.from_pylist(gens[k::4], schema=schema.GENERATIONS), f"{g.path}/part-{k}.parquet")
+    mark_done(g, {})
+    return prompts, gens
+
+
+@pytest.mark.integration
+def test_the_filters_across_partitions_keep_what_they_keep_on_one_table(ray_local, tmp_path):
+    """Exact dedup by content across prompt ids, LSH near dedup across prompts, the answer check and
+    best-of-n as Dataset operations over several partitions: the rows kept and every count equal
+    the same steps on one in-memory table."""
+    prompts, gens = _planted_run(tmp_path)
+    filters = FiltersConfig(answer_check="contains", near_dedup=True, near_dedup_threshold=0.7,
+                            best_of_n="mean_logprob")
+    cfg = ExportConfig(run_id="dups", filters=filters, rows_per_file=7)
+    cfg.storage.root = str(tmp_path)
+    result = export(cfg)
+    keys = {p["prompt_id"]: json.dumps(p["messages"], sort_keys=True) for p in prompts}
+    t = _table(gens)
+    t = t.set_column(t.schema.get_field_index("prompt_key"), "prompt_key",
+                     pa.array([keys[p] for p in t.column("prompt_id").to_pylist()]))
+    kept, want = apply_filters(t, filters, {p["prompt_id"]: p["reference"] for p in prompts if p["reference"]})
+    assert [(r.name, r.before, r.dropped) for r in result.filters] == [(r.name, r.before, r.dropped) for r in want]
+    assert _dropped(want)["exact duplicates"] > 0 and _dropped(want)["near duplicates"] > 0
+    assert _dropped(want)["answer check"] > 0 and _dropped(want)["best-of-n"] > 0
+    out = pa.concat_tables([pq.read_table(tmp_path / "runs" / "dups" / "distill" / "sft" / f["name"])
+                            for f in result.files])
+    assert sorted(_names(out)) == sorted(_names(kept)) and result.rows_out == kept.num_rows
+    assert len(result.files) >= 2 and all(f["rows"] <= 7 for f in result.files)

@@ -174,9 +174,13 @@ PARTIALS = pa.schema([("cousin", pa.string()), ("node", pa.string()), ("rows", p
                       ("length", pa.binary()), ("kld", pa.binary()), ("kld_boot", pa.binary())])
 
 
+# Partials are compressed (zstd): they pass through the object store into the driver, whose
+# memory would otherwise grow with the bytes streamed through it. Resampled histograms are mostly
+# zeros and small integers: 200 x 282 float64 (440 KiB) become about 20 KiB.
+
 def _ipc(t: pa.Table) -> bytes:
     sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, t.schema) as w:
+    with pa.ipc.new_stream(sink, t.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(t)
     return sink.getvalue()
 
@@ -186,7 +190,17 @@ def _table(b: bytes) -> pa.Table:
 
 
 def _arr(a: np.ndarray | None) -> bytes | None:
-    return None if a is None else np.ascontiguousarray(a, dtype=np.float64).tobytes()
+    if a is None:
+        return None
+    raw = np.ascontiguousarray(a, dtype=np.float64).tobytes()
+    return len(raw).to_bytes(8, "little") + pa.compress(raw, codec="zstd", asbytes=True)
+
+
+def _unarr(b: bytes | None) -> np.ndarray | None:
+    if b is None:
+        return None
+    n = int.from_bytes(b[:8], "little")
+    return np.frombuffer(pa.decompress(b[8:], decompressed_size=n, codec="zstd", asbytes=True), dtype=np.float64)
 
 
 def to_rows(parts: list[Partial]) -> pa.Table:
@@ -204,12 +218,12 @@ def to_rows(parts: list[Partial]) -> pa.Table:
 def from_rows(batch: pa.Table) -> list[Partial]:
     out = []
     for r in batch.to_pylist():
-        boot = None if r["kld_boot"] is None else np.frombuffer(r["kld_boot"]).reshape(-1, KLD_BOOT_GRID.buckets)
+        boot = _unarr(r["kld_boot"])
         out.append(Partial(cousin=r["cousin"], rows=r["rows"], error_rows=r["error_rows"], sums=_table(r["sums"]),
-                           worst=_table(r["worst"]), length=np.frombuffer(r["length"]).copy(),
-                           length_sum=r["length_sum"], length_n=r["length_n"],
-                           kld=None if r["kld"] is None else np.frombuffer(r["kld"]).copy(),
-                           kld_boot=None if boot is None else boot.copy(), kld_max=r["kld_max"], node=r["node"]))
+                           worst=_table(r["worst"]), length=_unarr(r["length"]), length_sum=r["length_sum"],
+                           length_n=r["length_n"], kld=_unarr(r["kld"]),
+                           kld_boot=None if boot is None else boot.reshape(-1, KLD_BOOT_GRID.buckets),
+                           kld_max=r["kld_max"], node=r["node"]))
     return out
 
 
@@ -218,7 +232,8 @@ def from_rows(batch: pa.Table) -> list[Partial]:
 @dataclass
 class Merged:
     """Every partial of one cousin, merged as they arrive: histograms add, top-N rows re-rank, the
-    per-prompt sums are kept (they are the bootstrap's input)."""
+    per-prompt sums (the bootstrap's input) go to a local spill file, so the driver holds one
+    cousin's sums at a time, and only while its summary is made."""
 
     cousin: str
     text_only: bool
@@ -226,14 +241,17 @@ class Merged:
     rows: int = 0
     error_rows: int = 0
     nodes: set = field(default_factory=set)
-    sums: list = field(default_factory=list)
-    worst: pa.Table = field(default_factory=WORST.empty_table)
+    worst: pa.Table = field(default_factory=lambda: WORST.empty_table())
     length: np.ndarray = field(default_factory=lambda: np.zeros(LENGTH_GRID.buckets))
     length_sum: float = 0.0
     length_n: int = 0
     kld: np.ndarray | None = None
     kld_boot: np.ndarray | None = None
     kld_max: float | None = None
+    tokens: float = 0.0
+    kld_sum: float = 0.0
+    _spill: object = None  # a temporary Parquet file of the per-prompt sums (deleted with the object)
+    _writer: object = None
 
     def add(self, p: Partial) -> None:
         self.rows += p.rows
@@ -241,9 +259,9 @@ class Merged:
         if p.node:
             self.nodes.add(p.node)
         if p.sums.num_rows:
-            self.sums.append(p.sums)
+            self._write(p.sums)
         self.worst = top_rows(pa.concat_tables([self.worst, p.worst]), self.text_only, self.worst_n)
-        self.length += p.length
+        self.length = self.length + p.length
         self.length_sum += p.length_sum
         self.length_n += p.length_n
         if p.kld is not None:
@@ -253,19 +271,32 @@ class Merged:
         if p.kld_max is not None:
             self.kld_max = p.kld_max if self.kld_max is None else max(self.kld_max, p.kld_max)
 
-    def prompt_sums(self) -> pa.Table:
-        """Every prompt's sums, in prompt id order (the order the bootstrap's clusters take)."""
-        if not self.sums:
-            return SUMS.empty_table()
-        if len(self.sums) > 1:
-            self.sums = [pa.concat_tables(self.sums).sort_by("prompt_id")]
-        return self.sums[0]
+    def _write(self, sums: pa.Table) -> None:
+        import tempfile
 
-    def view(self) -> ReportView:
-        s = self.prompt_sums()
-        tokens = float(pc.sum(s.column("T")).as_py() or 0) if s.num_rows else 0.0
-        kld_mean = float(pc.sum(s.column("kld")).as_py()) / tokens if tokens else None
-        return ReportView(text_only=self.text_only, kld=self.kld, kld_mean=kld_mean, length=self.length,
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._spill = tempfile.NamedTemporaryFile(prefix="cousins-sums-", suffix=".parquet")
+            self._writer = pq.ParquetWriter(self._spill.name, SUMS, compression="none")
+        self._writer.write_table(sums)
+        self.tokens += float(pc.sum(sums.column("T")).as_py() or 0)
+        self.kld_sum += float(pc.sum(sums.column("kld")).as_py() or 0)
+
+    def prompt_sums(self) -> pa.Table:
+        """Every prompt's sums, in prompt id order (the order the bootstrap's clusters take), read
+        back from the spill file."""
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            return SUMS.empty_table()
+        if self._writer.is_open:
+            self._writer.close()
+        return pq.read_table(self._spill.name).sort_by("prompt_id")
+
+    def view(self) -> "ReportView":
+        return ReportView(text_only=self.text_only, kld=self.kld,
+                          kld_mean=self.kld_sum / self.tokens if self.tokens else None, length=self.length,
                           length_mean=self.length_sum / self.length_n if self.length_n else None,
                           worst=self.worst)
 

@@ -136,7 +136,7 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
     sacrebleu is tested on random and real pairs. One deliberate difference: two texts without any
     non-whitespace character score 100 (identical outputs), where sacreBLEU gives 0."""
     hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
-    if not hyp and not ref:
+    if hyp == ref:  # identical (every order's precision and recall 1), or both empty (see above)
         return 100.0
     b2, avg_p, avg_r, effective = beta * beta, 0.0, 0.0, 0
     for n in range(1, order + 1):
@@ -179,7 +179,7 @@ def rouge_l(hypothesis: str, reference: str) -> float:
     both words there. Model outputs are compared with each other as they were generated, so case and
     punctuation changes count as drift."""
     h, r = hypothesis.split(), reference.split()
-    if not h and not r:
+    if h == r:  # identical word sequences, or both without words
         return 1.0
     if not h or not r:
         return 0.0

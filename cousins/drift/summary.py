@@ -26,7 +26,7 @@ __all__ = ["MARGIN_BINS", "QUANTILES", "Bootstrap", "BootstrapSpec", "summarise"
 
 QUANTILES = {"kld_median": 0.5, "kld_p90": 0.9, "kld_p99": 0.99, "kld_p999": 0.999}
 _BLOCK = 100
-_BLOCK_CELLS = 2_000_000  # resamples x prompts drawn at once at most
+_BLOCK_CELLS = 500_000  # resamples x prompts drawn at once at most (4 MB a block)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ storage); the job turns the composed config into these objects once (`to_config`
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,14 +344,23 @@ def _validate_cousins(cfg: Config, check) -> None:
             check(False, f"{where}: model directory not found: {c.path!r} has no config.json (set its path or build)")
 
 
-SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key")
-SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password", "_credentials")
+SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key", "authorization",
+                "proxy-authorization", "cookie", "connection_string", "sas_token")
+SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password", "_credentials", "_key_id", "_connection_string")
+# user:password@ inside a URL (https://user:pass@host/...): the password goes, the user stays
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")
 
 
 def is_secret_name(name: str) -> bool:
-    """Option names that hold credentials (fsspec/s3fs/botocore spellings), not e.g. max_tokens."""
+    """Option names that hold credentials (fsspec/s3fs/botocore/azure spellings and HTTP headers),
+    not e.g. max_tokens."""
     n = str(name).lower()
     return n in SECRET_NAMES or n.endswith(SECRET_SUFFIXES)
+
+
+def scrub_url(text: str) -> str:
+    """A string with the password of any URL in it masked."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
 
 
 def redacted(cfg: Config) -> dict:
@@ -362,6 +372,6 @@ def redacted(cfg: Config) -> dict:
             return {k: ("***" if is_secret_name(k) else scrub(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
-        return node
+        return scrub_url(node) if isinstance(node, str) else node
 
     return scrub(data)

@@ -81,6 +81,21 @@ def test_redacted_config_drops_secrets():
     assert data["run"]["sampling"]["max_tokens"] == 64  # not a secret for containing "token"
 
 
+def test_redaction_covers_key_ids_connection_strings_headers_and_passwords_in_urls():
+    from cousins.config import redacted
+
+    cfg = to_config(compose("+storage.options.aws_access_key_id=AKIAX", "+storage.options.connection_string=cs1",
+                            "+storage.options.client_kwargs.headers.Authorization=Bearer-abc",
+                            "storage.root=https://alice:s3cr3t@example.com/bucket", "+storage.options.sas_token=sv1"))
+    data = redacted(cfg)
+    opts = data["storage"]["options"]
+    assert opts["aws_access_key_id"] == opts["connection_string"] == opts["sas_token"] == "***"
+    assert opts["client_kwargs"]["headers"]["Authorization"] == "***"
+    assert data["storage"]["root"] == "https://alice:***@example.com/bucket"
+    for secret in ("AKIAX", "cs1", "Bearer-abc", "s3cr3t", "sv1"):
+        assert secret not in str(data), secret
+
+
 def test_the_job_reports_config_errors_before_ray(tmp_path):
     import subprocess
     import sys

@@ -5,8 +5,8 @@ The original's generations and scores, each cousin's, and the prompts' reference
 union of tagged rows (`UNION`), hash-partitioned by prompt_id (`repartition(keys=...)`, the shuffle
 Ray Data's own `map_groups` uses: a partition holds all rows of its prompts), and each partition is
 joined locally by (prompt_id, sample_index) with `compare.compare`. Drift rows are written as part
-files under drift/cousin={name}/, named by their keys. No row reaches the driver: it gets the
-rows written per cousin.
+files under drift/cousin={name}/, named by their keys. No row reaches the driver: it gets each
+partition's aggregates (drift/aggregate.py) and merges them as they stream in.
 """
 
 from __future__ import annotations
@@ -148,13 +148,12 @@ def _tag_files(batch: pa.Table, *, part: str) -> pa.Table:
 
 def _read(run, stages: list[Location], columns: list[str], part: str):
     """One Ray Data read of several stages' parts, tagged with their model and part."""
+    import ray
     import ray.data
 
     files = [f for stage in stages for f in data_files(stage)]
     if not files:
         return None
-    import ray
-
     # a few read tasks per CPU of the cluster (never one for everything): the reads and the
     # shuffle's map side run on every node
     blocks = min(len(files), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cousins.demo_corpus import DEMO_PATH
+from cousins.names import NAME_RULE, is_name
 from cousins.recipes import COUSIN_RECIPES, MODEL_RECIPES
 from cousins.records import NOISE_FLOOR
 
@@ -251,8 +252,7 @@ def validate(cfg: Config) -> None:
             problems.append(msg)
 
     m = cfg.model
-    check(bool(m.name) and "/" not in m.name and "=" not in m.name and not m.name.startswith("."),
-          f"model.name {m.name!r} must be a plain name (no '/', '=' or leading '.')")
+    check(is_name(m.name), f"model.name {m.name!r}: use {NAME_RULE}")
     check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} must be one of {list(DTYPES)}")
     check(m.build is None or m.build in MODEL_RECIPES,
           f"model.build {m.build!r} is not a known recipe; known: {list(MODEL_RECIPES)}")
@@ -273,9 +273,7 @@ def validate(cfg: Config) -> None:
 
     r, s = cfg.run, cfg.run.sampling
     check(r.samples >= 1, f"run.samples must be >= 1, got {r.samples}")
-    check(r.run_id is None or (r.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
-                              and not r.run_id.startswith(".")),
-          f"run.run_id {r.run_id!r} may hold only letters, digits, '-', '_' and '.'")
+    check(r.run_id is None or is_name(r.run_id), f"run.run_id {r.run_id!r}: use {NAME_RULE}")
     check(s.temperature >= 0, f"run.sampling.temperature must be >= 0, got {s.temperature}")
     check(0 < s.top_p <= 1, f"run.sampling.top_p must be in (0, 1], got {s.top_p}")
     check(s.top_k >= 0, f"run.sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
@@ -314,10 +312,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "=" not in name and not name.startswith(".") and "\\" not in name
-
-
 def _validate_cousins(cfg: Config, check) -> None:
     d = cfg.drift
     check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
@@ -328,7 +322,7 @@ def _validate_cousins(cfg: Config, check) -> None:
     check(d.distill_samples >= 1, f"drift.distill_samples must be >= 1, got {d.distill_samples}")
     for name, c in cfg.cousins.items():
         where = f"cousins.{name}"
-        check(_plain_name(name), f"{where}: the name must be plain (no '/', '=', '\\' or leading '.')")
+        check(is_name(name), f"{where}: the name {name!r}: use {NAME_RULE}")
         check(name not in (cfg.model.name, NOISE_FLOOR),
               f"{where}: the name is taken (the original is {cfg.model.name!r}; {NOISE_FLOOR!r} is reserved)")
         check(c.kind in COUSIN_KINDS, f"{where}.kind {c.kind!r} must be one of {list(COUSIN_KINDS)}")

@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 from cousins import schema
 from cousins.query_input import (  # re-exported: callers use cousins.query.X
     DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
-    NAME_PATTERN as NAME_PATTERN, _NAME as _NAME, QueryError as QueryError, BadInput as BadInput,
+    NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
     NotFound as NotFound, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
 from cousins.run import NotCommitted, committed, manifest_of
 from cousins.storage import Location, RunLayout, data_files
@@ -119,7 +119,7 @@ def list_runs(root: Location) -> list[dict]:
         return []
     layouts = [RunLayout(root, posixpath.basename(e["name"].rstrip("/"))) for e in entries
                if e.get("type") == "directory"]
-    layouts = [lay for lay in layouts if _NAME.match(lay.run_id)]
+    layouts = [lay for lay in layouts if is_name(lay.run_id)]
 
     def one(layout: RunLayout) -> dict | None:
         manifest = manifest_of(layout)
@@ -211,7 +211,7 @@ def _drift_files(layout: RunLayout) -> dict[str, list[str]]:
         if len(parts) != 2 or not parts[0].startswith("cousin="):
             continue
         cousin, name = parts[0].split("=", 1)[1], parts[1]
-        if _NAME.match(cousin):
+        if is_name(cousin):
             files = out.setdefault(cousin, [])
             if name.endswith(".parquet") and not name.startswith(("_", ".")):
                 files.append(path)
@@ -361,7 +361,7 @@ def prompt_view(root: Location, run_id: str, prompt_id: str, *, sample_index: in
         raise NotFound(f"run {run_id!r} has no prompt {prompt_id!r}")
     prompt = found[0]
 
-    models = [m for m in manifest.get("models") or [] if isinstance(m, dict) and _NAME.match(str(m.get("name")))]
+    models = [m for m in manifest.get("models") or [] if isinstance(m, dict) and is_name(m.get("name"))]
     order = {m["name"]: i for i, m in enumerate(models)}
     kinds = {m["name"]: m.get("kind") for m in models}
     original = models[0]["name"] if models else None

@@ -4,19 +4,17 @@ values and on pages (`limit`, `offset`), the checkers that refuse anything outsi
 error classes a query raises, each carrying the HTTP status the query service (services/) gives
 it: `BadInput` 422 (the request itself is invalid), `NotFound` 404 (no such committed run, prompt
 or cousin), and their base `QueryError` 422. It imports nothing from `cousins.query`, which
-re-exports every name here.
+re-exports every name here; the name rule itself is `cousins.names`'.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 # --- limits ----------------------------------------------------------------------------------------
 
-NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"  # run ids, models, cousins: never a path
-_NAME = re.compile(NAME_PATTERN)
+from cousins.names import NAME_PATTERN, NAME_RULE, is_name  # noqa: E402,F401 - the one name rule
 MAX_TEXT = 500  # category and prompt id values (compared as values, never used as paths)
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 MAX_OFFSET = 100_000  # deeper pages: narrow the filter (a cousin, a category) instead
@@ -45,10 +43,8 @@ class NotFound(QueryError, LookupError):
 def check_name(value: Any, what: str) -> str:
     """`value` if it is a safe name (letters, digits, '-', '_', '.', not starting with '.');
     anything that could name another path, an absolute path or a URL is refused."""
-    if not isinstance(value, str) or not _NAME.match(value):
-        shown = repr(value)[:80]
-        raise BadInput(f"invalid {what} {shown}: use letters, digits, '-', '_' and '.', "
-                       f"not starting with '.', at most 200 characters")
+    if not is_name(value):
+        raise BadInput(f"invalid {what} {repr(value)[:80]}: use {NAME_RULE}")
     return value
 
 

@@ -124,3 +124,23 @@ def test_export_config_composes():
 
     cfg = OmegaConf.to_object(compose("run_id=r1", "kd=true", "filters.near_dedup=true", config_name="export"))
     assert isinstance(cfg, ExportConfig) and cfg.kd and cfg.filters.near_dedup and cfg.storage.root == "outputs"
+
+
+def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_query():
+    import dataclasses
+
+    from cousins.config import ConfigError, CousinConfig, validate
+    from cousins.query import BadInput, check_name
+
+    cfg = to_config(compose())
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="my model"),
+                              run=dataclasses.replace(cfg.run, run_id="café\n"),
+                              cousins={**cfg.cousins, "q@x": CousinConfig(kind="quantized")})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    problems = str(e.value)
+    assert "model.name 'my model'" in problems and "run.run_id 'café\\n'" in problems and "'q@x'" in problems
+    for bad in ("x\n", "my model", "café", ".hidden", "a/b", ""):
+        with pytest.raises(BadInput):
+            check_name(bad, "run id")
+    assert check_name("rtn-int8.v2_1", "cousin") == "rtn-int8.v2_1"

@@ -114,12 +114,12 @@ def _query(args: argparse.Namespace) -> int:
                 Path(args.out).write_bytes(html)
                 print(f"{args.out}: {len(html)} bytes")
             else:
-                sys.stdout.write(html.decode("utf-8"))
+                sys.stdout.write(qr.terminal_safe(html.decode("utf-8")))
             return 0
     except q.QueryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, q.BadInput) else 1
-    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text(data))
+    print(qr.json_safe(json.dumps(data, indent=2, ensure_ascii=False)) if args.json else qr.terminal_safe(text(data)))
     return 0
 
 

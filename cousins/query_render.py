@@ -7,7 +7,23 @@ storage; `cousins.query` never imports it (the query service needs none of it).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (not tab, newline), DEL, C1: ESC, CSI, ...
+_RAW_IN_JSON = re.compile(r"[\x7f-\x9f]")  # what json.dumps(ensure_ascii=False) leaves raw
+
+
+def terminal_safe(text: str) -> str:
+    """Text for a terminal: control characters (escape sequences included) shown as \\xNN instead
+    of acted on; newlines and tabs kept. Model outputs and corpus text are untrusted."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def json_safe(dumped: str) -> str:
+    """JSON text (from json.dumps with ensure_ascii=False) with DEL and C1 controls escaped as
+    \\u00NN: the same JSON value, nothing a terminal acts on."""
+    return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
 
 
 def text_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:

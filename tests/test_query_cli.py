@@ -374,3 +374,14 @@ def test_cli_errors(runs, capsys):
     assert rc == 2 and "invalid cousin" in err
     rc, _, err = run_cli(capsys, "drift", DRIFT_RUN, "--sort", "nope", "--root", root.url)
     assert rc == 2 and "cannot sort" in err
+
+
+def test_untrusted_text_reaches_a_terminal_as_visible_escapes():
+    from cousins.query_render import json_safe, terminal_safe
+
+    hostile = "id\x1b]0;owned\x07 \x1b[2J\x9b31m\r\x00 ok\ttab\nline"
+    shown = terminal_safe(hostile)
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7f <= ord(c) <= 0x9f for c in shown)
+    assert shown == "id\\x1b]0;owned\\x07 \\x1b[2J\\x9b31m\\x0d\\x00 ok\ttab\nline"
+    dumped = json_safe(json.dumps({"prompt": hostile}, ensure_ascii=False))
+    assert json.loads(dumped) == {"prompt": hostile} and "\x9b" not in dumped and "\x1b" not in dumped

@@ -49,6 +49,35 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMON_OVERRIDES = {
+    "generate": ["run.run_id=NAME (resume or name a run)", "corpus.path=FILE.jsonl corpus.limit=N",
+                 "run.samples=N run.sampling.max_tokens=N run.sampling.logprobs=K",
+                 "engine.num_actors=N engine.batch_size=N", "storage.root=s3://bucket/prefix",
+                 "ray.address=ray://HEAD:10001"],
+    "drift": ["cousins=none +cousins.NAME.path=DIR +cousins.NAME.kind=quantized|distilled|other",
+              "drift.score_topk=K drift.bootstrap=N", "drift.recompute=true run.run_id=RUN",
+              "storage.root=s3://bucket/prefix", "ray.address=ray://HEAD:10001"],
+    "export": ["run_id=RUN (required)", "kd=true format=jsonl out=URL", "filters.answer_check=contains",
+               "filters.near_dedup=true filters.best_of_n=mean_logprob", "storage.root=s3://bucket/prefix"],
+}
+
+
+def _job_help(job: str) -> str:
+    """The Hydra config groups (with their choices) and the common overrides of a job."""
+    lines = ["Hydra overrides: key=value, group=choice, +new.key=value; all keys: docs in README.md.", ""]
+    if job != "export":
+        lines.append("config groups (group=choice):")
+        for group in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):
+            if group.name == "cousins" and job == "generate":
+                continue
+            choices = sorted(f.stem for f in group.glob("*.yaml"))
+            lines.append(f"  {group.name}: {', '.join(choices)}")
+        lines.append("")
+    lines.append("common overrides:")
+    lines += [f"  {o}" for o in COMMON_OVERRIDES[job]]
+    return "\n".join(lines)
+
+
 def _corpus_demo(args: argparse.Namespace) -> int:
     from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, distill_records, write_demo_corpus
 
@@ -125,7 +154,7 @@ def _query(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from cousins.models import RECIPES
-    from cousins.query import DEFAULT_LIMIT
+    from cousins.query import DEFAULT_LIMIT, METRICS, SORT_FIELDS
     from cousins.recipes import TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])
@@ -139,15 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(fn=_models_build)
 
-    gen = sub.add_parser("generate", help="run jobs/generate.py with Hydra overrides")
+    jobs_fmt = argparse.RawDescriptionHelpFormatter
+    gen = sub.add_parser("generate", help="run jobs/generate.py with Hydra overrides", formatter_class=jobs_fmt,
+                         epilog=_job_help("generate"))
     gen.add_argument("overrides", nargs=argparse.REMAINDER)
     gen.set_defaults(fn=_run_job)
 
-    drift = sub.add_parser("drift", help="run jobs/drift.py with Hydra overrides")
+    drift = sub.add_parser("drift", help="run jobs/drift.py with Hydra overrides", formatter_class=jobs_fmt,
+                           epilog=_job_help("drift"))
     drift.add_argument("overrides", nargs=argparse.REMAINDER)
     drift.set_defaults(fn=_run_job)
 
-    export = sub.add_parser("export", help="run jobs/export.py: SFT/KD data from a committed run")
+    export = sub.add_parser("export", help="run jobs/export.py: SFT/KD data from a committed run",
+                            formatter_class=jobs_fmt, epilog=_job_help("export"))
     export.add_argument("overrides", nargs=argparse.REMAINDER)
     export.set_defaults(fn=_run_job)
 
@@ -190,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         elif what == "drift":
             p.add_argument("--cousin")
             p.add_argument("--category")
-            p.add_argument("--metric", help="numeric column --min/--max apply to (default kld_mean)")
+            p.add_argument("--metric", choices=sorted(METRICS), metavar="METRIC",
+                           help=f"numeric column --min/--max apply to (default kld_mean): {', '.join(sorted(METRICS))}")
             p.add_argument("--min", type=float)
             p.add_argument("--max", type=float)
             p.add_argument("--min-kld", type=float, help="rows with kld_mean >= this (--metric kld_mean --min X)")
             p.add_argument("--flips-only", action="store_true", help="rows whose correctness flipped")
             p.add_argument("--errors", action=argparse.BooleanOptionalAction, default=None,
                            help="only error rows (--errors) or only rows without (--no-errors)")
-            p.add_argument("--sort", default="kld_mean", help="column to sort by (default kld_mean, descending)")
+            p.add_argument("--sort", default="kld_mean", choices=sorted(SORT_FIELDS), metavar="FIELD",
+                           help=f"column to sort by (default kld_mean, descending): {', '.join(sorted(SORT_FIELDS))}")
             p.add_argument("--asc", action="store_true", help="ascending instead of descending")
             p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
             p.add_argument("--offset", type=int, default=0)

@@ -68,18 +68,35 @@ def _known_query(request: Request) -> None:
                              f"this endpoint takes {sorted(allowed)}")
 
 
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+
+
+def _needs_token(request: Request) -> bool:
+    path, prefix = request.scope["path"], request.scope.get("root_path", "")
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix):] or "/"
+    return path not in OPEN_PATHS
+
+
+def _has_token(header: str | None, token: str) -> bool:
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def create_api(root: str, *, storage_options: dict | None = None, token: str | None = None) -> FastAPI:
     """The FastAPI app over the runs under `root` (any URL `cousins.storage.resolve` takes).
     `token`: when set, the bearer token every data endpoint requires."""
     loc: Location = resolve(root, **(storage_options or {}))
     api = FastAPI(title="cousins query", version="1", dependencies=[Depends(_known_query)],
+                  redirect_slashes=False,  # a redirect would be built from the request's Host header
                   description="Read-only access to the committed runs of one storage root: runs, "
                               "manifests and configs, drift summaries, drift rows, prompts side by "
                               "side, reports.")
     bearer = HTTPBearer(auto_error=False, description="COUSINS_API_TOKEN, when the service has one")
 
     def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token and (creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode())):
+        # also checked first in the middleware; kept here so the OpenAPI document shows the scheme
+        if token and (creds is None or not _has_token(f"Bearer {creds.credentials}", token)):
             raise Unauthorized("missing or wrong bearer token: send Authorization: Bearer <COUSINS_API_TOKEN>")
 
     @api.exception_handler(Unauthorized)
@@ -98,9 +115,22 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
 
     @api.middleware("http")
     async def _no_tracebacks(request: Request, call_next):
-        """Whatever escapes the handlers above is logged here and answered as JSON, never a trace."""
+        """Whatever escapes the handlers above is logged here and answered as JSON, never a trace.
+        Before anything: a trailing slash is dropped (served, not redirected) and the token is
+        checked, so a request without it learns nothing about parameters or runs. After: headers
+        that stop browsers sniffing types or framing the answers."""
+        path = request.scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            request.scope["path"] = path.rstrip("/") or "/"
         try:
-            return await call_next(request)
+            if token and _needs_token(request) and not _has_token(request.headers.get("authorization"), token):
+                response = await _unauthorized(request, Unauthorized(
+                    "missing or wrong bearer token: send Authorization: Bearer <COUSINS_API_TOKEN>"))
+            else:
+                response = await call_next(request)
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            return response
         except Exception as exc:  # noqa: BLE001
             log.exception("query failed: %s %s", request.method, request.url.path)
             if isinstance(exc, (OSError, TimeoutError)):  # storage errors (s3fs raises OSError kinds)
@@ -184,7 +214,7 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
            response_class=Response, responses={200: {"content": {"text/html": {}}}})
     def report(run_id: str = RunId) -> Response:
         # The report embeds its plots and needs no script: forbid everything else it might load.
-        csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+        csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
         return Response(query.get_report(loc, run_id), media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 

@@ -372,8 +372,11 @@ def test_cli_errors(runs, capsys):
     assert rc == 1 and "no committed run" in err
     rc, _, err = run_cli(capsys, "drift", DRIFT_RUN, "--cousin", "../../etc", "--root", root.url)
     assert rc == 2 and "invalid cousin" in err
-    rc, _, err = run_cli(capsys, "drift", DRIFT_RUN, "--sort", "nope", "--root", root.url)
-    assert rc == 2 and "cannot sort" in err
+    for flag in ("--sort", "--metric"):  # refused by the parser, listing the choices
+        with pytest.raises(SystemExit) as e:
+            run_cli(capsys, "drift", DRIFT_RUN, flag, "nope", "--root", root.url)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "invalid choice: 'nope'" in err and "'kld_mean'" in err
 
 
 def test_untrusted_text_reaches_a_terminal_as_visible_escapes():

@@ -276,3 +276,22 @@ def test_drift_page_latency(service, prefix):
     print(f"\n[latency {prefix or 'file'}] drift page of 50 over {total} rows: median {1000 * med:.1f} ms, "
           f"p90 {1000 * p90:.1f} ms ({n} requests)")
     assert med < 2.0
+
+
+def test_the_token_comes_first_and_answers_carry_no_sniff_no_frame_and_no_host_redirect(service):
+    """Without the token, bad parameters and unknown runs look alike (401); a trailing slash is
+    served, never redirected to whatever Host the request named; every answer says nosniff and
+    no framing, the report's CSP too."""
+    status, h, body = service.raw("/runs?limt=5")
+    assert status == 401 and h.get("www-authenticate") == "Bearer"
+    status, h, _ = service.raw("/runs/no-such-run/drift?limit=0")
+    assert status == 401
+    status, h, body = service.raw("/runs/", {**AUTH, "Host": "evil.example"})
+    assert status == 200 and "location" not in {k.lower() for k in h} and "runs" in json.loads(body)
+    for path in ("/runs", "/healthz", f"/runs/{DRIFT_RUN}/summary"):
+        status, h, _ = service.raw(path, AUTH)
+        headers = {k.lower(): v for k, v in h.items()}
+        assert status == 200 and headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    status, h, _ = service.raw(f"/runs/{DRIFT_RUN}/report.html", AUTH)
+    assert status == 200 and "frame-ancestors 'none'" in {k.lower(): v for k, v in h.items()}["content-security-policy"]
+    assert service.get("/runs?limt=5").status_code == 422  # with the token: the parameter is named

@@ -189,9 +189,16 @@ def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
 
 
 def list_cousins(root: Location, run_id: str) -> list[str]:
-    """The cousins (noise floor included) that have drift rows in a committed run."""
-    layout, _ = _committed(root, run_id)
+    """The cousins (noise floor included) that have drift rows in a committed drift run."""
+    layout, manifest = _committed(root, run_id)
+    _need_drift(run_id, manifest)
     return sorted(_drift_files(layout))
+
+
+def _need_drift(run_id: str, manifest: dict) -> None:
+    """NotFound, saying so, for a run that is not a drift run (an empty page would look like no drift)."""
+    if not manifest.get("drift"):
+        raise NotFound(f"run {run_id!r} is not a drift run: it has no cousins and no drift rows")
 
 
 def _drift_files(layout: RunLayout) -> dict[str, list[str]]:
@@ -238,7 +245,8 @@ def drift_page(root: Location, run_id: str, *, cousin: str | None = None, catego
     (nulls last), then cousin, prompt id and sample, so pages are stable. Top-N by KLD is the
     default: `sort="kld_mean", descending=True, limit=N`. `fields` picks columns (default: every
     non-list column; the per-token lists on request)."""
-    layout, _ = _committed(root, run_id)
+    layout, manifest = _committed(root, run_id)
+    _need_drift(run_id, manifest)
     if cousin is not None:
         check_name(cousin, "cousin")
     _check_text(category, "category")

@@ -372,6 +372,9 @@ def test_cli_errors(runs, capsys):
     assert rc == 1 and "no committed run" in err
     rc, _, err = run_cli(capsys, "drift", DRIFT_RUN, "--cousin", "../../etc", "--root", root.url)
     assert rc == 2 and "invalid cousin" in err
+    for what in ("drift", "summary"):  # a generation run is not an empty drift run
+        rc, _, err = run_cli(capsys, what, GEN_RUN, "--root", root.url)
+        assert rc == 1 and f"run '{GEN_RUN}'" in err and "not a drift run" in err, (what, err)
     for flag in ("--sort", "--metric"):  # refused by the parser, listing the choices
         with pytest.raises(SystemExit) as e:
             run_cli(capsys, "drift", DRIFT_RUN, flag, "nope", "--root", root.url)

@@ -91,7 +91,12 @@ def _corpus_demo(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from cousins.submit import submit
 
-    _, status = submit(args.job, _overrides(args), address=args.address, python=args.python, wait=not args.no_wait)
+    try:
+        _, status = submit(args.job, _overrides(args), address=args.address, python=args.python,
+                           wait=not args.no_wait)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if args.no_wait or status == "SUCCEEDED" else 1
 
 

@@ -18,6 +18,33 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_TRIES = 30  # x 2 s
 
 
+def storage_root_of(job: str, overrides: list[str], working_dir: Path = ROOT) -> str:
+    """The storage.root a job would get from its config and these overrides (composed here, as
+    the job will compose it on the cluster)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import cousins.config  # noqa: F401 - registers the structured configs
+    import cousins.export  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(working_dir / "conf"), version_base=None):
+        cfg = compose(config_name=job, overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return str(OmegaConf.select(cfg, "storage.root") or "")
+
+
+def check_storage_root(root: str) -> str | None:
+    """Why a submitted job must not write to `root`, or None. A job runs in a temporary copy of the
+    checkout on the cluster: a relative root lands there and vanishes with the job."""
+    if "://" in root:
+        return None
+    if not root.startswith("/"):
+        return (f"storage.root {root!r} is relative: a submitted job runs in a temporary working directory "
+                f"on the cluster, so its run would be written there and lost when the job ends. Give "
+                f"storage.root=s3://BUCKET/PREFIX (or gs://, az://), or an absolute path on storage every "
+                f"node mounts, e.g. storage.root=/mnt/shared/cousins")
+    return None
+
+
 def submit(job: str, overrides: list[str], *, address: str | None, python: str = "python",
            working_dir: Path = ROOT, wait: bool = True, timeout_s: float | None = None,
            out=sys.stdout) -> tuple[str, str]:
@@ -30,6 +57,9 @@ def submit(job: str, overrides: list[str], *, address: str | None, python: str =
     script = working_dir / "jobs" / f"{job}.py"
     if not script.is_file():
         raise FileNotFoundError(f"no job {job!r}: {script} does not exist")
+    problem = check_storage_root(storage_root_of(job, overrides, working_dir))
+    if problem:
+        raise ValueError(problem)
     client = JobSubmissionClient(address)
     entrypoint = shlex.join([python, f"jobs/{job}.py", *overrides])
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": forwarded_env()}

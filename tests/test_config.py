@@ -144,3 +144,17 @@ def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_quer
         with pytest.raises(BadInput):
             check_name(bad, "run id")
     assert check_name("rtn-int8.v2_1", "cousin") == "rtn-int8.v2_1"
+
+
+def test_a_submission_that_would_lose_its_run_is_refused_before_contacting_the_cluster(capsys):
+    """The default storage.root is relative: in a submitted job it would land in the job's temporary
+    working dir on the head. Refused with the remedy, without reaching the (absent) cluster."""
+    from cousins.cli import main
+
+    for job, extra in (("generate", []), ("drift", ["storage.root=runs-here"]), ("export", ["run_id=r"])):
+        assert main(["submit", "--address", "http://127.0.0.1:9", "--job", job, "--", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is relative" in err and "storage.root=s3://" in err and "lost when the job ends" in err, err
+    from cousins.submit import check_storage_root
+
+    assert check_storage_root("s3://bucket/cousins") is None and check_storage_root("/mnt/shared/c") is None

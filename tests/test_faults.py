@@ -168,6 +168,8 @@ def test_object_store_going_away_fails_clearly_and_the_rerun_completes(s3_server
         s3_server.start()  # back on the same port, with the same data
     assert proc.returncode != 0
     assert "run outage failed" in stderr and "rerun with the same run.run_id" in stderr, stderr[-2000:]
+    last = stderr.strip().splitlines()[-2]  # the job's own verdict names the storage and its endpoint
+    assert "the storage is unreachable: s3://outage/cousins (endpoint http://127.0.0.1:" in last, last
     assert not fs.exists(f"{prefix}/manifest.json")
     assert not fs.exists(f"{prefix}/generations/model=tiny-teacher/_SUCCESS")
 

@@ -38,7 +38,34 @@ def crd_schema(kind: str) -> dict:
 
 
 def test_there_are_kuberay_manifests():
-    assert {yaml.safe_load(m.read_text())["kind"] for m in KUBERAY} >= {"RayCluster", "RayJob"}
+    assert {yaml.safe_load(m.read_text())["kind"] for m in KUBERAY} >= {"RayCluster", "RayJob", "RayService"}
+
+
+def test_the_query_service_rayservice_serves_the_real_app_with_secrets_from_the_cluster():
+    """infra/kuberay/rayservice.yaml: its serveConfigV2 is a valid Serve config whose import path is
+    the query service's builder with an s3:// root, on CPU pods that take the token and the storage
+    credentials from Secrets (none in the file)."""
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from services import query_app
+
+    doc = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = serve_cfg.applications
+    assert import_attr(app.import_path) is query_app.build and app.args["storage_root"].startswith("s3://")
+    assert serve_cfg.http_options.port == 8000
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        c = pod["spec"]["containers"][0]
+        assert _gpus(c) == 0
+        assert {"secretRef": {"name": "cousins-s3"}} in c["envFrom"]
+        assert {"secretRef": {"name": "cousins-query"}} in c["envFrom"]  # COUSINS_API_TOKEN
+    head = pods[0]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    text = (ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text()
+    assert "COUSINS_API_TOKEN=" not in text.replace("--from-literal=COUSINS_API_TOKEN=", "")
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
@@ -68,7 +95,10 @@ def _gpus(container: dict) -> int:
     return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
 
 
-@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+ENGINE_CLUSTERS = [m for m in KUBERAY if yaml.safe_load(m.read_text())["kind"] in ("RayCluster", "RayJob")]
+
+
+@pytest.mark.parametrize("path", ENGINE_CLUSTERS, ids=lambda p: p.name)
 def test_gpu_workers_autoscale_and_request_gpus(path):
     spec = _cluster_spec(yaml.safe_load(path.read_text()))
     assert spec["enableInTreeAutoscaling"] is True

@@ -121,7 +121,7 @@ def _query(args: argparse.Namespace) -> int:
     root = resolve(args.root or os.environ.get("COUSINS_STORAGE_ROOT") or "outputs")
     try:
         if args.what == "runs":
-            data, text = q.list_runs(root), qr.render_runs
+            data, text = q.list_runs(root, "all" if args.all else "committed"), qr.render_runs
         elif args.what == "show":
             data, text = q.get_run(root, args.run_id), qr.render_run
         elif args.what == "config":
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", help="storage root (default: COUSINS_STORAGE_ROOT, else outputs)")
     common.add_argument("--json", action="store_true", help="JSON instead of a table")
-    qsub.add_parser("runs", parents=[common], help="committed runs, newest first")
+    runs_p = qsub.add_parser("runs", parents=[common], help="committed runs, newest first")
+    runs_p.add_argument("--all", action="store_true", help="runs in progress and failed runs too, with their state")
     for what, help_ in (("show", "a run's manifest: models and row counts"), ("config", "a run's resolved config"),
                         ("summary", "a drift run's summary with CIs and the noise floor"),
                         ("drift", "a page of drift rows, filtered and sorted"),

@@ -71,7 +71,14 @@ def _committed(root: Location, run_id: str) -> tuple[RunLayout, dict]:
     try:
         run = committed(root, check_name(run_id, "run id"))
     except NotCommitted:
-        raise NotFound(f"no committed run {run_id!r}; `cousins query runs` (or GET /runs) lists them") from None
+        layout = RunLayout(root, run_id)
+        status, _ = _state_of(layout)
+        if status == "in progress" and not layout.config.exists():
+            raise NotFound(f"no committed run {run_id!r}; `cousins query runs` (or GET /runs) lists them") from None
+        p = _progress(layout)
+        raise NotFound(f"no committed run {run_id!r}: it is {status} (stages published: "
+                       f"{', '.join(p['stages_done']) or 'none'}; last update {p['updated'] or 'unknown'}); "
+                       f"`cousins query runs --all` (GET /runs?state=all) lists such runs") from None
     return run.layout, run.manifest
 
 
@@ -107,9 +114,58 @@ def _run_entry(layout: RunLayout, manifest: dict) -> dict:
     })
 
 
-def list_runs(root: Location) -> list[dict]:
+RUN_STATES = ("committed", "all")
+
+
+def _state_of(layout: RunLayout) -> tuple[str, dict | None]:
+    """(state, manifest): committed (with its manifest), damaged (a manifest that cannot be read as
+    JSON or is not an object), the status a manifest says (e.g. failed), or in progress (none yet)."""
+    loc = layout.manifest
+    try:
+        loc.fs.invalidate_cache(loc.path)
+        raw = loc.fs.cat_file(loc.path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "in progress", None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        return "damaged", None
+    if not isinstance(manifest, dict):
+        return "damaged", None
+    status = manifest.get("status")
+    return ("committed", manifest) if status == "committed" else (str(status or "in progress"), None)
+
+
+def _progress(layout: RunLayout) -> dict:
+    """A run that is not committed, from one recursive listing: the stages published (their
+    `_SUCCESS`), the part files written so far per stage and the last update."""
+    fs, base = layout.run.fs, layout.run.path.rstrip("/")
+    try:
+        fs.invalidate_cache(base)
+        files = fs.find(base, detail=True)
+    except (FileNotFoundError, OSError):
+        files = {}
+    done, parts, last = set(), {}, None
+    for path, info in files.items():
+        rel = path[len(base):].lstrip("/")
+        stage, _, name = rel.rpartition("/")
+        if name == "_SUCCESS":
+            done.add(stage)
+        elif name.endswith(".parquet") and not name.startswith((".", "_")):
+            parts[stage] = parts.get(stage, 0) + 1
+        t = _mtime(info)
+        last = t if t and (last is None or t > last) else last
+    return {"stages_done": sorted(done), "parts": dict(sorted(parts.items())), "updated": last}
+
+
+def list_runs(root: Location, state: str = "committed") -> list[dict]:
     """Every committed run under `root`, newest commit first: id, status, created and committed
-    times, kind (generate or drift), models, prompts, samples, and rows per model."""
+    times, kind (generate or drift), models, prompts, samples, and rows per model. A committed
+    run whose manifest cannot be read is listed as damaged, never hiding the others. With
+    state="all", runs in progress and failed runs too, with their stages done, parts so far and
+    last update."""
+    if state not in RUN_STATES:
+        raise BadInput(f"unknown state {state!r}; choose one of {list(RUN_STATES)}")
     runs_dir = root.join("runs")
     fs = root.fs
     fs.invalidate_cache(runs_dir.path)
@@ -122,12 +178,26 @@ def list_runs(root: Location) -> list[dict]:
     layouts = [lay for lay in layouts if is_name(lay.run_id)]
 
     def one(layout: RunLayout) -> dict | None:
-        manifest = manifest_of(layout)
-        return _run_entry(layout, manifest) if manifest else None
+        status, manifest = _state_of(layout)
+        if manifest is not None:
+            try:
+                return _run_entry(layout, manifest)
+            except Exception as e:  # noqa: BLE001 - a manifest of the wrong shape: damaged, listed as such
+                return _other_entry(layout, "damaged", f"manifest.json does not read as a manifest: "
+                                                       f"{type(e).__name__}")
+        if status == "damaged":
+            return _other_entry(layout, "damaged", "manifest.json is not a JSON object")
+        return _other_entry(layout, status, None, _progress(layout)) if state == "all" else None
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # object stores: one GET per run, overlapped
         runs = [r for r in pool.map(one, layouts) if r is not None]
-    return sorted(runs, key=lambda r: (r["committed"] or "", r["run_id"]), reverse=True)
+    return sorted(runs, key=lambda r: (r.get("committed") or r.get("updated") or "", r["run_id"]), reverse=True)
+
+
+def _other_entry(layout: RunLayout, status: str, detail: str | None, progress: dict | None = None) -> dict:
+    return _clean({"run_id": layout.run_id, "status": status, "created": _created(layout), "committed": None,
+                   "kind": None, "models": [], "prompts": None, "samples": None, "rows": {}, "error_rows": {},
+                   **({"detail": detail} if detail else {}), **(progress or {})})
 
 
 def get_run(root: Location, run_id: str) -> dict:

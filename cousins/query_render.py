@@ -47,11 +47,22 @@ def _cell(value: Any) -> str:
 
 
 def render_runs(runs: list[dict]) -> str:
-    rows = [(r["run_id"], r["status"], (r["created"] or "")[:19], r["kind"],
-             ", ".join(m["name"] for m in r["models"]), r["prompts"],
-             sum(v or 0 for v in r["rows"].values())) for r in runs]
+    rows = [(r["run_id"], r["status"], (r.get("created") or "")[:19], r.get("kind") or "-",
+             ", ".join(m["name"] for m in r.get("models") or []) or _progress_text(r), r.get("prompts"),
+             sum(v or 0 for v in (r.get("rows") or {}).values())) for r in runs]
+    committed = sum(r["status"] == "committed" for r in runs)
+    other = len(runs) - committed
     return text_table(("run", "status", "created", "kind", "models", "prompts", "rows"), rows) + \
-        f"\n{len(runs)} committed run(s)"
+        f"\n{committed} committed run(s)" + (f", {other} other" if other else "")
+
+
+def _progress_text(r: dict) -> str:
+    if r.get("detail"):
+        return r["detail"]
+    if "stages_done" not in r:
+        return ""
+    return (f"published: {', '.join(r['stages_done']) or 'nothing yet'}; "
+            f"{sum((r.get('parts') or {}).values())} part file(s); updated {(r.get('updated') or '?')[:19]}")
 
 
 def render_run(run: dict) -> str:

@@ -38,6 +38,11 @@ Metric = Enum("Metric", {n: n for n in query.METRICS}, type=str)
 Field = Enum("Field", {n: n for n in query.DRIFT_FIELDS}, type=str)
 
 
+class RunState(str, Enum):
+    committed = "committed"
+    all = "all"
+
+
 class Order(str, Enum):
     asc = "asc"
     desc = "desc"
@@ -153,9 +158,10 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
 
     r = APIRouter(dependencies=[Depends(authorized)], responses=_RUN_ERRORS)
 
-    @r.get("/runs", tags=["runs"], summary="committed runs, newest first")
-    def runs() -> dict:
-        return {"runs": query.list_runs(loc)}
+    @r.get("/runs", tags=["runs"], summary="committed runs, newest first (state=all: in progress and failed too)")
+    def runs(state: RunState = Query(RunState.committed,
+                                     description="committed, or all: runs in progress and failed runs too")) -> dict:
+        return {"runs": query.list_runs(loc, state.value)}
 
     @r.get("/runs/{run_id}", tags=["runs"], summary="one run: listing entry and manifest")
     def run(run_id: str = RunId) -> dict:

@@ -391,3 +391,31 @@ def test_untrusted_text_reaches_a_terminal_as_visible_escapes():
     assert shown == "id\\x1b]0;owned\\x07 \\x1b[2J\\x9b31m\\x0d\\x00 ok\ttab\nline"
     dumped = json_safe(json.dumps({"prompt": hostile}, ensure_ascii=False))
     assert json.loads(dumped) == {"prompt": hostile} and "\x9b" not in dumped and "\x1b" not in dumped
+
+
+def test_runs_in_progress_failed_and_damaged_are_listed_as_such(tmp_path, capsys):
+    """--all (state=all) lists runs in progress and failed runs with what they published and when;
+    a committed run whose manifest is damaged is listed as damaged and hides no other run; `show`
+    on a run in progress says so."""
+    root = resolve(str(tmp_path / "out"))
+    write_run(root, "ok-1", prompts=6, drift=False, seed=4)
+    write_run(root, PENDING_RUN, prompts=6, manifest_status=None, seed=2)
+    write_run(root, FAILED_RUN, prompts=6, manifest_status="failed", seed=3)
+    for bad, text in (("bad-shape", '{"status": "committed", "models": 7, "row_counts": []}'),
+                      ("bad-json", '{"status": "committed", "mod')):
+        write_run(root, bad, prompts=6, drift=False, seed=5)
+        (tmp_path / "out" / "runs" / bad / "manifest.json").write_text(text)
+    listed = {r["run_id"]: r for r in query.list_runs(root)}
+    assert set(listed) == {"ok-1", "bad-shape", "bad-json"}
+    assert listed["ok-1"]["status"] == "committed" and listed["bad-json"]["status"] == "damaged"
+    assert listed["bad-shape"]["status"] == "damaged" and "manifest" in listed["bad-shape"]["detail"]
+    every = {r["run_id"]: r for r in query.list_runs(root, "all")}
+    assert every[PENDING_RUN]["status"] == "in progress" and every[FAILED_RUN]["status"] == "failed"
+    assert "prompts" in every[PENDING_RUN]["stages_done"] and every[PENDING_RUN]["updated"]
+    assert sum(every[PENDING_RUN]["parts"].values()) >= 1
+    with pytest.raises(query.BadInput):
+        query.list_runs(root, "sometimes")
+    rc, out, _ = run_cli(capsys, "runs", "--all", "--root", root.url)
+    assert rc == 0 and "in progress" in out and "failed" in out and "1 committed run(s), 4 other" in out
+    rc, _, err = run_cli(capsys, "show", PENDING_RUN, "--root", root.url)
+    assert rc == 1 and "it is in progress" in err and "stages published: " in err and "prompts" in err

@@ -295,3 +295,5 @@ def test_the_token_comes_first_and_answers_carry_no_sniff_no_frame_and_no_host_r
     status, h, _ = service.raw(f"/runs/{DRIFT_RUN}/report.html", AUTH)
     assert status == 200 and "frame-ancestors 'none'" in {k.lower(): v for k, v in h.items()}["content-security-policy"]
     assert service.get("/runs?limt=5").status_code == 422  # with the token: the parameter is named
+    every = {r["run_id"]: r["status"] for r in service.get("/runs", state="all").json()["runs"]}
+    assert every[PENDING_RUN] == "in progress" and every[FAILED_RUN] == "failed" and every[DRIFT_RUN] == "committed"

@@ -35,7 +35,7 @@ from cousins import schema
 from cousins.query_input import (  # re-exported: callers use cousins.query.X
     DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
     NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
-    NotFound as NotFound, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
+    NotFound as NotFound, Damaged as Damaged, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
 from cousins.run import NotCommitted, committed, manifest_of
 from cousins.storage import Location, RunLayout, data_files
 
@@ -112,6 +112,28 @@ def _run_entry(layout: RunLayout, manifest: dict) -> dict:
         "rows": {name: c.get("rows") for name, c in counts.items() if isinstance(c, dict)},
         "error_rows": {name: c.get("error_rows") for name, c in counts.items() if isinstance(c, dict)},
     })
+
+
+def _reads_run_data(fn):
+    """Errors from decoding a run's stored files (Parquet, JSON, YAML, text) become `Damaged`,
+    naming the run and the error (Arrow names the file); requests and missing runs keep theirs."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(root, run_id, *args, **kwargs):
+        try:
+            return fn(root, run_id, *args, **kwargs)
+        except QueryError:
+            raise
+        except (pa.ArrowInvalid, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # not OSError: outages
+            raise Damaged(f"run {run_id!r} has damaged data: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+        except Exception as e:
+            if type(e).__module__.startswith("yaml"):
+                raise Damaged(f"run {run_id!r} has a damaged config.yaml: {type(e).__name__}") from e
+            raise
+
+    return wrapper
 
 
 RUN_STATES = ("committed", "all")
@@ -200,16 +222,19 @@ def _other_entry(layout: RunLayout, status: str, detail: str | None, progress: d
                    **({"detail": detail} if detail else {}), **(progress or {})})
 
 
+@_reads_run_data
 def get_run(root: Location, run_id: str) -> dict:
     """One committed run: its listing entry and its whole manifest."""
     layout, manifest = _committed(root, run_id)
     return {**_run_entry(layout, manifest), "manifest": _clean(manifest)}
 
 
+@_reads_run_data
 def get_manifest(root: Location, run_id: str) -> dict:
     return _clean(_committed(root, run_id)[1])
 
 
+@_reads_run_data
 def get_config(root: Location, run_id: str) -> dict:
     """The run's resolved config (config.yaml, secrets already masked by the job) as a mapping."""
     import yaml
@@ -222,6 +247,7 @@ def get_config(root: Location, run_id: str) -> dict:
     return _clean(yaml.safe_load(text) or {})
 
 
+@_reads_run_data
 def get_report(root: Location, run_id: str) -> bytes:
     """The run's self-contained report.html (drift runs)."""
     layout, _ = _committed(root, run_id)
@@ -234,6 +260,7 @@ def get_report(root: Location, run_id: str) -> bytes:
 # --- drift summary ---------------------------------------------------------------------------------
 
 
+@_reads_run_data
 def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
     """summary.json of a drift run: every cousin's figures with CIs, and the noise floor. With
     `cousin`, that cousin's entry (or the noise floor's) beside the noise floor."""
@@ -258,6 +285,7 @@ def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
     return {**{k: summary.get(k) for k in keep}, "cousin": found, "noise_floor": noise, "warnings": warnings}
 
 
+@_reads_run_data
 def list_cousins(root: Location, run_id: str) -> list[str]:
     """The cousins (noise floor included) that have drift rows in a committed drift run."""
     layout, manifest = _committed(root, run_id)
@@ -303,6 +331,7 @@ def _dataset(root: Location, files: list[str], schema_: pa.Schema) -> ds.Dataset
 # --- drift rows ------------------------------------------------------------------------------------
 
 
+@_reads_run_data
 def drift_page(root: Location, run_id: str, *, cousin: str | None = None, category: str | None = None,
                metric: str = "kld_mean", min_value: float | None = None, max_value: float | None = None,
                flips_only: bool = False, errors: bool | None = None,
@@ -421,6 +450,7 @@ _VS_COLUMNS = ["cousin", "sample_index", "exact_match", "first_divergence", "div
                "length_ratio", "correct_original", "correct_cousin", "flip", "error"]
 
 
+@_reads_run_data
 def prompt_view(root: Location, run_id: str, prompt_id: str, *, sample_index: int | None = None) -> dict:
     """One prompt's generations by every model of the run, side by side, each sample in turn.
 

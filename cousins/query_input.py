@@ -37,6 +37,13 @@ class NotFound(QueryError, LookupError):
     status = 404
 
 
+class Damaged(QueryError):
+    """Stored data of a committed run that cannot be read (a truncated or corrupted file): the
+    service's fault to report, not the request's; the message names the run and what is damaged."""
+
+    status = 500
+
+
 # --- checkers --------------------------------------------------------------------------------------
 
 

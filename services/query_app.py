@@ -73,6 +73,21 @@ def _known_query(request: Request) -> None:
                              f"this endpoint takes {sorted(allowed)}")
 
 
+_STORAGE_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                   "ClientConnectorError", "ServerDisconnectedError", "NoCredentialsError")
+
+
+def _storage_error(exc: BaseException) -> bool:
+    """botocore/aiohttp connection failures that are not OSError subclasses: storage unreachable."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _STORAGE_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
@@ -138,7 +153,7 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
             return response
         except Exception as exc:  # noqa: BLE001
             log.exception("query failed: %s %s", request.method, request.url.path)
-            if isinstance(exc, (OSError, TimeoutError)):  # storage errors (s3fs raises OSError kinds)
+            if isinstance(exc, (OSError, TimeoutError)) or _storage_error(exc):  # storage unreachable
                 return JSONResponse({"detail": "storage unavailable; try again"}, status_code=503)
             return JSONResponse({"detail": "internal error (logged by the service)"}, status_code=500)
 
@@ -151,7 +166,9 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     def readyz():
         try:
             loc.fs.invalidate_cache(loc.path)
-            loc.fs.exists(loc.path)
+            if not loc.fs.exists(loc.path):
+                return JSONResponse({"status": "unavailable", "detail": f"storage root {loc.url} does not exist"},
+                                    status_code=503)
         except Exception as e:  # noqa: BLE001 - any storage failure means not ready
             return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
         return {"status": "ready"}

@@ -419,3 +419,26 @@ def test_runs_in_progress_failed_and_damaged_are_listed_as_such(tmp_path, capsys
     assert rc == 0 and "in progress" in out and "failed" in out and "1 committed run(s), 4 other" in out
     rc, _, err = run_cli(capsys, "show", PENDING_RUN, "--root", root.url)
     assert rc == 1 and "it is in progress" in err and "stages published: " in err and "prompts" in err
+
+
+def test_damaged_files_are_answered_as_damage_naming_the_run(tmp_path, capsys):
+    """A truncated drift part, a corrupted prompts file and a truncated summary.json: each read that
+    meets one answers Damaged (the service's 500 with this message), never a traceback."""
+    root = resolve(str(tmp_path / "out"))
+    write_run(root, "hurt", prompts=12, rows_per_file=6, seed=6)
+    run_dir = tmp_path / "out" / "runs" / "hurt"
+    part = sorted((run_dir / "drift").glob("cousin=*/part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: ArrowInvalid"):
+        query.drift_page(root, "hurt")
+    summary = run_dir / "summary.json"
+    summary.write_text(summary.read_text()[:50])
+    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: JSONDecodeError"):
+        query.get_summary(root, "hurt")
+    for p in (run_dir / "prompts").glob("part-*.parquet"):
+        p.write_bytes(b"not parquet at all")
+    with pytest.raises(query.Damaged):
+        query.prompt_view(root, "hurt", "p0000")
+    assert query.Damaged.status == 500
+    rc, _, err = run_cli(capsys, "summary", "hurt", "--root", root.url)
+    assert rc == 1 and err.startswith("error: run 'hurt' has damaged data") and "Traceback" not in err

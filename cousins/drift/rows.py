@@ -138,28 +138,18 @@ def _model_of(path: str) -> str:
     return parent.split("=", 1)[1] if parent.startswith(("model=", "cousin=")) else ""
 
 
-def _tag_files(batch: pa.Table, *, part: str) -> pa.Table:
-    paths = batch.column("path").to_pylist()
-    models = {p: _model_of(p) for p in set(paths)}
-    out = _tag(batch.drop_columns(["path"]), model="", part=part)
-    return out.set_column(out.schema.get_field_index("model"), "model",
-                          pa.array([models[p] for p in paths], pa.string()))
+def _tag_file(table: pa.Table, path: str, *, part: str) -> pa.Table:
+    return _tag(table, model=_model_of(path), part=part)
 
 
 def _read(run, stages: list[Location], columns: list[str], part: str):
-    """One Ray Data read of several stages' parts, tagged with their model and part."""
-    import ray
-    import ray.data
+    """One read of several stages' parts, each file's rows tagged with its model and part."""
+    from cousins.dataops import read_files
 
     files = [f for stage in stages for f in data_files(stage)]
     if not files:
         return None
-    # a few read tasks per CPU of the cluster (never one for everything): the reads and the
-    # shuffle's map side run on every node
-    blocks = min(len(files), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
-    return ray.data.read_parquet(files, filesystem=stages[0].arrow_fs(), include_paths=True, num_cpus=0.1,
-                                 override_num_blocks=blocks).select_columns([*columns, "path"]).map_batches(
-        _tag_files, fn_kwargs={"part": part}, batch_format="pyarrow", num_cpus=0.1)
+    return read_files(files, stages[0].arrow_fs(), columns, tag=_tag_file, tag_kwargs={"part": part})
 
 
 def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
@@ -215,15 +205,14 @@ def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:
 def first_texts(run, wanted: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, str]]]:
     """For each cousin, the (original, cousin) texts of sample 0 of the prompts asked for (a few
     thousand at most: the homogenisation pairs), read from its drift rows on the connected Ray."""
-    import ray.data
+    from cousins.dataops import read_files
 
     out: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in wanted}
     files = [f for name in wanted if wanted[name] for f in data_files(run.layout.drift(name))]
     if not files:
         return out
-    ds = ray.data.read_parquet(files, filesystem=run.layout.drift(next(iter(wanted))).arrow_fs(),
-                               partitioning=None, num_cpus=0.1).select_columns(
-        ["cousin", "prompt_id", "sample_index", "error", "original_text", "cousin_text"])
+    ds = read_files(files, run.layout.drift(next(iter(wanted))).arrow_fs(),
+                    ["cousin", "prompt_id", "sample_index", "error", "original_text", "cousin_text"])
     ds = ds.map_batches(_sample0_of, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", num_cpus=0.1)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for c, p, o, t in zip(*(batch.column(k).to_pylist() for k in

@@ -42,7 +42,7 @@ def test_cousin_errors_are_reported_together(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     text = str(e.value)
-    for needle in ("'noise-floor' is reserved", "cousins.../up: the name must be plain", "cousins.b.kind",
+    for needle in ("'noise-floor' is reserved", "cousins.../up: the name '../up': use letters", "cousins.b.kind",
                    "cousins.b: model directory not found", "cousins.c.build 'magic'", "cousins.c: build=magic needs a path",
                    "cousins.d: without a path", "drift.score_topk", "drift.answer_match"):
         assert needle in text, needle

@@ -36,7 +36,7 @@ from cousins.query_input import (  # re-exported: callers use cousins.query.X
     DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
     NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
     NotFound as NotFound, Damaged as Damaged, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
-from cousins.run import NotCommitted, committed, manifest_of
+from cousins.run import NotCommitted, committed
 from cousins.storage import Location, RunLayout, data_files
 
 # --- allow-lists ----------------------------------------------------------------------------------

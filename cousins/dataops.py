@@ -92,3 +92,60 @@ def partitions_for(rows: int, per_partition: int) -> int:
     import ray
 
     return max(int(ray.cluster_resources().get("CPU", 1)), -(-rows // per_partition), 1)
+
+
+def node_slots(num_cpus: float) -> list[str | None]:
+    """Where `spread_blocks` may run tasks of `num_cpus` CPUs: one entry per such task an alive
+    node can hold, nodes interleaved (A, B, A, B, A for a 3-slot A and a 2-slot B). On a cluster
+    with no CPU node yet (an autoscaler still adding workers) a few entries of None: no placement,
+    the tasks' demand scales it up."""
+    import ray
+
+    slots = {n["NodeID"]: int(n["Resources"].get("CPU", 0) // num_cpus)
+             for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= num_cpus}
+    out: list[str | None] = []
+    for k in range(max(slots.values(), default=0)):
+        out += [node for node, n in slots.items() if k < n]
+    return out or [None] * 2
+
+
+def _on_arrow(block, rows: tuple[int, int] | None, fn, fn_kwargs: dict):
+    from ray.data.block import BlockAccessor
+
+    table = BlockAccessor.for_block(block).to_arrow()
+    return fn(table.slice(rows[0], rows[1] - rows[0]) if rows else table, **fn_kwargs)
+
+
+def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict):
+    """`fn(table, **fn_kwargs)` on each block of `ds` (as a pyarrow Table) in one Ray task each,
+    yielding the results as they finish. Unlike `map_batches(scheduling_strategy="SPREAD")`, whose
+    short tasks can reuse one leased worker and all land on one node, each task is placed: the
+    first ones over the nodes' CPU slots in turn, each later one on the node whose task just
+    finished (soft affinity: a node that died is replaced by any other). At most one task per
+    slot runs, and blocks are pulled from `ds` only as slots free up, so the Dataset upstream
+    stays backpressured. Empty blocks are skipped."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(_on_arrow)
+    free = node_slots(num_cpus)
+    running: dict = {}
+
+    def finished():
+        [done], _ = ray.wait(list(running), num_returns=1)
+        free.append(running.pop(done))
+        return ray.get(done)
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, piece in zip(bundle.blocks, bundle.slices or [None] * len(bundle.blocks)):
+            rows = (piece.start_offset, piece.end_offset) if piece is not None else None
+            if (rows[1] - rows[0] if rows else entry.metadata.num_rows) == 0:
+                continue
+            while not free:
+                yield finished()
+            node = free.pop(0)
+            options = {"num_cpus": num_cpus} if node is None else {
+                "num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+            running[task.options(**options).remote(entry.ref, rows, fn, fn_kwargs)] = node
+    while running:
+        yield finished()

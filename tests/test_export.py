@@ -258,3 +258,36 @@ def test_the_filters_across_partitions_keep_what_they_keep_on_one_table(ray_loca
                             for f in result.files])
     assert sorted(_names(out)) == sorted(_names(kept)) and result.rows_out == kept.num_rows
     assert len(result.files) >= 2 and all(f["rows"] <= 7 for f in result.files)
+
+
+def test_node_slots_interleave_nodes_by_their_cpus(monkeypatch):
+    import ray
+
+    from cousins.dataops import node_slots
+
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 3.0}},
+             {"NodeID": "head", "Alive": True, "Resources": {"memory": 1.0}},  # no CPU: never chosen
+             {"NodeID": "b", "Alive": True, "Resources": {"CPU": 2.0}},
+             {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert node_slots(1.0) == ["a", "b", "a", "b", "a"]
+    assert node_slots(2.0) == ["a", "b"]
+    assert node_slots(4.0) == [None, None]  # none fits yet: unplaced, the demand scales the cluster
+
+
+def _keys_of(table: pa.Table) -> pa.Table:
+    return pa.table({"keys": [sorted(table.column("k").to_pylist())]})
+
+
+def test_spread_blocks_runs_each_partition_once(ray_local):
+    """Every non-empty partition of a key-partitioned Dataset reaches the function once, whole."""
+    import ray
+
+    from cousins.dataops import spread_blocks
+
+    ds = ray.data.from_items([{"k": i % 37, "v": i} for i in range(500)]).repartition(8, keys=["k"])
+    results = list(spread_blocks(ds, _keys_of, num_cpus=1, fn_kwargs={}))
+    parts = [r.column("keys")[0].as_py() for r in results]
+    seen = [k for p in parts for k in set(p)]
+    assert sorted(seen) == list(range(37))  # each key in exactly one partition's result
+    assert sum(len(p) for p in parts) == 500 and len(parts) <= 8

@@ -160,6 +160,8 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     compared token by token (not text-only, and its engine loaded)."""
     import ray
 
+    from cousins.dataops import spread_blocks
+
     layout, original = run.layout, entries[0]
 
     # One read per kind of stage (prompts, generations, scores), the model taken from each file's
@@ -179,16 +181,15 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     # per node first, which puts a small run's whole shuffle in one task on one node)
     ray.data.DataContext.get_current().shuffle_input_batch_bytes = SHUFFLE_INPUT_BYTES
     cousins = [(e.name, token_level[e.name]) for e in entries[1:]]
-    out = union.repartition(partitions, keys=["prompt_id"]).map_batches(
-        diff_and_publish, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
-        scheduling_strategy="SPREAD",  # the diff is CPU work: over every node of the cluster
+    # One task per partition, placed over every node of the cluster (dataops.spread_blocks)
+    out = spread_blocks(
+        union.repartition(partitions, keys=["prompt_id"]), diff_and_publish, num_cpus=num_cpus,
         fn_kwargs={"drift_dir": layout.run.join("drift"), "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "answer_match": answer_match,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
                    "quantile_resamples": quantile_resamples})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.
-    return aggregate.merge_all(out.iter_batches(batch_size=None, batch_format="pyarrow"),
-                               {name: not tl for name, tl in cousins}, worst_n)
+    return aggregate.merge_all(out, {name: not tl for name, tl in cousins}, worst_n)
 
 
 def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:

@@ -109,6 +109,9 @@ def node_slots(num_cpus: float) -> list[str | None]:
     return out or [None] * 2
 
 
+QUEUED_PER_SLOT = 2
+
+
 def _on_arrow(block, rows: tuple[int, int] | None, fn, fn_kwargs: dict):
     from ray.data.block import BlockAccessor
 
@@ -121,14 +124,15 @@ def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict):
     yielding the results as they finish. Unlike `map_batches(scheduling_strategy="SPREAD")`, whose
     short tasks can reuse one leased worker and all land on one node, each task is placed: the
     first ones over the nodes' CPU slots in turn, each later one on the node whose task just
-    finished (soft affinity: a node that died is replaced by any other). At most one task per
-    slot runs, and blocks are pulled from `ds` only as slots free up, so the Dataset upstream
-    stays backpressured. Empty blocks are skipped."""
+    finished (soft affinity: a node that died is replaced by any other). At most QUEUED_PER_SLOT
+    tasks per slot are submitted (one runs, the next waits on its node, so no slot idles while the
+    driver merges a result), and blocks are pulled from `ds` only as slots free up, so the Dataset
+    upstream stays backpressured. Empty blocks are skipped."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(_on_arrow)
-    free = node_slots(num_cpus)
+    free = node_slots(num_cpus) * QUEUED_PER_SLOT
     running: dict = {}
 
     def finished():
@@ -149,3 +153,28 @@ def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict):
             running[task.options(**options).remote(entry.ref, rows, fn, fn_kwargs)] = node
     while running:
         yield finished()
+
+
+def _slice_block(block, start: int, end: int) -> pa.Table:
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(block).to_arrow().slice(start, end - start)
+
+
+def materialize_counted(ds, bar):
+    """`ds.materialize()` that adds each block's rows to the progress `bar` as it is computed
+    (its blocks stay in the object store; the driver holds their references)."""
+    import ray
+    import ray.data
+
+    refs = []
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, piece in zip(bundle.blocks, bundle.slices or [None] * len(bundle.blocks)):
+            if piece is None:
+                refs.append(entry.ref)
+                bar.add(entry.metadata.num_rows or 0)
+            else:
+                refs.append(ray.remote(_slice_block).options(num_cpus=0.1).remote(
+                    entry.ref, piece.start_offset, piece.end_offset))
+                bar.add(piece.end_offset - piece.start_offset)
+    return ray.data.from_arrow_refs(refs) if refs else ds.materialize()

@@ -26,6 +26,7 @@ import pyarrow as pa
 from cousins import schema
 from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
 from cousins.feeder import BATCHES_IN_FLIGHT, Feeder
+from cousins.runtime import engine_env
 
 class EngineContractError(RuntimeError):
     """An engine actor broke the one-row-out-per-row-in rule: a bug, never a row's error."""
@@ -101,6 +102,29 @@ def _load(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
     return llm, None
 
 
+def _begin(ledger, name: str, batch: pa.Table, actor: str) -> str | None:
+    """Tell the ledger a batch begins (retries and working windows); its key, for `_end`."""
+    if ledger is None:
+        return None
+    from cousins.ledger import batch_key
+
+    key = batch_key(batch)
+    ledger.batch_started.remote(name, key, batch.num_rows, actor)
+    return key
+
+
+def _end(ledger, name: str, key: str | None, table: pa.Table, actor: str, tokens: int, engine_ran: bool) -> None:
+    """Tell the ledger a batch is done: its rows, error rows and tokens (the stage's progress), and
+    when an engine ran it, its working window and memory."""
+    if ledger is None:
+        return
+    from cousins.ledger import peak_rss_bytes
+
+    if engine_ran:
+        ledger.batch_done.remote(name, peak_rss_bytes(), actor, tokens)
+    ledger.rows_done.remote(name, key, table.num_rows, table.num_rows - table.column("error").null_count, tokens)
+
+
 class EngineActor:
     """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
 
@@ -130,10 +154,13 @@ class EngineActor:
         return text, ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.ledger is not None:
-            from cousins.ledger import batch_key
+        key = _begin(self.ledger, self.spec.model_name, batch, self.actor)
+        table = self._rows(batch)
+        _end(self.ledger, self.spec.model_name, key, table, self.actor,
+             sum(x or 0 for x in table.column("output_tokens").to_pylist()), self.llm is not None)
+        return table
 
-            self.ledger.batch_started.remote(self.spec.model_name, batch_key(batch), batch.num_rows, self.actor)
+    def _rows(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         cols = _Columns()
         if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
@@ -186,13 +213,7 @@ class EngineActor:
                      topk_token_ids=topk_ids, topk_logprobs=topk_lps, finish_reason=c.finish_reason,
                      prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
                      engine_time_s=elapsed * work[i] / total_work)
-        table = check_rows(self.spec.model_name, batch, cols.table())
-        if self.ledger is not None:
-            from cousins.ledger import peak_rss_bytes
-
-            self.ledger.batch_done.remote(self.spec.model_name, peak_rss_bytes(), self.actor,
-                                          sum(x or 0 for x in table.column("output_tokens").to_pylist()))
-        return table
+        return check_rows(self.spec.model_name, batch, cols.table())
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
         """Generate a batch -> (outputs, engine seconds); if vLLM refuses it, retry row by row so
@@ -231,11 +252,13 @@ class ScoreActor:
         self.actor = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.ledger is not None:
-            from cousins.ledger import batch_key
+        name = f"score:{self.spec.model_name}"
+        key = _begin(self.ledger, name, batch, self.actor)
+        table, tokens = self._rows(batch)
+        _end(self.ledger, name, key, table, self.actor, tokens, self.llm is not None)
+        return table
 
-            self.ledger.batch_started.remote(f"score:{self.spec.model_name}", batch_key(batch), batch.num_rows,
-                                             self.actor)
+    def _rows(self, batch: pa.Table) -> tuple[pa.Table, int]:
         rows = batch.select(["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]).to_pylist()
         cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
         todo, inputs, errors = [], [], [None] * len(rows)
@@ -280,12 +303,8 @@ class ScoreActor:
             cols["token_logprobs"].append([pos[t].logprob for pos, t in zip(positions, y)])
             cols["engine_time_s"].append(elapsed * len(ids) / total)
             cols["error"].append(None)
-        if self.ledger is not None:
-            from cousins.ledger import peak_rss_bytes
-
-            self.ledger.batch_done.remote(f"score:{self.spec.model_name}", peak_rss_bytes(), self.actor,
-                                          sum(len(x) for x in inputs))
-        return check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))
+        table = check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))
+        return table, sum(len(x) for x in inputs)
 
 
 def _pool(rows, actor, kwargs: dict, placement: Placement):
@@ -301,7 +320,7 @@ def _pool(rows, actor, kwargs: dict, placement: Placement):
                                   enable_true_multi_threading=True),
         num_cpus=placement.cpus_per_actor,
         num_gpus=placement.gpus_per_actor,
-        runtime_env={"env_vars": ENGINE_ENV},
+        runtime_env={"env_vars": engine_env(ENGINE_ENV)},
     )
     # Every engine of the pool starts (loads its model) before the first batch is sent: otherwise
     # Ray Data hands the first actor ready as many batches as it takes, and on a small run an

@@ -49,16 +49,17 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE = "log.verbose=true (Ray's, Ray Data's and vLLM's own logs too)"
 COMMON_OVERRIDES = {
     "generate": ["run.run_id=NAME (resume or name a run)", "corpus.path=FILE.jsonl corpus.limit=N",
                  "run.samples=N run.sampling.max_tokens=N run.sampling.logprobs=K",
                  "engine.num_actors=N engine.batch_size=N", "storage.root=s3://bucket/prefix",
-                 "ray.address=ray://HEAD:10001"],
+                 "ray.address=ray://HEAD:10001", VERBOSE],
     "drift": ["cousins=none +cousins.NAME.path=DIR +cousins.NAME.kind=quantized|distilled|other",
               "drift.score_topk=K drift.bootstrap=N", "drift.recompute=true run.run_id=RUN",
-              "storage.root=s3://bucket/prefix", "ray.address=ray://HEAD:10001"],
+              "storage.root=s3://bucket/prefix", "ray.address=ray://HEAD:10001", VERBOSE],
     "export": ["run_id=RUN (required)", "kd=true format=jsonl out=URL", "filters.answer_check=contains",
-               "filters.near_dedup=true filters.best_of_n=mean_logprob", "storage.root=s3://bucket/prefix"],
+               "filters.near_dedup=true filters.best_of_n=mean_logprob", "storage.root=s3://bucket/prefix", VERBOSE],
 }
 
 
@@ -89,12 +90,12 @@ def _corpus_demo(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cousins.submit import submit
+    from cousins.submit import SubmitError, submit
 
     try:
         _, status = submit(args.job, _overrides(args), address=args.address, python=args.python,
                            wait=not args.no_wait)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SubmitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if args.no_wait or status == "SUCCEEDED" else 1

@@ -103,6 +103,15 @@ class RayConfig:
     object_store_gib: float | None = None  # for a local Ray only
 
 
+@dataclass
+class LogConfig:
+    """What a job prints: the project's own progress lines (stderr) and, with `verbose`, Ray's,
+    Ray Data's operator dumps and vLLM's own logs too."""
+
+    verbose: bool = False
+    progress_s: float = 10.0  # seconds between progress lines when stderr is not a terminal (a job log)
+
+
 COUSIN_KINDS = ("quantized", "distilled", "other")
 
 
@@ -152,6 +161,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # name -> CousinConfig. Typed loosely for Hydra, so `+cousins.NAME={path: …, kind: …}` on the
     # command line works (OmegaConf cannot assign a dict to a dataclass-typed dict entry);
     # to_config turns each entry into a CousinConfig and reports unknown keys.
@@ -266,6 +276,7 @@ def validate(cfg: Config) -> None:
     check(c.limit is None or c.limit >= 1, f"corpus.limit must be >= 1 or null, got {c.limit}")
     check(c.max_chars >= 1, f"corpus.max_chars must be >= 1, got {c.max_chars}")
     check(cfg.storage.rows_per_file >= 1, f"storage.rows_per_file must be >= 1, got {cfg.storage.rows_per_file}")
+    check(cfg.log.progress_s > 0, f"log.progress_s must be > 0, got {cfg.log.progress_s}")
     if "://" not in c.path and not any(ch in c.path for ch in "*?[") and not os.path.exists(c.path):
         problems.append(f"corpus not found: {c.path!r} does not exist (set corpus.path)")
     check(bool(c.fields.prompt) or bool(c.fields.messages),

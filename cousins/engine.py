@@ -77,7 +77,8 @@ class VllmBackend:
     """The engine actors' way to vLLM: an in-process `LLM`, warmed up, and its `SamplingParams`."""
 
     def load(self, spec: EngineSpec):
-        os.environ.update(ENGINE_ENV)
+        for k, v in ENGINE_ENV.items():
+            os.environ.setdefault(k, v)  # the pool's runtime env (cousins.runtime.engine_env) decides first
         from vllm import LLM
 
         llm = LLM(**llm_kwargs(spec))

@@ -26,8 +26,9 @@ import pyarrow.compute as pc
 from omegaconf import MISSING
 
 from cousins import schema
-from cousins.config import RayConfig, StorageConfig
+from cousins.config import LogConfig, RayConfig, StorageConfig
 from cousins.drift.metrics import is_correct, normalise_answer
+from cousins.progress import Bar
 from cousins.records import ExportDone, ExportFile, encode
 from cousins.run import NotCommitted, Run, committed
 from cousins.storage import Location, mark_done, parquet_bytes, resolve
@@ -54,6 +55,7 @@ class ExportConfig:
     run_id: str = MISSING
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)  # the filters and joins run on Ray Data
+    log: LogConfig = field(default_factory=LogConfig)
     model: str | None = None  # default: the run's original model
     kd: bool = False  # add the teacher's per-token top-k logprobs (logit distillation)
     format: str = "parquet"  # parquet | jsonl
@@ -466,7 +468,7 @@ def _kept_keys(t: pa.Table) -> pa.Table:
 def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
     """The VERDICT Dataset of the model's generations after every filter (materialized: a few
     dozen bytes a row, in the object store)."""
-    from cousins.dataops import co_partition, partitions_for, read_stage
+    from cousins.dataops import co_partition, materialize_counted, partitions_for, read_stage
 
     layout = run.layout
     parts = partitions_for(rows_in, 20_000)
@@ -490,14 +492,16 @@ def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
     if filters.near_dedup or filters.best_of_n is not None:
         near = None
         if filters.near_dedup:
-            state = state.materialize()  # read twice: for its bands and to mark them
+            with Bar("export verdicts", rows_in) as bar:
+                state = materialize_counted(state, bar)  # read twice: for its bands and to mark them
             near = state.map_batches(band_rows, batch_format="pyarrow", num_cpus=0.1).repartition(
                 parts, keys=["band"]).map_batches(band_duplicates, batch_size=None, batch_format="pyarrow")
         schemas = {"state": VERDICT, **({"near": KEYS} if near is not None else {})}
         state = co_partition({"state": state, "near": near}, schemas, "prompt_id", parts).map_batches(
             _near_and_best_partition, fn_kwargs={"schemas": schemas, "filters": filters}, batch_size=None,
             batch_format="pyarrow")
-    return state.select_columns(["prompt_id", "sample_index", "dropped"]).materialize()
+    with Bar("export filters", rows_in) as bar:
+        return materialize_counted(state.select_columns(["prompt_id", "sample_index", "dropped"]), bar)
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -510,6 +514,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(f"format {cfg.format!r} must be parquet or jsonl")
     if cfg.rows_per_file < 1:
         raise ExportError(f"rows_per_file must be >= 1, got {cfg.rows_per_file}")
+    if cfg.log.progress_s <= 0:
+        raise ExportError(f"log.progress_s must be > 0, got {cfg.log.progress_s}")
     try:
         run = committed(resolve(cfg.storage.root, **cfg.storage.options), cfg.run_id)
     except NotCommitted as e:
@@ -525,7 +531,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     if problems:
         raise ExportError("invalid export filters:\n" + "\n".join(f"  - {p}" for p in problems))
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log)
     rows_in = Run(layout, "committed").count(layout.generations(model))  # from the Parquet footers
     state = _filtered(run, model, cfg.filters, rows_in)
     counts: dict = {}
@@ -545,10 +551,15 @@ def export(cfg: ExportConfig) -> ExportResult:
              "prompt": read_stage(layout.prompts, ["prompt_id", "messages", "reference"]), "keep": kept}
     # as few partitions (files) as the rows need: a small export stays one file
     parts = max(1, -(-kept_rows // min(cfg.rows_per_file, ROWS_PER_PARTITION[kind])))
-    written = co_partition(sides, schemas, "prompt_id", parts).map_batches(
+    writes = co_partition(sides, schemas, "prompt_id", parts).map_batches(
         _write_partition, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"schemas": schemas, "out": out, "kd": cfg.kd, "teacher": model, "fmt": cfg.format,
-                   "rows_per_file": cfg.rows_per_file}).take_all()
+                   "rows_per_file": cfg.rows_per_file})
+    written = []
+    with Bar("export write", kept_rows) as bar:
+        for f in writes.iter_rows():
+            written.append(f)
+            bar.add(f["rows"], tokens=f["tokens"])
     files = [{k: f[k] for k in ("name", "rows", "bytes")} for f in sorted(written, key=lambda f: f["first"])]
     tokens = sum(f["tokens"] for f in written)
     if not files:  # nothing kept: one empty file, so readers find the schema

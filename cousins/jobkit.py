@@ -60,7 +60,7 @@ def storage_problem(cfg: Config, timeout_s: float = 20.0) -> str | None:
 def execute(cfg: Config, run: Run, body: Callable[[], T]) -> T:
     """Connect to Ray, train absent distilled cousins (they learn from teacher data first), run the
     body. Any failure prints its story and ends with what to do next."""
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log)
     try:
         build_students(cfg, run.run_id)
         check_vocabularies(cfg)  # distilled cousins built just now included

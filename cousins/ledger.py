@@ -37,6 +37,8 @@ class Ledger:
         self.actor_start: dict[tuple, float] = {}  # (model, actor) -> when its first batch began
         self.actor_end: dict[tuple, float] = {}  # (model, actor) -> when its last batch ended
         self.actor_tokens: Counter = Counter()  # (model, actor) -> tokens its batches produced
+        self.finished: dict[tuple, tuple[int, int, int]] = {}  # (model, batch key) -> (rows, errors, tokens)
+        self.progressed: dict[str, list[int]] = {}  # model -> [rows, error rows, tokens] of finished batches
 
     def engine_started(self, model: str) -> None:
         self.starts[model] += 1
@@ -49,9 +51,23 @@ class Ledger:
         self.rows[(model, key)] = rows
 
     def batch_done(self, model: str, peak_rss_bytes: int, actor: str | None = None, tokens: int = 0) -> None:
+        """An engine finished a batch (an engine that failed to load does not: `rows_done` only)."""
         self.peak_rss[model] = max(self.peak_rss[model], peak_rss_bytes)
         self.last_end[model] = self.actor_end[(model, actor)] = time.time()
         self.actor_tokens[(model, actor)] += tokens
+
+    def rows_done(self, model: str, key: str, rows: int, errors: int, tokens: int) -> None:
+        """A batch's rows are done (engine or error rows): the stage's progress."""
+        total = self.progressed.setdefault(model, [0, 0, 0])
+        before = self.finished.get((model, key), (0, 0, 0))  # a retried batch counts once
+        self.finished[(model, key)] = (rows, errors, tokens)
+        for i, (new, old) in enumerate(zip((rows, errors, tokens), before)):
+            total[i] += new - old
+
+    def progress(self, model: str) -> tuple[int, int, int]:
+        """(rows, error rows, output tokens) of the model's batches finished so far."""
+        rows, errors, tokens = self.progressed.get(model, (0, 0, 0))
+        return rows, errors, tokens
 
     def report(self, model: str) -> dict:
         retried = [k for k, n in self.batches.items() if k[0] == model and n > 1]

@@ -36,7 +36,7 @@ from cousins.storage import (SUCCESS, Location, RunLayout, data_files, done_info
 
 # Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
 RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "engine.start_timeout_s", "storage.options",
-                  "run.run_id",
+                  "run.run_id", "log.",
                   "drift.recompute", "cost.")
 # The columns a stage's verification reads back: keys, and what a stage's counts are made of.
 STAT_COLUMNS = ["prompt_id", "sample_index", "prompt_tokens", "output_tokens", "engine_time_s",

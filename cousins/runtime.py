@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 
-from cousins.config import RayConfig
+from cousins.config import LogConfig, RayConfig
+
+# The job's log settings (process-wide, like logging's): init_ray sets them; the engine pools
+# read them for their actors' environment (engine_env).
+LOG = LogConfig()
 
 
 # Storage credentials and endpoints reach every worker through the job's runtime environment,
@@ -17,20 +21,50 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
-def init_ray(rc: RayConfig) -> None:
+def configure_logs(log: LogConfig) -> None:
+    """Quiet by default: Ray Data's operator dumps and progress, Ray's own info lines and the
+    workers' output (vLLM's start-up chatter, harmless C++ errors on actor exit) stay in Ray's log
+    files; the project's progress lines (cousins.progress) say how far a stage is. `log.verbose`
+    brings all of it back."""
+    import logging
+
+    import ray.data
+
+    from cousins import progress
+
+    global LOG
+    LOG = log
+    progress.configure(every_s=log.progress_s)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = log.verbose
+    ctx.enable_operator_progress_bars = log.verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if log.verbose else logging.ERROR)
+
+
+def engine_env(base: dict[str, str]) -> dict[str, str]:
+    """An engine actor's environment: vLLM logs warnings and worse only when verbose."""
+    return {**base, "VLLM_LOGGING_LEVEL": "INFO" if LOG.verbose else "ERROR"}
+
+
+def init_ray(rc: RayConfig, log: LogConfig | None = None) -> None:
+    import logging
+
     import ray
 
+    log = log or LogConfig()
+    configure_logs(log)
     if ray.is_initialized():
         return
+    quiet = {} if log.verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     runtime_env = {"env_vars": forwarded_env()}
     address = rc.address or os.environ.get("RAY_ADDRESS")
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # A driver started by `ray job submit` / `cousins submit`: the job's runtime env already
         # carries the working dir and the credentials, and Ray refuses a second one beside it.
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
         return
     # address="local" never attaches to a cluster some other process left running.
     ray.init(
@@ -39,6 +73,7 @@ def init_ray(rc: RayConfig) -> None:
         object_store_memory=int(rc.object_store_gib * (1 << 30)) if rc.object_store_gib else None,
         include_dashboard=False,
         runtime_env=runtime_env,
+        **quiet,
     )
 
 

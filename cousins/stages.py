@@ -14,6 +14,7 @@ from cousins import actors, corpus, schema
 from cousins.config import FieldsConfig
 from cousins.engine import EngineSpec, Placement, Sampling
 from cousins.ledger import new_ledger
+from cousins.progress import Bar, watch
 from cousins.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
 from cousins.run import Run, publish_part
 from cousins.storage import Location, data_files
@@ -35,12 +36,18 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
         for loc in (layout.prompts, layout.errors):
             run.restart(loc)
         prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
-        for ds, loc, sch in ((prompts, layout.prompts, schema.PROMPTS), (errors, layout.errors, schema.ERRORS)):
-            rows = ds.count()
-            if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
-                ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
-                    loc.path, filesystem=loc.arrow_fs(), compression="zstd")
-            run.finish(loc, PromptsDone(rows=rows))
+        bar = Bar("prompts", None, unit="prompts")  # counts come at the end; the line says it is running
+        with watch(bar):
+            for ds, loc, sch in ((prompts, layout.prompts, schema.PROMPTS), (errors, layout.errors, schema.ERRORS)):
+                rows = ds.count()
+                if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
+                    ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
+                        loc.path, filesystem=loc.arrow_fs(), compression="zstd")
+                run.finish(loc, PromptsDone(rows=rows))
+                if loc is layout.errors:
+                    bar.update(bar.done, errors=rows)
+                else:
+                    bar.update(rows)
     n_prompts = run.marker(layout.prompts, PromptsDone).rows
     n_errors = run.marker(layout.errors, PromptsDone).rows
     files = data_files(layout.prompts)
@@ -113,6 +120,17 @@ def _run_pool(ds, what: str, where: Placement):
             f"engine.num_actors or engine.gpus_per_actor, or grow the cluster") from e
 
 
+def _ledger_poll(ledger, name: str, before: int):
+    """A stage's progress from its ledger: (rows done, output tokens, error rows); `before`: rows an
+    earlier attempt published."""
+    import ray
+
+    def poll():
+        rows, errors, tokens = ray.get(ledger.progress.remote(name), timeout=10)
+        return before + rows, tokens, errors
+    return poll
+
+
 def _blocks(rows: int, where: Placement) -> int:
     """Input blocks of at most one batch each, so every actor task is one batch and tasks overlap."""
     return max(where.num_actors, -(-rows // where.batch_size))
@@ -154,8 +172,10 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
             gens = actors.generate(rows.repartition(_blocks(expected - len(done_keys), where)), spec=spec,
                                    sampling=sampling, placement=where, ledger=ledger,
                                    tolerate_load_failure=not entry.is_original, backend=backend)
-            written = _run_pool(gens.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                                 **light), f"model {entry.name!r}", where)
+            bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
+            with watch(bar, _ledger_poll(ledger, entry.name, len(done_keys))):
+                written = _run_pool(gens.map_batches(publish_part, fn_kwargs={"out": out},
+                                                     batch_size=rows_per_file, **light), f"model {entry.name!r}", where)
             retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
         finally:
             ray.kill(ledger)
@@ -193,8 +213,10 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
     try:
         scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk, placement=where,
                               ledger=ledger, tolerate_load_failure=not entry.is_original, backend=backend)
-        _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                     batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), f"scorer {entry.name!r}", where)
+        with watch(Bar(f"score {entry.name}", expected), _ledger_poll(ledger, f"score:{entry.name}", 0)):
+            _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), f"scorer {entry.name!r}",
+                      where)
         retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
     finally:
         ray.kill(ledger)

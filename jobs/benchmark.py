@@ -39,7 +39,7 @@ def main(dcfg: DictConfig) -> None:
 
     int8 = os.path.join(os.path.dirname(cfg.model.path), f"{os.path.basename(cfg.model.path)}-rtn-int8")
     reps = []
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log)
     for i in range(b.repeats):
         rep = {"bare": bench.bare_vllm(cfg, b.prompts)} if b.bare else {}
         rep["pipeline"] = bench.pipeline_steady(cfg, b.prompts, f"{tag}-{i}")

@@ -30,7 +30,7 @@ def main(dcfg: DictConfig) -> None:
         d = cfg.drift
         if not cfg.run.run_id:
             sys.exit("error: drift.recompute needs run.run_id: the committed run to recompute")
-        init_ray(cfg.ray)  # the diff runs on the cluster (or a local Ray), like every stage
+        init_ray(cfg.ray, cfg.log)  # the diff runs on the cluster (or a local Ray), like every stage
         try:
             summary = recompute(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id,
                                 bootstrap=BootstrapSpec.of(d),

@@ -161,6 +161,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     import ray
 
     from cousins.dataops import spread_blocks
+    from cousins.progress import Bar
 
     layout, original = run.layout, entries[0]
 
@@ -189,7 +190,15 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
                    "quantile_resamples": quantile_resamples})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.
-    return aggregate.merge_all(out, {name: not tl for name, tl in cousins}, worst_n)
+    with Bar("diff", run.count(layout.generations(original.name)) * len(cousins), unit="drift rows") as bar:
+        return aggregate.merge_all(_counted(out, bar), {name: not tl for name, tl in cousins}, worst_n)
+
+
+def _counted(batches, bar):
+    """PARTIALS batches, their drift rows and error rows added to `bar` as they pass."""
+    for batch in batches:
+        bar.add(pc.sum(batch.column("rows")).as_py() or 0, errors=pc.sum(batch.column("error_rows")).as_py() or 0)
+        yield batch
 
 
 def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:

@@ -15,7 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # What never travels with the working dir: build outputs, local runs and models, the venv.
 EXCLUDES = [".venv", ".git", "models", "outputs", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-AGENT_WAIT_TRIES = 30  # x 2 s
+AGENT_WAIT_S = 30.0  # a head that just started has its job agent within seconds; one that has none, never
+
+
+class SubmitError(RuntimeError):
+    """The cluster did not take the job; the message is one line that says why."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def entrypoint_of(job: str, overrides: list[str], python: str) -> str:
+    """The job's command on the cluster: the preflight first (one line and exit when this Python
+    lacks the project), then the job."""
+    return f"{shlex.join([python, '-m', 'cousins.preflight', job])} && {shlex.join([python, f'jobs/{job}.py', *overrides])}"
 
 
 def storage_root_of(job: str, overrides: list[str], working_dir: Path = ROOT) -> str:
@@ -60,17 +75,29 @@ def submit(job: str, overrides: list[str], *, address: str | None, python: str =
     problem = check_storage_root(storage_root_of(job, overrides, working_dir))
     if problem:
         raise ValueError(problem)
-    client = JobSubmissionClient(address)
-    entrypoint = shlex.join([python, f"jobs/{job}.py", *overrides])
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SubmitError(f"no Ray cluster answers at {address or 'RAY_ADDRESS'}: {_first_line(e)} "
+                          f"(give the dashboard's address, e.g. --address http://HEAD:8265)") from None
+    entrypoint = entrypoint_of(job, overrides, python)
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": forwarded_env()}
-    for attempt in range(AGENT_WAIT_TRIES):
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
         try:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
             break
-        except RuntimeError as e:  # a head that just started has no job agent for a few seconds
-            if "No available agent" not in str(e) or attempt == AGENT_WAIT_TRIES - 1:
-                raise
-            time.sleep(2)
+        except RuntimeError as e:
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)  # a head that just started: its agent comes up in seconds
+                continue
+            if "No available agent" in str(e):
+                raise SubmitError(
+                    f"the Ray cluster at {client.get_address()} has no job agent: none took the job within "
+                    f"{AGENT_WAIT_S:.0f} s. The head's dashboard agent did not start or died; see "
+                    f"dashboard_agent.log in the head's Ray logs (/tmp/ray/session_latest/logs) and restart "
+                    f"the head") from None
+            raise SubmitError(f"the Ray cluster at {client.get_address()} refused the job: {_first_line(e)}") from None
     print(f"submitted {job_id}: {entrypoint}", file=out, flush=True)
     if not wait:
         return job_id, str(client.get_job_status(job_id))

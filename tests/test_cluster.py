@@ -93,6 +93,21 @@ def test_generation_job_submitted_to_a_real_head_succeeds(ray_head, tiny_teacher
     assert status.stdout.strip().endswith("SUCCEEDED")
     print(f"\n[submit] {job_id} SUCCEEDED in {time.monotonic() - t0:.0f}s")
 
+    # The same job with a Python that lacks the project (this venv's base interpreter): one line
+    # naming what is missing, and the job fails at once instead of in a traceback from an import.
+    bare = os.path.join(sys.base_prefix, "bin", "python3")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "cousins"), "submit", "--address", address, "--python", bare, "--",
+         f"model.path={tiny_teacher}", f"storage.root={tmp_path / 'out'}", "run.run_id=bare"],
+        capture_output=True, text=True, timeout=300, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.strip()]
+    assert proc.returncode == 1 and lines[-1].endswith("FAILED"), proc.stdout[-3000:]
+    assert lines[-2].startswith(f"error: the cluster's Python ({bare}) cannot run the generate job: it lacks "
+                                "the packages ray, ") and "hydra-core" in lines[-2], lines[-2]
+    assert "Traceback" not in proc.stdout and not (tmp_path / "out" / "runs" / "bare").exists()
+    print(f"[submit] with a bare Python: FAILED in {time.monotonic() - t0:.0f}s with one line")
+
 
 def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp_path):
     import ray

@@ -56,14 +56,28 @@ class Placement:
     start_timeout_s: int = 900  # every actor of the pool must be up before the first batch
 
 
-def llm_kwargs(spec: EngineSpec) -> dict:
-    """vLLM `LLM(...)` arguments for an engine of `spec` (the actors' and the bare benchmark's)."""
+CPU_TOKEN_BUDGET = 4096  # vLLM's own default per step on CPU; raised to max_model_len when that is longer
+
+
+def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
+    """vLLM `LLM(...)` arguments for an engine of `spec` (the actors' and the bare benchmark's).
+
+    On CPU, chunked prefill is off and a step's token budget holds the longest prompt: a seeded
+    request whose prefill is split over steps makes vLLM rewind its sampler's generator, which a
+    CPU generator cannot do (`RuntimeError: CPU Generator does not use offset`, the whole batch
+    lost). Unchunked, a prompt waits until a step has room for all of it."""
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    unchunked = dict(enable_chunked_prefill=False,
+                     max_num_batched_tokens=max(spec.max_model_len, CPU_TOKEN_BUDGET)) if on_cpu else {}
     return dict(model=spec.model_path, tokenizer=spec.model_path, dtype=spec.dtype, quantization=spec.quantization,
                 max_model_len=spec.max_model_len, kv_cache_memory_bytes=spec.kv_cache_bytes,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "ray",
                 max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager, max_logprobs=spec.max_logprobs,
-                logprobs_mode="raw_logprobs", seed=0)
+                logprobs_mode="raw_logprobs", seed=0, **unchunked)
 
 
 def sampling_kwargs(s: Sampling, seed: int, detokenize: bool) -> dict:

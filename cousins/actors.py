@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from cousins import schema
 from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
-from cousins.feeder import BATCHES_IN_FLIGHT, Feeder
+from cousins.feeder import BATCHES_IN_FLIGHT, EngineBroken, Feeder
 from cousins.runtime import engine_env
 
 class EngineContractError(RuntimeError):
@@ -102,14 +102,13 @@ def _load(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
     return llm, None
 
 
-def _begin(ledger, name: str, batch: pa.Table, actor: str) -> str | None:
+def _begin(ledger, name: str, batch: pa.Table, actor: str) -> str:
     """Tell the ledger a batch begins (retries and working windows); its key, for `_end`."""
-    if ledger is None:
-        return None
     from cousins.ledger import batch_key
 
     key = batch_key(batch)
-    ledger.batch_started.remote(name, key, batch.num_rows, actor)
+    if ledger is not None:
+        ledger.batch_started.remote(name, key, batch.num_rows, actor)
     return key
 
 
@@ -125,7 +124,74 @@ def _end(ledger, name: str, key: str | None, table: pa.Table, actor: str, tokens
     ledger.rows_done.remote(name, key, table.num_rows, table.num_rows - table.column("error").null_count, tokens)
 
 
-class EngineActor:
+def _exit_process(reason: str) -> None:
+    """End this engine actor's process: Ray starts a fresh one (a fresh engine) and Ray Data sends
+    it the batches this one had (max_restarts / max_task_retries of the actor pool)."""
+    import sys
+
+    print(f"engine actor {os.getpid()} exits for a fresh engine: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class EngineRunner:
+    """What both engine actors do around a batch: the ledger, and an engine that breaks.
+
+    An error raised while the engine steps (not a prompt it refuses: those are row errors) leaves
+    the engine unusable. The first time a batch is in an engine that breaks, the actor exits: Ray
+    restarts it with a fresh engine and Ray Data sends the batch again. A batch that broke an
+    engine before runs alone on the fresh one; if it breaks that too, its rows become error rows
+    with the engine's reason (the run goes on and counts them), and the actor exits before its
+    next batch. Outside Ray (tests) `die` raises instead of exiting."""
+
+    ledger = None
+    retire = False  # this engine broke on a batch that then became error rows: no further batch here
+
+    def _die(self, reason: str) -> None:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            _exit_process(reason)
+        raise RuntimeError(f"engine broken: {reason}")
+
+    def _breaks(self, name: str, key: str, reason: str | None = None) -> int:
+        """How many engines this batch broke (recording one more first when `reason` is given):
+        the ledger's count, shared by every actor of the pool and their restarts; a count of this
+        process's own without a ledger."""
+        import ray
+
+        if self.ledger is not None:
+            return ray.get(self.ledger.engine_broke.remote(name, key, reason) if reason is not None
+                           else self.ledger.engine_breaks.remote(name, key))
+        own = self.__dict__.setdefault("_own_breaks", {})
+        if reason is not None:
+            own[key] = own.get(key, 0) + 1
+        return own.get(key, 0)
+
+    def _broke(self, name: str, key: str, e: EngineBroken) -> str:
+        """The reason for the batch's error rows when it broke an engine a second time (else exits)."""
+        reason = f"{type(e.cause).__name__}: {e.cause}"[:1000]
+        if not e.during:  # broken by another batch before this one came: a fresh engine takes it
+            self._die(f"broken by an earlier batch ({reason})")
+        if self._breaks(name, key, reason) < 2:
+            self._die(reason)
+        self.retire = True
+        return f"the engine failed on this batch twice, the second time running it alone on a fresh engine: {reason}"
+
+    def _run(self, name: str, batch: pa.Table, work, failed_rows) -> tuple[pa.Table, int]:
+        """`work(batch, solo) -> (table, tokens)` with the ledger told; an engine break handled."""
+        if self.retire:
+            self._die("its engine broke on an earlier batch")
+        key = _begin(self.ledger, name, batch, self.actor)
+        solo = self.llm is not None and self._breaks(name, key) > 0
+        try:
+            table, tokens = work(batch, solo)
+        except EngineBroken as e:
+            table, tokens = failed_rows(batch, self._broke(name, key, e)), 0
+        _end(self.ledger, name, key, table, self.actor, tokens, self.llm is not None)
+        return table, tokens
+
+
+class EngineActor(EngineRunner):
     """One vLLM engine; called by Ray Data with Arrow batches of expanded prompt rows."""
 
     def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None, tolerate_load_failure: bool = False,
@@ -154,21 +220,25 @@ class EngineActor:
         return text, ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        key = _begin(self.ledger, self.spec.model_name, batch, self.actor)
-        table = self._rows(batch)
-        _end(self.ledger, self.spec.model_name, key, table, self.actor,
-             sum(x or 0 for x in table.column("output_tokens").to_pylist()), self.llm is not None)
-        return table
+        return self._run(self.spec.model_name, batch, self._work, self._failed_rows)[0]
 
-    def _rows(self, batch: pa.Table) -> pa.Table:
+    def _work(self, batch: pa.Table, solo: bool) -> tuple[pa.Table, int]:
+        table = self._rows(batch, solo)
+        return table, sum(x or 0 for x in table.column("output_tokens").to_pylist())
+
+    def _failed_rows(self, batch: pa.Table, reason: str) -> pa.Table:
+        """Every row of the batch an error row with `reason`."""
+        cols = _Columns()
+        for row in batch.select(["prompt_id", "sample_index", "seed", "category"]).to_pylist():
+            cols.add(prompt_id=row["prompt_id"], sample_index=row["sample_index"], seed=row["seed"],
+                     model=self.spec.model_name, category=row.get("category"), engine_node=self.node, error=reason)
+        return check_rows(self.spec.model_name, batch, cols.table())
+
+    def _rows(self, batch: pa.Table, solo: bool = False) -> pa.Table:
+        if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
+            return self._failed_rows(batch, self.load_error)
         rows = batch.to_pylist()
         cols = _Columns()
-        if self.llm is None:  # a cousin that failed to load fails its own rows, with the reason
-            for row in rows:
-                cols.add(prompt_id=row["prompt_id"], sample_index=row["sample_index"], seed=row["seed"],
-                         model=self.spec.model_name, category=row.get("category"), engine_node=self.node,
-                         error=self.load_error)
-            return check_rows(self.spec.model_name, batch, cols.table())
         texts: list[str | None] = []
         ids: list[list[int] | None] = []
         errors: list[str | None] = []
@@ -181,7 +251,7 @@ class EngineActor:
                     texts.append(None), ids.append(None), errors.append(f"{type(e).__name__}: {e}")
 
         todo = [i for i, e in enumerate(errors) if e is None]
-        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo)
+        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo, solo)
 
         by_row = dict(zip(todo, outputs))
         texts_out = {}
@@ -215,18 +285,19 @@ class EngineActor:
                      engine_time_s=elapsed * work[i] / total_work)
         return check_rows(self.spec.model_name, batch, cols.table())
 
-    def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int]):
+    def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int],
+                  solo: bool = False):
         """Generate a batch -> (outputs, engine seconds); if vLLM refuses it, retry row by row so
         one bad row fails alone."""
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
         try:
-            return self.feeder.run(prompts, [self._params(s) for s in seeds])
+            return self.feeder.run(prompts, [self._params(s) for s in seeds], solo)
         except (ValueError, TypeError):
             pass
         outputs, elapsed = [], 0.0
         for p, s, i in zip(prompts, seeds, todo):
             try:
-                out, t = self.feeder.run([p], [self._params(s)])
+                out, t = self.feeder.run([p], [self._params(s)], solo)
                 outputs.append(out[0])
                 elapsed += t
             except (ValueError, TypeError) as e:
@@ -235,7 +306,7 @@ class EngineActor:
         return outputs, elapsed
 
 
-class ScoreActor:
+class ScoreActor(EngineRunner):
     """Teacher-forced scoring: one model's distribution at every output position of the ORIGINAL's
     generations (vLLM prompt logprobs over prompt + output, nothing sampled). One SCORES row per
     input row; rows the original failed on, or that do not fit the context, are error rows."""
@@ -252,13 +323,17 @@ class ScoreActor:
         self.actor = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        name = f"score:{self.spec.model_name}"
-        key = _begin(self.ledger, name, batch, self.actor)
-        table, tokens = self._rows(batch)
-        _end(self.ledger, name, key, table, self.actor, tokens, self.llm is not None)
-        return table
+        return self._run(f"score:{self.spec.model_name}", batch, self._rows, self._failed_rows)[0]
 
-    def _rows(self, batch: pa.Table) -> tuple[pa.Table, int]:
+    def _failed_rows(self, batch: pa.Table, reason: str) -> pa.Table:
+        n = batch.num_rows
+        cols = {f.name: [None] * n for f in schema.SCORES}
+        cols.update(prompt_id=batch.column("prompt_id").to_pylist(),
+                    sample_index=batch.column("sample_index").to_pylist(), model=[self.spec.model_name] * n,
+                    error=[reason] * n)
+        return check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))
+
+    def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
         rows = batch.select(["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]).to_pylist()
         cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
         todo, inputs, errors = [], [], [None] * len(rows)
@@ -281,7 +356,8 @@ class ScoreActor:
             else:
                 fits.append(i), inputs.append(ids)
         todo = fits
-        outs, elapsed = self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params) if inputs else ([], 0.0)
+        outs, elapsed = (self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params, solo)
+                         if inputs else ([], 0.0))
         total = sum(len(x) for x in inputs) or 1
         scored = dict(zip(todo, zip(outs, inputs)))
         for i, row in enumerate(rows):

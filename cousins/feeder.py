@@ -22,6 +22,16 @@ BATCHES_IN_FLIGHT = 2
 
 
 
+class EngineBroken(RuntimeError):
+    """The engine raised while stepping; it is unusable from then on. `during`: this call's
+    requests were in the engine at that step (False: the engine was already broken when the call
+    came); `cause`: what the engine raised."""
+
+    def __init__(self, cause: BaseException, during: bool):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause, self.during = cause, during
+
+
 class Feeder:
     """One vLLM engine fed by several batches at once. Ray Data hands an actor its next batch
     while the current one is still generating (`BATCHES_IN_FLIGHT` calls run in the actor's
@@ -40,6 +50,8 @@ class Feeder:
         self.most_calls = 0  # the most calls seen in the engine at once
         self.arriving = 0  # calls waiting for the lock to tokenize or enqueue; the step loop yields to them
         self._count = threading.Lock()
+        self.broken: BaseException | None = None  # what the engine raised while stepping, once it did
+        self.solo: object | None = None  # the call that has the engine to itself (see run)
 
     @contextmanager
     def turn(self):
@@ -59,20 +71,33 @@ class Feeder:
         finally:
             self.lock.release()
 
-    def run(self, prompts: list, params) -> tuple[list, float]:
-        """(RequestOutputs in the order of `prompts`, engine seconds charged to this call)."""
+    def run(self, prompts: list, params, solo: bool = False) -> tuple[list, float]:
+        """(RequestOutputs in the order of `prompts`, engine seconds charged to this call).
+        `solo`: wait until no other call is in the engine and keep it to this call (a batch that
+        broke an engine before is retried alone, so a second break is its own). EngineBroken if
+        the engine raises while stepping, for every call in it then and every call after."""
         if not prompts:
             return [], 0.0
         me = object()
-        with self.turn():  # vLLM aborts what it added if one prompt is refused, and raises
-            # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
-            ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
-            self.owner.update((i, me) for i in ids)
-            self.pending[me], self.charged[me] = len(ids), 0.0
-            self.most_calls = max(self.most_calls, len(self.pending))
+        while True:
+            with self.turn():  # vLLM aborts what it added if one prompt is refused, and raises
+                if self.broken is not None:
+                    raise EngineBroken(self.broken, during=False)
+                if self.solo is None and not (solo and self.pending):
+                    # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
+                    ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
+                    self.owner.update((i, me) for i in ids)
+                    self.pending[me], self.charged[me] = len(ids), 0.0
+                    self.most_calls = max(self.most_calls, len(self.pending))
+                    if solo:
+                        self.solo = me
+                    break
+            time.sleep(0.01)  # another call has the engine to itself, or this one waits for it to empty
         try:
             while True:
                 with self.lock:
+                    if self.broken is not None:
+                        raise EngineBroken(self.broken, during=True)
                     if not self.pending[me]:
                         return [self.finished.pop(i) for i in ids], self.charged[me]
                     engine = self.llm.llm_engine
@@ -80,7 +105,11 @@ class Feeder:
                         raise RuntimeError("the engine dropped requests it had accepted")
                     active = [c for c, n in self.pending.items() if n]
                     t0 = time.perf_counter()
-                    outputs = engine.step()
+                    try:
+                        outputs = engine.step()
+                    except Exception as e:  # noqa: BLE001 - whatever it was, the engine is done for
+                        self.broken = e
+                        raise EngineBroken(e, during=True) from e
                     share = (time.perf_counter() - t0) / len(active)
                     for c in active:
                         self.charged[c] += share
@@ -97,3 +126,5 @@ class Feeder:
                 for i in ids:
                     self.finished.pop(i, None)
                     self.owner.pop(i, None)
+                if self.solo is me:
+                    self.solo = None

@@ -39,6 +39,8 @@ class Ledger:
         self.actor_tokens: Counter = Counter()  # (model, actor) -> tokens its batches produced
         self.finished: dict[tuple, tuple[int, int, int]] = {}  # (model, batch key) -> (rows, errors, tokens)
         self.progressed: dict[str, list[int]] = {}  # model -> [rows, error rows, tokens] of finished batches
+        self.broke: Counter = Counter()  # (model, batch key) -> engines that broke with it in them
+        self.break_reasons: dict[str, str] = {}  # model -> the last reason an engine broke
 
     def engine_started(self, model: str) -> None:
         self.starts[model] += 1
@@ -64,6 +66,15 @@ class Ledger:
         for i, (new, old) in enumerate(zip((rows, errors, tokens), before)):
             total[i] += new - old
 
+    def engine_broke(self, model: str, key: str, reason: str) -> int:
+        """An engine raised while stepping with this batch in it; how many have so far."""
+        self.broke[(model, key)] += 1
+        self.break_reasons[model] = reason
+        return self.broke[(model, key)]
+
+    def engine_breaks(self, model: str, key: str) -> int:
+        return self.broke[(model, key)]
+
     def progress(self, model: str) -> tuple[int, int, int]:
         """(rows, error rows, output tokens) of the model's batches finished so far."""
         rows, errors, tokens = self.progressed.get(model, (0, 0, 0))
@@ -78,6 +89,11 @@ class Ledger:
             "batches": sum(1 for k in self.batches if k[0] == model),
             "batches_retried": len(retried),
             "rows_retried": sum(self.rows[k] for k in retried),
+            # engines that raised while stepping (each replaced by a fresh one), and the batches
+            # that broke two and became error rows
+            "engine_breaks": sum(n for k, n in self.broke.items() if k[0] == model),
+            "batches_failed_by_engine": sum(1 for k, n in self.broke.items() if k[0] == model and n >= 2),
+            "engine_break_reason": self.break_reasons.get(model),
             "peak_rss_mib": round(self.peak_rss[model] / (1 << 20), 1),  # per engine actor process
             # first batch begun to last batch done: the engines' working window, start-up excluded
             "busy_window_s": (self.last_end[model] - self.first_start[model]) if model in self.last_end else None,

@@ -6,7 +6,9 @@ The toy model: a vocabulary of V tokens; the next-token distribution depends onl
 path (cousins differ, the noise floor equals the original) and the previous token. Generation takes
 one token per request per step (at most max_num_seqs requests at once), is greedy at temperature 0
 and otherwise samples with a generator seeded by the request's seed, so a seed gives the same sample
-whatever the batch. A prompt containing "FAIL" is refused (ValueError), like a prompt vLLM rejects.
+whatever the batch. A prompt containing "FAIL" is refused (ValueError), like a prompt vLLM rejects;
+one containing "CRASH" makes the step it is in raise (RuntimeError), like an engine bug, and the
+engine is broken from then on.
 """
 
 from __future__ import annotations
@@ -95,9 +97,17 @@ class _Request:
                                prompt_logprobs=prompt_logprobs)
 
 
+CRASH = Tokenizer().encode("CRASH")
+
+
+def _has(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids)))
+
+
 class _Engine:
     def __init__(self, max_num_seqs):
         self.waiting, self.running, self.max_num_seqs = [], [], max_num_seqs
+        self.dead = False
 
     def has_unfinished_requests(self):
         return bool(self.waiting or self.running)
@@ -106,6 +116,9 @@ class _Engine:
         time.sleep(0.001)  # a step takes time, as a real one does: batches meet in the engine
         while self.waiting and len(self.running) < self.max_num_seqs:
             self.running.append(self.waiting.pop(0))
+        if self.dead or any(_has(r.prompt, CRASH) for r in self.running):
+            self.dead = True
+            raise RuntimeError("the fake engine crashed in a step")
         outs = [(r, r.step()) for r in self.running]
         self.running = [r for r, o in outs if o is None]
         return [o for _, o in outs if o is not None]
@@ -124,8 +137,7 @@ class FakeLLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         bad = self.tok.encode("FAIL")
         for p in prompts:  # vLLM adds none of them when it refuses one
-            ids = p["prompt_token_ids"]
-            if any(ids[i:i + len(bad)] == bad for i in range(len(ids))):
+            if _has(p["prompt_token_ids"], bad):
                 raise ValueError("the fake engine refuses this prompt")
         ids = [str(next(self._ids)) for _ in prompts]
         self.llm_engine.waiting.extend(_Request(i, p["prompt_token_ids"], q, self.model)

@@ -86,3 +86,58 @@ def test_an_actor_breaking_one_row_out_per_row_in_is_an_error_naming_the_model_a
         actors.check_rows("fake", batch, batch.slice(0, 2))
     with pytest.raises(actors.EngineContractError, match="another order"):
         actors.check_rows("fake", batch, batch.take([1, 0, 2]))
+
+
+def _restart(actor) -> None:
+    """What Ray does when an engine actor exits: a fresh engine (here: in the same object, which
+    keeps its count of the batches that broke one, as the pool's ledger does across restarts)."""
+    actor.llm = FakeBackend().load(SPEC)
+    actor.feeder, actor.retire = actors.Feeder(actor.llm), False
+
+
+def test_an_engine_that_breaks_is_replaced_and_a_batch_that_breaks_it_twice_becomes_error_rows():
+    a = actors.EngineActor(SPEC, Sampling(temperature=0.8, top_p=1.0, top_k=0, max_tokens=6, logprobs=2),
+                           backend=FakeBackend())
+    bad = pa.concat_tables([rows(2, 0), rows(1, 2, text="CRASH {i}"), rows(2, 3)])
+    good = rows(5, 10)
+    # both batches in the engine when it breaks: each actor call ends the engine (outside Ray: raises)
+    with pytest.raises(RuntimeError, match="engine broken: RuntimeError: the fake engine crashed"):
+        a(bad)
+    _restart(a)
+    # on the fresh engine the batch runs alone, breaks it again: its rows are error rows with the reason
+    out = a(bad)
+    assert schema.row_keys(out) == schema.row_keys(bad) and out.column("error").null_count == 0
+    assert set(out.column("error").to_pylist()) == {
+        "the engine failed on this batch twice, the second time running it alone on a fresh engine: "
+        "RuntimeError: the fake engine crashed in a step"}
+    # the broken engine takes no further batch; a fresh one generates the next as usual
+    with pytest.raises(RuntimeError, match="engine broken: its engine broke on an earlier batch"):
+        a(good)
+    _restart(a)
+    assert a(good).column("error").null_count == good.num_rows
+
+
+def test_a_batch_in_the_engine_beside_the_one_that_broke_it_is_retried_alone_and_lands():
+    a = actors.EngineActor(SPEC, Sampling(temperature=0.8, top_p=1.0, top_k=0, max_tokens=20, logprobs=2),
+                           backend=FakeBackend())
+    bad, good = rows(1, 0, text="CRASH {i}"), rows(6, 10)
+    outcomes = {}
+
+    def call(name, batch):
+        try:
+            outcomes[name] = a(batch)
+        except RuntimeError as e:
+            outcomes[name] = e
+
+    import threading
+
+    first = threading.Thread(target=call, args=("good", good))
+    first.start()
+    while not a.feeder.pending:  # the good batch is in the engine when the bad one comes
+        pass
+    call("bad", bad)
+    first.join(30)
+    assert all(isinstance(outcomes[k], RuntimeError) for k in ("good", "bad"))  # one broken engine, both out
+    _restart(a)
+    assert a(good).column("error").null_count == good.num_rows  # alone on a fresh engine: it lands
+    assert a._own_breaks and max(a._own_breaks.values()) == 1

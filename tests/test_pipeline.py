@@ -166,3 +166,29 @@ def test_the_workers_summary_equals_resampling_every_drift_row_in_one_process(dr
         rows = run.read(run.layout.drift(name)).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
         want = reference.summarise(name, theirs[name]["kind"], rows, spec, text_only=theirs[name]["text_only"])
         _close(json.loads(json.dumps(want)), theirs[name])
+
+
+def test_an_engine_error_is_kept_to_its_batch_and_the_run_commits(ray_local, tmp_path):
+    """A prompt that makes the engine raise while it steps: its engine actor exits, Ray starts a
+    fresh one and Ray Data resends the batches it held; the batch breaks the fresh engine too
+    (alone on it), so its rows become error rows with the engine's reason, and every other row lands."""
+    corpus = tmp_path / "crash.jsonl"
+    prompts = [f"question {i}: what is {i} plus {i}?" for i in range(24)]
+    prompts[13] = "please CRASH the engine"
+    corpus.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    cfg = fake_config(tmp_path, "run.run_id=crash", "run.samples=2", f"corpus.path={corpus}", "corpus.fields.id=id",
+                     "engine.batch_size=4")
+    result = run_generate(cfg, backend=FakeBackend())
+    stats = result.models[0]
+    assert stats.rows == 48 and stats.error_rows == 4  # the crashing prompt's batch: 2 prompts x 2 samples
+    run = committed(resolve(cfg.storage.root), result.run_id)
+    rows = run.read(run.layout.generations("tiny-teacher")).to_pylist()
+    failed = {r["prompt_id"] for r in rows if r["error"]}
+    assert "q13" in failed and len(failed) == 2
+    assert all(r["error"].startswith("the engine failed on this batch twice") and "fake engine crashed" in r["error"]
+               for r in rows if r["error"])
+    assert all(r["output_token_ids"] for r in rows if not r["error"])
+    assert stats.retries["engine_breaks"] == 2 and stats.retries["batches_failed_by_engine"] == 1
+    assert stats.retries["engine_starts"] >= 3  # the first engine, the one the batch broke alone, and after
+    manifest = run.typed()
+    assert manifest.row_counts["tiny-teacher"].error_rows == 4

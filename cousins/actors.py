@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -153,14 +154,15 @@ class EngineRunner:
             _exit_process(reason)
         raise RuntimeError(f"engine broken: {reason}")
 
-    def _breaks(self, name: str, key: str, reason: str | None = None) -> int:
-        """How many engines this batch broke (recording one more first when `reason` is given):
+    def _breaks(self, name: str, key: str, reason: str | None = None, stepping: bool = False) -> int:
+        """How many engines broke with this batch in them (recording one more first when `reason`
+        is given; `stepping`: this call ran the step that raised, so the engine is counted once):
         the ledger's count, shared by every actor of the pool and their restarts; a count of this
         process's own without a ledger."""
         import ray
 
         if self.ledger is not None:
-            return ray.get(self.ledger.engine_broke.remote(name, key, reason) if reason is not None
+            return ray.get(self.ledger.engine_broke.remote(name, key, reason, stepping) if reason is not None
                            else self.ledger.engine_breaks.remote(name, key))
         own = self.__dict__.setdefault("_own_breaks", {})
         if reason is not None:
@@ -168,11 +170,19 @@ class EngineRunner:
         return own.get(key, 0)
 
     def _broke(self, name: str, key: str, e: EngineBroken) -> str:
-        """The reason for the batch's error rows when it broke an engine a second time (else exits)."""
+        """The reason for the batch's error rows when it broke an engine a second time (else exits).
+        Every call that was in the engine records the break before any of them ends the process."""
         reason = f"{type(e.cause).__name__}: {e.cause}"[:1000]
         if not e.during:  # broken by another batch before this one came: a fresh engine takes it
             self._die(f"broken by an earlier batch ({reason})")
-        if self._breaks(name, key, reason) < 2:
+        breaks = self._breaks(name, key, reason, e.stepping)
+        recorded = self.__dict__.setdefault("_recorded", [threading.Condition(), 0])
+        with recorded[0]:
+            recorded[1] += 1
+            recorded[0].notify_all()
+        if breaks < 2:
+            with recorded[0]:  # a barrier: every call that was in the engine has recorded
+                recorded[0].wait_for(lambda: recorded[1] >= self.feeder.broken_with, timeout=30)
             self._die(reason)
         self.retire = True
         return f"the engine failed on this batch twice, the second time running it alone on a fresh engine: {reason}"

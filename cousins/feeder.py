@@ -25,11 +25,12 @@ BATCHES_IN_FLIGHT = 2
 class EngineBroken(RuntimeError):
     """The engine raised while stepping; it is unusable from then on. `during`: this call's
     requests were in the engine at that step (False: the engine was already broken when the call
-    came); `cause`: what the engine raised."""
+    came); `stepping`: this call's thread ran the step that raised (one call per broken engine);
+    `cause`: what the engine raised."""
 
-    def __init__(self, cause: BaseException, during: bool):
+    def __init__(self, cause: BaseException, during: bool, stepping: bool = False):
         super().__init__(f"{type(cause).__name__}: {cause}")
-        self.cause, self.during = cause, during
+        self.cause, self.during, self.stepping = cause, during, stepping
 
 
 class Feeder:
@@ -51,6 +52,7 @@ class Feeder:
         self.arriving = 0  # calls waiting for the lock to tokenize or enqueue; the step loop yields to them
         self._count = threading.Lock()
         self.broken: BaseException | None = None  # what the engine raised while stepping, once it did
+        self.broken_with = 0  # the calls in the engine when it broke
         self.solo: object | None = None  # the call that has the engine to itself (see run)
 
     @contextmanager
@@ -108,8 +110,8 @@ class Feeder:
                     try:
                         outputs = engine.step()
                     except Exception as e:  # noqa: BLE001 - whatever it was, the engine is done for
-                        self.broken = e
-                        raise EngineBroken(e, during=True) from e
+                        self.broken, self.broken_with = e, len(self.pending)
+                        raise EngineBroken(e, during=True, stepping=True) from e
                     share = (time.perf_counter() - t0) / len(active)
                     for c in active:
                         self.charged[c] += share

@@ -40,6 +40,7 @@ class Ledger:
         self.finished: dict[tuple, tuple[int, int, int]] = {}  # (model, batch key) -> (rows, errors, tokens)
         self.progressed: dict[str, list[int]] = {}  # model -> [rows, error rows, tokens] of finished batches
         self.broke: Counter = Counter()  # (model, batch key) -> engines that broke with it in them
+        self.engines_broken: Counter = Counter()  # model -> engines that raised while stepping
         self.break_reasons: dict[str, str] = {}  # model -> the last reason an engine broke
 
     def engine_started(self, model: str) -> None:
@@ -66,9 +67,11 @@ class Ledger:
         for i, (new, old) in enumerate(zip((rows, errors, tokens), before)):
             total[i] += new - old
 
-    def engine_broke(self, model: str, key: str, reason: str) -> int:
-        """An engine raised while stepping with this batch in it; how many have so far."""
+    def engine_broke(self, model: str, key: str, reason: str, stepping: bool = False) -> int:
+        """An engine raised while stepping with this batch in it (`stepping`: told by the call that
+        ran the step, once per engine); how many have with this batch so far."""
         self.broke[(model, key)] += 1
+        self.engines_broken[model] += stepping
         self.break_reasons[model] = reason
         return self.broke[(model, key)]
 
@@ -91,7 +94,7 @@ class Ledger:
             "rows_retried": sum(self.rows[k] for k in retried),
             # engines that raised while stepping (each replaced by a fresh one), and the batches
             # that broke two and became error rows
-            "engine_breaks": sum(n for k, n in self.broke.items() if k[0] == model),
+            "engine_breaks": self.engines_broken[model],
             "batches_failed_by_engine": sum(1 for k, n in self.broke.items() if k[0] == model and n >= 2),
             "engine_break_reason": self.break_reasons.get(model),
             "peak_rss_mib": round(self.peak_rss[model] / (1 << 20), 1),  # per engine actor process

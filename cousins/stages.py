@@ -38,13 +38,14 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
         prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
         bar = Bar("prompts", None, unit="prompts")  # counts come at the end; the line says it is running
         with watch(bar):
-            for ds, loc, sch in ((prompts, layout.prompts, schema.PROMPTS), (errors, layout.errors, schema.ERRORS)):
+            for ds, loc, sch, kind in ((prompts, layout.prompts, schema.PROMPTS, "prompts"),
+                                       (errors, layout.errors, schema.ERRORS, "errors")):
                 rows = ds.count()
                 if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
                     ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
                         loc.path, filesystem=loc.arrow_fs(), compression="zstd")
                 run.finish(loc, PromptsDone(rows=rows))
-                if loc is layout.errors:
+                if kind == "errors":
                     bar.update(bar.done, errors=rows)
                 else:
                     bar.update(rows)

@@ -168,7 +168,7 @@ def test_the_workers_summary_equals_resampling_every_drift_row_in_one_process(dr
         _close(json.loads(json.dumps(want)), theirs[name])
 
 
-def test_an_engine_error_is_kept_to_its_batch_and_the_run_commits(ray_local, tmp_path):
+def test_an_engine_error_is_kept_to_its_batch_and_the_run_commits(ray_local, tmp_path, capsys):
     """A prompt that makes the engine raise while it steps: its engine actor exits, Ray starts a
     fresh one and Ray Data resends the batches it held; the batch breaks the fresh engine too
     (alone on it), so its rows become error rows with the engine's reason, and every other row lands."""
@@ -188,7 +188,14 @@ def test_an_engine_error_is_kept_to_its_batch_and_the_run_commits(ray_local, tmp
     assert all(r["error"].startswith("the engine failed on this batch twice") and "fake engine crashed" in r["error"]
                for r in rows if r["error"])
     assert all(r["output_token_ids"] for r in rows if not r["error"])
-    assert stats.retries["engine_breaks"] == 2 and stats.retries["batches_failed_by_engine"] == 1
+    # engines that broke: the one the batch broke beside others, the fresh one it broke alone, and
+    # any a batch resent by Ray Data reached before the count of its breaks (timing decides)
+    assert stats.retries["engine_breaks"] >= 2 and stats.retries["batches_failed_by_engine"] == 1
     assert stats.retries["engine_starts"] >= 3  # the first engine, the one the batch broke alone, and after
     manifest = run.typed()
     assert manifest.row_counts["tiny-teacher"].error_rows == 4
+    # the progress lines (stderr: not a terminal here) end with the stages' counts
+    err = capsys.readouterr().err.splitlines()
+    assert "prompts · 24 prompts · 0 errors · done in" in [x for x in err if x.startswith("prompts")][-1]
+    last = [x for x in err if x.startswith("generate tiny-teacher")][-1]
+    assert "100% [####################] 48/48 rows" in last and "· 4 errors · done in" in last

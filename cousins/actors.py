@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cousins import schema
 from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
@@ -322,14 +323,18 @@ class ScoreActor(EngineRunner):
     input row; rows the original failed on, or that do not fit the context, are error rows."""
 
     def __init__(self, spec: EngineSpec, topk: int, ledger=None, tolerate_load_failure: bool = False,
-                 backend=None):
+                 backend=None, engine: EngineActor | None = None):
+        """`engine`: an EngineActor of the same model whose engine this one shares (BothActor)."""
         self.spec, self.topk, self.ledger = spec, topk, ledger
-        backend = backend or VllmBackend()
-        self.llm, self.load_error = _load(spec, backend, ledger, tolerate_load_failure)
+        backend = backend or (engine.backend if engine else VllmBackend())
+        if engine is not None:
+            self.llm, self.load_error = engine.llm, engine.load_error
+        else:
+            self.llm, self.load_error = _load(spec, backend, ledger, tolerate_load_failure)
         if self.llm is not None:
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
-            self.tokenizer = self.llm.get_tokenizer()
-            self.feeder = Feeder(self.llm)
+            self.tokenizer = engine.tokenizer if engine else self.llm.get_tokenizer()
+            self.feeder = engine.feeder if engine else Feeder(self.llm)
         self.actor = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -393,6 +398,57 @@ class ScoreActor(EngineRunner):
         return table, sum(len(x) for x in inputs)
 
 
+TASK = "_task"  # BothActor's input and output: "gen" rows to generate, "score" rows to score
+SCORE_INPUT = ["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]
+BOTH_OUT = pa.schema([f.with_nullable(True) for f in (
+    *schema.GENERATIONS, *[f for f in schema.SCORES if f.name not in schema.GENERATIONS.names],
+    pa.field(TASK, pa.string()))])
+
+
+_G = {f.name: f.type for f in schema.GENERATIONS}
+BOTH_IN = pa.schema([f.with_nullable(True) for f in (
+    *schema.PROMPTS, pa.field("sample_index", pa.int32()), pa.field("seed", pa.int64()),
+    *[pa.field(c, _G[c]) for c in SCORE_INPUT if c not in ("prompt_id", "sample_index")],
+    pa.field(TASK, pa.string()))])
+
+
+def as_input(batch: pa.Table, *, task: str) -> pa.Table:
+    """Expanded prompt rows ("gen") or the original's generation rows ("score") in BOTH_IN's shape,
+    so both kinds travel in one Dataset to a BothActor."""
+    n = batch.num_rows
+    return pa.Table.from_arrays([pa.array([task] * n, pa.string()) if f.name == TASK else
+                                 (batch.column(f.name).cast(f.type) if f.name in batch.column_names
+                                  else pa.nulls(n, f.type)) for f in BOTH_IN], schema=BOTH_IN)
+
+
+def _as_both(table: pa.Table, task: str) -> pa.Table:
+    n = table.num_rows
+    return pa.Table.from_arrays([pa.array([task] * n, pa.string()) if f.name == TASK else
+                                 (table.column(f.name).cast(f.type) if f.name in table.column_names
+                                  else pa.nulls(n, f.type)) for f in BOTH_OUT], schema=BOTH_OUT)
+
+
+class BothActor:
+    """One engine for both of a model's jobs in a drift run: generating its own rows and scoring
+    the original's outputs (one engine start instead of two). Batches hold rows of either kind
+    (column TASK); each kind goes through its own actor logic (the ledger counts them apart, as
+    `model` and `score:model`) on the shared engine and feeder."""
+
+    def __init__(self, spec: EngineSpec, sampling: Sampling, topk: int, ledger=None,
+                 tolerate_load_failure: bool = False, backend=None):
+        self.gen = EngineActor(spec, sampling, ledger, tolerate_load_failure, backend)
+        self.score = ScoreActor(spec, topk, ledger, tolerate_load_failure, engine=self.gen)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        task = batch.column(TASK)
+        out = [BOTH_OUT.empty_table()]
+        for kind, actor in (("gen", self.gen), ("score", self.score)):
+            part = batch.filter(pc.equal(task, kind))
+            if part.num_rows:
+                out.append(_as_both(actor(part), kind))
+        return pa.concat_tables(out)
+
+
 def _pool(rows, actor, kwargs: dict, placement: Placement):
     from ray.data import ActorPoolStrategy
 
@@ -420,6 +476,14 @@ def generate(rows, *, spec: EngineSpec, sampling: Sampling, placement: Placement
     """Expanded prompt rows (expand_samples) -> generations (schema.GENERATIONS rows), lazily."""
     return _pool(rows, EngineActor, {"spec": spec, "sampling": sampling, "ledger": ledger,
                                      "tolerate_load_failure": tolerate_load_failure, "backend": backend}, placement)
+
+
+def generate_and_score(rows, *, spec: EngineSpec, sampling: Sampling, topk: int, placement: Placement, ledger=None,
+                       tolerate_load_failure: bool = False, backend=None):
+    """Rows of both kinds (TASK: "gen" expanded prompt rows, "score" the original's generation
+    rows) -> BOTH_OUT rows (generations and scores, TASK says which), lazily, on one engine pool."""
+    return _pool(rows, BothActor, {"spec": spec, "sampling": sampling, "topk": topk, "ledger": ledger,
+                                   "tolerate_load_failure": tolerate_load_failure, "backend": backend}, placement)
 
 
 def score(rows, *, spec: EngineSpec, topk: int, placement: Placement, ledger=None,

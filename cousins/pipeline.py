@@ -20,7 +20,7 @@ from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
 from cousins.run import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
-from cousins.stages import stage_generate, stage_prompts, stage_score
+from cousins.stages import ScoreJob, stage_generate, stage_prompts, stage_score
 from cousins.storage import resolve
 
 
@@ -35,11 +35,16 @@ def _prompts(cfg: Config, run: Run):
                          limit=c.limit, max_chars=c.max_chars)
 
 
-def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None) -> ModelStats:
+def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
+              score_original: str | None = None) -> ModelStats:
+    """A model's generation stage; with `score_original`, its scoring of that model's outputs in
+    the same pass (one engine start for both)."""
+    job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
+                                                       shuffle_seed=cfg.drift.seed + 2)
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
                            sampling=plan.sampling(cfg), where=plan.placement(cfg, reorder=entry.reorder),
                            samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=cfg.drift.seed + 1,
-                           rows_per_file=cfg.storage.rows_per_file, backend=backend)
+                           rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
                                **efficiency(run.layout.prompts, run.layout.generations(entry.name),
                                             cfg.drift.answer_match))
@@ -76,12 +81,20 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = _prompts(cfg, run)
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
+    original = entries[0]
     t0 = time.perf_counter()
-    stats = [_generate(cfg, run, prompts, n_prompts, e, backend) for e in entries]
+    # The original first (the others score its outputs); then each other model generates and
+    # scores the original's outputs in one pass, on one engine start.
+    stats = [_generate(cfg, run, prompts, n_prompts, original, backend)]
+    stats += [_generate(cfg, run, prompts, n_prompts, e, backend, score_original=None if e.text_only else original.name)
+              for e in entries[1:]]
     t1 = time.perf_counter()
     failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
-    scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed)]
-    scores = {e.name: _score(cfg, run, e, entries[0], backend) for e in scorers}
+    scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed
+                                                          or run.done(run.layout.scores(e.name)))]
+    # every other model's scores were done in its pass (these read their markers); the original
+    # scores its own outputs now, on a second engine start
+    scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
     t2 = time.perf_counter()
     d = cfg.drift
     settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,

@@ -35,7 +35,7 @@ from cousins import schema
 from cousins.query_input import (  # re-exported: callers use cousins.query.X
     DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
     NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
-    NotFound as NotFound, Damaged as Damaged, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
+    NotFound as NotFound, Damaged as Damaged, Unavailable as Unavailable, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
 from cousins.run import NotCommitted, committed
 from cousins.storage import Location, RunLayout, data_files
 
@@ -67,10 +67,22 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _check_root(root: Location) -> None:
+    """Unavailable when the storage root itself does not exist (answered instead of 'no runs'):
+    a local directory, or an object store's bucket (its prefixes exist only while objects do)."""
+    local = "://" not in root.url or root.url.startswith("file://")
+    where = root.path if local else root.path.split("/", 1)[0]
+    root.fs.invalidate_cache(where)
+    if not root.fs.exists(where):
+        raise Unavailable(f"the storage root {root.url} does not exist (not mounted, or removed); "
+                          f"nothing can be read from it")
+
+
 def _committed(root: Location, run_id: str) -> tuple[RunLayout, dict]:
     try:
         run = committed(root, check_name(run_id, "run id"))
     except NotCommitted:
+        _check_root(root)
         layout = RunLayout(root, run_id)
         status, _ = _state_of(layout)
         if status == "in progress" and not layout.config.exists():
@@ -194,7 +206,8 @@ def list_runs(root: Location, state: str = "committed") -> list[dict]:
     try:
         entries = fs.ls(runs_dir.path, detail=True)
     except FileNotFoundError:
-        return []
+        _check_root(root)
+        return []  # a store with no run yet
     layouts = [RunLayout(root, posixpath.basename(e["name"].rstrip("/"))) for e in entries
                if e.get("type") == "directory"]
     layouts = [lay for lay in layouts if is_name(lay.run_id)]

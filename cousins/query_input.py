@@ -37,6 +37,13 @@ class NotFound(QueryError, LookupError):
     status = 404
 
 
+class Unavailable(QueryError):
+    """The storage root itself is gone (an unmounted volume, a deleted bucket prefix): not an
+    empty store, and not a missing run."""
+
+    status = 503
+
+
 class Damaged(QueryError):
     """Stored data of a committed run that cannot be read (a truncated or corrupted file): the
     service's fault to report, not the request's; the message names the run and what is damaged."""

@@ -7,8 +7,10 @@ is continued (generations: every published key is kept) or redone (prompts, scor
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cousins import actors, corpus, schema
 from cousins.config import FieldsConfig
@@ -20,7 +22,7 @@ from cousins.run import Run, publish_part
 from cousins.storage import Location, data_files
 
 LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
-SCORE_INPUT = ["prompt_id", "sample_index", "prompt_text", "output_token_ids", "error"]
+SCORE_INPUT = actors.SCORE_INPUT
 
 
 def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConfig, limit: int | None,
@@ -121,14 +123,17 @@ def _run_pool(ds, what: str, where: Placement):
             f"engine.num_actors or engine.gpus_per_actor, or grow the cluster") from e
 
 
-def _ledger_poll(ledger, name: str, before: int):
-    """A stage's progress from its ledger: (rows done, output tokens, error rows); `before`: rows an
-    earlier attempt published."""
+def _ledger_poll(ledger, names: str | list[str], before: int):
+    """A stage's progress from its ledger: (rows done, output tokens, error rows) of the named
+    models' batches (a model's generation, `score:model` its scoring); `before`: rows an earlier
+    attempt published."""
     import ray
 
+    names = [names] if isinstance(names, str) else names
+
     def poll():
-        rows, errors, tokens = ray.get(ledger.progress.remote(name), timeout=10)
-        return before + rows, tokens, errors
+        got = ray.get([ledger.progress.remote(n) for n in names], timeout=10)
+        return before + sum(g[0] for g in got), sum(g[2] for g in got), sum(g[1] for g in got)
     return poll
 
 
@@ -137,12 +142,45 @@ def _blocks(rows: int, where: Placement) -> int:
     return max(where.num_actors, -(-rows // where.batch_size))
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """Scoring the original's outputs in the same pass (and engines) as a model's generation."""
+
+    original: str
+    topk: int
+    shuffle_seed: int  # reorders the rows to score of a `reorder` entry
+
+
+def _score_rows(run: Run, job: ScoreJob, entry: ModelEntry):
+    import ray.data
+
+    src = run.layout.generations(job.original)
+    rows = ray.data.read_parquet(data_files(src), filesystem=src.arrow_fs(), columns=SCORE_INPUT,
+                                 num_cpus=LIGHT_TASK_CPUS)
+    return rows.random_shuffle(seed=job.shuffle_seed) if entry.reorder else rows
+
+
+def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Table:
+    """A BothActor batch's generation rows and score rows, each published as its own stage's part."""
+    out = []
+    for task, loc, sch in (("gen", gens, schema.GENERATIONS), ("score", scores, schema.SCORES)):
+        part = batch.filter(pc.equal(batch.column(actors.TASK), task))
+        if part.num_rows:
+            counts = publish_part(schema.conform(part.select(sch.names), schema=sch), out=loc)
+            out.append(counts.append_column("task", pa.array([task], pa.string())))
+    return pa.concat_tables(out) if out else pa.table({"rows": pa.array([], pa.int64()),
+                                                       "output_tokens": pa.array([], pa.int64()),
+                                                       "task": pa.array([], pa.string())})
+
+
 def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec: EngineSpec, sampling: Sampling,
                    where: Placement, samples: int, seed: int, shuffle_seed: int, rows_per_file: int,
-                   backend=None) -> ModelStats:
+                   backend=None, score: ScoreJob | None = None) -> ModelStats:
     """Generate (or finish generating) one model's rows. A cousin that fails to load writes error
     rows with the reason (and the run goes on); the original failing to load fails the run.
-    `shuffle_seed` reorders the rows of a `reorder` entry (the noise floor)."""
+    `shuffle_seed` reorders the rows of a `reorder` entry (the noise floor). With `score`, the
+    same pass (one engine start per actor) also scores the original's outputs, when this model's
+    scores are not done yet; the scores stage is finished with its own marker."""
     import ray
 
     out = run.layout.generations(entry.name)
@@ -160,6 +198,9 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
     done_keys = run.keys(out)
     new_rows = new_tokens = 0
     retries: dict = {}
+    scores_out = run.layout.scores(entry.name)
+    if score is not None and run.done(scores_out):
+        score = None
     if expected - len(done_keys) > 0:
         light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
         rows = prompts.map_batches(actors.expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
@@ -168,20 +209,43 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
             rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done_keys)}, **light)
         if entry.reorder:
             rows = rows.random_shuffle(seed=shuffle_seed)
+        todo, to_score = expected - len(done_keys), 0
+        if score is not None:
+            run.restart(scores_out)
+            to_score = run.count(run.layout.generations(score.original))
+            rows = rows.map_batches(actors.as_input, fn_kwargs={"task": "gen"}, **light).union(
+                _score_rows(run, score, entry).map_batches(actors.as_input, fn_kwargs={"task": "score"}, **light))
         ledger = new_ledger()
         try:
-            gens = actors.generate(rows.repartition(_blocks(expected - len(done_keys), where)), spec=spec,
-                                   sampling=sampling, placement=where, ledger=ledger,
-                                   tolerate_load_failure=not entry.is_original, backend=backend)
-            bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
-            with watch(bar, _ledger_poll(ledger, entry.name, len(done_keys))):
-                written = _run_pool(gens.map_batches(publish_part, fn_kwargs={"out": out},
-                                                     batch_size=rows_per_file, **light), f"model {entry.name!r}", where)
+            what_pool = f"model {entry.name!r}"
+            blocks = rows.repartition(_blocks(todo + to_score, where))
+            if score is None:
+                engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=where, ledger=ledger,
+                                          tolerate_load_failure=not entry.is_original, backend=backend)
+                publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                              **light)
+                bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
+                poll = _ledger_poll(ledger, entry.name, len(done_keys))
+            else:
+                engines = actors.generate_and_score(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                    placement=where, ledger=ledger,
+                                                    tolerate_load_failure=not entry.is_original, backend=backend)
+                publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                              batch_size=rows_per_file, **light)
+                bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
+                poll = _ledger_poll(ledger, [entry.name, f"score:{entry.name}"], len(done_keys))
+            with watch(bar, poll):
+                written = _run_pool(publish, what_pool, where)
             retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
+            score_retries = ray.get(ledger.report.remote(f"score:{entry.name}")) if score is not None else {}
         finally:
             ray.kill(ledger)
-        new_rows = sum(w["rows"] for w in written)
-        new_tokens = sum(w["output_tokens"] for w in written)
+        gen_written = [w for w in written if w.get("task", "gen") == "gen"]
+        new_rows = sum(w["rows"] for w in gen_written)
+        new_tokens = sum(w["output_tokens"] for w in gen_written)
+        if score is not None:
+            _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
+                           {**score_retries, "shared_engine_with_generation": True})
     counts = _counts(run.verify(out, expected, what))
     wall = time.perf_counter() - t0
     accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
@@ -221,10 +285,15 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
         retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
     finally:
         ray.kill(ledger)
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries)
+
+
+def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,
+                   retries: dict) -> ScoresDone:
     t = run.verify(out, expected, f"scores of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
     d = t.to_pydict()
     done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
-                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=time.perf_counter() - t0,
+                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=wall_s,
                       batch_size=where.batch_size, reordered=entry.reorder, retries=retries)
     run.finish(out, done)
     return done

@@ -79,16 +79,23 @@ def test_a_drift_run_commits_with_the_noise_floor_at_zero_and_a_failed_cousin_as
     assert by["words"]["text_only"] and "kld_mean" not in by["words"]["metrics"]
     run = committed(resolve(cfg.storage.root), result.run_id)
     m = run.typed()
-    assert set(m.scores) == {"tiny-teacher", "q", "noise-floor"} and set(m.drift) == {"q", "broken", "words",
-                                                                                       "noise-floor"}
+    # every model but the text-only one scored the original's outputs; the broken cousin in the
+    # same pass as its generation, so its scores are error rows with the same reason
+    assert set(m.scores) == {"tiny-teacher", "q", "broken", "noise-floor"}
+    assert set(m.drift) == {"q", "broken", "words", "noise-floor"}
+    assert m.scores["broken"].error_rows == m.scores["broken"].rows == 24
+    assert m.scores["q"].error_rows == 0 and m.scores["q"].rows == 24
     assert m.scores["noise-floor"].reordered and m.scores["noise-floor"].batch_size == 7
+    # one engine start per model: the others' scoring ran on their generation engines
+    starts = {s.model: s.retries["engine_starts"] for s in result.models}
+    assert starts == {"tiny-teacher": 1, "q": 1, "broken": 0, "words": 1, "noise-floor": 1}, starts
 
 
 def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):
     cfg, result, _ = drift_run
     run_dir = committed(resolve(cfg.storage.root), result.run_id).layout.run.path
-    # manifest, summary, prompts + errors, 5 generations, 3 scores, 4 drift markers
-    assert every_json_reads_back_as_declared(run_dir) == 2 + 2 + 5 + 3 + 4
+    # manifest, summary, prompts + errors, 5 generations, 4 scores, 4 drift markers
+    assert every_json_reads_back_as_declared(run_dir) == 2 + 2 + 5 + 4 + 4
 
 
 def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generation_run(drift_run, tmp_path):

@@ -442,3 +442,22 @@ def test_damaged_files_are_answered_as_damage_naming_the_run(tmp_path, capsys):
     assert query.Damaged.status == 500
     rc, _, err = run_cli(capsys, "summary", "hurt", "--root", root.url)
     assert rc == 1 and err.startswith("error: run 'hurt' has damaged data") and "Traceback" not in err
+
+
+def test_a_storage_root_that_is_gone_is_unavailable_not_an_empty_store(tmp_path, capsys):
+    """A store with no run yet lists none; a root that no longer exists (an unmounted volume) is
+    Unavailable (the service's 503) for the listing and for a run, not an empty list or 'no run'."""
+    empty = resolve(str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    assert query.list_runs(empty) == []
+    root = resolve(str(tmp_path / "out"))
+    write_run(root, "kept", prompts=4, rows_per_file=4, seed=1)
+    assert [r["run_id"] for r in query.list_runs(root)] == ["kept"]
+    (tmp_path / "out").rename(tmp_path / "unmounted")
+    with pytest.raises(query.Unavailable, match=r"the storage root .*/out does not exist"):
+        query.list_runs(root)
+    with pytest.raises(query.Unavailable):
+        query.get_manifest(root, "kept")
+    assert query.Unavailable.status == 503
+    rc, _, err = run_cli(capsys, "runs", "--root", root.url)
+    assert rc == 1 and err.startswith("error: the storage root ") and "Traceback" not in err

@@ -449,6 +449,56 @@ class BothActor:
         return pa.concat_tables(out)
 
 
+def _trim(column: pa.ChunkedArray, k: int) -> pa.Array:
+    """Each position's top-k list (list<list<...>>) cut to its first k (they are in rank order)."""
+    outer = column.combine_chunks()
+    if isinstance(outer, pa.ChunkedArray):  # (an all-null column of no chunks)
+        outer = pa.nulls(0, column.type)
+    inner = pc.list_slice(outer.flatten(), 0, k)
+    return pa.ListArray.from_arrays(outer.offsets, inner, type=column.type, mask=outer.is_null())
+
+
+class SelfScoringActor(EngineActor):
+    """The original's generation pass emitting its scores too. What a separate scoring pass would
+    compute for the original (the original's own distribution at each of its output positions,
+    raw logprobs, the sampled token's logprob) is what this pass already holds when it asks vLLM
+    for max(sampling.logprobs, topk) logprobs a position: each row comes out twice, as a
+    generation row (its top-k cut to sampling.logprobs, as a plain pass stores it) and as a score
+    row (top-`topk`, the sampled tokens' logprobs, no engine time of its own)."""
+
+    def __init__(self, spec: EngineSpec, sampling: Sampling, topk: int, ledger=None,
+                 tolerate_load_failure: bool = False, backend=None):
+        import dataclasses
+
+        self.stored_k, self.score_k = sampling.logprobs, topk
+        super().__init__(spec, dataclasses.replace(sampling, logprobs=max(sampling.logprobs, topk)), ledger,
+                         tolerate_load_failure, backend)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = super().__call__(batch)
+        ok = pc.is_null(rows.column("error"))
+        score = pa.table({
+            "prompt_id": rows.column("prompt_id"), "sample_index": rows.column("sample_index"),
+            "model": rows.column("model"), "topk_token_ids": _trim(rows.column("topk_token_ids"), self.score_k),
+            "topk_logprobs": _trim(rows.column("topk_logprobs"), self.score_k),
+            "token_logprobs": rows.column("output_logprobs"),
+            "engine_time_s": pa.array([0.0] * rows.num_rows, pa.float64()),
+            "error": pc.if_else(ok, pa.scalar(None, pa.string()),
+                                pa.scalar("the original has no output here to score", pa.string()))})
+        if self.stored_k == 0:
+            gen = rows.set_column(rows.schema.get_field_index("output_logprobs"), schema.GENERATIONS.field(
+                "output_logprobs"), pa.nulls(rows.num_rows, schema.GENERATIONS.field("output_logprobs").type))
+            for c in ("topk_token_ids", "topk_logprobs"):
+                gen = gen.set_column(gen.schema.get_field_index(c), schema.GENERATIONS.field(c),
+                                     pa.nulls(rows.num_rows, schema.GENERATIONS.field(c).type))
+        else:
+            gen = rows
+            for c in ("topk_token_ids", "topk_logprobs"):
+                gen = gen.set_column(gen.schema.get_field_index(c), schema.GENERATIONS.field(c),
+                                     _trim(rows.column(c), self.stored_k))
+        return pa.concat_tables([_as_both(gen, "gen"), _as_both(score.cast(schema.SCORES), "score")])
+
+
 def _pool(rows, actor, kwargs: dict, placement: Placement):
     from ray.data import ActorPoolStrategy
 
@@ -484,6 +534,13 @@ def generate_and_score(rows, *, spec: EngineSpec, sampling: Sampling, topk: int,
     rows) -> BOTH_OUT rows (generations and scores, TASK says which), lazily, on one engine pool."""
     return _pool(rows, BothActor, {"spec": spec, "sampling": sampling, "topk": topk, "ledger": ledger,
                                    "tolerate_load_failure": tolerate_load_failure, "backend": backend}, placement)
+
+
+def generate_self_scored(rows, *, spec: EngineSpec, sampling: Sampling, topk: int, placement: Placement,
+                         ledger=None, backend=None):
+    """The original's expanded prompt rows -> BOTH_OUT rows: its generations and its own scores."""
+    return _pool(rows, SelfScoringActor, {"spec": spec, "sampling": sampling, "topk": topk, "ledger": ledger,
+                                          "backend": backend}, placement)
 
 
 def score(rows, *, spec: EngineSpec, topk: int, placement: Placement, ledger=None,

@@ -38,7 +38,7 @@ def _prompts(cfg: Config, run: Run):
 def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
               score_original: str | None = None) -> ModelStats:
     """A model's generation stage; with `score_original`, its scoring of that model's outputs in
-    the same pass (one engine start for both)."""
+    the same pass (one engine start for both; the original's own scores come from its generation)."""
     job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
                                                        shuffle_seed=cfg.drift.seed + 2)
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
@@ -85,15 +85,15 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     t0 = time.perf_counter()
     # The original first (the others score its outputs); then each other model generates and
     # scores the original's outputs in one pass, on one engine start.
-    stats = [_generate(cfg, run, prompts, n_prompts, original, backend)]
+    stats = [_generate(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
     stats += [_generate(cfg, run, prompts, n_prompts, e, backend, score_original=None if e.text_only else original.name)
               for e in entries[1:]]
     t1 = time.perf_counter()
     failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
     scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed
                                                           or run.done(run.layout.scores(e.name)))]
-    # every other model's scores were done in its pass (these read their markers); the original
-    # scores its own outputs now, on a second engine start
+    # every model's scores were done in its pass (these read their markers); a stage a resumed
+    # run still lacks (the original's, when its generation was resumed) is scored now
     scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
     t2 = time.perf_counter()
     d = cfg.drift

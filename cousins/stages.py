@@ -199,8 +199,9 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
     new_rows = new_tokens = 0
     retries: dict = {}
     scores_out = run.layout.scores(entry.name)
-    if score is not None and run.done(scores_out):
-        score = None
+    if score is not None and (run.done(scores_out) or (score.original == entry.name and done_keys)):
+        score = None  # done; or the original resumed: this pass holds only some of the rows to score
+    self_scored = score is not None and score.original == entry.name
     if expected - len(done_keys) > 0:
         light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
         rows = prompts.map_batches(actors.expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
@@ -210,7 +211,10 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         if entry.reorder:
             rows = rows.random_shuffle(seed=shuffle_seed)
         todo, to_score = expected - len(done_keys), 0
-        if score is not None:
+        if self_scored:
+            run.restart(scores_out)
+            to_score = expected
+        elif score is not None:
             run.restart(scores_out)
             to_score = run.count(run.layout.generations(score.original))
             rows = rows.map_batches(actors.as_input, fn_kwargs={"task": "gen"}, **light).union(
@@ -218,8 +222,15 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         ledger = new_ledger()
         try:
             what_pool = f"model {entry.name!r}"
-            blocks = rows.repartition(_blocks(todo + to_score, where))
-            if score is None:
+            blocks = rows.repartition(_blocks(todo if self_scored else todo + to_score, where))
+            if self_scored:
+                engines = actors.generate_self_scored(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                      placement=where, ledger=ledger, backend=backend)
+                publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                              batch_size=rows_per_file, **light)
+                bar = Bar(f"generate {entry.name} (and its scores)", expected)
+                poll = _ledger_poll(ledger, entry.name, 0)
+            elif score is None:
                 engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=where, ledger=ledger,
                                           tolerate_load_failure=not entry.is_original, backend=backend)
                 publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
@@ -237,13 +248,17 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
             with watch(bar, poll):
                 written = _run_pool(publish, what_pool, where)
             retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
-            score_retries = ray.get(ledger.report.remote(f"score:{entry.name}")) if score is not None else {}
+            score_retries = (ray.get(ledger.report.remote(f"score:{entry.name}"))
+                             if score is not None and not self_scored else {})
         finally:
             ray.kill(ledger)
         gen_written = [w for w in written if w.get("task", "gen") == "gen"]
         new_rows = sum(w["rows"] for w in gen_written)
         new_tokens = sum(w["output_tokens"] for w in gen_written)
-        if score is not None:
+        if self_scored:
+            _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
+                           {"from_generation": True})
+        elif score is not None:
             _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
                            {**score_retries, "shared_engine_with_generation": True})
     counts = _counts(run.verify(out, expected, what))

@@ -84,9 +84,11 @@ def test_every_cousin_has_one_drift_row_per_generation_and_the_run_commits(drift
     rows = result.prompts * cfg.run.samples
     for name in ("int8", "int4", "broken", "words", "noise-floor"):
         assert _table(layout.drift(name)).num_rows == rows
-    for name in ("tiny-teacher", "int8", "int4", "noise-floor"):
+    for name in ("tiny-teacher", "int8", "int4", "noise-floor", "broken"):
         assert _table(layout.scores(name)).num_rows == rows
-    assert not layout.scores("words").exists() and not layout.scores("broken").exists()
+    assert not layout.scores("words").exists()  # text-only: nothing scored
+    broken = _table(layout.scores("broken")).column("error").to_pylist()  # scored in the pass it failed to load in
+    assert all(e.startswith("engine failed to load 'broken'") for e in broken)
     html = layout.report.read_text()
     assert "int4" in html and "noise" in html and "data:image/png;base64," in html
 

@@ -155,3 +155,34 @@ def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
     assert r["actors"] == {"a": {"window_s": 30.0, "tokens": 300}, "b": {"window_s": 15.0, "tokens": 150}}
     assert r["steady_tokens_per_s"] == pytest.approx(300 / 30 + 150 / 15)
     assert r["busy_window_s"] == 30.0 and r["batches"] == 3 and r["peak_rss_mib"] == 2.0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_the_originals_scores_from_its_generation_pass_are_its_scoring_pass(actor):
+    """A drift run takes the original's scores from its generation pass (one engine start, not
+    two). That is the same thing as scoring its outputs teacher-forced: the same top-20 tokens and
+    logprobs at every position (raw logprobs both ways; float noise apart), and the same
+    generation rows as a plain pass."""
+    spec, sampling = actor.spec, actor.sampling
+    with hide_context_proxies():
+        both = actors.SelfScoringActor(spec, sampling, topk=20)
+    rows = _rows(24, 300)
+    out = both(rows)
+    gen = out.filter(pa.compute.equal(out.column(actors.TASK), "gen"))
+    derived = out.filter(pa.compute.equal(out.column(actors.TASK), "score"))
+    plain = actor(rows)
+    assert gen.column("output_token_ids").equals(plain.column("output_token_ids"))  # same seeds, same samples
+    assert all(len(p) == 5 for r in gen.column("topk_token_ids").to_pylist() for p in r)  # stored at logprobs=5
+    scorer = actors.ScoreActor(spec, 20, engine=both)  # a teacher-forced pass on the same engine
+    scored = scorer(gen.select(actors.SCORE_INPUT))
+    assert scored.column("error").null_count == derived.column("error").null_count == rows.num_rows
+    positions = same_ids = 0
+    for d, s in zip(derived.to_pylist(), scored.to_pylist()):
+        assert len(d["topk_token_ids"]) == len(s["topk_token_ids"]) == len(d["token_logprobs"])
+        assert np.allclose(d["token_logprobs"], s["token_logprobs"], atol=1e-4)
+        for di, si, dl, sl in zip(d["topk_token_ids"], s["topk_token_ids"], d["topk_logprobs"], s["topk_logprobs"]):
+            positions += 1
+            same_ids += di == si
+            assert np.allclose(sorted(dl), sorted(sl), atol=1e-4)  # (near-ties may swap two ids)
+    assert positions > 200 and same_ids >= 0.98 * positions, (same_ids, positions)

@@ -18,7 +18,7 @@ from cousins.config import resolve_paths, to_config
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.pipeline import open_run, run_drift, run_generate
-from cousins.run import committed
+from cousins.run import committed, read_marker
 from cousins.storage import data_files, resolve
 from fake_engine import FakeBackend
 
@@ -89,6 +89,8 @@ def test_a_drift_run_commits_with_the_noise_floor_at_zero_and_a_failed_cousin_as
     # one engine start per model: the others' scoring ran on their generation engines
     starts = {s.model: s.retries["engine_starts"] for s in result.models}
     assert starts == {"tiny-teacher": 1, "q": 1, "broken": 0, "words": 1, "noise-floor": 1}, starts
+    assert read_marker(run.layout.scores("tiny-teacher"), records.ScoresDone).retries == {"from_generation": True}
+    assert read_marker(run.layout.scores("q"), records.ScoresDone).retries["shared_engine_with_generation"]
 
 
 def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):

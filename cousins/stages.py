@@ -125,15 +125,15 @@ def _run_pool(ds, what: str, where: Placement):
 
 def _ledger_poll(ledger, names: str | list[str], before: int):
     """A stage's progress from its ledger: (rows done, output tokens, error rows) of the named
-    models' batches (a model's generation, `score:model` its scoring); `before`: rows an earlier
-    attempt published."""
+    models' batches (a model's generation, `score:model` its scoring: rows and errors of both,
+    the first one's output tokens); `before`: rows an earlier attempt published."""
     import ray
 
     names = [names] if isinstance(names, str) else names
 
     def poll():
         got = ray.get([ledger.progress.remote(n) for n in names], timeout=10)
-        return before + sum(g[0] for g in got), sum(g[2] for g in got), sum(g[1] for g in got)
+        return before + sum(g[0] for g in got), got[0][2], sum(g[1] for g in got)
     return poll
 
 

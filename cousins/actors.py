@@ -507,8 +507,11 @@ def _pool(rows, actor, kwargs: dict, placement: Placement):
         fn_constructor_kwargs=kwargs,
         batch_size=placement.batch_size,
         batch_format="pyarrow",
-        # Two batches run in each actor's threads at once, feeding its one engine (see cousins.feeder).
+        # Two batches run in each actor's threads at once, feeding its one engine (see cousins.feeder),
+        # and no more are queued on it: Ray Data's default (twice that) let one engine hold batches
+        # another one had nothing to do for, at the end of a stage above all.
         compute=ActorPoolStrategy(size=placement.num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                                  max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
                                   enable_true_multi_threading=True),
         num_cpus=placement.cpus_per_actor,
         num_gpus=placement.gpus_per_actor,

@@ -106,7 +106,10 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
                                   # the engines' working windows (first batch begun to last done),
                                   # without engine start-up: what the passes cost in steady state
                                   "generate_busy_s": _busy(s.retries for s in stats),
-                                  "score_busy_s": _busy(s.retries for s in scores.values())})
+                                  # scoring batches' windows (in the models' shared passes); the
+                                  # original's scores come from its generation: no window of their own
+                                  "score_busy_s": _busy(s.retries for s in scores.values()
+                                                        if not (s.retries or {}).get("from_generation"))})
     result = _result(run, n_prompts, n_errors, stats)
     stages = {**{f"scores/model={n}": "done" for n in scores},
               **{f"drift/cousin={e.name}": "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -177,13 +176,13 @@ class EngineRunner:
         if not e.during:  # broken by another batch before this one came: a fresh engine takes it
             self._die(f"broken by an earlier batch ({reason})")
         breaks = self._breaks(name, key, reason, e.stepping)
-        recorded = self.__dict__.setdefault("_recorded", [threading.Condition(), 0])
-        with recorded[0]:
-            recorded[1] += 1
-            recorded[0].notify_all()
+        feeder = self.feeder  # (shared by a BothActor's two kinds of calls: one barrier for both)
+        with feeder.recorded:
+            feeder.records += 1
+            feeder.recorded.notify_all()
         if breaks < 2:
-            with recorded[0]:  # a barrier: every call that was in the engine has recorded
-                recorded[0].wait_for(lambda: recorded[1] >= self.feeder.broken_with, timeout=30)
+            with feeder.recorded:  # a barrier: every call that was in the engine has recorded
+                feeder.recorded.wait_for(lambda: feeder.records >= feeder.broken_with, timeout=30)
             self._die(reason)
         self.retire = True
         return f"the engine failed on this batch twice, the second time running it alone on a fresh engine: {reason}"

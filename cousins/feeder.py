@@ -53,6 +53,7 @@ class Feeder:
         self._count = threading.Lock()
         self.broken: BaseException | None = None  # what the engine raised while stepping, once it did
         self.broken_with = 0  # the calls in the engine when it broke
+        self.recorded, self.records = threading.Condition(), 0  # how many of those have told the ledger
         self.solo: object | None = None  # the call that has the engine to itself (see run)
 
     @contextmanager

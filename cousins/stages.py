@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from cousins import actors, corpus, schema
 from cousins.config import FieldsConfig
+from cousins.dataops import read_files
 from cousins.engine import EngineSpec, Placement, Sampling
 from cousins.ledger import new_ledger
 from cousins.progress import Bar, watch
@@ -54,8 +55,10 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
     n_prompts = run.marker(layout.prompts, PromptsDone).rows
     n_errors = run.marker(layout.errors, PromptsDone).rows
     files = data_files(layout.prompts)
-    prompts = (ray.data.read_parquet(files, filesystem=layout.prompts.arrow_fs(), num_cpus=LIGHT_TASK_CPUS)
-               if files else ray.data.from_arrow(schema.PROMPTS.empty_table()))
+    # (pyarrow reads in light tasks: Ray Data's read_parquet lists files in a task of a whole CPU,
+    # which waits behind the engine actors on a small cluster before any row moves)
+    prompts = (read_files(files, layout.prompts.arrow_fs()) if files
+               else ray.data.from_arrow(schema.PROMPTS.empty_table()))
     return prompts, n_prompts, n_errors
 
 
@@ -152,11 +155,8 @@ class ScoreJob:
 
 
 def _score_rows(run: Run, job: ScoreJob, entry: ModelEntry):
-    import ray.data
-
     src = run.layout.generations(job.original)
-    rows = ray.data.read_parquet(data_files(src), filesystem=src.arrow_fs(), columns=SCORE_INPUT,
-                                 num_cpus=LIGHT_TASK_CPUS)
+    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
     return rows.random_shuffle(seed=job.shuffle_seed) if entry.reorder else rows
 
 
@@ -276,7 +276,6 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
     """Score the original's outputs with `entry`'s engine (teacher-forced). An unfinished stage is
     redone whole: scoring costs less than generating."""
     import ray
-    import ray.data
 
     out = run.layout.scores(entry.name)
     if run.done(out):
@@ -285,8 +284,7 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
     src = run.layout.generations(original)
     expected = run.count(src)
     t0 = time.perf_counter()
-    rows = ray.data.read_parquet(data_files(src), filesystem=src.arrow_fs(), columns=SCORE_INPUT,
-                                 num_cpus=LIGHT_TASK_CPUS)
+    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
     if entry.reorder:
         rows = rows.random_shuffle(seed=shuffle_seed)
     ledger = new_ledger()

@@ -163,7 +163,7 @@ class EngineRunner:
 
         if self.ledger is not None:
             return ray.get(self.ledger.engine_broke.remote(name, key, reason, stepping) if reason is not None
-                           else self.ledger.engine_breaks.remote(name, key))
+                           else self.ledger.batch_breaks.remote(name, key))
         own = self.__dict__.setdefault("_own_breaks", {})
         if reason is not None:
             own[key] = own.get(key, 0) + 1

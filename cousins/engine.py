@@ -6,17 +6,44 @@ An engine is described by an `EngineSpec` (model and engine settings) and rows a
 tests can hand them a deterministic fake (tests/fake_engine.py). `python -m cousins.engine JOB.json`
 runs bare vLLM on the same prompts and settings, for the benchmark's pipeline-over-bare ratio.
 
-In-process engines (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) start in ~3 s instead of 25-60 s on CPU
-and keep one process per actor.
+Where vLLM's engine core runs is the placement's `core_process`: in the actor's own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on CPU, where such an engine starts in ~3 s instead of 25-60 s
+and keeps one process per actor; in a process of its own (vLLM's default) on GPU, so tokenising,
+detokenising, Arrow conversion and the feeder's lock do not share a GIL with the steps that keep
+the GPU busy. `engine.core_process` in the config overrides the per-device default.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
+ENGINE_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
+CORE_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's switch: its engine core in a process of its own
+
+
+def core_in_own_process(choice: str, on_cpu: bool | None = None) -> bool:
+    """`engine.core_process` (auto, separate, in_actor) on this process's device: auto is a process
+    of its own on GPU (vLLM's default) and the engine actor's own process on CPU."""
+    if choice != "auto":
+        return choice == "separate"
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    return not on_cpu
+
+
+def set_engine_env(spec: "EngineSpec") -> bool:
+    """This process's environment for `spec`'s engine (before vLLM reads it); returns whether the
+    engine core runs in a process of its own. The pool's runtime env (its log level) decides first."""
+    for k, v in ENGINE_ENV.items():
+        os.environ.setdefault(k, v)
+    own = core_in_own_process(spec.core_process)
+    os.environ[CORE_ENV] = "1" if own else "0"
+    return own
 
 
 @dataclass(frozen=True)
@@ -33,6 +60,8 @@ class EngineSpec:
     max_num_seqs: int
     enforce_eager: bool
     max_logprobs: int
+    pipeline_parallel_size: int = 1
+    core_process: str = "auto"  # engine.core_process: auto, separate, in_actor
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,10 @@ class Placement:
     gpus_per_actor: float
     batch_size: int  # rows per batch sent to an engine actor
     start_timeout_s: int = 900  # every actor of the pool must be up before the first batch
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Set by cousins.gpu_placement for engines of several GPUs: each actor's placement group.
+    remote_args_fn: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
 
 
 CPU_TOKEN_BUDGET = 4096  # vLLM's own default per step on CPU; raised to max_model_len when that is longer
@@ -74,8 +107,11 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
                      max_num_batched_tokens=max(spec.max_model_len, CPU_TOKEN_BUDGET)) if on_cpu else {}
     return dict(model=spec.model_path, tokenizer=spec.model_path, dtype=spec.dtype, quantization=spec.quantization,
                 max_model_len=spec.max_model_len, kv_cache_memory_bytes=spec.kv_cache_bytes,
-                tensor_parallel_size=spec.tensor_parallel_size,
-                distributed_executor_backend="uni" if spec.tensor_parallel_size == 1 else "ray",
+                tensor_parallel_size=spec.tensor_parallel_size, pipeline_parallel_size=spec.pipeline_parallel_size,
+                # One GPU: vLLM's worker in the engine's process. Several: vLLM's Ray executor, one
+                # worker per bundle of the placement group the actor runs in (cousins.gpu_placement).
+                distributed_executor_backend="uni" if spec.tensor_parallel_size * spec.pipeline_parallel_size == 1
+                else "ray",
                 max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager, max_logprobs=spec.max_logprobs,
                 logprobs_mode="raw_logprobs", seed=0, **unchunked)
 
@@ -91,8 +127,7 @@ class VllmBackend:
     """The engine actors' way to vLLM: an in-process `LLM`, warmed up, and its `SamplingParams`."""
 
     def load(self, spec: EngineSpec):
-        for k, v in ENGINE_ENV.items():
-            os.environ.setdefault(k, v)  # the pool's runtime env (cousins.runtime.engine_env) decides first
+        set_engine_env(spec)
         from vllm import LLM
 
         llm = LLM(**llm_kwargs(spec))
@@ -139,7 +174,7 @@ def _bare_main(path: str) -> None:
         job = json.load(f)
     spec = EngineSpec(**job["spec"])
     sampling = Sampling(**{**job["sampling"], "stop": tuple(job["sampling"]["stop"])})
-    os.environ.update({k: v for k, v in ENGINE_ENV.items() if k not in os.environ})
+    own_process = set_engine_env(spec)
     from vllm import LLM, SamplingParams
 
     imported = time.perf_counter()
@@ -162,7 +197,7 @@ def _bare_main(path: str) -> None:
                            use_tqdm=False)
     gen_default = time.perf_counter() - g1
     default_tokens = sum(len(o.outputs[0].token_ids) for o in default)
-    print(json.dumps({"import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
+    print(json.dumps({"core_in_own_process": own_process, "import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
                       "output_tokens": tokens, "rows": len(prompts), "tokens_per_s": tokens / gen,
                       "default_detokenize_s": gen_default,
                       "default_texts_equal": [o.outputs[0].text for o in default] == texts,

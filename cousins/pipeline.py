@@ -20,7 +20,8 @@ from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
 from cousins.run import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
-from cousins.stages import ScoreJob, stage_generate, stage_prompts, stage_score
+from cousins.gpu_placement import check_fits, cluster_shapes
+from cousins.stages import ScoreJob, check_cpu_room, stage_generate, stage_prompts, stage_score
 from cousins.storage import resolve
 
 
@@ -56,6 +57,14 @@ def _score(cfg: Config, run: Run, entry: ModelEntry, original: ModelEntry, backe
                        shuffle_seed=cfg.drift.seed + 2, rows_per_file=cfg.storage.rows_per_file, backend=backend)
 
 
+def check_engines_fit(cfg: Config) -> None:
+    """The engine pool against the connected cluster's shape, before any stage: a pool it cannot
+    hold is refused now (PlacementError, RuntimeError), not after the prompts are written."""
+    where = plan.placement(cfg)
+    check_cpu_room(where)
+    check_fits(where, cluster_shapes())
+
+
 def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:
     """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray:
     the original and every cousin, on the same prompts and seeds. `backend`: the engines' way to
@@ -63,6 +72,7 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
     run = run or open_run(cfg)
     if run.state == "committed":
         return result_from_manifest(run)
+    check_engines_fit(cfg)
     print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = _prompts(cfg, run)
     entries = plan.model_entries(cfg)
@@ -78,6 +88,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     run = run or open_run(cfg)
     if run.state == "committed":
         return result_from_manifest(run), decode_summary(run)
+    check_engines_fit(cfg)
     print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = _prompts(cfg, run)
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)

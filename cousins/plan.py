@@ -31,7 +31,8 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         model_name=entry.name, model_path=entry.path, dtype=entry.dtype, quantization=entry.quantization,
         max_model_len=e.max_model_len, kv_cache_bytes=int(e.kv_cache_gib * (1 << 30)),
         tensor_parallel_size=e.tensor_parallel_size, max_num_seqs=e.max_num_seqs,
-        enforce_eager=e.enforce_eager, max_logprobs=MAX_LOGPROBS,
+        enforce_eager=e.enforce_eager, max_logprobs=MAX_LOGPROBS, pipeline_parallel_size=e.pipeline_parallel_size,
+        core_process=e.core_process,
     )
 
 
@@ -39,7 +40,8 @@ def placement(cfg: Config, *, reorder: bool = False) -> Placement:
     e = cfg.engine
     return Placement(num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor,
                      batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size,
-                     start_timeout_s=e.start_timeout_s)
+                     start_timeout_s=e.start_timeout_s, tensor_parallel_size=e.tensor_parallel_size,
+                     pipeline_parallel_size=e.pipeline_parallel_size)
 
 
 def sampling(cfg: Config) -> Sampling:

@@ -16,6 +16,7 @@ from cousins import actors, corpus, schema
 from cousins.config import FieldsConfig
 from cousins.dataops import read_files
 from cousins.engine import EngineSpec, Placement, Sampling
+from cousins.gpu_placement import engine_groups
 from cousins.ledger import new_ledger
 from cousins.progress import Bar, watch
 from cousins.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
@@ -106,9 +107,11 @@ def check_cpu_room(where: Placement) -> None:
 
 
 def accelerator_seconds(where: Placement, spec: EngineSpec, wall_s: float) -> tuple[str, float]:
-    """What a stage's engines held: GPU-seconds (x tensor-parallel size), else engine actor-seconds."""
+    """What a stage's engines held: GPU-seconds (x tensor- and pipeline-parallel size), else engine
+    actor-seconds."""
     if where.gpus_per_actor > 0:
-        return "gpu", wall_s * where.num_actors * where.gpus_per_actor * spec.tensor_parallel_size
+        return "gpu", (wall_s * where.num_actors * where.gpus_per_actor * spec.tensor_parallel_size
+                       * spec.pipeline_parallel_size)
     return "cpu-actor", wall_s * where.num_actors
 
 
@@ -220,36 +223,37 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
             rows = rows.map_batches(actors.as_input, fn_kwargs={"task": "gen"}, **light).union(
                 _score_rows(run, score, entry).map_batches(actors.as_input, fn_kwargs={"task": "score"}, **light))
         ledger = new_ledger()
+        what_pool = f"model {entry.name!r}"
         try:
-            what_pool = f"model {entry.name!r}"
-            blocks = rows.repartition(_blocks(todo if self_scored else todo + to_score, where))
-            if self_scored:
-                engines = actors.generate_self_scored(blocks, spec=spec, sampling=sampling, topk=score.topk,
-                                                      placement=where, ledger=ledger, backend=backend)
-                publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
-                                              batch_size=rows_per_file, **light)
-                bar = Bar(f"generate {entry.name} (and its scores)", expected)
-                poll = _ledger_poll(ledger, entry.name, 0)
-            elif score is None:
-                engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=where, ledger=ledger,
-                                          tolerate_load_failure=not entry.is_original, backend=backend)
-                publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                              **light)
-                bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
-                poll = _ledger_poll(ledger, entry.name, len(done_keys))
-            else:
-                engines = actors.generate_and_score(blocks, spec=spec, sampling=sampling, topk=score.topk,
-                                                    placement=where, ledger=ledger,
-                                                    tolerate_load_failure=not entry.is_original, backend=backend)
-                publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
-                                              batch_size=rows_per_file, **light)
-                bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
-                poll = _ledger_poll(ledger, [entry.name, f"score:{entry.name}"], len(done_keys))
-            with watch(bar, poll):
-                written = _run_pool(publish, what_pool, where)
-            retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
-            score_retries = (ray.get(ledger.report.remote(f"score:{entry.name}"))
-                             if score is not None and not self_scored else {})
+            with engine_groups(where, what_pool) as placed:
+                blocks = rows.repartition(_blocks(todo if self_scored else todo + to_score, where))
+                if self_scored:
+                    engines = actors.generate_self_scored(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                          placement=placed, ledger=ledger, backend=backend)
+                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                                  batch_size=rows_per_file, **light)
+                    bar = Bar(f"generate {entry.name} (and its scores)", expected)
+                    poll = _ledger_poll(ledger, entry.name, 0)
+                elif score is None:
+                    engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=placed, ledger=ledger,
+                                              tolerate_load_failure=not entry.is_original, backend=backend)
+                    publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                                  **light)
+                    bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
+                    poll = _ledger_poll(ledger, entry.name, len(done_keys))
+                else:
+                    engines = actors.generate_and_score(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                        placement=placed, ledger=ledger,
+                                                        tolerate_load_failure=not entry.is_original, backend=backend)
+                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                                  batch_size=rows_per_file, **light)
+                    bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
+                    poll = _ledger_poll(ledger, [entry.name, f"score:{entry.name}"], len(done_keys))
+                with watch(bar, poll):
+                    written = _run_pool(publish, what_pool, placed)
+                retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
+                score_retries = (ray.get(ledger.report.remote(f"score:{entry.name}"))
+                                 if score is not None and not self_scored else {})
         finally:
             ray.kill(ledger)
         gen_written = [w for w in written if w.get("task", "gen") == "gen"]
@@ -288,14 +292,16 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
     if entry.reorder:
         rows = rows.random_shuffle(seed=shuffle_seed)
     ledger = new_ledger()
+    what = f"scorer {entry.name!r}"
     try:
-        scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk, placement=where,
-                              ledger=ledger, tolerate_load_failure=not entry.is_original, backend=backend)
-        with watch(Bar(f"score {entry.name}", expected), _ledger_poll(ledger, f"score:{entry.name}", 0)):
-            _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                         batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), f"scorer {entry.name!r}",
-                      where)
-        retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
+        with engine_groups(where, what) as placed:
+            scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk,
+                                  placement=placed, ledger=ledger, tolerate_load_failure=not entry.is_original,
+                                  backend=backend)
+            with watch(Bar(f"score {entry.name}", expected), _ledger_poll(ledger, f"score:{entry.name}", 0)):
+                _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                             batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), what, placed)
+            retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
     finally:
         ray.kill(ledger)
     return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries)

@@ -146,16 +146,60 @@ class FakeLLM:
 
 
 class FakeBackend:
-    """`backend=FakeBackend()` for the engine actors and the pipeline's run_generate/run_drift."""
+    """`backend=FakeBackend()` for the engine actors and the pipeline's run_generate/run_drift.
 
-    def __init__(self, fail_loading: tuple[str, ...] = ()):
-        self.fail_loading = fail_loading
+    An engine of several GPUs (tensor x pipeline parallel > 1) starts its workers as vLLM's Ray
+    executor does: one Ray actor of one GPU (and no CPU) per GPU bundle of the placement group
+    the engine actor runs in, and none at all outside one. With `trace_dir`, each engine writes
+    where it and its workers landed (node, GPU ids) to a JSON file there."""
+
+    def __init__(self, fail_loading: tuple[str, ...] = (), trace_dir: str | None = None):
+        self.fail_loading, self.trace_dir = fail_loading, trace_dir
 
     def load(self, spec):
         if spec.model_name in self.fail_loading:
             raise OSError(f"no weights at {spec.model_path}")
-        return FakeLLM(spec)
+        llm = FakeLLM(spec)
+        llm.workers = _start_workers(spec.tensor_parallel_size * spec.pipeline_parallel_size)
+        if self.trace_dir:
+            import json
+            import os
+            import uuid
+
+            import ray
+
+            ctx = ray.get_runtime_context()
+            trace = {"model": spec.model_name, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
+                     "workers": ray.get([w.where.remote() for w in llm.workers], timeout=60)}
+            with open(os.path.join(self.trace_dir, f"{uuid.uuid4().hex}.json"), "w") as f:
+                json.dump(trace, f)
+        return llm
 
     def params(self, **kw):
         known = {k: kw.pop(k) for k in ("temperature", "max_tokens", "logprobs", "prompt_logprobs", "seed") if k in kw}
         return Params(**known, kw=kw)
+
+
+def _start_workers(n: int) -> list:
+    """vLLM's Ray executor in small: a worker of one GPU per GPU bundle of the current placement group."""
+    if n == 1:
+        return []
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        raise RuntimeError(f"an engine of {n} GPUs outside a placement group (vLLM would make one of its own)")
+    bundles = [i for i, b in enumerate(group.bundle_specs) if b.get("GPU")]
+    if len(bundles) < n:
+        raise ValueError(f"the placement group holds {len(bundles)} GPU bundles, the engine needs {n}")
+    worker = ray.remote(_Worker)
+    return [worker.options(num_cpus=0, num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=i)).remote() for i in bundles[:n]]
+
+
+class _Worker:
+    def where(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids()}

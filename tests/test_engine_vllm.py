@@ -186,3 +186,29 @@ def test_the_originals_scores_from_its_generation_pass_are_its_scoring_pass(acto
             same_ids += di == si
             assert np.allclose(sorted(dl), sorted(sl), atol=1e-4)  # (near-ties may swap two ids)
     assert positions > 200 and same_ids >= 0.98 * positions, (same_ids, positions)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_an_engine_core_in_its_own_process_gives_the_rows_of_one_in_the_actor(tiny_teacher):
+    """engine.core_process=separate (the GPU default) through the actor's feeder (LLM.enqueue and
+    llm_engine.step against vLLM's engine-core client) gives the same rows as the CPU default."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    got = {}
+    for mode in ("in_actor", "separate"):
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+        env.pop(engine.CORE_ENV, None)
+        out = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_core_probe.py"), tiny_teacher, mode],
+                             capture_output=True, text=True, timeout=400, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[mode] = json.loads(next(x for x in out.stdout.splitlines() if x.startswith('{"core_client"')))
+    assert got["in_actor"]["core_client"] == "InprocClient" and got["separate"]["core_client"] == "SyncMPClient"
+    assert got["separate"]["errors"] == [None] * 16
+    assert got["separate"]["texts"] == got["in_actor"]["texts"]
+    np.testing.assert_allclose(np.concatenate(got["separate"]["logprobs"]),
+                               np.concatenate(got["in_actor"]["logprobs"]), atol=1e-4)

@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (idempotent, quick when done).
-.PHONY: setup demo drift test
+.PHONY: setup demo drift test gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +16,8 @@ drift: setup
 # The test suite.
 test: setup
 	.venv/bin/python -m pytest $(ARGS)
+
+# On a machine with a CUDA GPU: install the gpu extra, run the gpu tests, generate, drift and the
+# benchmark (against bare vLLM and ray.data.llm) on GPU engines; prints the ratios.
+gpu-check:
+	bash scripts/gpu_check.sh

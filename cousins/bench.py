@@ -68,6 +68,45 @@ def bare_vllm(cfg: Config, limit: int) -> dict:
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "omp_num_threads": env.get("OMP_NUM_THREADS")}
 
 
+def ray_data_llm(cfg: Config, limit: int) -> dict:
+    """The same prompts, seeds, sampling and top-k logprobs through Ray's own LLM batch processor
+    (`ray.data.llm`, vLLM's async engine in actors, its engine core in a process of its own) on
+    the connected Ray, with the pipeline's engine settings and actor count: wall time (engine
+    start included, as the pipeline's wall is) and output tokens, for the pipeline's wall rate
+    against it. Its engine actors ask Ray for whole GPUs: a run for GPU engines."""
+    import time
+
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from cousins import corpus, engine, plan
+    from cousins.actors import row_seed
+
+    path = cfg.corpus.path
+    with open(path, "rb") as f:
+        rows, _ = corpus.parse_file(f.read(), source=path, fmt=corpus.format_of(path, cfg.corpus.format),
+                                    fields=cfg.corpus.fields, max_chars=cfg.corpus.max_chars)
+    s = plan.sampling(cfg)
+    items = [{"messages": r["messages"], "seed": row_seed(cfg.run.sampling.seed, r["prompt_id"], i)}
+             for r in rows[:limit] for i in range(cfg.run.samples)]
+    kw = engine.llm_kwargs(plan.engine_spec(cfg, plan.model_entries(cfg)[0]), on_cpu=cfg.engine.gpus_per_actor == 0)
+    model = kw.pop("model")
+    for k in ("tokenizer", "distributed_executor_backend"):  # (it sets the executor from tp x pp itself)
+        kw.pop(k)
+    processor = build_processor(
+        vLLMEngineProcessorConfig(model_source=model, engine_kwargs=kw, batch_size=cfg.engine.batch_size,
+                                  concurrency=cfg.engine.num_actors, log_engine_metrics=False,
+                                  detokenize_stage=False),
+        preprocess=lambda row: {"messages": list(row["messages"]), "sampling_params": {
+            **engine.sampling_kwargs(s, row["seed"], detokenize=bool(s.stop))}},
+        postprocess=lambda row: {"tokens": row["num_generated_tokens"]})
+    t0 = time.perf_counter()
+    out = processor(ray.data.from_items(items)).take_all()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in out)
+    return {"rows": len(out), "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
 def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:
     """A generation run of `limit` prompts on the connected Ray. Steady-state throughput is the
     output tokens over the engines' working window (first batch begun to last batch done: reading,
@@ -81,7 +120,8 @@ def pipeline_steady(cfg: Config, limit: int, tag: str) -> dict:
     window = r.retries.get("busy_window_s")
     return {"rows": r.rows, "output_tokens": r.output_tokens, "wall_s": r.wall_s, "engine_s": r.engine_s,
             "busy_window_s": window, "peak_rss_mib": r.retries.get("peak_rss_mib"), "run_id": c.run.run_id,
-            "steady_tokens_per_s": _steady(r), "startup_s": r.wall_s - window if window else None}
+            "steady_tokens_per_s": _steady(r), "startup_s": r.wall_s - window if window else None,
+            "wall_tokens_per_s": r.output_tokens / r.wall_s if r.wall_s else None}
 
 
 def _steady(r) -> float | None:
@@ -227,6 +267,10 @@ def summarise(reps: list[dict]) -> dict:
         "pipeline_over_bare_default_detokenize": _spread([p / b if p and b else None for p, b in zip(
             get("pipeline", "steady_tokens_per_s"), get("bare", "default_detokenize_tokens_per_s"))]),
         "pipeline_startup_s": _spread(get("pipeline", "startup_s")),
+        # wall rates (engine start-up included on both sides): Ray's own LLM batch processor
+        "pipeline_over_ray_data_llm_wall": _spread([p / r if p and r else None for p, r in zip(
+            get("pipeline", "wall_tokens_per_s"), get("ray_data_llm", "tokens_per_s"))]),
+        "ray_data_llm_tokens_per_s": _spread(get("ray_data_llm", "tokens_per_s")),
         "bare_import_plus_load_s": _spread([a + b if a is not None and b is not None else None for a, b in zip(
             get("bare", "import_s"), get("bare", "load_s"))]),
         "drift_diff_share_of_generation": _spread(get("drift", "diff_share_of_generation")),

@@ -184,6 +184,9 @@ class BenchConfig:
     bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
     drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
     two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
+    # The same prompts through Ray's own LLM batch processor (ray.data.llm); its engines take whole
+    # GPUs, so for GPU engines (the GPU check turns it on).
+    ray_data_llm: bool = False
     # The diff at scale: synthetic copies of a committed drift run (scale_run; default: this
     # benchmark's own drift run) recomputed on one local node and on two, one CPU each.
     scale: bool = False

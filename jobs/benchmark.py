@@ -43,6 +43,8 @@ def main(dcfg: DictConfig) -> None:
     for i in range(b.repeats):
         rep = {"bare": bench.bare_vllm(cfg, b.prompts)} if b.bare else {}
         rep["pipeline"] = bench.pipeline_steady(cfg, b.prompts, f"{tag}-{i}")
+        if b.ray_data_llm:
+            rep["ray_data_llm"] = bench.ray_data_llm(cfg, b.prompts)
         rep["bytes_per_output_token"] = bench.bytes_per_token(cfg, rep["pipeline"]["run_id"])
         if b.drift:
             rep["drift"] = bench.drift_overhead(cfg, b.prompts, f"{tag}-{i}", int8)

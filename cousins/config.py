@@ -141,6 +141,10 @@ class CousinConfig:
 @dataclass
 class DriftConfig:
     score_topk: int = 20  # top-k logprobs kept at every scored position (<= max_logprobs)
+    # KLD per token: topk (a lower bound from the stored top-k lists, with the original's rest mass
+    # reported) or exact (over the whole vocabulary: one more pass per compared model, an actor
+    # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
+    kld: str = "topk"
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
     answer_match: str = "contains"  # labelled prompts: contains | exact (after normalisation)
     bootstrap: int = 1000  # resamples over prompts for every confidence interval
@@ -343,6 +347,11 @@ def validate(cfg: Config) -> None:
 def _validate_cousins(cfg: Config, check) -> None:
     d = cfg.drift
     check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
+    check(d.kld in ("topk", "exact"), f"drift.kld {d.kld!r} must be topk or exact")
+    e = cfg.engine
+    check(d.kld != "exact" or e.tensor_parallel_size * e.pipeline_parallel_size == 1,
+          "drift.kld=exact holds two engines in one actor: it needs engines of one GPU (or CPU engines), "
+          "not tensor_parallel_size/pipeline_parallel_size > 1")
     check(d.answer_match in ("contains", "exact"), f"drift.answer_match {d.answer_match!r} must be contains or exact")
     check(d.bootstrap >= 10, f"drift.bootstrap must be >= 10 resamples, got {d.bootstrap}")
     check(0.5 <= d.confidence < 1, f"drift.confidence must be in [0.5, 1), got {d.confidence}")

@@ -21,6 +21,7 @@ from cousins.drift.summary import BootstrapSpec
 from cousins.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
 from cousins.run import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
 from cousins.gpu_placement import check_fits, cluster_shapes
+from cousins.kld import stage_kld
 from cousins.stages import ScoreJob, check_cpu_room, stage_generate, stage_prompts, stage_score
 from cousins.storage import resolve
 
@@ -108,12 +109,18 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
     t2 = time.perf_counter()
     d = cfg.drift
+    if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
+        for e in [e for e in scorers[1:] if e.name not in failed]:
+            stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
+                      where=plan.placement(cfg), rows_per_file=cfg.storage.rows_per_file, backend=backend)
+    t3 = time.perf_counter()
     settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,
-                            bootstrap=BootstrapSpec.of(d))
+                            bootstrap=BootstrapSpec.of(d), kld=d.kld)
     summary = stage_diff(run, entries, settings,
                          extra={"accounting": {s.model: encode(s.accounting()) for s in stats},
                                 "cost_currency": cfg.cost.currency},
                          timings={"generate_s": t1 - t0, "score_s": t2 - t1,
+                                  **({"kld_s": t3 - t2} if d.kld == "exact" else {}),
                                   # the engines' working windows (first batch begun to last done),
                                   # without engine start-up: what the passes cost in steady state
                                   "generate_busy_s": _busy(s.retries for s in stats),
@@ -123,6 +130,8 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
                                                         if not (s.retries or {}).get("from_generation"))})
     result = _result(run, n_prompts, n_errors, stats)
     stages = {**{f"scores/model={n}": "done" for n in scores},
+              **({f"kld/model={e.name}": "done" for e in scorers[1:] if e.name not in failed}
+                 if d.kld == "exact" else {}),
               **{f"drift/cousin={e.name}": "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}
     run.commit(manifest(cfg, run, result, entries, stages=stages, drift=drift_headline(summary),
                         scores={n: dataclasses.replace(s, retries=None) for n, s in scores.items()}))

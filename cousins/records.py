@@ -397,6 +397,7 @@ class Summary:
     cousins: list[CousinSummary]
     computed: str
     warnings: list[str] | None = optional()  # e.g. a top-k KLD that understates the full KLD
+    kld: str | None = optional()  # topk (a lower bound) or exact (drift.kld)
     accounting: dict[str, Accounting] | None = optional()
     cost_currency: str | None = optional()
     timings: dict[str, float | None] | None = optional()

@@ -83,6 +83,18 @@ SCORES = pa.schema(
     ]
 )
 
+# Exact KLD (drift.kld=exact): one row per row of the original's generations, per compared model.
+KLD = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # the compared model (cousin or noise-floor)
+        pa.field("kld_tokens", pa.list_(pa.float32())),  # KL(original || model) at each output position
+        pa.field("engine_time_s", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
 # --- drift rows ----------------------------------------------------------------------------------
 # One row per (prompt_id, sample_index) of the original x cousin. Token columns are over the
 # original's output positions; the per-token lists make every summary figure recomputable.

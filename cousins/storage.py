@@ -166,6 +166,9 @@ class RunLayout:
     def scores(self, model: str) -> Location:
         return self.run.join("scores", f"model={model}")
 
+    def kld(self, model: str) -> Location:
+        return self.run.join("kld", f"model={model}")
+
     def drift(self, cousin: str) -> Location:
         return self.run.join("drift", f"cousin={cousin}")
 

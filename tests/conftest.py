@@ -26,7 +26,7 @@ def cuda_gpus() -> int:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are skipped without a CUDA GPU (scripts/gpu_check.sh runs them)."""
-    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu_tests and cuda_gpus() == 0:
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)")
         for item in gpu_tests:

@@ -62,6 +62,8 @@ class _Model:
 
 def _ranked(lps: list[float], k: int, extra: int | None = None) -> dict:
     order = sorted(range(V), key=lambda t: (-lps[t], t))
+    if k < 0:  # vLLM's -1: the whole vocabulary
+        k = V
     keep = order[:k] + ([extra] if extra is not None and extra not in order[:k] else [])
     return {t: SimpleNamespace(logprob=lps[t], rank=order.index(t) + 1) for t in keep}
 

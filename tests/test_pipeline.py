@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -26,7 +27,7 @@ from fake_engine import FakeBackend
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MARKERS = {"prompts": records.PromptsDone, "errors": records.PromptsDone, "generations": records.GenerationsDone,
-           "scores": records.ScoresDone, "drift": records.DriftDone}
+           "scores": records.ScoresDone, "kld": records.ScoresDone, "drift": records.DriftDone}
 
 
 def fake_config(tmp_path, *overrides, config_name="generate"):
@@ -92,6 +93,37 @@ def test_a_drift_run_commits_with_the_noise_floor_at_zero_and_a_failed_cousin_as
     assert starts == {"tiny-teacher": 1, "q": 1, "broken": 0, "words": 1, "noise-floor": 1}, starts
     assert read_marker(run.layout.scores("tiny-teacher"), records.ScoresDone).retries == {"from_generation": True}
     assert read_marker(run.layout.scores("q"), records.ScoresDone).retries["shared_engine_with_generation"]
+
+
+def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run):
+    """drift.kld=exact on the same prompts and seeds as the top-k run: a kld/ stage per compared
+    model, the drift rows' KLD from it (at least the top-k bound at every token), the noise floor
+    at 0, no rest-mass warning, and the diff recomputed from the stored stages the same."""
+    cfg, _, topk = drift_run
+    home = Path(cfg.model.path).parent  # the same (fake) teacher and storage as the top-k run
+    exact_cfg = fake_config(home, "run=greedy", "run.run_id=fake-exact", "drift.bootstrap=50", "cousins=none",
+                            f"+cousins.q={{kind:quantized,path:'{cfg.cousins['q'].path}'}}",
+                            f"+cousins.broken={{kind:other,path:'{home / 'broken'}'}}", "drift.kld=exact",
+                            config_name="drift")
+    result, summary = run_drift(exact_cfg, backend=FakeBackend(fail_loading=("broken",)))
+    assert summary["kld"] == "exact" and summary["warnings"] == [] and "whole vocabulary" in summary["kld_bound"]
+    run = committed(resolve(exact_cfg.storage.root), result.run_id)
+    assert set(run.typed().stages) >= {"kld/model=q", "kld/model=noise-floor"}
+    assert "kld/model=broken" not in run.typed().stages  # it never loaded: nothing to compare
+    assert summary["noise_floor"]["metrics"]["kld_mean"]["value"] == 0.0
+    by = {c["name"]: c for c in summary["cousins"]}
+    bound = {c["name"]: c for c in topk["cousins"]}["q"]["metrics"]["kld_mean"]["value"]
+    assert by["q"]["metrics"]["kld_mean"]["value"] >= bound > 0.01
+    rows = {(r["prompt_id"], r["sample_index"]): r for r in pads.dataset(
+        data_files(run.layout.drift("q")), format="parquet").to_table().to_pylist()}
+    old = committed(resolve(cfg.storage.root), "fake-drift")
+    for r in pads.dataset(data_files(old.layout.drift("q")), format="parquet").to_table().to_pylist():
+        ex = rows[(r["prompt_id"], r["sample_index"])]
+        assert ex["rest_mass_tokens"] == r["rest_mass_tokens"]
+        assert all(e >= b - 1e-6 for e, b in zip(ex["kld_tokens"], r["kld_tokens"]))
+    again = recompute(resolve(exact_cfg.storage.root), result.run_id, bootstrap=BootstrapSpec.of(exact_cfg.drift),
+                      answer_match=exact_cfg.drift.answer_match, worst_n=exact_cfg.drift.worst_n)
+    assert again["kld"] == "exact" and again["cousins"][0]["metrics"] == summary["cousins"][0]["metrics"]
 
 
 def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):

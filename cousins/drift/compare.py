@@ -68,11 +68,13 @@ def _common_prefix(a: str, b: str) -> str:
 def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, original_scores: pa.Table | None,
             cousin_scores: pa.Table | None, *, answer_match: str = "contains",
             references: dict[str, str] | None = None,
-            decode: Callable[[list[int]], str] | None = None) -> pa.Table:
+            decode: Callable[[list[int]], str] | None = None, exact_kld: pa.Table | None = None) -> pa.Table:
     """Drift rows of `cousin`, one per row of the original's generations.
 
     references: prompt_id -> reference answer (labelled prompts only).
     decode: token ids -> text, to place the first divergent token in each text (optional).
+    exact_kld: the cousin's KLD rows (schema.KLD, drift.kld=exact): their per-token KLD replaces
+    the top-k bound (the rest mass stays: it says how loose the bound would have been).
     """
     references = references or {}
     og = original_gens.to_pylist()
@@ -83,6 +85,10 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     sc_rows = [] if text_only else cousin_scores.to_pylist()
     so = {} if text_only else {k: so_rows[i] for k, i in _index(original_scores).items()}
     sc = {} if text_only else {k: sc_rows[i] for k, i in _index(cousin_scores).items()}
+    exact = None
+    if exact_kld is not None and not text_only:
+        ex_rows = exact_kld.select(["kld_tokens", "error"]).to_pylist()
+        exact = {k: ex_rows[i] for k, i in _index(exact_kld).items()}
 
     out: list[dict] = []
     for key, o in zip(schema.row_keys(original_gens), og):
@@ -102,9 +108,17 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
         if err is not None:
             out.append({**row, "error": err})
             continue
+        if exact is not None:
+            ex = exact.get(key)
+            err = ("exact KLD: missing" if ex is None else f"exact KLD: {ex['error']}" if ex["error"] else None)
+            if err is not None:
+                out.append({**row, "error": err})
+                continue
         row.update(_sequence_metrics(o, c, references.get(o["prompt_id"]), answer_match, decode))
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
+            if exact is not None and "error" not in row:
+                row.update(_exact(exact[key]["kld_tokens"] or [], row["tokens"]))
         out.append(row)
     cols = {f.name: [r.get(f.name) for r in out] for f in schema.DRIFT}
     return pa.Table.from_pydict(cols, schema=schema.DRIFT)
@@ -154,3 +168,11 @@ def _token_row(o: dict, s_o: dict, s_c: dict) -> dict:
         "nll_original": float(m["nll_p"].sum()),
         "nll_cousin": float(m["nll_q"].sum()),
     }
+
+
+def _exact(kld: list[float], tokens: int) -> dict:
+    if len(kld) != tokens:
+        return {"error": f"exact KLD covers {len(kld)} positions of an output of {tokens} tokens"}
+    k = np.asarray(kld, dtype=np.float64)
+    return {"kld_tokens": k.astype(np.float32).tolist(), "kld_mean": float(k.mean()) if tokens else None,
+            "kld_max": float(k.max()) if tokens else None}

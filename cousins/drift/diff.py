@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cousins.drift.metrics import KLD_BOUND, jaccard_pairs, pair_indices, rest_mass_warning
+from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indices, rest_mass_warning
 from cousins.drift.rows import drift_rows, first_texts, load_error
 from cousins.drift.summary import BootstrapSpec, summary_of
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
@@ -30,6 +30,7 @@ class DiffSettings:
     answer_match: str
     bootstrap: BootstrapSpec
     worst_n: int
+    kld: str = "topk"  # or exact: the kld/ stages' per-token KLD replaces the top-k bound
 
 
 def _homogenisation(run: Run, merged: dict, seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -66,7 +67,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     token_level = {e.name: not (e.text_only or errors[e.name]) for e in entries[1:]}
     spec = settings.bootstrap
     merged = drift_rows(run, entries, token_level, answer_match=settings.answer_match, worst_n=settings.worst_n,
-                        seed=spec.seed, quantile_resamples=spec.quantile_resamples)
+                        seed=spec.seed, quantile_resamples=spec.quantile_resamples,
+                        exact_kld=settings.kld == "exact")
     expected = run.count(layout.generations(original.name))
     homogenisation = _homogenisation(run, merged, spec.seed)
     summaries = {}
@@ -81,14 +83,15 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         run.finish(stage, DriftDone(rows=m.rows, nodes=sorted(m.nodes)))
         summaries[e.name] = summary_of(m, e.kind, spec, error=errors[e.name], homogenisation=homogenisation[e.name])
     noise = summaries.pop(NOISE_FLOOR, None)
-    warnings = [w for s in summaries.values() if (w := rest_mass_warning(
+    exact = settings.kld == "exact"
+    warnings = [] if exact else [w for s in summaries.values() if (w := rest_mass_warning(
         s["name"], (s["metrics"].get("rest_mass_mean") or {}).get("value"), settings.score_topk))]
     summary = {
         "run_id": run.run_id, "original": original.name, "score_topk": settings.score_topk,
         "prompts": run.count(layout.prompts),
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
-        "kld_bound": KLD_BOUND, "answer_match": settings.answer_match,
+        "kld_bound": KLD_EXACT if exact else KLD_BOUND, "kld": settings.kld, "answer_match": settings.answer_match,
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
         "warnings": warnings,
@@ -128,13 +131,16 @@ def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, answer_m
         raise FileNotFoundError(f"run {run_id!r} at {done.url} is not a drift run (its manifest has no drift)")
     run = Run(done.layout, "committed")
     entries = done.entries()
-    score_topk = int((done.config().get("drift") or {}).get("score_topk") or 0)
+    drift_cfg = done.config().get("drift") or {}
+    score_topk = int(drift_cfg.get("score_topk") or 0)
+    kld = drift_cfg.get("kld") or "topk"  # as it ran (exact reads the run's kld/ stages)
     before = json.loads(done.layout.summary.read_text()) if done.layout.summary.exists() else {}
     kept = {k: before[k] for k in ("accounting", "cost_currency") if k in before}  # measured when it ran
     ran = {k: v for k, v in before.get("timings", {}).items()
-           if k in ("generate_s", "score_s", "generate_busy_s", "score_busy_s")}
+           if k in ("generate_s", "score_s", "generate_busy_s", "score_busy_s", "kld_s")}
     summary = stage_diff(run, entries, DiffSettings(score_topk=score_topk, answer_match=answer_match,
-                                                    bootstrap=bootstrap, worst_n=worst_n), extra=kept, timings=ran)
+                                                    bootstrap=bootstrap, worst_n=worst_n, kld=kld),
+                         extra=kept, timings=ran)
     manifest = done.typed()
     manifest.drift = drift_headline(summary)
     manifest.drift_recomputed = summary["computed"]

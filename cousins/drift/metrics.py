@@ -34,6 +34,8 @@ import numpy as np
 KLD_BOUND = ("KLD is estimated from the top-k of both models plus one rest bucket: a lower bound of the "
              "full-vocabulary KLD, short of it by the original's rest mass times the KLD within the tail "
              "(0 ≤ full − estimate = r_p · KL(p_rest ‖ q_rest)).")
+KLD_EXACT = ("KLD is computed over the whole vocabulary at every output position (drift.kld=exact): exact, "
+             "not a bound; the rest mass shows how far a top-k estimate would have fallen short.")
 
 # Above this mean rest mass (the original's probability outside its top-k, on its own outputs) the
 # top-k KLD is flagged as understating the full-vocabulary KLD.
@@ -47,7 +49,7 @@ def rest_mass_warning(name: str, rest_mass: float | None, topk: int) -> str | No
     return (f"{name}: the original puts {rest_mass:.1%} of its probability outside its top-{topk} on average "
             f"(over {REST_MASS_WARN:.0%}): the KLD shown is a lower bound that can understate the full "
             f"KLD several times over (full − estimate = r_p · KL(p_rest ‖ q_rest)); score with a larger "
-            f"drift.score_topk")
+            f"drift.score_topk, or take the exact KLD (drift.kld=exact)")
 
 
 _TINY = 1e-30

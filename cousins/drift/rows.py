@@ -34,8 +34,11 @@ UNION = pa.schema([
     ("reference", pa.string()),  # part=prompt
     *[(c, _G[c]) for c in cmp.GEN_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     *[(c, _S[c]) for c in cmp.SCORE_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
+    ("kld_tokens", pa.list_(pa.float32())),  # part=kld (drift.kld=exact)
     ("error", pa.string()),
 ])
+KLD_COLUMNS = ["prompt_id", "sample_index", "kld_tokens", "error"]
+_K = {f.name: f.type for f in schema.KLD}
 
 
 def _tag(batch: pa.Table, *, model: str, part: str) -> pa.Table:
@@ -73,9 +76,9 @@ def _pick(block: pa.Table, part: str, model: str, columns: list[str], types: dic
 
 
 def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, bool]], original_scored: bool,
-                   answer_match: str, tokenizer_path: str) -> pa.Table:
+                   answer_match: str, tokenizer_path: str, exact_kld: bool = False) -> pa.Table:
     """The drift rows (schema.DRIFT) of every cousin for the prompts of one partition.
-    cousins: (name, compared token by token)."""
+    cousins: (name, compared token by token); exact_kld: their KLD rows replace the top-k bound."""
     prompts = block.filter(pc.equal(block.column("part"), "prompt"))
     references = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(),
                                        prompts.column("reference").to_pylist()) if r is not None}
@@ -86,14 +89,15 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
     for name, token_level in cousins:
         cg = _pick(block, "gen", name, cmp.GEN_COLUMNS, _G)
         sc = _pick(block, "score", name, cmp.SCORE_COLUMNS, _S) if token_level else None
+        ex = _pick(block, "kld", name, KLD_COLUMNS, _K) if token_level and exact_kld else None
         out.append(cmp.compare(name, og, cg, so if token_level else None, sc, answer_match=answer_match,
-                               references=references, decode=decode))
+                               references=references, decode=decode, exact_kld=ex))
     return pa.concat_tables(out)
 
 
 def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cousins: list[tuple[str, bool]],
                      original_scored: bool, answer_match: str, tokenizer_path: str, worst_n: int, seed: int,
-                     quantile_resamples: int) -> pa.Table:
+                     quantile_resamples: int, exact_kld: bool = False) -> pa.Table:
     """One partition's work: its drift rows (diff_partition), published one part per cousin and
     named by the rows' keys (a retried task rewrites the same names), and returned only as
     aggregates (aggregate.PARTIALS, one row per cousin)."""
@@ -103,7 +107,7 @@ def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cou
     import ray
 
     rows = diff_partition(block, original=original, cousins=cousins, original_scored=original_scored,
-                          answer_match=answer_match, tokenizer_path=tokenizer_path)
+                          answer_match=answer_match, tokenizer_path=tokenizer_path, exact_kld=exact_kld)
     node = ray.get_runtime_context().get_node_id()
     parts = []
     for cousin, token_level in cousins:
@@ -153,7 +157,7 @@ def _read(run, stages: list[Location], columns: list[str], part: str):
 
 
 def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
-               quantile_resamples: int, num_cpus: float = 1.0) -> dict[str, aggregate.Merged]:
+               quantile_resamples: int, num_cpus: float = 1.0, exact_kld: bool = False) -> dict[str, aggregate.Merged]:
     """Compute and publish every cousin's drift rows on the connected Ray; returns per cousin the
     merged aggregates of its rows (rows written, nodes that wrote them, sums, histograms, worst rows).
     `entries`: the run's models, the original first; `token_level`: per cousin, whether it is
@@ -171,6 +175,9 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     scores = [layout.scores(e.name) for e in entries if e.is_original or token_level[e.name]]
     parts = [_read(run, [layout.prompts], ["prompt_id", "reference"], "prompt"),
              _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
+    if exact_kld:
+        parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,
+                           "kld"))
     original_scored = bool(data_files(layout.scores(original.name)))
     parts = [p for p in parts if p is not None]
     for e in entries[1:]:
@@ -188,7 +195,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
         fn_kwargs={"drift_dir": layout.run.join("drift"), "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "answer_match": answer_match,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
-                   "quantile_resamples": quantile_resamples})
+                   "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.
     with Bar("diff", run.count(layout.generations(original.name)) * len(cousins), unit="drift rows") as bar:
         return aggregate.merge_all(_counted(out, bar), {name: not tl for name, tl in cousins}, worst_n)

@@ -8,7 +8,8 @@
    vLLM runs in a subprocess: a warm-up call, then one timed `generate` of every prompt.
 2. drift: the diff's arithmetic time as a share of generation time, and scoring against generation
    (one cousin, the same prompts): steady state (the engines' working windows of both passes, as
-   in 1) and wall (each pass also pays its engine start-up).
+   in 1) and wall (each pass also pays its engine start-up); with bench.exact_kld, the same run in
+   drift.kld=exact, its extra pass against the top-k run's whole time.
 3. bytes on storage per generated token (zstd Parquet, with the run's top-k logprobs) and the peak
    RSS of an engine actor process.
 4. two nodes against one (`two_node`): a local two-node Ray cluster, one engine actor per node,
@@ -144,14 +145,16 @@ def bytes_per_token(cfg: Config, run_id: str) -> float:
     return size / max(1, sum(x or 0 for x in tokens.to_pylist()))
 
 
-def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str) -> dict:
-    """One quantized cousin against the original on `limit` prompts: generation, scoring, diff times."""
+def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str, kld: str = "topk") -> dict:
+    """One quantized cousin against the original on `limit` prompts: generation, scoring, diff times
+    (and with kld="exact", the exact-KLD pass's)."""
     from cousins.config import CousinConfig
     from cousins.family import prepare_before_ray
     from cousins.pipeline import run_drift
 
     c = copy.deepcopy(cfg)
-    c.corpus.limit, c.run.run_id = limit, f"bench-{tag}-drift"
+    c.corpus.limit, c.run.run_id = limit, f"bench-{tag}-drift" + ("-exact" if kld == "exact" else "")
+    c.drift.kld = kld
     c.cousins = {"rtn-int8": CousinConfig(path=cousin_path, kind="quantized", build="rtn-int8")}
     c.drift.noise_floor = False
     prepare_before_ray(c)
@@ -159,6 +162,8 @@ def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str) -> dict:
     t = summary["timings"]
     gb, sb = t.get("generate_busy_s"), t.get("score_busy_s")
     return {"generate_s": t["generate_s"], "score_s": t["score_s"], "diff_s": t["diff_s"], "report_s": t["report_s"],
+            "kld_s": t.get("kld_s"),
+            "kld_mean": {s["name"]: (s["metrics"].get("kld_mean") or {}).get("value") for s in summary["cousins"]},
             "generate_busy_s": gb, "score_busy_s": sb,
             "diff_share_of_generation": t["diff_s"] / t["generate_s"],
             "score_over_generation": t["score_s"] / t["generate_s"],
@@ -276,6 +281,10 @@ def summarise(reps: list[dict]) -> dict:
         "drift_diff_share_of_generation": _spread(get("drift", "diff_share_of_generation")),
         "drift_score_over_generation_steady": _spread(get("drift", "score_over_generation_steady")),
         "drift_score_over_generation_wall": _spread(get("drift", "score_over_generation")),
+        # drift.kld=exact: its extra pass over the whole top-k drift run (generate + score + diff)
+        "drift_exact_kld_extra_over_topk_drift": _spread([e / (d["generate_s"] + d["score_s"] + d["diff_s"])
+                                                          if e is not None and d else None for e, d in zip(
+                                                              get("drift_exact", "kld_s"), get("drift"))]),
         "bytes_per_output_token": _spread(get("bytes_per_output_token")),
         "engine_peak_rss_mib": _spread(get("pipeline", "peak_rss_mib")),
         "two_nodes_speedup": _spread(get("two_nodes", "speedup")),

@@ -187,6 +187,7 @@ class BenchConfig:
     repeats: int = 3
     bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
     drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
+    exact_kld: bool = True  # with drift: the same drift run with drift.kld=exact, its extra pass's cost
     two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
     # The same prompts through Ray's own LLM batch processor (ray.data.llm); its engines take whole
     # GPUs, so for GPU engines (the GPU check turns it on).

@@ -48,6 +48,8 @@ def main(dcfg: DictConfig) -> None:
         rep["bytes_per_output_token"] = bench.bytes_per_token(cfg, rep["pipeline"]["run_id"])
         if b.drift:
             rep["drift"] = bench.drift_overhead(cfg, b.prompts, f"{tag}-{i}", int8)
+            if b.exact_kld:
+                rep["drift_exact"] = bench.drift_overhead(cfg, b.prompts, f"{tag}-{i}", int8, kld="exact")
         reps.append(rep)
         save(reps)
         print(f"repetition {i + 1}/{b.repeats} done", flush=True)

@@ -253,7 +253,9 @@ def drift_table(summary: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     b = summary["bootstrap"]
     lines.append(f"{summary['prompts']} prompts; [CI] = {100 * b['level']:.0f}% bootstrap over prompts "
-                 f"({b['resamples']} resamples); KLD from the top-{summary['score_topk']} (a lower bound); "
-                 f"rest mass: the original's probability outside its top-{summary['score_topk']}")
+                 f"({b['resamples']} resamples); "
+                 + ("KLD exact, over the whole vocabulary; " if summary.get("kld") == "exact" else
+                    f"KLD from the top-{summary['score_topk']} (a lower bound); ")
+                 + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,8 +83,8 @@ def check_fits(where: Placement, shapes: list[NodeShape]) -> str:
     grow = [s for s in shapes if s.autoscaled and engines_on(s, where) > 0]
     per_node = [engines_on(s, where) for s in nodes for _ in range(s.count or 0)]
     now = sum(per_node) // (pp if n > 1 else 1)
-    seen = ", ".join(f"{s.gpus:g} GPU/{s.cpus:g} CPU" + (f" x{s.count}" if (s.count or 0) > 1 else "")
-                     for s in nodes) or "none"
+    kinds = Counter((s.gpus, s.cpus) for s in nodes for _ in range(s.count or 0))
+    seen = ", ".join(f"{g:g} GPU/{c:g} CPU" + (f" x{k}" if k > 1 else "") for (g, c), k in kinds.items()) or "none"
     hint = "; lower engine.num_actors, engine.tensor_parallel_size or engine.cpus_per_actor, or add GPU nodes"
     if now >= where.num_actors:
         return f"{what}: the cluster's nodes hold {now}"
@@ -114,7 +115,35 @@ def cluster_shapes() -> list[NodeShape]:
                                         autoscaled=True))
     except Exception as e:  # an internal API: without it, only the nodes there now count
         log.debug("no autoscaler node types: %s", e)
+    if not any(s.autoscaled for s in shapes) and _autoscaler_running():
+        shapes.append(ANY_NODE)  # node types unknown (Ray's autoscaler v1 does not publish them)
     return shapes
+
+
+# A node type an autoscaler may add whose resources are not known: no request is refused for it.
+ANY_NODE = NodeShape(gpus=1e6, cpus=1e6, count=None, autoscaled=True)
+
+
+def _autoscaler_running() -> bool:
+    """An autoscaler with node types serves this cluster: Ray's v1 monitor publishes its report in
+    the GCS, marked `legacy` when it only watches the nodes there are (a local or `ray start`
+    cluster: its read-only provider); v2 is switched on by RAY_enable_autoscaler_v2 on the head
+    (as KubeRay sets it)."""
+    import json
+    import os
+
+    if os.environ.get("RAY_enable_autoscaler_v2") == "1":
+        return True
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+        return bool(report) and not report.get("legacy", True)
+    except Exception as e:  # an internal API: then as if none, and a pool that cannot fit is refused
+        log.debug("no autoscaler status: %s", e)
+        return False
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, compose
 from cousins.config import ConfigError, resolve_paths, to_config, validate
 from cousins.engine import EngineSpec, Placement, core_in_own_process, llm_kwargs
-from cousins.gpu_placement import NodeShape, PlacementError, bundles, check_fits, strategy, uses_groups
+from cousins.gpu_placement import ANY_NODE, NodeShape, PlacementError, bundles, check_fits, strategy, uses_groups
 from cousins.plan import engine_spec, model_entries
 
 
@@ -60,6 +60,22 @@ def test_an_autoscaler_node_type_that_holds_an_engine_lets_the_pool_wait_for_it(
     assert "autoscaler may add" in check_fits(where(actors=4, tp=4), [head, big])
     with pytest.raises(PlacementError, match="at least 16 GPUs"):
         check_fits(where(tp=16), [head, big])
+    # An autoscaler whose node types are not published (Ray's v1 monitor): nothing refused up front.
+    assert "autoscaler may add" in check_fits(where(actors=2, tp=8), [head, ANY_NODE])
+
+
+def test_an_autoscaler_is_told_from_the_monitor_that_only_watches_a_local_cluster(monkeypatch):
+    import ray.experimental.internal_kv as kv
+
+    from cousins import gpu_placement
+
+    monkeypatch.delenv("RAY_enable_autoscaler_v2", raising=False)
+    for status, running in ((None, False), ('{"autoscaler_report": {"legacy": true}}', False),
+                            ('{"autoscaler_report": {"legacy": false, "pending_nodes": []}}', True)):
+        monkeypatch.setattr(kv, "_internal_kv_get", lambda key, status=status: status)
+        assert gpu_placement._autoscaler_running() is running, status
+    monkeypatch.setenv("RAY_enable_autoscaler_v2", "1")
+    assert gpu_placement._autoscaler_running() is True
 
 
 def test_parallel_engine_settings_are_checked_together_and_the_core_process_follows_the_device(tmp_path):

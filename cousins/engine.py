@@ -6,7 +6,7 @@ An engine is described by an `EngineSpec` (model and engine settings) and rows a
 tests can hand them a deterministic fake (tests/fake_engine.py). `python -m cousins.engine JOB.json`
 runs bare vLLM on the same prompts and settings, for the benchmark's pipeline-over-bare ratio.
 
-Where vLLM's engine core runs is the placement's `core_process`: in the actor's own process
+Where vLLM's engine core runs is the spec's `core_process`: in the actor's own process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on CPU, where such an engine starts in ~3 s instead of 25-60 s
 and keeps one process per actor; in a process of its own (vLLM's default) on GPU, so tokenising,
 detokenising, Arrow conversion and the feeder's lock do not share a GIL with the steps that keep
@@ -197,7 +197,8 @@ def _bare_main(path: str) -> None:
                            use_tqdm=False)
     gen_default = time.perf_counter() - g1
     default_tokens = sum(len(o.outputs[0].token_ids) for o in default)
-    print(json.dumps({"core_in_own_process": own_process, "import_s": imported - t0, "load_s": loaded - imported, "generate_s": gen,
+    print(json.dumps({"core_in_own_process": own_process, "import_s": imported - t0, "load_s": loaded - imported,
+                      "generate_s": gen,
                       "output_tokens": tokens, "rows": len(prompts), "tokens_per_s": tokens / gen,
                       "default_detokenize_s": gen_default,
                       "default_texts_equal": [o.outputs[0].text for o in default] == texts,

@@ -96,7 +96,8 @@ class KldActor(actors.EngineRunner):
             elif row["error"] is not None or not row["output_token_ids"]:
                 errors[i] = "the original has no output here to score"
             else:
-                ids = self.tokenizer.encode(row["prompt_text"], add_special_tokens=False) + list(row["output_token_ids"])
+                ids = (self.tokenizer.encode(row["prompt_text"], add_special_tokens=False)
+                       + list(row["output_token_ids"]))
                 if len(ids) + 1 > self.spec.max_model_len:
                     errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
                 else:

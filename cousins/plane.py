@@ -152,3 +152,56 @@ def plane(accounting: dict[str, dict], kinds: dict[str, str], *, level: float, c
                          "record): with several samples per prompt they are too narrow")
     return {"axes": list(axes), "level": level, "interval": INTERVAL, "currency": currency,
             "models": points, "notes": notes}
+
+
+# --- text ------------------------------------------------------------------------------------------
+
+def frontier_text(m: dict) -> str:
+    """'yes', 'no: A, B (within CI)', 'reference' (the noise floor) or '-' (not placed)."""
+    if m["frontier"] is None:
+        return "reference" if m["kind"] == "noise" and m["accuracy"]["value"] is not None else "-"
+    if m["frontier"]:
+        return "yes"
+    return "no: " + ", ".join(d["model"] + (" (within CI)" if d["within_ci"] else "") for d in m["dominated_by"])
+
+
+def _fig(m: dict, fmt) -> str:
+    if m.get("value") is None:
+        return "-"
+    ci = m.get("ci")
+    return f"{fmt(m['value'])} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(m["value"])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _tok(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def plane_row(m: dict) -> tuple[str, ...]:
+    """A model's plane figures as text: correct/labelled, accuracy [CI], tokens per correct [CI],
+    cost per 1M tokens, frontier."""
+    cost = m["cost_per_1m_output_tokens"]
+    return (f"{m['correct_rows']}/{m['labelled_rows']}", _fig(m["accuracy"], _pct), _fig(m["tokens_per_correct"], _tok),
+            "-" if cost is None else f"{cost:.4g}", frontier_text(m))
+
+
+def plane_lines(p: dict | None) -> list[str]:
+    """The plane as a few lines of text under the drift table; nothing for a summary without one."""
+    if not p:
+        return []
+    axes = ", ".join({"accuracy": "accuracy", "tokens_per_correct": "tok/correct",
+                      "cost_per_1m_output_tokens": "cost/1M"}[a] for a in p["axes"])
+    head = (f"capability against cost ([CI]: {100 * p['level']:.0f}% Wilson, samples clustered by prompt; "
+            f"tok/correct: output tokens per correct answer; cost/1M: per 1M output tokens, {p['currency']}; "
+            f"frontier on {axes})")
+    if all(m["labelled_rows"] == 0 for m in p["models"]):
+        return ["", "capability against cost: not measured (no labelled prompts)"]
+    header = ("model", "kind", "correct/labelled", "accuracy [CI]", "tok/correct [CI]", "cost/1M", "frontier")
+    rows = [header, *((m["name"], m["kind"], *plane_row(m)) for m in p["models"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return ["", head, *lines, *(f"note: {n}" for n in p["notes"])]

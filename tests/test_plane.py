@@ -178,3 +178,19 @@ def test_the_accountings_partition_sums_cluster_by_prompt():
     # a: 2 of 3 correct; b: 1 of 2 (its error row left out); c: unlabelled
     assert out == {"labelled_rows": 5, "correct_rows": 3, "labelled_output_tokens": 9, "labelled_prompts": 2,
                    "sum_c2": 5.0, "sum_cn": 8.0, "sum_n2": 13.0}
+
+
+def test_the_drift_table_ends_with_the_plane_or_says_it_is_not_measured():
+    from cousins.drift.summary import drift_table
+
+    summary = {"cousins": [], "noise_floor": None, "prompts": 3, "score_topk": 20,
+               "bootstrap": {"level": 0.95, "resamples": 10}}
+    assert "capability against cost" not in drift_table(summary)  # a summary made before the plane
+    text = drift_table({**summary, "plane": _plane({"orig": _acct(0, 0, None, None)})})
+    assert text.endswith("\ncapability against cost: not measured (no labelled prompts)")
+    text = drift_table({**summary, "plane": _plane({"orig": _acct(30, 50, 40.0, None), "q4": _acct(10, 50, 90.0, None)})})
+    lines = text[text.index("capability against cost"):].splitlines()
+    assert "frontier on accuracy, tok/correct)" in lines[0] and "EUR" in lines[0]
+    assert lines[3].split()[:4] == ["orig", "original", "30/50", "60.0%"] and lines[3].endswith("yes")
+    assert lines[4].endswith("no: orig") and lines[4].split()[6] == "90.0"
+    assert lines[5].startswith("note: no price configured")

@@ -274,7 +274,9 @@ def _plane_section(plane: dict | None, colours: dict) -> str:
                "correct answer; its interval is the accuracy's carried over. The frontier ("
                f"{escape(axes)}) is decided on point estimates: a model is dominated when another is at least as "
                "good on every axis and strictly better on one; “within CI” marks a dominance the intervals do not "
-               "settle. The noise floor is the original again, shown for reference.</p>")
+               "settle; cost carries no interval. The noise floor is the original again, shown for reference: its distance "
+               "from the original is how far two passes of one model differ (cost per token included, which "
+               "follows timing).</p>")
     return "\n".join(out)
 
 

@@ -140,27 +140,34 @@ class PlaneDot:
 
 
 def _plane_panel(ax, dots: list[PlaneDot], x_of, xerr_of, xlabel: str) -> None:
-    for d in dots:
-        x = x_of(d)
+    xs = np.array([x_of(d) for d in dots], dtype=np.float64)
+    ys = np.array([100 * d.accuracy for d in dots])
+    for d, x, y in zip(dots, xs, ys):
         lo, hi = d.accuracy_ci
-        y = 100 * d.accuracy
         xerr = xerr_of(d)
         marker, face = ("X", d.colour) if d.frontier is None else ("o", d.colour if d.frontier else "white")
         ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]],
                     xerr=None if xerr is None else [[x - xerr[0]], [xerr[1] - x]], fmt="none", ecolor=d.colour,
                     elinewidth=1, capsize=3, alpha=0.7)
         ax.plot([x], [y], marker=marker, ms=9, mfc=face, mec=d.colour, mew=2, ls="none")
-        # the noise floor sits on the original (the same model): its label goes below, the others' above
-        ax.annotate(d.name, (x, y), textcoords="offset points", xytext=(6, -12 if d.frontier is None else 5),
-                    fontsize=8, fontweight="bold" if d.frontier else "normal",
-                    color="#555" if d.frontier is None else "#1d1d1f")
-    xs = [x_of(d) for d in dots]
-    if min(xs) > 0 and max(xs) / min(xs) > 10:
+    log = xs.min() > 0 and xs.max() / xs.min() > 10
+    if log:
         ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the names
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy on labelled prompts (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(-4, 105)  # a model at 0% stays visible
     ax.grid(alpha=0.3)
+    # Names: left of a point in the right third, and stacked where points (nearly) coincide, as the
+    # noise floor does with the original.
+    u = np.log(xs) if log else xs
+    u = (u - u.min()) / (np.ptp(u) or 1.0)
+    for i, (d, x, y) in enumerate(zip(dots, xs, ys)):
+        near = int(np.sum((np.abs(u[:i] - u[i]) < 0.15) & (np.abs(ys[:i] - y) < 8)))
+        right = u[i] > 0.67
+        ax.annotate(d.name, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 5 - 11 * near),
+                    ha="right" if right else "left", fontsize=8, fontweight="bold" if d.frontier else "normal",
+                    color="#555" if d.frontier is None else "#1d1d1f")
 
 
 def plane_figure(dots: list[PlaneDot], currency: str) -> Figure | None:
@@ -184,8 +191,10 @@ def plane_figure(dots: list[PlaneDot], currency: str) -> Figure | None:
         i += 1
     if by_cost:
         _plane_panel(axes[i], by_cost, lambda d: d.cost, lambda d: None, f"cost per 1M output tokens ({currency})")
+        if not by_tokens:
+            axes[i].set_title("no correct answers: tokens per correct answer undefined", fontsize=8, loc="left")
     key = [Line2D([], [], marker="o", ms=7, mfc="#555", mec="#555", ls="none", label="on the frontier"),
            Line2D([], [], marker="o", ms=7, mfc="white", mec="#555", mew=2, ls="none", label="dominated"),
            Line2D([], [], marker="X", ms=7, mfc="#555", mec="#555", ls="none", label="noise floor (reference)")]
-    axes[0].legend(handles=key, fontsize=7, loc="lower right")
+    axes[0].legend(handles=key, fontsize=7, loc="best")
     return fig

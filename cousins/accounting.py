@@ -20,7 +20,12 @@ class RunResult:
     state: str = "new"  # new | resumed | committed (was already)
 
 
-_ZERO = {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0}
+_ZERO = {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0, "labelled_prompts": 0,
+         "accuracy_se": None}
+# per partition: the counts, and sums over its prompts of c^2, c n, n^2 (c correct of n labelled
+# rows of a prompt) for the accuracy's prompt-clustered standard error (plane.accuracy_se)
+_PARTIAL = ("labelled_rows", "correct_rows", "labelled_output_tokens", "labelled_prompts", "sum_c2", "sum_cn",
+            "sum_n2")
 
 
 def _efficiency_partition(block, *, schemas: dict, answer_match: str):
@@ -33,24 +38,32 @@ def _efficiency_partition(block, *, schemas: dict, answer_match: str):
     p = sides["prompt"]
     refs = {k: r for k, r in zip(p.column("prompt_id").to_pylist(), p.column("reference").to_pylist()) if r is not None}
     g = sides["gen"].to_pydict()
-    labelled = correct = tokens = 0
+    tokens = 0
+    per_prompt: dict[str, list[int]] = {}  # prompt -> [labelled, correct]: a partition holds all of a prompt's rows
     for pid, text, n, err in zip(g["prompt_id"], g["output_text"], g["output_tokens"], g["error"]):
         if pid not in refs or err is not None:
             continue
-        labelled += 1
         tokens += n or 0
-        correct += is_correct(text or "", refs[pid], answer_match)
-    return pa.table({"labelled_rows": [labelled], "correct_rows": [correct], "labelled_output_tokens": [tokens]})
+        counts = per_prompt.setdefault(pid, [0, 0])
+        counts[0] += 1
+        counts[1] += is_correct(text or "", refs[pid], answer_match)
+    nc = list(per_prompt.values())
+    return pa.table({"labelled_rows": [sum(n for n, _ in nc)], "correct_rows": [sum(c for _, c in nc)],
+                     "labelled_output_tokens": [tokens], "labelled_prompts": [len(nc)],
+                     "sum_c2": [float(sum(c * c for _, c in nc))], "sum_cn": [float(sum(c * n for n, c in nc))],
+                     "sum_n2": [float(sum(n * n for n, _ in nc))]})
 
 
 def efficiency(prompts: Location, generations: Location, answer_match: str) -> dict:
-    """Correct answers on labelled prompts and the output tokens spent on them (ModelStats fields),
-    checked on the connected Ray where each prompt's reference meets its generations; the driver
-    gets three sums per partition."""
+    """Correct answers on labelled prompts, the output tokens spent on them, the labelled prompts
+    answered and the accuracy's standard error clustered by prompt (ModelStats fields), checked on
+    the connected Ray where each prompt's reference meets its generations; the driver gets seven
+    sums per partition."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     from cousins.dataops import co_partition, partitions_for, read_stage
+    from cousins.plane import accuracy_se
     from cousins.storage import data_files
 
     files = data_files(prompts)
@@ -65,12 +78,15 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
                                  ("output_tokens", pa.int32()), ("error", pa.string())])}
     rows = pads.dataset(data_files(generations), filesystem=generations.arrow_fs(), format="parquet").count_rows()
     sides = {"prompt": read_stage(prompts, schemas["prompt"].names), "gen": read_stage(generations, schemas["gen"].names)}
-    out = dict(_ZERO)
+    sums = dict.fromkeys(_PARTIAL, 0)
     for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
             _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
             fn_kwargs={"schemas": schemas, "answer_match": answer_match}).take_all():
-        for k in out:
-            out[k] += int(r[k])
+        for k in sums:
+            sums[k] += r[k]
+    out = {k: int(sums[k]) for k in ("labelled_rows", "correct_rows", "labelled_output_tokens", "labelled_prompts")}
+    out["accuracy_se"] = accuracy_se(out["correct_rows"], out["labelled_rows"], out["labelled_prompts"],
+                                     sums["sum_c2"], sums["sum_cn"], sums["sum_n2"])
     return out
 
 

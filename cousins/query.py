@@ -276,7 +276,8 @@ def get_report(root: Location, run_id: str) -> bytes:
 @_reads_run_data
 def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
     """summary.json of a drift run: every cousin's figures with CIs, and the noise floor. With
-    `cousin`, that cousin's entry (or the noise floor's) beside the noise floor."""
+    `cousin`, that cousin's entry (or the noise floor's) beside the noise floor, with the run's
+    capability-against-cost plane (every model: the frontier is a comparison of them all)."""
     layout, _ = _committed(root, run_id)
     if cousin is not None:
         check_name(cousin, "cousin")
@@ -293,7 +294,7 @@ def get_summary(root: Location, run_id: str, cousin: str | None = None) -> dict:
     if found is None:
         names = [c.get("name") for c in entries]
         raise NotFound(f"run {run_id!r} has no cousin {cousin!r}; its cousins: {names}")
-    keep = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound")
+    keep = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound", "plane")
     warnings = [w for w in summary.get("warnings") or [] if w.startswith(f"{cousin}: ")]
     return {**{k: summary.get(k) for k in keep}, "cousin": found, "noise_floor": noise, "warnings": warnings}
 

@@ -131,7 +131,24 @@ def render_cousin_summary(view: dict) -> str:
     b = view["bootstrap"]
     return head + "\n\n" + text_table(("metric", "value [CI]", "noise floor [CI]"), rows) + (
         f"\n[CI] = {100 * b['level']:.0f}% bootstrap over prompts ({b['resamples']} resamples)") + "".join(
-        f"\nwarning: {w}" for w in view.get("warnings") or [])
+        f"\nwarning: {w}" for w in view.get("warnings") or []) + _plane_text(view.get("plane"), view["original"],
+                                                                             c["name"])
+
+
+def _plane_text(plane: dict | None, original: str, cousin: str) -> str:
+    """The cousin's and the original's places on the capability-against-cost plane."""
+    from cousins.plane import plane_row
+
+    if not plane:
+        return ""
+    shown = [m for m in plane["models"] if m["name"] in (original, cousin)]
+    if not any(m["labelled_rows"] for m in shown):
+        return "\n\ncapability against cost: not measured (no labelled prompts)"
+    rows = [(m["name"], *plane_row(m)) for m in shown]
+    return (f"\n\ncapability against cost ([CI]: {100 * plane['level']:.0f}% Wilson, samples clustered by prompt; "
+            f"cost per 1M output tokens in {plane['currency']}; frontier among the run's models)\n"
+            + text_table(("model", "correct/labelled", "accuracy [CI]", "tok/correct [CI]", "cost/1M", "frontier"),
+                         rows) + "".join(f"\nnote: {n}" for n in plane["notes"]))
 
 
 def _figure(m: dict | None) -> str:

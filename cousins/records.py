@@ -251,6 +251,8 @@ class ModelStats:
     correct_rows: int = 0  # of those, rows whose answer contains the reference (normalised)
     labelled_output_tokens: int = 0
     tokens_per_s: float | None = optional()  # written by the manifest: new_output_tokens / wall_s
+    labelled_prompts: int | None = optional()  # labelled prompts with an answered row (absent: older runs)
+    accuracy_se: float | None = optional()  # of correct / labelled rows, clustered by prompt (plane.py)
 
     def __post_init__(self):
         self.tokens_per_s = self.new_output_tokens / self.wall_s if self.wall_s > 0 else 0.0
@@ -280,7 +282,8 @@ class ModelStats:
             output_tokens=self.output_tokens, tokens_per_s=self.tokens_per_s, engine_s=self.engine_s,
             tokens_per_prompt=self.tokens_per_prompt, labelled_rows=self.labelled_rows,
             correct_rows=self.correct_rows, tokens_per_correct=self.tokens_per_correct,
-            cost_per_1m_output_tokens=self.cost_per_1m_output_tokens)
+            cost_per_1m_output_tokens=self.cost_per_1m_output_tokens, labelled_prompts=self.labelled_prompts,
+            accuracy_se=self.accuracy_se)
 
 
 @dataclass
@@ -299,6 +302,8 @@ class Accounting:
     correct_rows: int
     tokens_per_correct: float | None
     cost_per_1m_output_tokens: float | None
+    labelled_prompts: int | None = optional()
+    accuracy_se: float | None = optional()
 
 
 @dataclass
@@ -383,6 +388,43 @@ class BootstrapRecord:
 
 
 @dataclass
+class Dominance:
+    """Another model at least as good on every axis of the plane and strictly better on one."""
+
+    model: str
+    within_ci: bool  # the intervals leave room for the dominated model to be the better one
+
+
+@dataclass
+class PlanePoint:
+    """One model on the capability-against-cost plane (cousins/plane.py)."""
+
+    name: str
+    kind: str
+    labelled_rows: int
+    labelled_prompts: int | None
+    correct_rows: int
+    accuracy: Metric  # correct / labelled rows, Wilson interval over the prompt-clustered effective n
+    tokens_per_correct: Metric  # output tokens on labelled prompts per correct answer
+    cost_per_1m_output_tokens: float | None
+    frontier: bool | None  # None: not placed (the noise floor, or no labelled rows)
+    dominated_by: list[Dominance]
+    interval_basis: str | None = optional()  # "prompts" (clustered) or "rows" (older runs)
+
+
+@dataclass
+class Plane:
+    """Every model's accuracy against tokens per correct answer and cost, the frontier marked."""
+
+    axes: list[str]  # what the frontier is decided on (cost only when every placed model has one)
+    level: float
+    interval: str
+    currency: str
+    models: list[PlanePoint]
+    notes: list[str]
+
+
+@dataclass
 class Summary:
     """summary.json of a drift run: every cousin's figures with CIs, and the noise floor."""
 
@@ -401,3 +443,4 @@ class Summary:
     accounting: dict[str, Accounting] | None = optional()
     cost_currency: str | None = optional()
     timings: dict[str, float | None] | None = optional()
+    plane: Plane | None = optional()

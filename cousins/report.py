@@ -18,11 +18,13 @@ from html import escape
 from matplotlib import colormaps
 
 from cousins.drift.aggregate import ReportView
+from cousins.plane import frontier_text
 from cousins.records import NOISE_FLOOR
-from cousins.report_figures import bar_figure, img, kld_figure, length_figure
+from cousins.report_figures import PlaneDot, bar_figure, img, kld_figure, length_figure, plane_figure
 
 NOISE = NOISE_FLOOR  # the pseudo-cousin: the original against its reshuffled self
 _NOISE_COLOUR = "#7f7f7f"
+_ORIGINAL_COLOUR = "#1d1d1f"
 _TEXT_BUDGET = 4000  # characters of each output shown per worst prompt, kept around the divergence
 
 _SUMMARY_KEYS = ("run_id", "original", "score_topk", "prompts", "bootstrap", "kld_bound", "noise_floor", "cousins")
@@ -96,6 +98,7 @@ def render_report(summary: dict, views: dict[str, ReportView]) -> str:
         "<h2>Cousins ranked by drift</h2>",
         _ranking_table(cousins, noise, summary["bootstrap"]),
         _accounting_table(summary.get("accounting"), summary.get("cost_currency", "USD")),
+        _plane_section(summary.get("plane"), colours),
         "<h2>Across cousins</h2>",
         _across_cousins(cousins, noise, views, colours),
         "<h2>Per cousin</h2>",
@@ -218,6 +221,63 @@ def _accounting_table(accounting: dict | None, currency: str) -> str:
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>\n<p class=\"note\">Accelerator-"
             "seconds are the engines' held time in this run's generation stage (actor-seconds on CPU engines). "
             "A cousin that is cheaper per token but needs more tokens per correct answer shows it here.</p>")
+
+
+def _plane_section(plane: dict | None, colours: dict) -> str:
+    """Capability against cost: accuracy (with its interval) against output tokens per correct
+    answer and cost per 1M tokens, the frontier marked; a figure and a table (cousins/plane.py)."""
+    if not plane:
+        return ""  # a summary made before the plane
+    out = ["<h2>Capability against cost</h2>"]
+    models = plane["models"]
+    if all(m["labelled_rows"] == 0 for m in models):
+        out.append("<p class=\"note\">Not measured: no prompt has a reference answer, so no model has an accuracy "
+                   "or a number of tokens per correct answer. The cost per 1M tokens is in the table above.</p>")
+        return "\n".join(out)
+    cur = plane["currency"]
+    dots = [PlaneDot(name=m["name"], accuracy=m["accuracy"]["value"], accuracy_ci=tuple(m["accuracy"]["ci"]),
+                     tokens_per_correct=m["tokens_per_correct"]["value"],
+                     tokens_ci=tuple(m["tokens_per_correct"]["ci"]) if m["tokens_per_correct"]["ci"] else None,
+                     cost=m["cost_per_1m_output_tokens"], frontier=m["frontier"],
+                     colour=colours.get(m["name"], _ORIGINAL_COLOUR))
+            for m in models if m["accuracy"]["value"] is not None]
+    fig = plane_figure(dots, cur)
+    if fig is not None:
+        out.append(img(fig, "accuracy against output tokens per correct answer and cost per 1M tokens, "
+                            "frontier filled"))
+    else:
+        out.append("<p class=\"note\">No figure: no model answered a labelled prompt correctly (tokens per "
+                   "correct answer are undefined) and no cost per 1M tokens is known.</p>")
+    level = f"{100 * plane['level']:.0f}%"
+    head = ("model", "kind", "correct / labelled rows", "accuracy", "tokens / correct answer",
+            f"cost / 1M tokens ({cur})", "frontier")
+    rows = []
+    for m in models:
+        prompts = m.get("labelled_prompts")
+        placed = frontier_text(m) if m["accuracy"]["value"] is not None else "—"
+        counts = f"{m['correct_rows']} / {m['labelled_rows']}" + (
+            f"<small class=\"ci\">{prompts} prompts</small>" if prompts is not None else "")
+        rows.append(f"<tr><td class=\"l\">{escape(m['name'])}</td><td class=\"l\">{escape(m['kind'])}</td>"
+                    f"<td>{counts}</td>{_cell(m['accuracy'], _pct)}{_cell(m['tokens_per_correct'])}"
+                    f"<td>{escape(_num(m['cost_per_1m_output_tokens']))}</td>"
+                    f"<td class=\"l\">{escape(placed)}</td></tr>")
+    header = "".join(f"<th{' class=l' if i in (0, 1, 6) else ''}>{escape(h)}</th>" for i, h in enumerate(head))
+    axes = ", ".join({"tokens_per_correct": "tokens per correct answer",
+                      "cost_per_1m_output_tokens": "cost per 1M tokens"}.get(a, a) for a in plane["axes"])
+    out.append(f"<table class=\"plane\"><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    notes = "".join(f"<li>{escape(n)}</li>" for n in plane["notes"])
+    if notes:
+        out.append(f"<ul class=\"warnings\">{notes}</ul>")
+    out.append(f"<p class=\"note\">Accuracy: correct answers among the answered rows of labelled prompts, with a "
+               f"{level} Wilson interval whose sample size counts the samples of one prompt as correlated "
+               "(clustered by prompt). Tokens per correct answer: output tokens spent on labelled prompts per "
+               "correct answer; its interval is the accuracy's carried over. The frontier ("
+               f"{escape(axes)}) is decided on point estimates: a model is dominated when another is at least as "
+               "good on every axis and strictly better on one; “within CI” marks a dominance the intervals do not "
+               "settle; cost carries no interval. The noise floor is the original again, shown for reference: its distance "
+               "from the original is how far two passes of one model differ (cost per token included, which "
+               "follows timing).</p>")
+    return "\n".join(out)
 
 
 _COLUMNS = [  # (header, metric, formatter)

@@ -1,7 +1,7 @@
 """The drift report's plots: matplotlib figures and the inline PNG <img> they become.
 
-Owns the bar chart with CIs (same top-1, flip rate), the length-ratio box plot and the per-token KLD
-histogram and CDF. Each builder takes histograms (cousins.drift.sketch grids), means and colours, never the summary or drift table, so
+Owns the bar chart with CIs (same top-1, flip rate), the length-ratio box plot, the per-token KLD
+histogram and CDF, and the capability-against-cost plane. Each builder takes histograms (cousins.drift.sketch grids), means and colours, never the summary or drift table, so
 `cousins.report` (which lays out the page) imports this module and never the other way round.
 """
 
@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import math
+from dataclasses import dataclass
 from html import escape
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
 from cousins.drift.sketch import KLD_GRID, LENGTH_GRID
@@ -120,4 +122,79 @@ def kld_figure(series: list[tuple[str, np.ndarray, float | None, tuple]]) -> Fig
     ax_h.set_ylabel("fraction of tokens")
     ax_c.set_ylabel("fraction of tokens ≤ x")
     ax_c.set_ylim(0, 1.01)
+    return fig
+
+
+@dataclass(frozen=True)
+class PlaneDot:
+    """A model on the capability-against-cost plane as the figure draws it (fractions, tokens, cost)."""
+
+    name: str
+    accuracy: float
+    accuracy_ci: tuple[float, float]
+    tokens_per_correct: float | None  # None: no correct answer
+    tokens_ci: tuple[float, float] | None
+    cost: float | None  # per 1M output tokens
+    frontier: bool | None  # None: a reference (the noise floor), not placed
+    colour: tuple | str
+
+
+def _plane_panel(ax, dots: list[PlaneDot], x_of, xerr_of, xlabel: str) -> None:
+    xs = np.array([x_of(d) for d in dots], dtype=np.float64)
+    ys = np.array([100 * d.accuracy for d in dots])
+    for d, x, y in zip(dots, xs, ys):
+        lo, hi = d.accuracy_ci
+        xerr = xerr_of(d)
+        marker, face = ("X", d.colour) if d.frontier is None else ("o", d.colour if d.frontier else "white")
+        ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]],
+                    xerr=None if xerr is None else [[x - xerr[0]], [xerr[1] - x]], fmt="none", ecolor=d.colour,
+                    elinewidth=1, capsize=3, alpha=0.7)
+        ax.plot([x], [y], marker=marker, ms=9, mfc=face, mec=d.colour, mew=2, ls="none")
+    log = xs.min() > 0 and xs.max() / xs.min() > 10
+    if log:
+        ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the names
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy on labelled prompts (%)")
+    ax.set_ylim(-4, 105)  # a model at 0% stays visible
+    ax.grid(alpha=0.3)
+    # Names: left of a point in the right third, and stacked where points (nearly) coincide, as the
+    # noise floor does with the original.
+    u = np.log(xs) if log else xs
+    u = (u - u.min()) / (np.ptp(u) or 1.0)
+    for i, (d, x, y) in enumerate(zip(dots, xs, ys)):
+        near = int(np.sum((np.abs(u[:i] - u[i]) < 0.15) & (np.abs(ys[:i] - y) < 8)))
+        right = u[i] > 0.67
+        ax.annotate(d.name, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 5 - 11 * near),
+                    ha="right" if right else "left", fontsize=8, fontweight="bold" if d.frontier else "normal",
+                    color="#555" if d.frontier is None else "#1d1d1f")
+
+
+def plane_figure(dots: list[PlaneDot], currency: str) -> Figure | None:
+    """Accuracy (with its interval) against output tokens per correct answer, and against cost per
+    1M output tokens where there is one; frontier models filled, dominated ones hollow, the noise
+    floor a cross. None when neither panel has a point to draw."""
+    by_tokens = [d for d in dots if d.tokens_per_correct is not None]
+    by_cost = [d for d in dots if d.cost is not None]
+    panels = [p for p in (by_tokens, by_cost) if p]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5 * len(panels) + 0.5, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    i = 0
+    if by_tokens:
+        _plane_panel(axes[i], by_tokens, lambda d: d.tokens_per_correct, lambda d: d.tokens_ci,
+                     "output tokens per correct answer")
+        missing = [d.name for d in dots if d.tokens_per_correct is None]
+        if missing:
+            axes[i].set_title(f"not placed (no correct answer): {', '.join(missing)}", fontsize=8, loc="left")
+        i += 1
+    if by_cost:
+        _plane_panel(axes[i], by_cost, lambda d: d.cost, lambda d: None, f"cost per 1M output tokens ({currency})")
+        if not by_tokens:
+            axes[i].set_title("no correct answers: tokens per correct answer undefined", fontsize=8, loc="left")
+    key = [Line2D([], [], marker="o", ms=7, mfc="#555", mec="#555", ls="none", label="on the frontier"),
+           Line2D([], [], marker="o", ms=7, mfc="white", mec="#555", mew=2, ls="none", label="dominated"),
+           Line2D([], [], marker="X", ms=7, mfc="#555", mec="#555", ls="none", label="noise floor (reference)")]
+    axes[0].legend(handles=key, fontsize=7, loc="best")
     return fig

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
@@ -62,6 +63,7 @@ def every_json_reads_back_as_declared(run_dir: str) -> int:
 def drift_run(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fake-drift")
     cfg = fake_config(tmp, "run=greedy", "run.run_id=fake-drift", "drift.bootstrap=50", "cousins=none",
+                      "cost.price_per_accelerator_hour=2.0",
                       f"+cousins.q={{kind:quantized,path:'{tmp / 'q'}'}}",
                       f"+cousins.broken={{kind:other,path:'{tmp / 'broken'}'}}",
                       f"+cousins.words={{kind:other,path:'{tmp / 'words'}',text_only:true}}", config_name="drift")
@@ -124,6 +126,46 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
     again = recompute(resolve(exact_cfg.storage.root), result.run_id, bootstrap=BootstrapSpec.of(exact_cfg.drift),
                       answer_match=exact_cfg.drift.answer_match, worst_n=exact_cfg.drift.worst_n)
     assert again["kld"] == "exact" and again["cousins"][0]["metrics"] == summary["cousins"][0]["metrics"]
+
+
+def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
+    from cousins.drift.metrics import is_correct
+    from cousins.plane import accuracy_se
+
+    cfg, result, summary = drift_run
+    layout = committed(resolve(cfg.storage.root), result.run_id).layout
+    refs = {r["prompt_id"]: r["reference"] for r in pads.dataset(data_files(layout.prompts)).to_table().to_pylist()
+            if r["reference"] is not None}
+    assert refs, "the demo corpus has labelled prompts"
+    plane = summary["plane"]
+    by = {m["name"]: m for m in plane["models"]}
+    assert list(by) == ["tiny-teacher", "q", "broken", "words", "noise-floor"]
+    assert plane["axes"] == ["accuracy", "tokens_per_correct", "cost_per_1m_output_tokens"] and plane["currency"] == "USD"
+    for name in ("tiny-teacher", "q", "words", "noise-floor"):
+        per_prompt: dict[str, list[int]] = {}
+        tokens = 0
+        for r in pads.dataset(data_files(layout.generations(name))).to_table().to_pylist():
+            if r["prompt_id"] in refs and r["error"] is None:
+                n_c = per_prompt.setdefault(r["prompt_id"], [0, 0])
+                n_c[0] += 1
+                n_c[1] += is_correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match)
+                tokens += r["output_tokens"]
+        n, c = (np.array(x, dtype=float) for x in zip(*per_prompt.values()))
+        m, a = by[name], summary["accounting"][name]
+        assert (m["labelled_rows"], m["correct_rows"], m["labelled_prompts"]) == (n.sum(), c.sum(), len(n))
+        assert a["accuracy_se"] == pytest.approx(
+            accuracy_se(c.sum(), n.sum(), len(n), (c * c).sum(), (c * n).sum(), (n * n).sum()))
+        assert m["accuracy"]["value"] == pytest.approx(c.sum() / n.sum()) and m["interval_basis"] == "prompts"
+        lo, hi = m["accuracy"]["ci"]
+        assert 0 <= lo <= m["accuracy"]["value"] <= hi <= 1
+        assert m["tokens_per_correct"]["value"] == (pytest.approx(tokens / c.sum()) if c.sum() else None)
+        assert m["cost_per_1m_output_tokens"] == pytest.approx(a["cost_per_1m_output_tokens"]) and a["cost_per_1m_output_tokens"] > 0
+    assert by["broken"]["labelled_rows"] == 0 and by["broken"]["frontier"] is None  # every row failed: not placed
+    assert by["noise-floor"]["frontier"] is None  # a reference
+    placed = [by[n] for n in ("tiny-teacher", "q", "words")]
+    assert any(m["frontier"] for m in placed)
+    assert all(m["frontier"] == (not m["dominated_by"]) for m in placed)
+    assert "capability against cost" in layout.report.read_text().lower()
 
 
 def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):

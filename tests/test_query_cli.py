@@ -19,6 +19,7 @@ import pytest
 from cousins import query, schema
 from cousins.cli import main
 from cousins.drift.summary import BootstrapSpec, summarise
+from cousins.plane import plane
 from cousins.storage import Location, RunLayout, mark_done, resolve, write_parquet_atomic
 
 ORIGINAL = "teacher"
@@ -146,12 +147,19 @@ def write_run(root: Location, run_id: str, *, prompts: int = 60, samples: int = 
         # A crashed attempt's leftovers are never data: they would duplicate rows if read.
         write_parquet_atomic(table.slice(0, 5), layout.drift(c).join("_tmp", "part-leftover.parquet"))
         noise = summaries.pop("noise-floor")
+        # the capability-against-cost plane, from made-up accounting: the student is cheap, less accurate
+        acct = {m: {"labelled_rows": 40, "correct_rows": correct, "labelled_prompts": 20, "accuracy_se": 0.05,
+                    "tokens_per_correct": tpc, "cost_per_1m_output_tokens": cost}
+                for m, correct, tpc, cost in ((ORIGINAL, 30, 12.0, 2.0), ("q8", 30, 11.5, 1.5),
+                                              ("student", 18, 15.0, 0.5), ("noise-floor", 30, 12.0, 2.0))}
+        kinds = {ORIGINAL: "original", **{c: k for c, (k, _, _) in COUSINS.items()}}
         summary = {"run_id": run_id, "original": ORIGINAL, "score_topk": 20, "prompts": prompts,
                    "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                                  "quantile_resamples": spec.quantile_resamples},
                    "kld_bound": "a lower bound", "answer_match": "contains", "noise_floor": noise,
                    "cousins": sorted(summaries.values(), key=lambda s: -(s["metrics"]["kld_mean"]["value"] or 0)),
-                   "computed": datetime.now(timezone.utc).isoformat(), "timings": {"diff_s": 0.1, "report_s": 0.1}}
+                   "computed": datetime.now(timezone.utc).isoformat(), "timings": {"diff_s": 0.1, "report_s": 0.1},
+                   "cost_currency": "EUR", "plane": plane(acct, kinds, level=spec.level, currency="EUR")}
         layout.summary.write_text_atomic(json.dumps(summary, indent=1, allow_nan=False))
         layout.report.write_text_atomic(f"<!DOCTYPE html><html><body><h1>drift report {run_id}</h1></body></html>")
 
@@ -240,6 +248,7 @@ def test_summary_per_cousin_with_the_noise_floor(runs):
     one = query.get_summary(root, DRIFT_RUN, "q8")
     assert one["cousin"]["name"] == "q8" and one["noise_floor"]["metrics"]["kld_mean"]["value"] == 0
     assert len(one["cousin"]["metrics"]["kld_mean"]["ci"]) == 2
+    assert one["plane"] == full["plane"]  # the frontier compares every model: the whole plane
     with pytest.raises(query.NotFound, match="no cousin"):
         query.get_summary(root, DRIFT_RUN, "q4")
     with pytest.raises(query.NotFound, match="not a drift run"):
@@ -348,8 +357,17 @@ def test_cli_tables_and_json(runs, capsys):
     assert f"run_id: {DRIFT_RUN}" in out
     rc, out, _ = run_cli(capsys, "summary", DRIFT_RUN, *r)
     assert rc == 0 and out.index("student") < out.index("q8") < out.index("noise-floor") and "[CI]" in out
+    plane = out[out.index("capability against cost"):].splitlines()
+    assert plane[1].split()[:4] == ["model", "kind", "correct/labelled", "accuracy"]
+    rows = {line.split()[0]: line for line in plane[3:]}
+    assert set(rows) == {ORIGINAL, "q8", "student", "noise-floor"}
+    assert rows["q8"].startswith("q8") and "30/40" in rows["q8"] and "75.0% [" in rows["q8"]
+    assert rows["q8"].endswith("yes") and rows["student"].endswith("yes") and rows["noise-floor"].endswith("reference")
+    assert rows[ORIGINAL].endswith("no: q8 (within CI)")  # as accurate, dearer and wordier: within the CIs
     rc, out, _ = run_cli(capsys, "summary", DRIFT_RUN, "--cousin", "q8", *r)
     assert "noise floor [CI]" in out and "kld_mean" in out
+    plane = out[out.index("capability against cost"):].splitlines()
+    assert [line.split()[0] for line in plane[3:]] == [ORIGINAL, "q8"] and "EUR" in plane[0]
     rc, out, _ = run_cli(capsys, "drift", DRIFT_RUN, "--cousin", "q8", "--limit", "3", *r)
     lines = out.splitlines()
     assert rc == 0 and lines[0].startswith("cousin") and len(lines) == 6 and lines[-1].startswith("rows 1-3 of 120")

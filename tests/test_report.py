@@ -294,3 +294,68 @@ def test_warnings_are_shown_under_the_header_escaped(html):
     assert '<ul class="warnings"><li>q8-w8a8: the original puts 78.0% of its probability outside its top-20 ' \
            '&lt;on average&gt;</li></ul>' in html
     assert "<th>rest mass</th>" in html
+
+
+# --- capability against cost ------------------------------------------------------------------------
+
+PLANE_KINDS = {"tiny-teacher": "original", "q8-w8a8": "quantized", "int4-rtn-fakequant": "quantized",
+               "distill-tiny": "distilled", "fp8-broken": "quantized", "noise-floor": "noise"}
+
+
+def _with_plane(summary: dict, correct: dict, cost: float | None = 1.0) -> dict:
+    """The summary with a plane made from made-up accounting: `correct` of 48 labelled rows (12
+    prompts) per model; the broken cousin has no answered labelled row."""
+    from cousins.plane import plane
+
+    acct = {}
+    for name in PLANE_KINDS:
+        labelled = 0 if name == "fp8-broken" else 48
+        c = correct.get(name, 0)
+        acct[name] = {"labelled_rows": labelled, "correct_rows": c, "labelled_prompts": 12 if labelled else 0,
+                      "accuracy_se": 0.06 if 0 < c < labelled else None,
+                      "tokens_per_correct": 20.0 * labelled / c if c else None,
+                      "cost_per_1m_output_tokens": None if cost is None or not labelled else
+                      cost * (0.5 if name.startswith("int4") else 1.0)}
+    return {**summary, "cost_currency": "EUR", "plane": plane(acct, PLANE_KINDS, level=0.95, currency="EUR")}
+
+
+def _plane_html(html: str) -> str:
+    return html[html.index("<h2>Capability against cost</h2>"):html.index("<h2>Across cousins</h2>")]
+
+
+def test_the_plane_is_a_figure_and_a_table_with_the_frontier_marked(run):
+    summary, drift = run
+    correct = {"tiny-teacher": 36, "q8-w8a8": 35, "int4-rtn-fakequant": 30, "distill-tiny": 20, "noise-floor": 36}
+    html = render_report(_with_plane(summary, correct), _views(drift))
+    section = _plane_html(html)
+    assert html.count("<img ") == PLOTS + 1 and section.count("<img ") == 1
+    rows = {m[0]: m[1:] for m in re.findall(r"<tr><td class=\"l\">([^<]+)</td><td class=\"l\">([^<]+)</td>"
+                                             r"<td>([^<]+)<.*?<td class=\"l\">([^<]+)</td></tr>", section)}
+    assert set(rows) == set(PLANE_KINDS)
+    assert rows["tiny-teacher"] == ("original", "36 / 48", "yes")
+    assert rows["int4-rtn-fakequant"][2] == "yes"  # less accurate, but half the price per token
+    assert rows["q8-w8a8"][2] == "no: tiny-teacher (within CI)"  # one answer fewer at the same price
+    assert rows["distill-tiny"][2] == "no: tiny-teacher, q8-w8a8, int4-rtn-fakequant (within CI)"
+    assert rows["noise-floor"][2] == "reference" and rows["fp8-broken"] == ("quantized", "0 / 0", "—")
+    assert "75.0%<small class=\"ci\">[" in section and "Wilson interval" in section
+
+
+def test_the_plane_without_labelled_prompts_or_a_price_or_a_correct_answer(run):
+    summary, drift = run
+    views = _views(drift)
+    none_labelled = {**summary, "plane": {**_with_plane(summary, {})["plane"], "models": [
+        {**m, "labelled_rows": 0, "correct_rows": 0, "accuracy": {"value": None, "ci": None}, "frontier": None,
+         "dominated_by": []} for m in _with_plane(summary, {})["plane"]["models"]]}}
+    section = _plane_html(render_report(none_labelled, views))
+    assert "Not measured: no prompt has a reference answer" in section and "<img " not in section
+    # no price: the figure has the tokens panel only, and the frontier leaves cost out
+    html = render_report(_with_plane(summary, {"tiny-teacher": 36, "q8-w8a8": 30}, cost=None), views)
+    section = _plane_html(html)
+    assert section.count("<img ") == 1 and "no price configured" in section
+    assert "accuracy, tokens per correct answer)" in section
+    # nobody correct and no price: nothing to draw, said instead of an empty chart
+    section = _plane_html(render_report(_with_plane(summary, {}, cost=None), views))
+    assert "<img " not in section and "No figure: no model answered a labelled prompt correctly" in section
+    assert "<table class=\"plane\">" in section
+    # a summary made before the plane has no section
+    assert "Capability against cost" not in render_report(summary, views)

@@ -17,6 +17,7 @@ import numpy as np
 from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indices, rest_mass_warning
 from cousins.drift.rows import drift_rows, first_texts, load_error
 from cousins.drift.summary import BootstrapSpec, summary_of
+from cousins.plane import plane
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
 from cousins.run import Run, StageIncomplete, committed, now
 from cousins.storage import Location
@@ -57,7 +58,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
                timings: dict | None = None) -> dict:
     """Drift rows for every cousin (and the noise floor), summary.json and report.html; returns the
     summary (as written). `entries` are the run's models, the original first. `extra` (the run's
-    accounting) and `timings` of the earlier stages go into the summary and the report. Rows are
+    accounting) and `timings` of the earlier stages go into the summary and the report; with the
+    accounting, the summary's capability-against-cost `plane` (cousins/plane.py). Rows are
     computed and written by Ray Data workers; the driver merges their aggregates."""
     from cousins.report import render_report
 
@@ -98,6 +100,9 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         "computed": now(),
         **(extra or {}),
     }
+    if summary.get("accounting"):
+        summary["plane"] = plane(summary["accounting"], {e.name: e.kind for e in entries}, level=spec.level,
+                                 currency=summary.get("cost_currency") or "USD")
     diff_s = time.perf_counter() - t0
     html = render_report(summary, {name: m.view() for name, m in merged.items()})
     summary["timings"] = {**(timings or {}), "diff_s": diff_s, "report_s": time.perf_counter() - t0 - diff_s}

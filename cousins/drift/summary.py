@@ -231,7 +231,10 @@ def _fmt(m: dict | None, pct: bool = False, digits: int = 4) -> str:
 
 
 def drift_table(summary: dict) -> str:
-    """The summary as a plain-text table: cousins ranked by drift, the noise floor last."""
+    """The summary as a plain-text table: cousins ranked by drift, the noise floor last; then the
+    capability-against-cost plane per model (cousins/plane.py), where the summary has one."""
+    from cousins.plane import plane_lines
+
     header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "same top-1 [CI]", "RMS dp", "PPL ratio", "flips",
               "acc delta", "length ratio", "exact match")
     rows = [header]
@@ -258,4 +261,4 @@ def drift_table(summary: dict) -> str:
                     f"KLD from the top-{summary['score_topk']} (a lower bound); ")
                  + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
-    return "\n".join(lines)
+    return "\n".join(lines + plane_lines(summary.get("plane")))

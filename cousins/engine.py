@@ -62,6 +62,10 @@ class EngineSpec:
     max_logprobs: int
     pipeline_parallel_size: int = 1
     core_process: str = "auto"  # engine.core_process: auto, separate, in_actor
+    # GPU engines: the share of the GPU's memory vLLM may take (and must find free when it starts);
+    # below vLLM's 0.9 when engines share a GPU (a fraction of one per actor, two engines in an
+    # exact-KLD actor). None: vLLM's default.
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Placement:
     remote_args_fn: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
 
 
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
 CPU_TOKEN_BUDGET = 4096  # vLLM's own default per step on CPU; raised to max_model_len when that is longer
 
 
@@ -113,7 +118,9 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
                 distributed_executor_backend="uni" if spec.tensor_parallel_size * spec.pipeline_parallel_size == 1
                 else "ray",
                 max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager, max_logprobs=spec.max_logprobs,
-                logprobs_mode="raw_logprobs", seed=0, **unchunked)
+                logprobs_mode="raw_logprobs", seed=0, **unchunked,
+                **({"gpu_memory_utilization": spec.gpu_memory_utilization}
+                   if spec.gpu_memory_utilization is not None and not on_cpu else {}))
 
 
 def sampling_kwargs(s: Sampling, seed: int, detokenize: bool) -> dict:

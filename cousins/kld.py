@@ -28,8 +28,10 @@ ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
 
 
 def full_spec(spec: EngineSpec) -> EngineSpec:
-    """`spec`'s engine allowing full-vocabulary logprobs."""
-    return dataclasses.replace(spec, max_logprobs=ALL_VOCAB)
+    """`spec`'s engine allowing full-vocabulary logprobs, on half its GPU memory share (the actor's
+    two engines share its GPU)."""
+    share = spec.gpu_memory_utilization
+    return dataclasses.replace(spec, max_logprobs=ALL_VOCAB, gpu_memory_utilization=share / 2 if share else None)
 
 
 def position_kld(p_ids, p_lps, q_ids, q_lps) -> float:

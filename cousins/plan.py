@@ -4,7 +4,7 @@ how rows are sampled, where the engines go. The one place that reads `Config` fo
 from __future__ import annotations
 
 from cousins.config import MAX_LOGPROBS, Config
-from cousins.engine import EngineSpec, Placement, Sampling
+from cousins.engine import GPU_MEMORY_UTILIZATION, EngineSpec, Placement, Sampling
 from cousins.records import NOISE_FLOOR, ModelEntry, SamplingRecord
 
 
@@ -33,6 +33,7 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         tensor_parallel_size=e.tensor_parallel_size, max_num_seqs=e.max_num_seqs,
         enforce_eager=e.enforce_eager, max_logprobs=MAX_LOGPROBS, pipeline_parallel_size=e.pipeline_parallel_size,
         core_process=e.core_process,
+        gpu_memory_utilization=GPU_MEMORY_UTILIZATION * min(1.0, e.gpus_per_actor) if e.gpus_per_actor > 0 else None,
     )
 
 

@@ -106,7 +106,25 @@ def test_vllm_gets_its_ray_executor_for_an_engine_of_several_gpus():
                                                                                                               "ray")
     one = llm_kwargs(EngineSpec(**{**spec.__dict__, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}),
                      on_cpu=False)
-    assert one["distributed_executor_backend"] == "uni"
+    assert one["distributed_executor_backend"] == "uni" and "gpu_memory_utilization" not in one
+
+
+def test_engines_sharing_a_gpu_ask_vllm_for_their_share_of_its_memory(tmp_path):
+    from cousins.kld import full_spec
+
+    def spec(*overrides):
+        cfg = resolve_paths(to_config(compose(f"storage.root={tmp_path}", *overrides)))
+        return engine_spec(cfg, model_entries(cfg)[0])
+
+    assert spec().gpu_memory_utilization is None  # CPU engines
+    assert spec("engine.gpus_per_actor=1").gpu_memory_utilization == pytest.approx(0.9)
+    half = spec("engine.gpus_per_actor=0.5")
+    assert half.gpu_memory_utilization == pytest.approx(0.45)
+    assert llm_kwargs(half, on_cpu=False)["gpu_memory_utilization"] == pytest.approx(0.45)
+    assert "gpu_memory_utilization" not in llm_kwargs(half, on_cpu=True)
+    # an exact-KLD actor holds two engines on its GPU: each asks for half
+    assert full_spec(half).gpu_memory_utilization == pytest.approx(0.225)
+    assert full_spec(spec()).gpu_memory_utilization is None
 
 
 # --- on real local Ray clusters with logical GPUs -------------------------------------------------

@@ -1,6 +1,7 @@
 """Engines of several GPUs: the fit check against the cluster's shape and the engine core's process
-(pure), then real local Ray clusters with logical GPUs, the fake engine starting its workers as vLLM's Ray executor does (one
-Ray actor of one GPU per bundle of the placement group its engine actor runs in)."""
+(pure), then real local Ray clusters with logical GPUs, the fake engine starting its workers as
+vLLM's Ray executor does (one Ray actor of one GPU per bundle of the placement group its engine
+actor runs in)."""
 
 from __future__ import annotations
 

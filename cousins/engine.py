@@ -43,6 +43,8 @@ def set_engine_env(spec: "EngineSpec") -> bool:
         os.environ.setdefault(k, v)
     own = core_in_own_process(spec.core_process)
     os.environ[CORE_ENV] = "1" if own else "0"
+    if own:  # a forked core cannot use CUDA once this process has touched it (a GPU check, an engine before)
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     return own
 
 

@@ -23,7 +23,7 @@ def _rows(n: int) -> pa.Table:
 def test_a_gpu_engine_runs_its_core_in_its_own_process_and_fills_every_row(tiny_teacher):
     spec = engine.EngineSpec(model_name="tiny-teacher", model_path=tiny_teacher, dtype="float32", quantization=None,
                              max_model_len=256, kv_cache_bytes=256 << 20, tensor_parallel_size=1, max_num_seqs=64,
-                             enforce_eager=False, max_logprobs=20)
+                             enforce_eager=True, max_logprobs=20)
     actor = actors.EngineActor(spec, engine.Sampling(temperature=0.8, top_p=0.95, top_k=0, max_tokens=32, logprobs=5))
     assert type(actor.llm.llm_engine.engine_core).__name__ == "SyncMPClient"
     out = actor(_rows(64))

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import hide_context_proxies
+from conftest import cuda_gpus, hide_context_proxies
 from cousins import schema
 from cousins.drift import compare as cmp
 from cousins.drift import metrics
@@ -73,10 +73,11 @@ def test_exact_kld_on_vllm_equals_transformers_in_float64(tiny_teacher, tmp_path
 
     int4 = str(build_quantized(tiny_teacher, tmp_path / "int4", "rtn-int4"))
 
-    def spec(name, path):
+    def spec(name, path):  # (on a GPU, three engines share it: vLLM must find its share free at start)
         return engine.EngineSpec(model_name=name, model_path=path, dtype="float32", quantization=None,
                                  max_model_len=256, kv_cache_bytes=64 << 20, tensor_parallel_size=1, max_num_seqs=64,
-                                 enforce_eager=True, max_logprobs=20)
+                                 enforce_eager=True, max_logprobs=20,
+                                 gpu_memory_utilization=0.6 if cuda_gpus() else None)
 
     prompts = pa.table({"prompt_id": [f"p{i}" for i in range(12)], "category": [None] * 12,
                         "messages": [[{"role": "user", "content": f"What is {i} times {i + 3}? Say it."}]

@@ -1,7 +1,8 @@
 import json
 from dataclasses import replace
 
-from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, demo_records, distill_records, write_demo_corpus
+from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, add_answer, demo_records, distill_records, write_demo_corpus
+from cousins.drift.metrics import is_correct
 from cousins.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
 
 
@@ -20,10 +21,22 @@ def test_demo_corpus_has_several_kinds_and_references():
     records = demo_records()
     assert 250 <= len(records) <= 400
     cats = {r["category"] for r in records}
-    assert {"arithmetic", "factual", "code_completion", "code_instruction", "open_ended"} <= cats
+    assert {"arithmetic", "factual", "code_completion", "string_transform", "code_instruction", "open_ended"} <= cats
     labelled = [r for r in records if r.get("reference")]
-    assert {r["category"] for r in labelled} == {"arithmetic", "factual", "code_completion"}
+    assert {r["category"] for r in labelled} == {"arithmetic", "factual", "code_completion", "string_transform"}
+    assert len(labelled) >= 200 and len(records) - len(labelled) >= 90  # the open prompts stay
     assert len({json.dumps(r.get("prompt") or r["messages"]) for r in records}) == len(records)
+
+
+def test_worked_additions_say_the_sum_only_at_the_end():
+    """A digit-by-digit answer counts as correct for its sum, and none of its steps could pass for it."""
+    for a in range(10, 100):
+        for b in range(10, 100):
+            text = add_answer(a, b)
+            steps, said = text.rsplit(" = ", 1)
+            assert said == str(a + b) and is_correct(text, str(a + b))
+            assert not is_correct(steps, str(a + b)), text
+    assert add_answer(51, 99) == "1 + 9 = 10, 5 + 9 + 1 = 15, so 51 + 99 = 150"
 
 
 def test_tiny_model_build_is_deterministic_from_its_seed(tmp_path):

@@ -2,6 +2,11 @@
 
 `write_demo_corpus(path)` is deterministic; `cousins/data/demo.jsonl` is its output, and a test
 checks that the committed file still equals what this module writes.
+
+Labelled prompts (a `reference`) come from task families the tiny teacher is taught
+(cousins/lessons.py): additions and letter reversals it has not seen (held-out instances), the
+times table, capitals, chemical symbols and function bodies (look-ups, taught whole). The open
+prompts (writing, code requests, chats) have no reference.
 """
 
 from __future__ import annotations
@@ -65,6 +70,11 @@ _CODE_TASKS = [
 ]
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ADD_RANGE = (10, 99)  # operands of the addition prompts: two digits each
+TIMES_RANGE = (2, 19)  # the times table, up to 19 x 19: more facts than the teacher sees often
+
+
 def _unique_pairs(rng: random.Random, n: int, lo: int, hi: int) -> list[tuple[int, int]]:
     pairs: dict[tuple[int, int], None] = {}
     while len(pairs) < n:
@@ -72,15 +82,48 @@ def _unique_pairs(rng: random.Random, n: int, lo: int, hi: int) -> list[tuple[in
     return list(pairs)
 
 
+def letter_runs(rng: random.Random, n: int, taken: set[str] = frozenset()) -> list[str]:
+    """`n` distinct runs of 3 to 5 lower-case letters, spaced ("c a t"), none in `taken`."""
+    runs: dict[str, None] = {}
+    while len(runs) < n:
+        run = " ".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
+        if run not in taken:
+            runs[run] = None
+    return list(runs)
+
+
+def add_prompt(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def add_answer(a: int, b: int) -> str:
+    """The sum worked digit by digit, units first, then said whole: "1 + 9 = 10, 5 + 9 + 1 = 15, so
+    51 + 99 = 150". No intermediate number can pass for the reference (sums of two digits are below
+    20, the references are not)."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    units = a0 + b0
+    tens = f"{a1} + {b1} + 1 = {a1 + b1 + 1}" if units >= 10 else f"{a1} + {b1} = {a1 + b1}"
+    return f"{a0} + {b0} = {units}, {tens}, so {a} + {b} = {a + b}"
+
+
+def reverse_prompt(run: str) -> str:
+    return f"Write these letters in reverse order: {run}"
+
+
+def reverse_letters(run: str) -> str:
+    return " ".join(reversed(run.split()))
+
+
 def demo_records(seed: int = 0) -> list[dict]:
     """Every demo prompt, in a fixed order. Labelled kinds carry a `reference` answer."""
     rng = random.Random(seed)
     out: list[dict] = []
-    for a, b in _unique_pairs(rng, 80, 2, 99):
-        out.append({"prompt": f"What is {a} + {b}? Answer with a number.", "category": "arithmetic",
-                    "reference": str(a + b)})
-    for a, b in _unique_pairs(rng, 60, 2, 12):
+    for a, b in _unique_pairs(rng, 70, *ADD_RANGE):
+        out.append({"prompt": add_prompt(a, b), "category": "arithmetic", "reference": str(a + b)})
+    for a, b in _unique_pairs(rng, 30, *TIMES_RANGE):
         out.append({"prompt": f"What is {a} times {b}?", "category": "arithmetic", "reference": str(a * b)})
+    for run in letter_runs(rng, 40):
+        out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
     for country, capital in _CAPITALS.items():
         out.append({"prompt": f"What is the capital of {country}?", "category": "factual",
                     "reference": capital})
@@ -118,9 +161,12 @@ def distill_records(seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
     taken = {r.get("prompt") for r in demo_records()}
     out: list[dict] = []
-    for a, b in _unique_pairs(rng, 120, 2, 99):
-        out.append({"prompt": f"What is {a} + {b}? Answer with a number.", "category": "arithmetic",
-                    "reference": str(a + b)})
+    for a, b in _unique_pairs(rng, 80, *ADD_RANGE):
+        out.append({"prompt": add_prompt(a, b), "category": "arithmetic", "reference": str(a + b)})
+    for a, b in _unique_pairs(rng, 20, *TIMES_RANGE):
+        out.append({"prompt": f"Multiply {a} by {b}.", "category": "arithmetic", "reference": str(a * b)})
+    for run in letter_runs(rng, 20):
+        out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
     for country, capital in _CAPITALS.items():
         out.append({"prompt": f"Which city is the capital of {country}?", "category": "factual", "reference": capital})
     for element, symbol in _SYMBOLS.items():

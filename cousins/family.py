@@ -26,7 +26,7 @@ def build_quantized_cousins(cfg: Config) -> list[str]:
 
     built = []
     for name, c in cfg.cousins.items():
-        if c.build in QUANT_RECIPES and (quantize.read_recipe(c.path) or {}).get("recipe") != c.build:
+        if c.build in QUANT_RECIPES and not quantize.is_current(c.path, cfg.model.path, c.build):
             print(f"building cousin {name!r}: {c.build} of {cfg.model.path} -> {c.path}", flush=True)
             quantize.build_quantized(cfg.model.path, c.path, c.build)
             built.append(name)
@@ -63,10 +63,12 @@ def check_vocabularies(cfg: Config) -> None:
 
 
 def students_to_build(cfg: Config) -> list[str]:
-    from cousins.models import RECIPE_FILE
+    """Distilled cousins without a build, or built from another build of the original."""
+    from cousins.models import read_build
 
-    return [n for n, c in cfg.cousins.items()
-            if c.build == TINY_STUDENT and not os.path.exists(os.path.join(c.path, RECIPE_FILE))]
+    teacher = read_build(cfg.model.path)
+    return [n for n, c in cfg.cousins.items() if c.build == TINY_STUDENT
+            and ((done := read_build(c.path)) is None or done.get("teacher_build") != teacher)]
 
 
 def teacher_data_config(cfg: Config, run_id: str) -> Config:

@@ -171,16 +171,24 @@ def read_recipe(path: str | os.PathLike) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
+def is_current(out_dir: str | os.PathLike, src_dir: str | os.PathLike, recipe: str) -> bool:
+    """Whether `out_dir` holds a complete `recipe` build of the model now at `src_dir` (the source's
+    own marker unchanged: a rebuilt original makes its cousins stale)."""
+    done = read_recipe(out_dir)
+    return (done is not None and done.get("recipe") == recipe and done.get("source") == str(Path(src_dir).resolve())
+            and done.get("source_recipe") == read_recipe(src_dir))
+
+
 def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: str) -> Path:
     """Build the `recipe` cousin of the HF model at `src_dir` into `out_dir` and return `out_dir`.
 
-    Idempotent: a complete build of the same recipe at `out_dir` is returned as is. The build goes to
+    Idempotent: a complete build of the same recipe from the same source build (is_current) at
+    `out_dir` is returned as is; a build from another source or an older build of it is replaced. The build goes to
     a temporary sibling directory that is renamed into place; the marker is written last."""
     if recipe not in RECIPES:
         raise KeyError(f"unknown quantization recipe {recipe!r}; known: {sorted(RECIPES)}")
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
-    done = read_recipe(out)
-    if done is not None and done.get("recipe") == recipe:
+    if is_current(out, src, recipe):
         return out
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"model directory not found: {src} has no config.json")

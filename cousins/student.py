@@ -291,7 +291,11 @@ def _eval_loss(model, examples: list[_Example], pad: int, recipe: StudentRecipe)
 
 
 def _settings(recipe: StudentRecipe, teacher_dir: Path, fingerprint: str) -> dict:
-    return {"recipe": TINY_STUDENT, **asdict(recipe), "teacher": str(teacher_dir), "data_fingerprint": fingerprint}
+    from cousins.models import read_build
+
+    return {"recipe": TINY_STUDENT, **asdict(recipe), "teacher": str(teacher_dir),
+            "teacher_build": read_build(teacher_dir),  # the teacher's own marker: a rebuilt teacher, a new student
+            "data_fingerprint": fingerprint}
 
 
 def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, data: pa.Table, *,
@@ -305,7 +309,7 @@ def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, da
     came from, for the recipe file) defaults to what read_teacher_data recorded on the table.
     The build goes to a temporary sibling directory renamed into place; `cousins_recipe.json` is
     written last. If `out_dir` already holds a build with the
-    same settings (recipe, teacher, data fingerprint), it is returned untouched.
+    same settings (recipe, teacher and its build, data fingerprint), it is returned untouched.
     """
     import torch
     from transformers import AutoTokenizer

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import compose
 from cousins.config import CousinConfig, ConfigError, resolve_paths, to_config, validate
-from cousins.family import check_vocabularies, teacher_data_config
+from cousins.family import check_vocabularies, students_to_build, teacher_data_config
 from cousins.plan import model_entries, reordered_batch_size
 from cousins.records import NOISE_FLOOR
 
@@ -81,3 +81,18 @@ def test_teacher_data_run_is_the_original_alone_on_the_distill_corpus(tiny_teach
     assert t.cousins == {} and t.run.run_id == "r1.teacher-data" and t.corpus.path.endswith("demo-distill.jsonl")
     assert cfg.run.sampling.temperature == 0 and t.run.sampling.temperature > 0 and t.run.sampling.logprobs >= 5
     assert cfg.cousins and cfg.corpus.path.endswith("demo.jsonl")  # the original config is untouched
+
+
+def test_a_student_of_another_teacher_build_is_trained_again(tiny_teacher, tmp_path):
+    from cousins.models import RECIPE_FILE, read_build
+
+    student = tmp_path / "student"
+    cfg = drift_config(tiny_teacher, "cousins=none",
+                       f"+cousins.s={{build:tiny-student,kind:distilled,path:'{student}'}}")
+    assert students_to_build(cfg) == ["s"]  # none built
+    student.mkdir()
+    marker = student / RECIPE_FILE
+    marker.write_text(json.dumps({"recipe": "tiny-student", "teacher_build": read_build(tiny_teacher)}))
+    assert students_to_build(cfg) == []
+    marker.write_text(json.dumps({"recipe": "tiny-student", "teacher_build": {"train_steps": 150}}))
+    assert students_to_build(cfg) == ["s"]  # trained on an older teacher

@@ -1,7 +1,15 @@
 import json
+import random
 from dataclasses import replace
 
-from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, demo_records, distill_records, write_demo_corpus
+import pytest
+
+from conftest import hide_context_proxies
+from cousins import models
+from cousins.demo_corpus import (DEMO_PATH, DISTILL_PATH, add_answer, add_prompt, demo_records, distill_records,
+                                 reverse_letters, write_demo_corpus)
+from cousins.drift.metrics import is_correct
+from cousins.lessons import held_out, lessons
 from cousins.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
 
 
@@ -20,14 +28,49 @@ def test_demo_corpus_has_several_kinds_and_references():
     records = demo_records()
     assert 250 <= len(records) <= 400
     cats = {r["category"] for r in records}
-    assert {"arithmetic", "factual", "code_completion", "code_instruction", "open_ended"} <= cats
+    assert {"arithmetic", "factual", "code_completion", "string_transform", "code_instruction", "open_ended"} <= cats
     labelled = [r for r in records if r.get("reference")]
-    assert {r["category"] for r in labelled} == {"arithmetic", "factual", "code_completion"}
+    assert {r["category"] for r in labelled} == {"arithmetic", "factual", "code_completion", "string_transform"}
+    assert len(labelled) >= 200 and len(records) - len(labelled) >= 90  # the open prompts stay
     assert len({json.dumps(r.get("prompt") or r["messages"]) for r in records}) == len(records)
 
 
+def test_lessons_hold_out_the_demos_additions_and_reversals_and_teach_its_look_ups():
+    r = RECIPES["tiny-teacher"]
+    taught = lessons(random.Random(r.seed), r.train_steps * r.batch_size)  # what the default build sees
+    users = {c[-2]["content"] for c in taught}
+    answers = {c[-1]["content"] for c in taught}
+    demo = {r["prompt"]: r for r in demo_records() if r.get("reference")}
+    adds = [p for p in demo if " + " in p]
+    reversals = [r["reference"] for r in demo.values() if r["category"] == "string_transform"]
+    assert len(adds) >= 50 and len(reversals) >= 20
+    swapped = {add_prompt(*reversed([int(x) for x in p.removeprefix("What is ").removesuffix("?").split(" + ")]))
+               for p in adds}
+    assert not users & (set(adds) | swapped)  # neither a + b nor b + a
+    assert not (set(reversals) | {reverse_letters(x) for x in reversals}) & answers  # no run, either way
+    assert held_out()["reverse"] >= set(reversals) and len(held_out()["add"]) >= len(adds)
+    facts = [p for p, r in demo.items() if r["category"] in ("factual", "code_completion")]
+    assert facts and all(p in users for p in facts)  # look-ups are taught whole
+    times = [p for p in demo if " times " in p]
+    assert sum(p in users for p in times) >= 0.9 * len(times)  # the times table: drawn at random, nearly whole
+
+
+def test_worked_additions_say_the_sum_only_at_the_end():
+    """A digit-by-digit answer counts as correct for its sum, and none of its steps could pass for it."""
+    for a in range(10, 100):
+        for b in range(10, 100):
+            text = add_answer(a, b)
+            steps, said = text.rsplit(" = ", 1)
+            assert said == str(a + b) and is_correct(text, str(a + b))
+            assert not is_correct(steps, str(a + b)), text
+    assert add_answer(51, 99) == "1 + 9 = 10, 5 + 9 + 1 = 15, so 51 + 99 = 150"
+
+
+SMALL = replace(RECIPES["tiny-teacher"], train_steps=3, batch_size=8, corpus_files=20, vocab_size=600)
+
+
 def test_tiny_model_build_is_deterministic_from_its_seed(tmp_path):
-    small = replace(RECIPES["tiny-teacher"], train_steps=3, corpus_files=20, vocab_size=600)
+    small = SMALL
     a = build_tiny_llama(tmp_path / "a", small)
     b = build_tiny_llama(tmp_path / "b", small)
     c = build_tiny_llama(tmp_path / "c", replace(small, seed=1))
@@ -51,7 +94,52 @@ def test_tiny_teacher_is_a_llama_of_about_a_million_parameters_with_a_chat_templ
 
 
 def test_ensure_model_names_a_missing_path(tmp_path):
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         ensure_model(str(tmp_path / "no-such-model"), None)
+
+
+def test_ensure_model_builds_again_when_the_recipe_or_the_lessons_change(tmp_path, monkeypatch):
+    path = str(tmp_path / "teacher")
+    monkeypatch.setitem(RECIPES, "tiny-teacher", SMALL)
+    assert ensure_model(path, "tiny-teacher") is True
+    assert ensure_model(path, "tiny-teacher") is False and models.is_current(path, "tiny-teacher")
+    assert not models.is_current(path, "tiny-teacher", seed=1)
+    monkeypatch.setitem(RECIPES, "tiny-teacher", replace(SMALL, train_steps=2))
+    assert ensure_model(path, "tiny-teacher") is True and models.read_build(path)["train_steps"] == 2
+    monkeypatch.setattr("cousins.lessons.WEIGHTS", {"capital": 1.0})
+    assert not models.is_current(path, "tiny-teacher")  # other lessons
+    assert ensure_model(path, "tiny-teacher") is True
+
+
+# --- integration: the teacher knows its answers and is sure of them -------------------------------
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_tiny_teacher_answers_the_labelled_demo_prompts_and_keeps_its_mass_in_its_top_20(tiny_teacher, monkeypatch):
+    """Greedy in vLLM on the whole demo corpus, as the drift job decodes it (run=greedy, 64 tokens):
+    at least 60% of the labelled prompts answered correctly, and on average at least 95% of the
+    teacher's probability in its top-20 at every position of its own answers (the mass the top-k
+    drift metrics see)."""
+    import math
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    records = demo_records()
+    texts = [tok.apply_chat_template(r.get("messages") or [{"role": "user", "content": r["prompt"]}],
+                                     add_generation_prompt=True, tokenize=False) for r in records]
+    with hide_context_proxies():  # the suite's S3 server put Flask proxies in this process
+        llm = LLM(model=tiny_teacher, dtype="float32", max_model_len=256, kv_cache_memory_bytes=256 << 20,
+                  enforce_eager=True, distributed_executor_backend="uni", max_logprobs=20,
+                  logprobs_mode="raw_logprobs", seed=0)
+    outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=64, logprobs=20))
+    labelled = [(r, o) for r, o in zip(records, outs) if r.get("reference")]
+    accuracy = sum(is_correct(o.outputs[0].text, r["reference"]) for r, o in labelled) / len(labelled)
+    masses = [sum(math.exp(lp.logprob) for lp in sorted(pos.values(), key=lambda lp: -lp.logprob)[:20])
+              for o in outs for pos in o.outputs[0].logprobs]
+    top20 = sum(masses) / len(masses)
+    print(f"tiny teacher on the demo: {accuracy:.1%} of {len(labelled)} labelled prompts correct; "
+          f"top-20 mass {top20:.4f} over {len(masses)} answer tokens")
+    assert accuracy >= 0.6 and top20 >= 0.95

@@ -98,6 +98,26 @@ def test_build_rtn(recipe, bits, tiny_teacher, tmp_path):
     assert (out / RECIPE_FILE).stat().st_mtime_ns == stamp
 
 
+def test_a_rebuilt_original_makes_its_quantized_cousins_stale(tiny_teacher, tmp_path):
+    """A cousin remembers the original's build marker; a new build of the original (another
+    recipe, other lessons) is built from again, as is another original."""
+    import shutil
+
+    from cousins.quantize import is_current
+
+    src = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, src)
+    out = build_quantized(src, tmp_path / "int8", "rtn-int8")
+    assert is_current(out, src, "rtn-int8") and not is_current(out, src, "rtn-int4")
+    assert not is_current(out, tiny_teacher, "rtn-int8")  # another original
+    marker = json.loads((src / RECIPE_FILE).read_text())
+    (src / RECIPE_FILE).write_text(json.dumps({**marker, "train_steps": marker["train_steps"] + 1}))
+    assert not is_current(out, src, "rtn-int8")
+    stamp = (out / RECIPE_FILE).stat().st_mtime_ns
+    build_quantized(src, out, "rtn-int8")
+    assert is_current(out, src, "rtn-int8") and (out / RECIPE_FILE).stat().st_mtime_ns != stamp
+
+
 @pytest.mark.parametrize("recipe, fmt, dtype", [("w8a8-int8", "int-quantized", torch.int8),
                                                 ("fp8-dynamic", "float-quantized", torch.float8_e4m3fn)])
 def test_build_compressed_tensors(recipe, fmt, dtype, tiny_teacher, tmp_path):

@@ -47,8 +47,10 @@ def check_vocabularies(cfg: Config) -> None:
     if original is None:
         return
     problems = []
+    rebuilt = set(students_to_build(cfg))  # a student of an older build is trained again, on this tokenizer
     for name, c in cfg.cousins.items():
-        if c.text_only or c.path is None or not os.path.exists(os.path.join(c.path, "config.json")):
+        if (c.text_only or c.path is None or name in rebuilt
+                or not os.path.exists(os.path.join(c.path, "config.json"))):
             continue
         vocab = _vocab(c.path)
         if vocab is not None and vocab != original:

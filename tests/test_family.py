@@ -96,3 +96,27 @@ def test_a_student_of_another_teacher_build_is_trained_again(tiny_teacher, tmp_p
     assert students_to_build(cfg) == []
     marker.write_text(json.dumps({"recipe": "tiny-student", "teacher_build": {"train_steps": 150}}))
     assert students_to_build(cfg) == ["s"]  # trained on an older teacher
+
+
+def test_a_stale_student_is_not_refused_for_its_old_tokenizer_it_is_trained_again(tiny_teacher, tmp_path):
+    """After the original is rebuilt (a new tokenizer), its student still holds the old one until
+    it is trained again: the vocabulary check lets it through because it will be rebuilt."""
+    from cousins.models import RECIPE_FILE
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_teacher, student)
+    tok = json.loads((student / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (student / "tokenizer.json").write_text(json.dumps(tok))
+    (student / RECIPE_FILE).write_text(json.dumps({"recipe": "tiny-student", "teacher_build": {"train_steps": 1}}))
+    cfg = drift_config(tiny_teacher, "cousins=none",
+                       f"+cousins.s={{build:tiny-student,kind:distilled,path:'{student}'}}")
+    assert students_to_build(cfg) == ["s"]
+    check_vocabularies(cfg)  # stale: trained again before it is compared
+    from cousins.models import read_build
+
+    (student / RECIPE_FILE).write_text(json.dumps({"recipe": "tiny-student", "teacher_build": read_build(tiny_teacher)}))
+    with pytest.raises(ConfigError):
+        check_vocabularies(cfg)  # current, yet another vocabulary: refused

@@ -141,9 +141,9 @@ def _autoscaler_running() -> bool:
         status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
         report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
         return bool(report) and not report.get("legacy", True)
-    except Exception as e:  # an internal API: then as if none, and a pool that cannot fit is refused
-        log.debug("no autoscaler status: %s", e)
-        return False
+    except Exception as e:  # an internal API: when it cannot tell, nothing is refused up front (the
+        log.debug("no autoscaler status: %s", e)  # pool then fails after engine.start_timeout_s instead)
+        return True
 
 
 @contextmanager

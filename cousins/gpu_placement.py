@@ -124,13 +124,18 @@ def cluster_shapes() -> list[NodeShape]:
 ANY_NODE = NodeShape(gpus=1e6, cpus=1e6, count=None, autoscaled=True)
 
 
-def _autoscaler_running() -> bool:
+MONITOR_WAIT_S = 15  # a new cluster's monitor publishes its first report within seconds (every 5 s by default)
+
+
+def _autoscaler_running(wait_s: float = MONITOR_WAIT_S) -> bool:
     """An autoscaler with node types serves this cluster: Ray's v1 monitor publishes its report in
-    the GCS, marked `legacy` when it only watches the nodes there are (a local or `ray start`
-    cluster: its read-only provider); v2 is switched on by RAY_enable_autoscaler_v2 on the head
-    (as KubeRay sets it)."""
+    the GCS, naming each node's type; a monitor that only watches the nodes there are (a local or
+    `ray start` cluster without an autoscaling config: its read-only provider) names each node's
+    type after the node itself. v2 is switched on by RAY_enable_autoscaler_v2 on the head (as
+    KubeRay sets it). A cluster too new to have a report is waited for; without one, True."""
     import json
     import os
+    import time
 
     if os.environ.get("RAY_enable_autoscaler_v2") == "1":
         return True
@@ -138,9 +143,14 @@ def _autoscaler_running() -> bool:
         from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
         from ray.experimental.internal_kv import _internal_kv_get
 
-        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
-        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
-        return bool(report) and not report.get("legacy", True)
+        deadline = time.monotonic() + wait_s
+        while (status := _internal_kv_get(DEBUG_AUTOSCALING_STATUS)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        report = (json.loads(status) if status else {}).get("autoscaler_report")
+        if report is None:
+            return True
+        types = report.get("node_type_mapping") or {}
+        return any(kind != f"node_{node}" for node, kind in types.items())
     except Exception as e:  # an internal API: when it cannot tell, nothing is refused up front (the
         log.debug("no autoscaler status: %s", e)  # pool then fails after engine.start_timeout_s instead)
         return True

@@ -66,15 +66,18 @@ def test_an_autoscaler_node_type_that_holds_an_engine_lets_the_pool_wait_for_it(
 
 
 def test_an_autoscaler_is_told_from_the_monitor_that_only_watches_a_local_cluster(monkeypatch):
+    """(The local case's report is what `ray.init(address="local")` publishes; the autoscaler case's
+    what the fake multi-node autoscaler of test_cluster publishes, both read on Ray 2.60.)"""
     import ray.experimental.internal_kv as kv
 
     from cousins import gpu_placement
 
     monkeypatch.delenv("RAY_enable_autoscaler_v2", raising=False)
-    for status, running in ((None, False), ('{"autoscaler_report": {"legacy": true}}', False),
-                            ('{"autoscaler_report": {"legacy": false, "pending_nodes": []}}', True)):
+    local = '{"autoscaler_report": {"legacy": true, "node_type_mapping": {"ab12": "node_ab12"}}}'
+    typed = '{"autoscaler_report": {"legacy": true, "node_type_mapping": {"ab12": "ray.head.default"}}}'
+    for status, running in ((None, True), (local, False), (typed, True)):
         monkeypatch.setattr(kv, "_internal_kv_get", lambda key, status=status: status)
-        assert gpu_placement._autoscaler_running() is running, status
+        assert gpu_placement._autoscaler_running(wait_s=0.1) is running, status  # no report yet: not refused
     monkeypatch.setenv("RAY_enable_autoscaler_v2", "1")
     assert gpu_placement._autoscaler_running() is True
 

@@ -142,7 +142,7 @@ def stage_kld(run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec,
     from cousins.ledger import new_ledger
     from cousins.progress import Bar, watch
     from cousins.run import publish_part
-    from cousins.stages import LIGHT_TASK_CPUS, _blocks, _ledger_poll, _run_pool
+    from cousins.stages import LIGHT_TASK_CPUS, _blocks, _finish_scores, _ledger_poll, _run_pool
     from cousins.storage import data_files
 
     out = run.layout.kld(entry.name)
@@ -167,12 +167,5 @@ def stage_kld(run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec,
             retries = ray.get(ledger.report.remote(f"kld:{entry.name}"))
     finally:
         ray.kill(ledger)
-    t = run.verify(out, expected, f"exact KLD of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s",
-                                                                   "error"])
-    d = t.to_pydict()
-    done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
-                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=time.perf_counter() - t0,
-                      batch_size=where.batch_size, reordered=False, retries=retries)
-    run.finish(out, done)
-    return done
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries, what="exact KLD")
 

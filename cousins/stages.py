@@ -308,8 +308,8 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
 
 
 def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,
-                   retries: dict) -> ScoresDone:
-    t = run.verify(out, expected, f"scores of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
+                   retries: dict, what: str = "scores") -> ScoresDone:
+    t = run.verify(out, expected, f"{what} of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
     d = t.to_pydict()
     done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
                       engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=wall_s,

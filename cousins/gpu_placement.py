@@ -99,24 +99,13 @@ def check_fits(where: Placement, shapes: list[NodeShape]) -> str:
 
 
 def cluster_shapes() -> list[NodeShape]:
-    """The alive nodes' resources and the node types the cluster's autoscaler may add (if any)."""
+    """The alive nodes' resources, and any node an autoscaler serving the cluster may add."""
     import ray
 
     shapes = [NodeShape(gpus=n["Resources"].get("GPU", 0.0), cpus=n["Resources"].get("CPU", 0.0))
               for n in ray.nodes() if n.get("Alive")]
-    try:  # the autoscaler's node types: what Ray Data's own autoscaling reads (KubeRay, ray up)
-        import ray._private.state
-
-        config = ray._private.state.state.get_cluster_config()
-        for group in (config.node_group_configs if config else []):
-            if group.max_count != 0 and (group.max_count == -1 or group.max_count > group.min_count):
-                r = dict(group.resources)
-                shapes.append(NodeShape(gpus=float(r.get("GPU", 0)), cpus=float(r.get("CPU", 0)), count=None,
-                                        autoscaled=True))
-    except Exception as e:  # an internal API: without it, only the nodes there now count
-        log.debug("no autoscaler node types: %s", e)
-    if not any(s.autoscaled for s in shapes) and _autoscaler_running():
-        shapes.append(ANY_NODE)  # node types unknown (Ray's autoscaler v1 does not publish them)
+    if _autoscaler_running():
+        shapes.append(ANY_NODE)  # its node types are not published (Ray 2.60's autoscalers do not)
     return shapes
 
 

@@ -10,8 +10,8 @@ for one engine, and on a node of exactly N the engine waits forever for the last
 Tensor-parallel workers talk at every layer, so an engine with pipeline_parallel_size = 1 is kept to
 one node (STRICT_PACK); with pipeline stages it may span nodes (PACK: together where they fit).
 
-Before a stage starts, `check_fits` compares the request with the cluster's nodes (and the node
-types an autoscaler may add); a request no node shape can hold is refused at once, naming the
+Before a stage starts, `check_fits` compares the request with the cluster's nodes (any node, when
+an autoscaler serves the cluster); a request no node shape can hold is refused at once, naming the
 shape, instead of a pool that waits for resources that never come. The groups are made before Ray
 Data starts, waited for up to engine.start_timeout_s, handed to the pool's actors one each, and
 removed when the stage ends, so the next stage's engines find the GPUs free.

@@ -112,6 +112,12 @@ def summary_table(result: RunResult) -> str:
         if r and (r["batches_retried"] or r["engine_starts"] > r["engine_actors"]):
             notes.append(f"{s.model}: {r['batches_retried']} batches ({r['rows_retried']} rows) retried, "
                          f"{r['engine_starts']} engine starts")
+    leads = [(s.retries["first_batch_at_s"], s.wall_s) for s in result.models
+             if s.retries and s.retries.get("first_batch_at_s") is not None]
+    if leads:
+        lead, wall = sum(a for a, _ in leads), sum(b for _, b in leads)
+        notes.append(f"before the first batch (Ray Data and engine actors starting, models loading): "
+                     f"{lead:.1f} s of {wall:.1f} s wall over {len(leads)} generation stage(s)")
     verb = {"new": "committed", "resumed": "resumed and committed", "committed": "was already committed"}[result.state]
     foot = ["actor-s: engine actor-seconds of this attempt (GPU-seconds on GPU engines); tok/correct: output "
             "tokens per correct answer on labelled prompts; cost needs cost.price_per_accelerator_hour",

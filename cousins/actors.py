@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,7 @@ def _node_id() -> str | None:
 
 def _load(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
     """(the engine, None), or (None, the reason) when loading fails and that is tolerated."""
+    began = time.time()
     try:
         llm = backend.load(spec)
     except Exception as e:  # noqa: BLE001 - reported as the model's row errors when tolerated
@@ -100,7 +102,7 @@ def _load(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
     if ledger is not None:
         import ray
 
-        ray.get(ledger.engine_started.remote(spec.model_name))
+        ray.get(ledger.engine_started.remote(spec.model_name, began, time.time()))
     return llm, None
 
 

@@ -4,7 +4,10 @@ Engine actors report each start and each batch they begin. A batch begun twice w
 actor died, or its task failed and Ray ran it again); an engine started more often than the pool
 has actors was restarted. The run's summary and manifest say so. Each batch's end comes with its
 tokens, so the ledger also knows each actor's working window (first batch begun to last done):
-the steady-state rate the benchmark reports, start-up excluded.
+the steady-state rate the benchmark reports, start-up excluded. With each engine's load (from the
+call that loads it to ready) and the ledger's own creation (just before the stage's pool starts),
+the report splits a stage's wall time into the lead-in before its first batch, each engine's load,
+and the working window.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ def batch_key(batch: pa.Table) -> str:
 
 class Ledger:
     def __init__(self):
+        self.created = time.time()  # the stage's pool is about to start
         self.starts: Counter = Counter()
+        self.loads: dict[str, list[tuple[float, float]]] = {}  # model -> (load began, ready) per engine
         self.batches: Counter = Counter()
         self.rows: dict[str, int] = {}
         self.peak_rss: Counter = Counter()  # model -> the largest engine process RSS seen (bytes)
@@ -43,8 +48,11 @@ class Ledger:
         self.engines_broken: Counter = Counter()  # model -> engines that raised while stepping
         self.break_reasons: dict[str, str] = {}  # model -> the last reason an engine broke
 
-    def engine_started(self, model: str) -> None:
+    def engine_started(self, model: str, began: float | None = None, ready: float | None = None) -> None:
+        """An engine is loaded; `began`/`ready`: when its load was called and returned (epoch s)."""
         self.starts[model] += 1
+        if began is not None and ready is not None:
+            self.loads.setdefault(model, []).append((began, ready))
 
     def batch_started(self, model: str, key: str, rows: int, actor: str | None = None) -> None:
         now = time.time()
@@ -106,7 +114,24 @@ class Ledger:
             "actors": actors,
             "steady_tokens_per_s": (sum(a["tokens"] / a["window_s"] for a in actors.values())
                                     if actors and all(a["window_s"] > 0 for a in actors.values()) else None),
+            **self.timeline(model),
         }
+
+    def timeline(self, model: str) -> dict:
+        """Where the stage's time before and around the working window went, in seconds from the
+        ledger's creation (the pool about to start): each engine's load began and ready (the lead
+        before a load is Ray's scheduling and the actor's process start), the first batch begun and
+        the last done. A few numbers per engine."""
+        t0 = self.created
+        loads = sorted(self.loads.get(model, []), key=lambda x: x[1])
+        out = {"engine_load_s": [round(r - b, 2) for b, r in loads],
+               "engine_ready_at_s": [round(r - t0, 2) for _, r in loads],
+               "engine_load_began_at_s": [round(b - t0, 2) for b, _ in loads]}
+        if model in self.first_start:
+            out["first_batch_at_s"] = round(self.first_start[model] - t0, 2)
+        if model in self.last_end:
+            out["last_batch_done_at_s"] = round(self.last_end[model] - t0, 2)
+        return out
 
 
 def peak_rss_bytes() -> int:

@@ -59,6 +59,8 @@ def main(dcfg: DictConfig) -> None:
         ray.shutdown()  # the two-node comparison brings its own local cluster
         for i, rep in enumerate(reps):
             rep["two_nodes"] = bench.two_nodes(cfg, b.prompts, f"{tag}-{i}")
+            if b.two_node_long_samples > 1:
+                rep["two_nodes_long"] = bench.two_nodes(cfg, b.prompts, f"{tag}-{i}-long", b.two_node_long_samples)
             save(reps)
     if b.scale and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         import ray

@@ -142,9 +142,11 @@ def test_prompts_of_every_length_generate_at_full_batch_size(actor):
 def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
     import cousins.ledger as ledger
 
-    clock = iter([0.0, 5.0, 10.0, 15.0, 20.0, 30.0])  # a starts at 0, b at 5 (it loaded later)
+    clock = iter([-12.0, 0.0, 5.0, 10.0, 15.0, 20.0, 30.0])  # made at -12; a starts at 0, b at 5
     monkeypatch.setattr(ledger.time, "time", lambda: next(clock))
     led = Ledger()
+    led.engine_started("m", -10.0, -1.0)  # a's engine loaded in 9 s
+    led.engine_started("m", -9.0, 4.0)  # b's in 13 s (two loads at once on one machine)
     led.batch_started("m", "k1", 8, "a")
     led.batch_started("m", "k2", 8, "b")
     led.batch_done("m", 1 << 20, "a", 100)  # 10
@@ -155,6 +157,11 @@ def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
     assert r["actors"] == {"a": {"window_s": 30.0, "tokens": 300}, "b": {"window_s": 15.0, "tokens": 150}}
     assert r["steady_tokens_per_s"] == pytest.approx(300 / 30 + 150 / 15)
     assert r["busy_window_s"] == 30.0 and r["batches"] == 3 and r["peak_rss_mib"] == 2.0
+    # the stage's timeline from the ledger's creation: loads, first batch, last batch done
+    assert r["engine_starts"] == 2 and r["engine_load_s"] == [9.0, 13.0]
+    assert r["engine_load_began_at_s"] == [2.0, 3.0] and r["engine_ready_at_s"] == [11.0, 16.0]
+    assert r["first_batch_at_s"] == 12.0 and r["last_batch_done_at_s"] == 42.0
+    assert led.report("other") == {**led.report("other"), "engine_load_s": [], "engine_starts": 0}
 
 
 @pytest.mark.integration

@@ -93,7 +93,7 @@ def test_summary_table_reports_resumed_rows_and_retries():
     stats = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=1, prompt_tokens=100,
                        output_tokens=400, wall_s=2.0, engine_s=1.0, new_rows=12, new_output_tokens=240,
                        retries={"engine_starts": 2, "batches": 3, "batches_retried": 1, "rows_retried": 4,
-                                "engine_actors": 1})
+                                "engine_actors": 1, "first_batch_at_s": 1.5})
     text = summary_table(RunResult("r", "/x/runs/r", 11, 10, 1, [stats], state="resumed"))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["model", "prompts", "samples"]
@@ -101,6 +101,7 @@ def test_summary_table_reports_resumed_rows_and_retries():
     assert lines[2].split() == ["m", "10", "2", "20", "1", "400", "120.0", "400.0", "0.0", "21.1", "-", "-"]
     assert "m: 8 rows from an earlier attempt, 12 generated now" in text
     assert "m: 1 batches (4 rows) retried, 2 engine starts" in text
+    assert "models loading): 1.5 s of 2.0 s wall over 1 generation stage(s)" in text
     assert text.endswith("run r resumed and committed at /x/runs/r")
 
 

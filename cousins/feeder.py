@@ -22,6 +22,35 @@ BATCHES_IN_FLIGHT = 2
 
 
 
+class Gate:
+    """The lock around an engine's steps and enqueues, and how many callers wait for it. Engines
+    whose cores run in one process must share one: vLLM keeps the forward context (each attention
+    layer's metadata, by layer name) in a module global, so two engines stepping at once in two
+    threads of one process read each other's metadata and return wrong numbers."""
+
+    def __init__(self):
+        self.lock, self.count = threading.Lock(), threading.Lock()
+        self.arriving = 0  # callers waiting for the lock; a thread that holds it yields to them
+        self.shared = False  # more than one engine steps under it: steppers queue as callers do
+
+    def waiting(self) -> bool:
+        return self.arriving > 0
+
+    @contextmanager
+    def turn(self):
+        with self.count:
+            self.arriving += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self.count:
+                self.arriving -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+
 class EngineBroken(RuntimeError):
     """The engine raised while stepping; it is unusable from then on. `during`: this call's
     requests were in the engine at that step (False: the engine was already broken when the call
@@ -42,37 +71,29 @@ class Feeder:
     conversion overlaps the next one's generation. Each step's time is split evenly over the
     calls with requests in it: `run` returns the engine seconds its batch was charged."""
 
-    def __init__(self, llm):
-        self.llm, self.lock = llm, threading.Lock()
+    def __init__(self, llm, gate: Gate | None = None):
+        """`gate`: one shared with the feeders of other engines whose cores run in this process
+        (see Gate); they then step one at a time."""
+        self.gate = gate or Gate()
+        if gate is not None:
+            gate.shared = True
+        self.llm, self.lock = llm, self.gate.lock
         self.finished: dict[str, Any] = {}  # request id -> its final output, until its call takes it
         self.owner: dict[str, object] = {}  # request id -> the call that enqueued it
         self.pending: dict[object, int] = {}  # call -> its requests not finished yet
         self.charged: dict[object, float] = {}  # call -> engine seconds so far
         self.most_calls = 0  # the most calls seen in the engine at once
-        self.arriving = 0  # calls waiting for the lock to tokenize or enqueue; the step loop yields to them
-        self._count = threading.Lock()
         self.broken: BaseException | None = None  # what the engine raised while stepping, once it did
         self.broken_with = 0  # the calls in the engine when it broke
         self.recorded, self.records = threading.Condition(), 0  # how many of those have told the ledger
         self.solo: object | None = None  # the call that has the engine to itself (see run)
 
-    @contextmanager
     def turn(self):
         """The engine lock for work between steps: enqueueing, and the actor's own tokenizing (the
         engine detokenizes inside step() with stop strings, and HF fast tokenizers are not safe to
         share across threads). A thread stepping the engine lets such a caller in before its next
         step; Python's lock is not fair, and the stepping thread would otherwise win it back."""
-        with self._count:
-            self.arriving += 1
-        try:
-            self.lock.acquire()
-        finally:
-            with self._count:
-                self.arriving -= 1
-        try:
-            yield
-        finally:
-            self.lock.release()
+        return self.gate.turn()
 
     def run(self, prompts: list, params, solo: bool = False) -> tuple[list, float]:
         """(RequestOutputs in the order of `prompts`, engine seconds charged to this call).
@@ -98,7 +119,8 @@ class Feeder:
             time.sleep(0.01)  # another call has the engine to itself, or this one waits for it to empty
         try:
             while True:
-                with self.lock:
+                # A shared gate: this call's steps queue behind the other engines' like a caller's.
+                with (self.gate.turn() if self.gate.shared else self.lock):
                     if self.broken is not None:
                         raise EngineBroken(self.broken, during=True)
                     if not self.pending[me]:
@@ -120,7 +142,7 @@ class Feeder:
                         if out.finished and out.request_id in self.owner:
                             self.finished[out.request_id] = out
                             self.pending[self.owner.pop(out.request_id)] -= 1
-                if self.arriving:
+                if self.gate.waiting():
                     time.sleep(0.0005)  # let the waiting caller take the lock
         finally:
             with self.lock:

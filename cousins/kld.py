@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from cousins import actors, schema
-from cousins.engine import EngineSpec, Placement, VllmBackend
-from cousins.feeder import Feeder
+from cousins.engine import CORE_ENV, EngineSpec, Placement, VllmBackend
+from cousins.feeder import Feeder, Gate
 from cousins.records import ModelEntry, ScoresDone
 
 ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
@@ -74,7 +74,10 @@ class KldActor(actors.EngineRunner):
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
                                          flat_logprobs=True)
             self.tokenizer = self.reference.get_tokenizer()  # the original's positions, for both
-            self.feeder, self.ref_feeder = Feeder(self.llm), Feeder(self.reference)
+            # Cores in this process (vLLM's in-process engine core) must not step at once: they
+            # would share vLLM's global forward context. In processes of their own they may.
+            gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
+            self.feeder, self.ref_feeder = Feeder(self.llm, gate), Feeder(self.reference, gate)
         self.actor = f"{actors._node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -111,3 +111,86 @@ def test_exact_kld_on_vllm_equals_transformers_in_float64(tiny_teacher, tmp_path
         ref += full.tolist()
     assert np.mean(mine) == pytest.approx(np.mean(ref), rel=0.01)
     print(f"\nexact KLD over {len(ref)} tokens: mean {np.mean(mine):.6g} (transformers float64 {np.mean(ref):.6g})")
+
+
+def _overlap_probe(actor):
+    """Wrap the step of both engines of a KldActor: the most steps ever inside at once."""
+    import threading
+    import time
+
+    state = {"inside": 0, "most": 0}
+    lock = threading.Lock()
+
+    def wrap(step):
+        def probed():
+            with lock:
+                state["inside"] += 1
+                state["most"] = max(state["most"], state["inside"])
+            try:
+                time.sleep(0.004)  # a forward pass's time, in which another thread may enter
+                return step()
+            finally:
+                with lock:
+                    state["inside"] -= 1
+        return probed
+
+    for llm in (actor.llm, actor.reference):
+        llm.llm_engine.step = wrap(llm.llm_engine.step)
+    return state
+
+
+def _staggered(actor, batches):
+    """Each batch through `actor` in its own thread, started 5 ms apart (as Ray Data's batches
+    arrive: one call scores on the original's engine while another is on the cousin's)."""
+    import threading
+    import time
+
+    out: dict = {}
+    threads = [threading.Thread(target=lambda i, t: out.__setitem__(i, actor(t)), args=(i, t))
+               for i, t in enumerate(batches)]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join(timeout=120)
+    return [out[i] for i in range(len(batches))]
+
+
+def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
+    """vLLM keeps its forward context in a module global: two in-process engines stepping at once
+    in two threads read each other's attention metadata (a run's exact KLD had a fifth of one
+    stage's rows at up to 14.5 nats that a recompute put at 0.0003). The actor's two engines share
+    one gate, so with Ray Data's concurrent batches their steps still take turns, and the numbers
+    are those of the batches one at a time."""
+    from cousins import actors
+    from cousins.engine import CORE_ENV, EngineSpec, Sampling
+    from cousins.feeder import Feeder
+    from cousins.kld import KldActor
+    from fake_engine import FakeBackend
+    from test_actors import rows
+
+    monkeypatch.setenv(CORE_ENV, "0")  # the engine cores run in the actor's process
+    spec = EngineSpec(model_name="orig", model_path="/models/orig", dtype="float32", quantization=None,
+                      max_model_len=96, kv_cache_bytes=0, tensor_parallel_size=1, max_num_seqs=4,
+                      enforce_eager=True, max_logprobs=20)
+    cousin = EngineSpec(**{**spec.__dict__, "model_name": "cousin", "model_path": "/models/cousin"})
+    gen = actors.EngineActor(spec, Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
+                             backend=FakeBackend())
+    batches = [gen(rows(8, 8 * i)) for i in range(6)]
+    one_at_a_time = [KldActor(spec, cousin, backend=FakeBackend())(b) for b in batches]
+
+    kld = KldActor(spec, cousin, backend=FakeBackend())
+    probe = _overlap_probe(kld)
+    together = _staggered(kld, batches)
+    assert probe["most"] == 1
+    for a, b in zip(together, one_at_a_time):
+        assert a.column("kld_tokens").to_pylist() == b.column("kld_tokens").to_pylist()
+        assert a.column("error").null_count == a.num_rows
+    assert sum(len(x) for t in together for x in t.column("kld_tokens").to_pylist()) > 0
+
+    # The probe sees overlap where it happens: the same actor with a gate per engine.
+    apart = KldActor(spec, cousin, backend=FakeBackend())
+    apart.feeder, apart.ref_feeder = Feeder(apart.llm), Feeder(apart.reference)
+    probe = _overlap_probe(apart)
+    _staggered(apart, batches)
+    assert probe["most"] == 2

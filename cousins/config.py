@@ -191,7 +191,7 @@ class BenchConfig:
     two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
     # ... and again with this many samples per prompt (0 or 1: not), where the engines' work
     # outweighs their start-up: at the benchmark's size, start-up is most of the wall time.
-    two_node_long_samples: int = 16
+    two_node_long_samples: int = 0
     # The same prompts through Ray's own LLM batch processor (ray.data.llm); its engines take whole
     # GPUs, so for GPU engines (the GPU check turns it on).
     ray_data_llm: bool = False

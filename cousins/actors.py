@@ -84,6 +84,32 @@ def _topk(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
     return [tid for tid, _ in ranked], [lp.logprob for _, lp in ranked]
 
 
+def topk_columns(logprobs, k: int, tokens: list[int], start: int = 0) -> tuple[list, list, list]:
+    """Per position start.. of a vLLM logprobs result, one per token of `tokens` (the sampled or
+    teacher-forced token there): the k best token ids and logprobs by vLLM's rank, and the token's
+    own logprob. `logprobs` is a dict per position, or vLLM's FlatLogprobs (flat_logprobs=True),
+    where each position holds the position's token first, then ranks 1.. in order: read by slicing,
+    with no dict or sort per position (a tenth of the engine actor's time at top-20 on CPU)."""
+    if not hasattr(logprobs, "start_indices"):
+        positions = logprobs[start:start + len(tokens)]
+        pairs = [_topk(pos, k) for pos in positions]
+        return [p[0] for p in pairs], [p[1] for p in pairs], [pos[t].logprob for pos, t in zip(positions, tokens)]
+    first, last, ids, lps, ranks = (logprobs.start_indices, logprobs.end_indices, logprobs.token_ids,
+                                    logprobs.logprobs, logprobs.ranks)
+    top_ids, top_lps, own = [], [], []
+    for i, t in enumerate(tokens, start):
+        a, b = first[i], last[i]
+        if ids[a] != t or (b > a + 1 and ranks[a + 1] != 1):  # not the layout above: rank them
+            pos = {tid: (r, lp) for tid, lp, r in zip(ids[a:b], lps[a:b], ranks[a:b])}
+            ranked = sorted(pos.items(), key=lambda kv: (kv[1][0], kv[0]))[:k]
+            top_ids.append([x for x, _ in ranked]), top_lps.append([v[1] for _, v in ranked])
+            own.append(pos[t][1])
+            continue
+        top_ids.append(ids[a + 1:min(b, a + 1 + k)]), top_lps.append(lps[a + 1:min(b, a + 1 + k)])
+        own.append(lps[a])
+    return top_ids, top_lps, own
+
+
 def _node_id() -> str | None:
     import ray
 
@@ -288,10 +314,7 @@ class EngineActor(EngineRunner):
             text = c.text if self.detokenize else texts_out[i]
             topk_ids = topk_lps = sampled = None
             if k > 0 and c.logprobs is not None:
-                pairs = [_topk(pos, k) for pos in c.logprobs]
-                topk_ids = [p[0] for p in pairs]
-                topk_lps = [p[1] for p in pairs]
-                sampled = [pos[t].logprob for pos, t in zip(c.logprobs, token_ids)]
+                topk_ids, topk_lps, sampled = topk_columns(c.logprobs, k, token_ids)
             cols.add(**base, output_text=text, output_token_ids=token_ids, output_logprobs=sampled,
                      topk_token_ids=topk_ids, topk_logprobs=topk_lps, finish_reason=c.finish_reason,
                      prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
@@ -334,7 +357,8 @@ class ScoreActor(EngineRunner):
         else:
             self.llm, self.load_error = _load(spec, backend, ledger, tolerate_load_failure)
         if self.llm is not None:
-            self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False)
+            self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False,
+                                         flat_logprobs=True)
             self.tokenizer = engine.tokenizer if engine else self.llm.get_tokenizer()
             self.feeder = engine.feeder if engine else Feeder(self.llm)
         self.actor = f"{_node_id()}:{os.getpid()}"
@@ -389,11 +413,10 @@ class ScoreActor(EngineRunner):
             out, ids = scored[i]
             y = list(row["output_token_ids"])
             start = len(ids) - len(y)
-            positions = out.prompt_logprobs[start:start + len(y)]
-            pairs = [_topk(pos, self.topk) for pos in positions]
-            cols["topk_token_ids"].append([p[0] for p in pairs])
-            cols["topk_logprobs"].append([p[1] for p in pairs])
-            cols["token_logprobs"].append([pos[t].logprob for pos, t in zip(positions, y)])
+            top_ids, top_lps, own = topk_columns(out.prompt_logprobs, self.topk, y, start)
+            cols["topk_token_ids"].append(top_ids)
+            cols["topk_logprobs"].append(top_lps)
+            cols["token_logprobs"].append(own)
             cols["engine_time_s"].append(elapsed * len(ids) / total)
             cols["error"].append(None)
         table = check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))

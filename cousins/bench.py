@@ -99,7 +99,7 @@ def ray_data_llm(cfg: Config, limit: int) -> dict:
                                   concurrency=cfg.engine.num_actors, log_engine_metrics=False,
                                   detokenize_stage=False),
         preprocess=lambda row: {"messages": list(row["messages"]), "sampling_params": {
-            **engine.sampling_kwargs(s, row["seed"], detokenize=bool(s.stop))}},
+            **engine.sampling_kwargs(s, row["seed"], detokenize=bool(s.stop)), "flat_logprobs": False}},
         postprocess=lambda row: {"tokens": row["num_generated_tokens"]})
     t0 = time.perf_counter()
     out = processor(ray.data.from_items(items)).take_all()

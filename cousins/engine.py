@@ -129,7 +129,7 @@ def sampling_kwargs(s: Sampling, seed: int, detokenize: bool) -> dict:
     """vLLM `SamplingParams(...)` arguments for one row of a generation stage."""
     return dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
                 max_tokens=s.max_tokens, logprobs=s.logprobs if s.logprobs > 0 else None, seed=int(seed),
-                stop=list(s.stop) or None, detokenize=detokenize)
+                stop=list(s.stop) or None, detokenize=detokenize, flat_logprobs=True)
 
 
 class VllmBackend:
@@ -202,8 +202,8 @@ def _bare_main(path: str) -> None:
     gen = time.perf_counter() - g0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     g1 = time.perf_counter()
-    default = llm.generate(prompts, [SamplingParams(**sampling_kwargs(sampling, s, True)) for s in job["seeds"]],
-                           use_tqdm=False)
+    default = llm.generate(prompts, [SamplingParams(**{**sampling_kwargs(sampling, s, True), "flat_logprobs": False})
+                                     for s in job["seeds"]], use_tqdm=False)
     gen_default = time.perf_counter() - g1
     default_tokens = sum(len(o.outputs[0].token_ids) for o in default)
     print(json.dumps({"core_in_own_process": own_process, "import_s": imported - t0, "load_s": loaded - imported,

@@ -5,6 +5,7 @@ decodes equal vLLM's own detokenized texts; the ledger's per-actor working windo
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -219,3 +220,39 @@ def test_an_engine_core_in_its_own_process_gives_the_rows_of_one_in_the_actor(ti
     assert got["separate"]["texts"] == got["in_actor"]["texts"]
     np.testing.assert_allclose(np.concatenate(got["separate"]["logprobs"]),
                                np.concatenate(got["in_actor"]["logprobs"]), atol=1e-4)
+
+
+@pytest.mark.integration
+def test_topk_columns_read_flat_logprobs_as_the_dicts_say():
+    """The engine actors ask vLLM for flat logprobs (no dict per position) and read them by
+    slicing; on vLLM's own containers filled by vLLM's own append, that gives what ranking the
+    dicts gives: the top-k by rank and the position's token's logprob, whether that token is in
+    the top-k or not, for prompt logprobs (a None first position) and sampled ones."""
+    import numpy as np
+    from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs, create_sample_logprobs
+
+    from cousins.actors import topk_columns
+
+    rng = np.random.default_rng(3)
+    for make, start in ((create_sample_logprobs, 0), (create_prompt_logprobs, 1)):
+        flat, dicts, tokens, ranks = make(True), make(False), [], []
+        for _ in range(200):
+            lp = rng.normal(0, 2, 40)
+            lp = (lp - np.log(np.exp(lp).sum())).tolist()
+            order = sorted(range(40), key=lambda t: -lp[t])
+            t = int(order[0] if rng.random() < 0.5 else rng.integers(40))  # often the best, sometimes far down
+            tokens.append(t), ranks.append(order.index(t) + 1)
+            for c in (flat, dicts):
+                append_logprobs_for_next_position(c, [t] + order[:8], [lp[t]] + [lp[x] for x in order[:8]],
+                                                  [None] * 9, order.index(t) + 1, 8)
+        assert any(r == 1 for r in ranks) and any(r > 8 for r in ranks)  # in the top-k, and outside it
+        for k in (1, 5, 8):
+            got, want = topk_columns(flat, k, tokens, start), topk_columns(dicts, k, tokens, start)
+            assert got == want and all(len(ids) == k for ids in got[0])
+        # Another layout (each position's entries reversed) is ranked, not sliced: the same columns.
+        rev = SimpleNamespace(start_indices=flat.start_indices, end_indices=flat.end_indices, token_ids=[],
+                              logprobs=[], ranks=[])
+        for a, b in zip(flat.start_indices, flat.end_indices):
+            for name in ("token_ids", "logprobs", "ranks"):
+                getattr(rev, name).extend(getattr(flat, name)[a:b][::-1])
+        assert topk_columns(rev, 5, tokens, start) == topk_columns(dicts, 5, tokens, start)

@@ -170,9 +170,9 @@ def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str, kld: str
             "score_over_generation_steady": sb / gb if sb and gb else None}
 
 
-def two_nodes(cfg: Config, limit: int, tag: str, samples: int = 1) -> dict:
+def two_nodes(cfg: Config, limit: int, tag: str, samples: int | None = None) -> dict:
     """One engine actor on one node against two actors on a two-node local cluster (own Ray), on
-    `limit` prompts x `samples`. Each side's wall time is split by the ledger's timeline: the lead-in
+    `limit` prompts x `samples` (default: the config's run.samples). Each side's wall time is split by the ledger's timeline: the lead-in
     before the first batch (Ray Data and actor start, the engines' loads), the working window, and
     what follows the last batch (the last writes, verify, commit)."""
     from collections import Counter
@@ -195,6 +195,7 @@ def two_nodes(cfg: Config, limit: int, tag: str, samples: int = 1) -> dict:
         "env_vars": bind(half_a)})
     cluster.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20,
                      env_vars=bind(half_b))
+    samples = samples or cfg.run.samples
     out = {"samples": samples}
     try:
         ray.init(address=cluster.address)

@@ -172,9 +172,10 @@ def drift_overhead(cfg: Config, limit: int, tag: str, cousin_path: str, kld: str
 
 def two_nodes(cfg: Config, limit: int, tag: str, samples: int | None = None) -> dict:
     """One engine actor on one node against two actors on a two-node local cluster (own Ray), on
-    `limit` prompts x `samples` (default: the config's run.samples). Each side's wall time is split by the ledger's timeline: the lead-in
-    before the first batch (Ray Data and actor start, the engines' loads), the working window, and
-    what follows the last batch (the last writes, verify, commit)."""
+    `limit` prompts x `samples` (default: the config's run.samples). Each side's wall time is
+    split by the ledger's timeline: the lead-in before the first batch (Ray Data and actor start,
+    the engines' loads), the working window, and what follows the last batch (the last writes,
+    verify, commit)."""
     from collections import Counter
 
     import ray

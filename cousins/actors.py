@@ -78,10 +78,17 @@ class _Columns:
         return pa.Table.from_pydict(self.cols, schema=schema.GENERATIONS)
 
 
+def _rank(entries, k: int) -> tuple[list[int], list[float]]:
+    """The k best of one position's (token id, rank, logprob) entries by vLLM's rank (1 = best),
+    a token listed twice (the position's own token, and again in the top-k) counted once."""
+    best = {tid: (rank, lp) for tid, rank, lp in entries}
+    ranked = sorted(best.items(), key=lambda kv: (kv[1][0], kv[0]))[:k]
+    return [tid for tid, _ in ranked], [v[1] for _, v in ranked]
+
+
 def _topk(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
-    """The k best (token id, logprob) of one position, by vLLM's rank (1 = best)."""
-    ranked = sorted(position_logprobs.items(), key=lambda kv: (kv[1].rank, kv[0]))[:k]
-    return [tid for tid, _ in ranked], [lp.logprob for _, lp in ranked]
+    """The k best (token id, logprob) of one position given as vLLM's dict of Logprob."""
+    return _rank(((tid, lp.rank, lp.logprob) for tid, lp in position_logprobs.items()), k)
 
 
 def topk_columns(logprobs, k: int, tokens: list[int], start: int = 0) -> tuple[list, list, list]:
@@ -100,10 +107,9 @@ def topk_columns(logprobs, k: int, tokens: list[int], start: int = 0) -> tuple[l
     for i, t in enumerate(tokens, start):
         a, b = first[i], last[i]
         if ids[a] != t or (b > a + 1 and ranks[a + 1] != 1):  # not the layout above: rank them
-            pos = {tid: (r, lp) for tid, lp, r in zip(ids[a:b], lps[a:b], ranks[a:b])}
-            ranked = sorted(pos.items(), key=lambda kv: (kv[1][0], kv[0]))[:k]
-            top_ids.append([x for x, _ in ranked]), top_lps.append([v[1] for _, v in ranked])
-            own.append(pos[t][1])
+            best_ids, best_lps = _rank(zip(ids[a:b], ranks[a:b], lps[a:b]), k)
+            top_ids.append(best_ids), top_lps.append(best_lps)
+            own.append(lps[a + ids[a:b].index(t)])
             continue
         top_ids.append(ids[a + 1:min(b, a + 1 + k)]), top_lps.append(lps[a + 1:min(b, a + 1 + k)])
         own.append(lps[a])

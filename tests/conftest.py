@@ -154,16 +154,18 @@ def hide_context_proxies():
         sys.modules.update(hidden)
 
 
-def at_once(actor, batches, timeout: float = 240) -> list:
+def at_once(actor, batches, timeout: float = 240, stagger_s: float = 0.0) -> list:
     """Each batch through `actor` in its own thread at once, as Ray Data's threads call an engine
-    actor; the outputs in the batches' order."""
+    actor (started `stagger_s` apart, as batches arrive); the outputs in the batches' order."""
     import threading
+    import time
 
     out: dict = {}
     threads = [threading.Thread(target=lambda i, t: out.__setitem__(i, actor(t)), args=(i, t))
                for i, t in enumerate(batches)]
     for t in threads:
         t.start()
+        time.sleep(stagger_s)
     for t in threads:
         t.join(timeout=timeout)
     return [out[i] for i in range(len(batches))]

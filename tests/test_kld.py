@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import cuda_gpus, hide_context_proxies
+from conftest import at_once, cuda_gpus, hide_context_proxies
 from cousins import schema
 from cousins.drift import compare as cmp
 from cousins.drift import metrics
@@ -139,23 +139,6 @@ def _overlap_probe(actor):
     return state
 
 
-def _staggered(actor, batches):
-    """Each batch through `actor` in its own thread, started 5 ms apart (as Ray Data's batches
-    arrive: one call scores on the original's engine while another is on the cousin's)."""
-    import threading
-    import time
-
-    out: dict = {}
-    threads = [threading.Thread(target=lambda i, t: out.__setitem__(i, actor(t)), args=(i, t))
-               for i, t in enumerate(batches)]
-    for t in threads:
-        t.start()
-        time.sleep(0.005)
-    for t in threads:
-        t.join(timeout=120)
-    return [out[i] for i in range(len(batches))]
-
-
 def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
     """vLLM keeps its forward context in a module global: two in-process engines stepping at once
     in two threads read each other's attention metadata (a run's exact KLD had a fifth of one
@@ -181,7 +164,8 @@ def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
 
     kld = KldActor(spec, cousin, backend=FakeBackend())
     probe = _overlap_probe(kld)
-    together = _staggered(kld, batches)
+    # started 5 ms apart: one call scores on the original's engine while another is on the cousin's
+    together = at_once(kld, batches, 120, stagger_s=0.005)
     assert probe["most"] == 1
     for a, b in zip(together, one_at_a_time):
         assert a.column("kld_tokens").to_pylist() == b.column("kld_tokens").to_pylist()
@@ -192,5 +176,5 @@ def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
     apart = KldActor(spec, cousin, backend=FakeBackend())
     apart.feeder, apart.ref_feeder = Feeder(apart.llm), Feeder(apart.reference)
     probe = _overlap_probe(apart)
-    _staggered(apart, batches)
+    at_once(apart, batches, 120, stagger_s=0.005)
     assert probe["most"] == 2

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins import schema
+from cousins import schema, templates
 from cousins.engine import ENGINE_ENV, EngineSpec, Placement, Sampling, VllmBackend, sampling_kwargs
 from cousins.feeder import BATCHES_IN_FLIGHT, EngineBroken, Feeder
 from cousins.gpu_placement import pool_args
@@ -114,6 +114,12 @@ def topk_columns(logprobs, k: int, tokens: list[int], start: int = 0) -> tuple[l
         top_ids.append(ids[a + 1:min(b, a + 1 + k)]), top_lps.append(lps[a + 1:min(b, a + 1 + k)])
         own.append(lps[a])
     return top_ids, top_lps, own
+
+
+def lora_request(backend, spec: EngineSpec):
+    """The LoRA adapter request of `spec`'s engine, if it serves one (a backend without adapters: None)."""
+    get = getattr(backend, "lora_request", None)
+    return get(spec) if get is not None and spec.lora else None
 
 
 def _node_id() -> str | None:
@@ -246,7 +252,7 @@ class EngineActor(EngineRunner):
         self.llm, self.load_error = _load(spec, self.backend, ledger, tolerate_load_failure)
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
-            self.feeder = Feeder(self.llm)
+            self.feeder = Feeder(self.llm, lora=lora_request(self.backend, spec))
         # vLLM detokenizes every top-k logprob token of every position when it detokenizes (21
         # decodes a token at top-20: most of a small model's time on CPU). Only stop strings need
         # the engine's text; otherwise the actor decodes each finished output once.
@@ -258,8 +264,10 @@ class EngineActor(EngineRunner):
         return self.backend.params(**sampling_kwargs(self.sampling, seed, self.detokenize))
 
     def _prepare(self, messages: list[dict]) -> tuple[str, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        fmt = self.spec.prompt_format
+        text = templates.render(self.tokenizer, messages, prompt_format=fmt,
+                                chat_template_kwargs=self.spec.chat_template_kwargs)
+        ids = templates.encode(self.tokenizer, text, prompt_format=fmt)
         if len(ids) >= self.spec.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; engine.max_model_len is {self.spec.max_model_len}")
         return text, ids
@@ -366,7 +374,7 @@ class ScoreActor(EngineRunner):
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False,
                                          flat_logprobs=True)
             self.tokenizer = engine.tokenizer if engine else self.llm.get_tokenizer()
-            self.feeder = engine.feeder if engine else Feeder(self.llm)
+            self.feeder = engine.feeder if engine else Feeder(self.llm, lora=lora_request(backend, spec))
         self.actor = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -394,7 +402,9 @@ class ScoreActor(EngineRunner):
         encoded = []
         if todo:
             with self.feeder.turn():  # once for the batch, not between every engine step
-                encoded = [self.tokenizer.encode(rows[i]["prompt_text"], add_special_tokens=False) for i in todo]
+                # The original's rendered prompt (check_templates: the same ids as this model's own render)
+                encoded = [templates.encode(self.tokenizer, rows[i]["prompt_text"], prompt_format=self.spec.prompt_format)
+                           for i in todo]
         fits = []
         for i, prompt_ids in zip(todo, encoded):
             ids = prompt_ids + list(rows[i]["output_token_ids"])

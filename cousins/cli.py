@@ -26,14 +26,19 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from cousins.models import RECIPES, ensure_model
+    from cousins.models import RECIPES, NotOurs, check_ours, ensure_model
 
     out = args.out or f"models/{args.recipe}"
-    if args.force:
-        import shutil
+    try:
+        if args.force:
+            import shutil
 
-        shutil.rmtree(out, ignore_errors=True)
-    ensure_model(out, args.recipe, args.seed)
+            check_ours(out, setting="--out")  # --force rebuilds one of our builds, never a user's model
+            shutil.rmtree(out, ignore_errors=True)
+        ensure_model(out, args.recipe, args.seed, setting="--out")
+    except NotOurs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.recipe}: {Path(out).resolve()}  ({RECIPES[args.recipe]})")
     return 0
 

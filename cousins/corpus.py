@@ -266,3 +266,36 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = Non
     if limit is not None:
         prompts = prompts.sort(["source", "source_row"]).limit(limit)
     return prompts.materialize(), errors.materialize()
+
+
+HEAD_BYTES = 1 << 20  # what first_prompts reads of a large JSONL/CSV file
+
+
+def first_prompts(loc: Location, *, n: int, fmt: str = "auto", fields: Fields | None = None,
+                  max_chars: int = MAX_CHARS) -> list[list[dict]]:
+    """The messages of the corpus's first `n` usable prompts (in file order), read on the driver
+    without Ray from the start of the first file(s): what the template check renders before any
+    cluster work. Reads at most about HEAD_BYTES of a JSONL or CSV file, one batch of a Parquet one."""
+    fields = fields or Fields()
+    exts = tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
+    out: list[list[dict]] = []
+    for path in list_files(loc, exts):
+        kind = format_of(path, fmt)
+        with loc.fs.open(path, "rb") as f:
+            if kind == "parquet":
+                pf = pq.ParquetFile(f)
+                batch = next(pf.iter_batches(batch_size=max(n * 4, 16)), None)
+                if batch is None:
+                    continue
+                buf = io.BytesIO()
+                pq.write_table(pa.Table.from_batches([batch]), buf)
+                data = buf.getvalue()
+            else:
+                data = f.read(HEAD_BYTES + 1)
+                if len(data) > HEAD_BYTES:  # cut at the last whole line
+                    data = data[:data.rfind(b"\n", 0, HEAD_BYTES) + 1]
+        prompts, _ = parse_file(data, source=path, fmt=kind, fields=fields, max_chars=max_chars)
+        out.extend(p["messages"] for p in prompts)
+        if len(out) >= n:
+            break
+    return out[:n]

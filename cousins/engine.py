@@ -57,7 +57,7 @@ class EngineSpec:
     dtype: str
     quantization: str | None
     max_model_len: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int | None  # None: vLLM's share of the GPU's memory decides (GPU engines)
     tensor_parallel_size: int
     max_num_seqs: int
     enforce_eager: bool
@@ -68,6 +68,14 @@ class EngineSpec:
     # below vLLM's 0.9 when engines share a GPU (a fraction of one per actor, two engines in an
     # exact-KLD actor). None: vLLM's default.
     gpu_memory_utilization: float | None = None
+    revision: str | None = None  # a hub model's revision
+    tokenizer: str | None = None  # the tokenizer's own place (None: the model's)
+    trust_remote_code: bool = False
+    lora: str | None = None  # a LoRA adapter this engine serves on every request
+    lora_revision: str | None = None
+    lora_rank: int | None = None  # vLLM's max_lora_rank for it
+    prompt_format: str = "chat"  # chat (the chat template) | raw (the messages' text)
+    chat_template_kwargs: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,11 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
         on_cpu = current_platform.is_cpu()
     unchunked = dict(enable_chunked_prefill=False,
                      max_num_batched_tokens=max(spec.max_model_len, CPU_TOKEN_BUDGET)) if on_cpu else {}
-    return dict(model=spec.model_path, tokenizer=spec.model_path, dtype=spec.dtype, quantization=spec.quantization,
-                max_model_len=spec.max_model_len, kv_cache_memory_bytes=spec.kv_cache_bytes,
+    lora = dict(enable_lora=True, max_loras=1, max_lora_rank=spec.lora_rank or 16) if spec.lora else {}
+    return dict(model=spec.model_path, tokenizer=spec.tokenizer or spec.model_path, dtype=spec.dtype,
+                quantization=spec.quantization, max_model_len=spec.max_model_len,
+                trust_remote_code=spec.trust_remote_code, **lora,
+                **({"kv_cache_memory_bytes": spec.kv_cache_bytes} if spec.kv_cache_bytes else {}),
                 tensor_parallel_size=spec.tensor_parallel_size, pipeline_parallel_size=spec.pipeline_parallel_size,
                 # One GPU: vLLM's worker in the engine's process. Several: vLLM's Ray executor, one
                 # worker per bundle of the placement group the actor runs in (cousins.gpu_placement).
@@ -132,16 +143,44 @@ def sampling_kwargs(s: Sampling, seed: int, detokenize: bool) -> dict:
                 stop=list(s.stop) or None, detokenize=detokenize, flat_logprobs=True)
 
 
+def local_spec(spec: EngineSpec) -> EngineSpec:
+    """`spec` with its model, tokenizer and adapter as local paths on this node (a hub model or a
+    stored one fetched into this node's cache: cousins.checkpoints), as vLLM loads them."""
+    import dataclasses
+
+    from cousins.checkpoints import local_copy
+
+    return dataclasses.replace(
+        spec, model_path=local_copy(spec.model_path, revision=spec.revision),
+        tokenizer=local_copy(spec.tokenizer) if spec.tokenizer else None, revision=None,
+        lora=local_copy(spec.lora, revision=spec.lora_revision) if spec.lora else None, lora_revision=None)
+
+
 class VllmBackend:
     """The engine actors' way to vLLM: an in-process `LLM`, warmed up, and its `SamplingParams`."""
+
+    def __init__(self):
+        self.adapters: dict[str, str] = {}  # model name -> its LoRA adapter's local path
 
     def load(self, spec: EngineSpec):
         set_engine_env(spec)
         from vllm import LLM
 
+        spec = local_spec(spec)
         llm = LLM(**llm_kwargs(spec))
-        _warm_up(llm, spec)
+        if spec.lora:
+            self.adapters[spec.model_name] = spec.lora
+        _warm_up(llm, spec, self.lora_request(spec))
         return llm
+
+    def lora_request(self, spec: EngineSpec):
+        """The adapter request every call of `spec`'s engine carries (None without an adapter)."""
+        path = self.adapters.get(spec.model_name) if spec.lora else None
+        if path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=spec.model_name, lora_int_id=1, lora_path=path)
 
     def params(self, **kwargs):
         from vllm import SamplingParams
@@ -149,7 +188,7 @@ class VllmBackend:
         return SamplingParams(**kwargs)
 
 
-def _warm_up(llm, spec: EngineSpec) -> None:
+def _warm_up(llm, spec: EngineSpec, lora=None) -> None:
     """One small call through everything a batch uses (sampling, top-k logprobs, prompt logprobs,
     several sequence lengths): the engine's first call pays one-off costs (≈3 s for the tiny
     model on CPU, a 96-row batch running at half speed) that belong to start-up, not to the
@@ -162,7 +201,7 @@ def _warm_up(llm, spec: EngineSpec) -> None:
     prompts = [{"prompt_token_ids": base[:max(1, longest * (i + 1) // 8)]} for i in range(8)]
     k = max(1, spec.max_logprobs)
     llm.generate(prompts, SamplingParams(max_tokens=8, logprobs=k, prompt_logprobs=k, ignore_eos=True, seed=0),
-                 use_tqdm=False)
+                 use_tqdm=False, lora_request=lora)
 
 
 # --- bare vLLM, for the benchmark ------------------------------------------------------------------

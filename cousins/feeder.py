@@ -71,9 +71,11 @@ class Feeder:
     conversion overlaps the next one's generation. Each step's time is split evenly over the
     calls with requests in it: `run` returns the engine seconds its batch was charged."""
 
-    def __init__(self, llm, gate: Gate | None = None):
+    def __init__(self, llm, gate: Gate | None = None, lora=None):
         """`gate`: one shared with the feeders of other engines whose cores run in this process
-        (see Gate); they then step one at a time."""
+        (see Gate); they then step one at a time. `lora`: the adapter request every call carries
+        (an engine that serves a LoRA cousin)."""
+        self.lora = lora
         self.gate = gate or Gate()
         if gate is not None:
             gate.shared = True
@@ -109,7 +111,8 @@ class Feeder:
                     raise EngineBroken(self.broken, during=False)
                 if self.solo is None and not (solo and self.pending):
                     # outputs carry the LLM's own request ids; enqueue returns the engine's ("<id>-<8 random>")
-                    ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False)]
+                    ids = [i.rsplit("-", 1)[0] for i in self.llm.enqueue(prompts, params, use_tqdm=False,
+                                                                         lora_request=self.lora)]
                     self.owner.update((i, me) for i in ids)
                     self.pending[me], self.charged[me] = len(ids), 0.0
                     self.most_calls = max(self.most_calls, len(self.pending))

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from cousins import actors, schema
+from cousins import actors, schema, templates
 from cousins.engine import CORE_ENV, EngineSpec, Placement, VllmBackend
 from cousins.feeder import Feeder, Gate
 from cousins.records import ModelEntry, ScoresDone
@@ -77,7 +77,9 @@ class KldActor(actors.EngineRunner):
             # Cores in this process (vLLM's in-process engine core) must not step at once: they
             # would share vLLM's global forward context. In processes of their own they may.
             gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
-            self.feeder, self.ref_feeder = Feeder(self.llm, gate), Feeder(self.reference, gate)
+            self.feeder = Feeder(self.llm, gate, lora=actors.lora_request(backend, cousin))
+            self.ref_feeder = Feeder(self.reference, gate)
+            self.original_format = original.prompt_format
         self.actor = f"{actors._node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -101,7 +103,7 @@ class KldActor(actors.EngineRunner):
             elif row["error"] is not None or not row["output_token_ids"]:
                 errors[i] = "the original has no output here to score"
             else:
-                ids = (self.tokenizer.encode(row["prompt_text"], add_special_tokens=False)
+                ids = (templates.encode(self.tokenizer, row["prompt_text"], prompt_format=self.original_format)
                        + list(row["output_token_ids"]))
                 if len(ids) + 1 > self.spec.max_model_len:
                     errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"

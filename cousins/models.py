@@ -213,7 +213,26 @@ def is_current(path: str | os.PathLike, recipe_name: str, seed: int = 0) -> bool
     return done.get("lessons") == lessons_fingerprint(taught)
 
 
-def ensure_model(path: str, recipe_name: str | None, seed: int = 0) -> bool:
+class NotOurs(RuntimeError):
+    """A build would replace a directory the project did not build."""
+
+
+def check_ours(path: str | os.PathLike, *, setting: str) -> None:
+    """NotOurs unless `path` is absent, an empty directory, or a build of the project's (its
+    marker there, or the partial marker-less build a killed build leaves is never at `path`: builds
+    are renamed into place whole). A user's own model directory is never deleted or overwritten."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_dir() and not p.is_symlink() and ((p / RECIPE_FILE).exists() or not any(p.iterdir())):
+        return
+    raise NotOurs(f"{setting}: {str(path)!r} holds files the project did not build (no {RECIPE_FILE} there), and a "
+                  f"build would replace them: the project never deletes or overwrites such a directory. Point "
+                  f"{setting} at a new directory for the build, or set its build to null to use the model there "
+                  f"as it is")
+
+
+def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: str = "model.path") -> bool:
     """Build the model at `path` from its recipe unless a current build is there (is_current: a
     build of an older recipe or of other lessons is replaced). True when it built.
 
@@ -226,6 +245,7 @@ def ensure_model(path: str, recipe_name: str | None, seed: int = 0) -> bool:
         return False
     if is_current(path, recipe_name, seed):
         return False
+    check_ours(path, setting=setting)
     if read_build(path) is not None:
         print(f"{path} was built from another recipe or other lessons: building {recipe_name!r} again", flush=True)
     tmp = Path(f"{path}.tmp-{os.getpid()}")

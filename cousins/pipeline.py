@@ -44,7 +44,7 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
     job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
                                                        shuffle_seed=cfg.drift.seed + 2)
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
-                           sampling=plan.sampling(cfg), where=plan.placement(cfg, reorder=entry.reorder),
+                           sampling=plan.sampling(cfg), where=plan.placement(cfg, entry.name, reorder=entry.reorder),
                            samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=cfg.drift.seed + 1,
                            rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
@@ -54,16 +54,21 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
 
 def _score(cfg: Config, run: Run, entry: ModelEntry, original: ModelEntry, backend=None) -> ScoresDone:
     return stage_score(run, entry=entry, original=original.name, spec=plan.engine_spec(cfg, entry),
-                       topk=cfg.drift.score_topk, where=plan.placement(cfg, reorder=entry.reorder),
+                       topk=cfg.drift.score_topk, where=plan.placement(cfg, entry.name, reorder=entry.reorder),
                        shuffle_seed=cfg.drift.seed + 2, rows_per_file=cfg.storage.rows_per_file, backend=backend)
 
 
 def check_engines_fit(cfg: Config) -> None:
-    """The engine pool against the connected cluster's shape, before any stage: a pool it cannot
-    hold is refused now (PlacementError, RuntimeError), not after the prompts are written."""
-    where = plan.placement(cfg)
-    check_cpu_room(where)
-    check_fits(where, cluster_shapes())
+    """Every model's engine pool against the connected cluster's shape, before any stage: a pool it
+    cannot hold is refused now (PlacementError, RuntimeError), not after the prompts are written."""
+    shapes = cluster_shapes()
+    seen = set()
+    for _, where in plan.placements(cfg):
+        if where in seen:
+            continue
+        seen.add(where)
+        check_cpu_room(where)
+        check_fits(where, shapes)
 
 
 def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:
@@ -112,7 +117,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
         for e in [e for e in scorers[1:] if e.name not in failed]:
             stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
-                      where=plan.placement(cfg), rows_per_file=cfg.storage.rows_per_file, backend=backend)
+                      where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
     t3 = time.perf_counter()
     settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,
                             bootstrap=BootstrapSpec.of(d), kld=d.kld)
@@ -153,7 +158,7 @@ def build_students(cfg: Config, run_id: str) -> None:
         data = student.read_teacher_data(source, cfg.model.name, cfg.storage.options)
         print(f"training cousin {name!r} ({c.distill_mode}) on {data.num_rows} teacher rows from {source}", flush=True)
         student.build_student(c.path, cfg.model.path, data, mode=c.distill_mode, seed=cfg.model.seed,
-                              steps=c.distill_steps, source=source)
+                              steps=c.distill_steps, source=source, setting=f"cousins.{name}.path")
 
 
 # --- results and the manifest ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ import re
 import shutil
 from pathlib import Path
 
-from cousins.models import RECIPE_FILE
+from cousins.models import RECIPE_FILE, check_ours
 from cousins.recipes import QUANT_RECIPES
 
 RECIPES = QUANT_RECIPES  # name -> what it does (declared in cousins/recipes.py)
@@ -179,7 +179,8 @@ def is_current(out_dir: str | os.PathLike, src_dir: str | os.PathLike, recipe: s
             and done.get("source_recipe") == read_recipe(src_dir))
 
 
-def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: str) -> Path:
+def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: str, *,
+                    setting: str = "the cousin's path") -> Path:
     """Build the `recipe` cousin of the HF model at `src_dir` into `out_dir` and return `out_dir`.
 
     Idempotent: a complete build of the same recipe from the same source build (is_current) at
@@ -192,6 +193,7 @@ def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, reci
         return out
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"model directory not found: {src} has no config.json")
+    check_ours(out, setting=setting)
 
     kind, arg, vllm_dtype = _SPECS[recipe]
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"

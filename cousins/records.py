@@ -187,6 +187,8 @@ class ModelEntry:
     kind: str  # original | quantized | distilled | other | noise
     text_only: bool = False
     reorder: bool = False  # the noise floor: other batch order and size than the original's pass
+    revision: str | None = None  # a hub model's revision as configured
+    lora: str | None = None  # a LoRA adapter served on top of `path`
 
     @property
     def is_original(self) -> bool:
@@ -205,6 +207,8 @@ class ModelRecord:
     quantization: str | None
     text_only: bool
     reordered: bool
+    revision: str | None = optional()
+    lora: str | None = optional()
 
 
 @dataclass

@@ -207,10 +207,23 @@ def open_run(root: Location, run_id: str | None, config: dict) -> Run:
 
 # --- what the manifest records about the models and the software ---------------------------------
 
-def model_fingerprint(path: str) -> str | None:
-    """A cheap identity of a local model directory: its config and tokenizer files and its weight
-    sizes (hashing every weight byte of a large model would take minutes; the config plus the exact
-    size of every weight file tells builds apart in practice). None for a remote model."""
+def model_fingerprint(path: str, revision: str | None = None) -> str | None:
+    """A cheap identity of a model directory: its config and tokenizer files and its weight sizes
+    (hashing every weight byte of a large model would take minutes; the config plus the exact size
+    of every weight file tells builds apart in practice). A hub or stored model is identified by its
+    small files as fetched (a hub snapshot's directory name is its commit), a GGUF file by its size."""
+    from cousins import checkpoints
+
+    if checkpoints.kind(path) != "local":
+        try:
+            meta = checkpoints.metadata_dir(path, revision)
+        except checkpoints.CheckpointError:
+            return None
+        h = hashlib.sha256(os.path.basename(meta.rstrip("/")).encode())
+        h.update((model_fingerprint(meta) or "").encode())
+        return h.hexdigest()[:16]
+    if os.path.isfile(path):
+        return hashlib.sha256(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode()).hexdigest()[:16]
     if not os.path.isdir(path):
         return None
     h = hashlib.sha256()
@@ -240,8 +253,12 @@ def versions() -> dict[str, str]:
 
 
 def model_record(e: ModelEntry) -> ModelRecord:
-    return ModelRecord(name=e.name, kind=e.kind, path=e.path, fingerprint=model_fingerprint(e.path),
-                       dtype=e.dtype, quantization=e.quantization, text_only=e.text_only, reordered=e.reorder)
+    fingerprint = model_fingerprint(e.path, e.revision)
+    if e.lora is not None:
+        fingerprint = hashlib.sha256(f"{fingerprint}+{model_fingerprint(e.lora)}".encode()).hexdigest()[:16]
+    return ModelRecord(name=e.name, kind=e.kind, path=e.path, fingerprint=fingerprint,
+                       dtype=e.dtype, quantization=e.quantization, text_only=e.text_only, reordered=e.reorder,
+                       revision=e.revision, lora=e.lora)
 
 
 def now() -> str:
@@ -279,7 +296,8 @@ class CommittedRun(_RunDir):
     def entries(self) -> list[ModelEntry]:
         """The models that ran, as the manifest records them: the original first."""
         return [ModelEntry(name=m.name, path=m.path, dtype=m.dtype, quantization=m.quantization, kind=m.kind,
-                           text_only=m.text_only, reorder=m.reordered) for m in self.typed().models]
+                           text_only=m.text_only, reorder=m.reordered, revision=m.revision, lora=m.lora)
+                for m in self.typed().models]
 
     def config(self) -> dict:
         """config.yaml as written when the run started (secrets masked)."""

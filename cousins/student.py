@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cousins.models import RECIPE_FILE
+from cousins.models import RECIPE_FILE, check_ours
 from cousins.recipes import TINY_STUDENT
 from cousins.schema import row_keys
 
@@ -300,7 +300,8 @@ def _settings(recipe: StudentRecipe, teacher_dir: Path, fingerprint: str) -> dic
 
 def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, data: pa.Table, *,
                   mode: str | None = None, seed: int | None = None, steps: int | None = None,
-                  recipe: StudentRecipe | None = None, source: str | None = None, **overrides: Any) -> Path:
+                  recipe: StudentRecipe | None = None, source: str | None = None,
+                  setting: str = "the student's path", **overrides: Any) -> Path:
     """Train a student on `data` (GENERATIONS rows: prompt_text, output_token_ids, and for kd the
     top-k columns) and save it to `out_dir` in the HF layout with the teacher's tokenizer.
 
@@ -329,6 +330,7 @@ def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, da
             done = {}
         if {k: done.get(k) for k in settings} == settings:
             return out
+    check_ours(out, setting=setting)
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)

@@ -135,7 +135,7 @@ class FakeLLM:
     def get_tokenizer(self):
         return self.tok
 
-    def enqueue(self, prompts, params, use_tqdm=False):
+    def enqueue(self, prompts, params, use_tqdm=False, lora_request=None):
         params = params if isinstance(params, list) else [params] * len(prompts)
         bad = self.tok.encode("FAIL")
         for p in prompts:  # vLLM adds none of them when it refuses one

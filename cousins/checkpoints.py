@@ -33,9 +33,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 META_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt")
 FETCHED = ".cousins-fetched.json"  # written last into a fetched copy: its source and listing
 CACHE_ENV = "COUSINS_MODEL_CACHE"
-# Environment variables of the hub client forwarded to Ray workers (engine actors fetch there).
-HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE",
-           CACHE_ENV)
 
 
 class CheckpointError(ValueError):
@@ -79,9 +76,13 @@ def _from_hub(repo: str, revision: str | None, meta: bool) -> str:
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    # Read at call time (huggingface_hub reads them once, at its import): a process may set them later.
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
     try:
-        return snapshot_download(repo, revision=revision, allow_patterns=list(META_PATTERNS) if meta else None)
+        return snapshot_download(repo, revision=revision, allow_patterns=list(META_PATTERNS) if meta else None,
+                                 cache_dir=cache, local_files_only=offline)
     except RevisionNotFoundError:
         raise CheckpointError(f"hub model {repo!r} has no revision {revision!r}: set its revision to a branch, "
                               f"tag or commit of the repository") from None

@@ -12,9 +12,11 @@ from cousins.config import LogConfig, RayConfig
 LOG = LogConfig()
 
 
-# Storage credentials and endpoints reach every worker through the job's runtime environment,
-# never through the config, the manifest or the logs.
-FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_", "HF_HUB_OFFLINE")
+# Storage and hub credentials and endpoints reach every worker through the job's runtime
+# environment, never through the config, the manifest or the logs: the engine actors fetch models
+# on their nodes (HF_TOKEN, HF_HUB_OFFLINE, HF_HOME where the nodes share it; COUSINS_MODEL_CACHE).
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_", "HF_", "HUGGING_FACE_",
+                          "COUSINS_MODEL_CACHE")
 
 
 def forwarded_env() -> dict[str, str]:

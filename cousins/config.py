@@ -144,6 +144,7 @@ class LogConfig:
     progress_s: float = 10.0  # seconds between progress lines when stderr is not a terminal (a job log)
 
 
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))  # what a model's `engine` may override
 COUSIN_KINDS = ("quantized", "distilled", "other")
 
 
@@ -316,12 +317,17 @@ def resolve_paths(cfg: Config, base: str | None = None) -> Config:
 
 def engine_of(cfg: Config, name: str) -> EngineConfig:
     """The engine block as model `name` (the original, a cousin, the noise floor) runs it: the
-    `engine` block with the model's own `engine` overrides on top (validated: see validate). Values
-    the model's config decides (None: context, KV cache) are filled by cousins.plan."""
-    import dataclasses
-
+    `engine` block with the model's own `engine` overrides on top, typed as the block is (an
+    override that does not fit is reported by validate; here it is left out). Values the model's
+    config decides (None: context, KV cache) are filled by cousins.plan."""
     own = cfg.model.engine if name not in cfg.cousins else cfg.cousins[name].engine
-    return dataclasses.replace(cfg.engine, **(own or {}))
+    known = {k: v for k, v in (own or {}).items() if k in ENGINE_KEYS}
+    if not known:
+        return cfg.engine
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.engine), known))
+    except Exception:  # noqa: BLE001 - validate names it
+        return cfg.engine
 
 
 def _model_refs(cfg: Config) -> list[tuple[str, str | None, str | None]]:
@@ -394,9 +400,9 @@ def validate(cfg: Config) -> None:
         if not own:
             continue
         where = "model.engine" if name == m.name else f"cousins.{name}.engine"
-        unknown = sorted(set(own) - {f.name for f in dataclasses.fields(EngineConfig)})
+        unknown = sorted(set(own) - set(ENGINE_KEYS))
         if unknown:
-            problems.append(f"{where}: unknown key(s) {unknown}; known: {[f.name for f in dataclasses.fields(EngineConfig)]}")
+            problems.append(f"{where}: unknown key(s) {unknown}; known: {list(ENGINE_KEYS)}")
             continue
         try:
             OmegaConf.merge(OmegaConf.structured(cfg.engine), own)

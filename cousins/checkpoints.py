@@ -255,3 +255,97 @@ def lora_rank(cfg: dict) -> int:
         if allowed >= r:
             return allowed
     raise CheckpointError(f"LoRA rank {r} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+
+
+# --- LoRA adapters merged into their base ----------------------------------------------------------
+# vLLM serves an adapter (enable_lora) for generation, but its teacher-forced prompt logprobs under
+# an adapter are wrong or fail (vllm-project/vllm#16668: one LoRA mapping for sampling and prompt
+# logprobs; on vLLM 0.32's CPU build a batch of such requests raises in the LoRA logits einsum), so
+# a LoRA cousin whose tokens are scored runs the adapter merged into the weights: W + s·B·A.
+MERGED = ".cousins-merged.json"
+
+
+def _lora_deltas(adapter_dir: Path) -> dict[str, tuple]:
+    """base weight name -> (A, B, scale, transpose) from a PEFT adapter directory."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{adapter_dir}: a DoRA adapter; only plain LoRA adapters can be merged")
+    files = [adapter_dir / "adapter_model.safetensors"]
+    if not files[0].exists():
+        raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors (PEFT's layout)")
+    tensors = load_file(str(files[0]))
+    r, alpha = int(cfg.get("r") or 8), float(cfg.get("lora_alpha") or cfg.get("r") or 8)
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key and ".lora_embedding_A" not in key:
+            continue
+        embedding = ".lora_embedding_A" in key
+        b = tensors.get(key.replace("lora_embedding_A", "lora_embedding_B") if embedding
+                        else key.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise CheckpointError(f"{adapter_dir}: {key} has no matching lora_B tensor")
+        module = key.split(".lora_")[0].removeprefix("base_model.model.")
+        short = module.rsplit(".", 1)[-1]
+        rr = int(next((v for k, v in ranks.items() if module.endswith(k)), r))
+        aa = float(next((v for k, v in alphas.items() if module.endswith(k)), alpha))
+        scale = aa / (rr ** 0.5) if cfg.get("use_rslora") else aa / rr
+        out[f"{module}.weight"] = (a, b, scale, embedding or bool(cfg.get("fan_in_fan_out")), short)
+    if not out:
+        raise CheckpointError(f"{adapter_dir}: no LoRA tensors in adapter_model.safetensors")
+    return out
+
+
+def merged_lora(base: str, adapter: str) -> str:
+    """A local directory holding `base` (a local directory) with `adapter` merged into its weights,
+    made once per node in the model cache (under a lock, renamed into place whole) and reused while
+    both are unchanged. Each weight is merged in float32 and stored in its own dtype."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_dir, adapter_dir = Path(base), Path(adapter)
+    ident = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for d in (base_dir, adapter_dir)
+                        for p in sorted(d.iterdir()) if p.is_file()])
+    key = "lora-" + hashlib.sha256(f"{base_dir.resolve()}|{adapter_dir.resolve()}|{ident}".encode()).hexdigest()[:20]
+    dest = cache_root() / key
+    with _locked(cache_root() / f"{key}.lock"):
+        if (dest / MERGED).exists():
+            return str(dest)
+        deltas = _lora_deltas(adapter_dir)
+        tmp = dest.with_name(f"{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0, done = time.perf_counter(), set()
+        for f in sorted(base_dir.iterdir()):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+                continue
+            tensors, meta = {}, None
+            with safe_open(str(f), framework="pt") as shard:
+                meta = shard.metadata()
+                for name in shard.keys():
+                    w = shard.get_tensor(name)
+                    if name in deltas:
+                        a, b, scale, transpose, _ = deltas[name]
+                        delta = (b.float() @ a.float()) * scale
+                        w = (w.float() + (delta.T if transpose else delta)).to(w.dtype)
+                        done.add(name)
+                    tensors[name] = w.contiguous()
+            save_file(tensors, str(tmp / f.name), metadata=meta)
+        missing = sorted(set(deltas) - done)
+        if missing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"LoRA adapter {adapter} names weights its base {base} does not have "
+                                  f"(first: {missing[0]}): is it an adapter of another model?")
+        (tmp / MERGED).write_text(json.dumps({"base": str(base), "adapter": str(adapter), "weights": len(done),
+                                              "merge_s": round(time.perf_counter() - t0, 1)}))
+        if dest.exists():
+            old = dest.with_name(f"{key}.old-{os.getpid()}")
+            os.replace(dest, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, dest)
+    return str(dest)

@@ -144,6 +144,7 @@ class LogConfig:
     progress_s: float = 10.0  # seconds between progress lines when stderr is not a terminal (a job log)
 
 
+LORA_MODES = ("merge", "serve")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))  # what a model's `engine` may override
 COUSIN_KINDS = ("quantized", "distilled", "other")
 
@@ -162,6 +163,10 @@ class CousinConfig:
     # one, to the original's weights: one engine serves the adapter (vLLM's enable_lora).
     lora: str | None = None
     lora_revision: str | None = None
+    # merge: the engine runs the adapter merged into the weights (made once per node), which every
+    # metric can score; serve: vLLM's enable_lora serves it, for generation only (text_only): vLLM's
+    # teacher-forced prompt logprobs under an adapter are wrong or fail (vllm-project/vllm#16668).
+    lora_mode: str = "merge"
     kind: str = "other"  # quantized | distilled | other
     dtype: str | None = None  # None: the original's dtype
     quantization: str | None = None  # vLLM's on-the-fly quantization of `path`, e.g. "fp8_per_channel"
@@ -487,6 +492,7 @@ def _validate_cousins(cfg: Config, check) -> None:
         check(c.prompt_format is None or c.prompt_format in PROMPT_FORMATS,
               f"{where}.prompt_format {c.prompt_format!r} must be one of {list(PROMPT_FORMATS)} (or null: the original's)")
         check(c.lora is None or c.build is None, f"{where}: a lora cousin is not built (drop build or lora)")
+        check(c.lora_mode in LORA_MODES, f"{where}.lora_mode {c.lora_mode!r} must be one of {list(LORA_MODES)}")
 
 
 SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key", "authorization",

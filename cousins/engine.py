@@ -74,6 +74,7 @@ class EngineSpec:
     lora: str | None = None  # a LoRA adapter this engine serves on every request
     lora_revision: str | None = None
     lora_rank: int | None = None  # vLLM's max_lora_rank for it
+    lora_mode: str = "merge"  # merge: the adapter merged into the weights on the node; serve: enable_lora
     prompt_format: str = "chat"  # chat (the chat template) | raw (the messages' text)
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
 
@@ -148,12 +149,15 @@ def local_spec(spec: EngineSpec) -> EngineSpec:
     stored one fetched into this node's cache: cousins.checkpoints), as vLLM loads them."""
     import dataclasses
 
-    from cousins.checkpoints import local_copy
+    from cousins.checkpoints import local_copy, merged_lora
 
-    return dataclasses.replace(
-        spec, model_path=local_copy(spec.model_path, revision=spec.revision),
-        tokenizer=local_copy(spec.tokenizer) if spec.tokenizer else None, revision=None,
-        lora=local_copy(spec.lora, revision=spec.lora_revision) if spec.lora else None, lora_revision=None)
+    model = local_copy(spec.model_path, revision=spec.revision)
+    lora = local_copy(spec.lora, revision=spec.lora_revision) if spec.lora else None
+    tokenizer = local_copy(spec.tokenizer) if spec.tokenizer else None
+    if lora and spec.lora_mode == "merge":
+        model, lora, tokenizer = merged_lora(model, lora), None, tokenizer or model
+    return dataclasses.replace(spec, model_path=model, tokenizer=tokenizer, revision=None, lora=lora,
+                               lora_revision=None)
 
 
 class VllmBackend:
@@ -200,8 +204,9 @@ def _warm_up(llm, spec: EngineSpec, lora=None) -> None:
     longest = max(1, min(len(base), spec.max_model_len // 2 - 8))
     prompts = [{"prompt_token_ids": base[:max(1, longest * (i + 1) // 8)]} for i in range(8)]
     k = max(1, spec.max_logprobs)
-    llm.generate(prompts, SamplingParams(max_tokens=8, logprobs=k, prompt_logprobs=k, ignore_eos=True, seed=0),
-                 use_tqdm=False, lora_request=lora)
+    # (no prompt logprobs through a served adapter: vLLM's LoRA logits fail on a batch of them)
+    llm.generate(prompts, SamplingParams(max_tokens=8, logprobs=k, prompt_logprobs=None if lora else k,
+                                         ignore_eos=True, seed=0), use_tqdm=False, lora_request=lora)
 
 
 # --- bare vLLM, for the benchmark ------------------------------------------------------------------

@@ -99,11 +99,12 @@ def _where(cfg: Config, name: str) -> str:
     return "model" if name == cfg.model.name else f"cousins.{name}"
 
 
-def check_models(cfg: Config) -> None:
+def check_models(cfg: Config, *, scoring: bool = False) -> None:
     """Everything about each model that can be known before Ray, every problem reported at once:
     its files can be had (a hub id or a stored URL: its small files are fetched), its engine
     settings fit it (context, logprobs, the KV cache, a format the engine's device runs, a LoRA
-    adapter), and the prompts it is scored on are the ones it sees (check_templates)."""
+    adapter), and the prompts it is scored on are the ones it sees (check_templates). `scoring`: a
+    drift run, whose token-level cousins are teacher-forced."""
     from cousins.formats import cpu_refusal
 
     problems = []
@@ -149,6 +150,10 @@ def check_models(cfg: Config) -> None:
             problems.append(f"{where}: quantization=fp8_per_channel takes bfloat16 or float16 weights; set its dtype")
         if rank is not None and rank > 512:
             problems.append(f"{where}: LoRA rank {rank} is above vLLM's 512")
+        if scoring and c is not None and c.lora and c.lora_mode == "serve" and not c.text_only:
+            problems.append(f"{where}: lora_mode=serve cannot be scored token by token (vLLM's prompt logprobs under an "
+                            f"adapter are wrong or fail: vllm-project/vllm#16668); use lora_mode=merge (the default) "
+                            f"or set {where}.text_only=true")
     if problems:
         raise ConfigError(problems)
     check_templates(cfg)
@@ -208,15 +213,15 @@ def teacher_data_config(cfg: Config, run_id: str) -> Config:
     return t
 
 
-def prepare_before_ray(cfg: Config) -> None:
+def prepare_before_ray(cfg: Config, *, scoring: bool = False) -> None:
     """Everything about the models that needs no cluster: no build would replace a directory the
     project did not make, the original built if it has a recipe, quantized cousins built,
     vocabularies, every model's files and engine settings and the templates checked (each
-    ConfigError lists every problem of its kind)."""
+    ConfigError lists every problem of its kind). `scoring`: a drift run."""
     from cousins.models import ensure_model
 
     check_build_targets(cfg)
     ensure_model(cfg.model.path, cfg.model.build, cfg.model.seed)
     build_quantized_cousins(cfg)
     check_vocabularies(cfg)
-    check_models(cfg)
+    check_models(cfg, scoring=scoring)

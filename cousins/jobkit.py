@@ -16,12 +16,13 @@ from cousins.runtime import init_ray, root_cause
 T = TypeVar("T")
 
 
-def start(cfg: Config) -> Run:
+def start(cfg: Config, *, scoring: bool = False) -> Run:
     """Validate (every config error at once), build absent models, open the run (an existing run id
-    resumes; with a different config it is refused). Exits with the message on any of those."""
+    resumes; with a different config it is refused). Exits with the message on any of those.
+    `scoring`: the drift job (its cousins are teacher-forced)."""
     try:
         validate(cfg)
-        prepare_before_ray(cfg)  # the tiny teacher and quantized cousins, vocabularies checked
+        prepare_before_ray(cfg, scoring=scoring)  # builds, vocabularies, every model's settings, templates
         return open_run(cfg)
     except (ConfigError, RunConflict) as e:
         sys.exit(f"error: {e}")

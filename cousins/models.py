@@ -240,7 +240,9 @@ def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: 
     nothing that looks complete.
     """
     if recipe_name is None:
-        if not (Path(path) / "config.json").exists():
+        from cousins.checkpoints import is_gguf, kind
+
+        if kind(path) == "local" and not is_gguf(path) and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"model directory not found: {path!r} has no config.json (set model.path)")
         return False
     if is_current(path, recipe_name, seed):

@@ -29,6 +29,7 @@ class Source:
     trust_remote_code: bool
     lora: str | None
     lora_revision: str | None
+    lora_mode: str
     prompt_format: str
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
 
@@ -37,14 +38,15 @@ def source(cfg: Config, name: str) -> Source:
     m = cfg.model
     corpus_kwargs = cfg.corpus.chat_template_kwargs or {}
     if name not in cfg.cousins:  # the original, the noise floor
-        return Source(m.path, m.revision, m.tokenizer, m.trust_remote_code, None, None, m.prompt_format,
+        return Source(m.path, m.revision, m.tokenizer, m.trust_remote_code, None, None, "merge", m.prompt_format,
                       {**corpus_kwargs, **m.chat_template_kwargs})
     c = cfg.cousins[name]
     own = c.path is not None
     return Source(path=c.path if own else m.path, revision=c.revision if own else m.revision,
                   tokenizer=c.tokenizer if own else (c.tokenizer or m.tokenizer),
                   trust_remote_code=c.trust_remote_code or (not own and m.trust_remote_code),
-                  lora=c.lora, lora_revision=c.lora_revision, prompt_format=c.prompt_format or m.prompt_format,
+                  lora=c.lora, lora_revision=c.lora_revision, lora_mode=c.lora_mode,
+                  prompt_format=c.prompt_format or m.prompt_format,
                   chat_template_kwargs={**corpus_kwargs, **(m.chat_template_kwargs if c.chat_template_kwargs is None
                                                             else c.chat_template_kwargs)})
 
@@ -111,7 +113,7 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         core_process=e.core_process,
         gpu_memory_utilization=GPU_MEMORY_UTILIZATION * min(1.0, e.gpus_per_actor) if e.gpus_per_actor > 0 else None,
         revision=s.revision, tokenizer=s.tokenizer, trust_remote_code=s.trust_remote_code, lora=s.lora,
-        lora_revision=s.lora_revision, lora_rank=rank, prompt_format=s.prompt_format,
+        lora_revision=s.lora_revision, lora_rank=rank, lora_mode=s.lora_mode, prompt_format=s.prompt_format,
         chat_template_kwargs=dict(s.chat_template_kwargs),
     )
 

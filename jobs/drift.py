@@ -41,7 +41,7 @@ def main(dcfg: DictConfig) -> None:
         print(f"drift of run {summary['run_id']} recomputed from stored generations and scores "
               f"in {summary['timings']['diff_s']:.1f} s")
         return
-    run = start(cfg)
+    run = start(cfg, scoring=True)
     if run.state == "committed":
         print(summary_table(result_from_manifest(run)))
         print(drift_table(decode_summary(run)))

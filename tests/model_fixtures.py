@@ -45,7 +45,8 @@ def make_lora(base: str | Path, out: str | Path, *, rank: int = 8, alpha: int = 
         merged = Path(merged)
         model.save_pretrained(merged, safe_serialization=True)
         for f in Path(base).iterdir():
-            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            if f.name.startswith(("tokenizer", "chat_template")) or f.name in ("special_tokens_map.json",
+                                                                           "generation_config.json"):
                 shutil.copy2(f, merged / f.name)
     return out
 

@@ -179,3 +179,25 @@ def test_cli_force_rebuilds_only_the_projects_own_build(tiny_teacher, tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "did not build" in out.stderr
     assert (mine / "model.safetensors").exists()
+
+
+def test_a_merged_adapter_has_the_weights_of_w_plus_scaled_b_a(tiny_teacher, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from model_fixtures import make_lora
+
+    monkeypatch.setenv("COUSINS_MODEL_CACHE", str(tmp_path / "cache"))
+    make_lora(tiny_teacher, tmp_path / "adapter", merged=tmp_path / "reference", scale=0.2)
+    merged = Path(checkpoints.merged_lora(tiny_teacher, str(tmp_path / "adapter")))
+    assert checkpoints.merged_lora(tiny_teacher, str(tmp_path / "adapter")) == str(merged)  # made once
+    ours, ref = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "reference" / "model.safetensors"))
+    base = load_file(f"{tiny_teacher}/model.safetensors")
+    assert ours.keys() == ref.keys()
+    changed = [k for k in ours if not (ours[k] == base[k]).all()]
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for k in changed)
+    assert max(float((ours[k] - ref[k]).abs().max()) for k in ours) < 1e-6
+    assert (merged / "tokenizer.json").exists() and (merged / "config.json").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 8}')
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        checkpoints.merged_lora(tiny_teacher, str(tmp_path / "bad"))

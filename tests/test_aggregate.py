@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from cousins.drift import aggregate
-from cousins.drift.sketch import KLD_GRID, LENGTH_GRID, poisson_weights
+from cousins.drift.sketch import DP_GRID, KLD_GRID, LENGTH_GRID, poisson_weights
 from cousins.drift.summary import BootstrapSpec, summarise, summary_of
 from cousins.schema import DRIFT
 
@@ -87,13 +87,20 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                 if cousin != "t":
                     scale = 1e-6 if cousin == "noise-floor" else 0.05
                     kld = rng.exponential(scale, n) * np.where(rng.random(n) < .1, 0, 1)
+                    rkld = (kld * rng.uniform(0.5, 2, n)).astype(np.float32).tolist()
+                    for j in np.flatnonzero(rng.random(n) < .05):
+                        rkld[j] = None  # an infinite reverse KLD
+                    nll_o, nll_c = rng.exponential(2, n), rng.exponential(2, n)
+                    r.update(rkld_tokens=rkld, tail_mass_tokens=(rng.random(n) * 1e-3).astype(np.float32).tolist(),
+                             nll_original_sq=float((nll_o ** 2).sum()), nll_cousin_sq=float((nll_c ** 2).sum()),
+                             nll_cross=float((nll_o * nll_c).sum()))
                     r.update(tokens=n, kld_tokens=kld.astype(np.float32).tolist(),
                              rest_mass_tokens=rng.random(n).astype(np.float32).tolist(),
                              margin_tokens=rng.random(n).astype(np.float32).tolist(),
                              same_top1_tokens=(rng.random(n) < .8).tolist(),
                              dp_tokens=rng.normal(0, .1, n).astype(np.float32).tolist(),
-                             kld_mean=float(kld.mean()) if n else None, nll_original=float(rng.uniform(0, 9)),
-                             nll_cousin=float(rng.uniform(0, 9)))
+                             kld_mean=float(kld.mean()) if n else None, nll_original=float(nll_o.sum()),
+                             nll_cousin=float(nll_c.sum()))
                 if rng.random() < 0.05:
                     r["error"] = "cousin: scoring failed"
                 rows.append(r)
@@ -101,15 +108,18 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                                                              ("sample_index", "ascending")])
 
 
-def _close(a, b, path="", quantile=False):
+def _close(a, b, path="", quantile=None):
     if isinstance(a, dict):
         assert set(a) == set(b), (path, set(a) ^ set(b))
         for k in a:
-            _close(a[k], b[k], f"{path}/{k}", quantile or k in reference.QUANTILES)
+            _close(a[k], b[k], f"{path}/{k}",
+                   quantile or ("kld" if k in reference.QUANTILES else "dp" if k in reference.DP_QUANTILES else None))
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]", quantile)
+    elif isinstance(a, float) and quantile == "dp":  # the linear grid's bound
+        assert b == pytest.approx(a, rel=0, abs=DP_GRID.step / 2 * (1 + 1e-6)), path
     elif isinstance(a, float) and quantile:
         if "/ci" not in path:  # values: the sketch's bound; CIs: another resampling scheme
             assert b == pytest.approx(a, rel=0.0101, abs=KLD_GRID.lo), path

@@ -336,3 +336,91 @@ def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
     probe = _overlap_probe(apart)
     at_once(apart, batches, 120, stagger_s=0.005)
     assert probe["most"] == 2
+
+
+def _padded_copy(src: str, dst, extra: int, copy_of: list[int], scale: float, seed: int) -> str:
+    """`src` with its lm_head (and embeddings, and config.vocab_size) `extra` rows wider, the new
+    head rows copies of the rows of `copy_of` times `scale`: ids past the tokenizer that take real
+    mass wherever those tokens are likely. The rest of the head is perturbed slightly (seed)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    w = m.lm_head.weight.data
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.cat([w + 0.05 * w.std() * torch.randn(w.shape, generator=gen), scale * w[copy_of[:extra]]])
+    emb = m.model.embed_tokens.weight.data
+    emb = torch.cat([emb, torch.zeros(extra, emb.shape[1])])  # ids past the tokenizer are never fed
+    m.model.embed_tokens = torch.nn.Embedding.from_pretrained(emb, freeze=False)
+    m.lm_head = torch.nn.Linear(w.shape[1], head.shape[0], bias=False)
+    m.lm_head.weight.data = head
+    m.config.vocab_size = head.shape[0]
+    m.save_pretrained(str(dst))
+    return str(dst)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transformers(tiny_teacher, tmp_path):
+    """The Qwen2.5-7B-against-1.5B case in small: two copies of the tiny teacher whose heads are
+    64 and 32 rows past the tokenizer (2,112 and 2,080 wide against 2,048 tokens), the padded rows
+    holding a few % of the mass. The exact-KLD actor's per-token KL both ways and tail mass equal a
+    transformers float64 computation over the tokenizer's ids plus one tail bucket."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cousins import engine
+    from cousins.kld import KldActor
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    vocab = len(tok)
+    texts = ["def main(args):\n    return sorted(args, key=len)\n", "What is 7 times 9? The answer is 63.",
+             "import os\nfor name in os.listdir(path):\n    print(name)\n", "class Point:\n    x: int\n    y: int\n"]
+    counts = np.bincount(np.concatenate([tok.encode(t, add_special_tokens=False) for t in texts * 4]),
+                         minlength=vocab)
+    common = np.argsort(-counts, kind="stable").tolist()  # frequent tokens: their copies take mass
+    original = _padded_copy(tiny_teacher, tmp_path / "pad64", 64, common, 0.6, seed=0)
+    cousin = _padded_copy(tiny_teacher, tmp_path / "pad32", 32, common[5:], 0.5, seed=1)
+
+    def spec(name, path):
+        return engine.EngineSpec(model_name=name, model_path=path, dtype="float32", quantization=None,
+                                 max_model_len=256, kv_cache_bytes=64 << 20, tensor_parallel_size=1, max_num_seqs=64,
+                                 enforce_eager=True, max_logprobs=20,
+                                 gpu_memory_utilization=0.4 if cuda_gpus() else None)
+
+    # teacher-forced rows need no generation: prompts and "outputs" are the texts' tokens
+    rows = pa.table({"prompt_id": [f"p{i}" for i in range(len(texts))], "sample_index": [0] * len(texts),
+                     "prompt_text": [t[: len(t) // 3] for t in texts],
+                     "output_token_ids": [tok.encode(t[len(t) // 3:], add_special_tokens=False) for t in texts],
+                     "error": [None] * len(texts)})
+    with hide_context_proxies():
+        got = KldActor(spec("pad64", original), spec("pad32", cousin))(rows)
+    assert got.column("error").null_count == got.num_rows, got.column("error").to_pylist()
+
+    models = {p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64).eval() for p in (original, cousin)}
+
+    def logprobs(path, ids):
+        with torch.no_grad():
+            return torch.log_softmax(models[path](torch.tensor([ids])).logits[0].double(), dim=-1).numpy()
+
+    tails, mine, ref = [], [], []
+    for row, k, r, t in zip(rows.to_pylist(), *(got.column(c).to_pylist() for c in
+                                                 ("kld_tokens", "rkld_tokens", "tail_mass_tokens"))):
+        y = row["output_token_ids"]
+        ids = tok.encode(row["prompt_text"], add_special_tokens=False) + y
+        at = slice(len(ids) - len(y) - 1, len(ids) - 1)  # the positions that predict the output tokens
+        lp, lq = logprobs(original, ids)[at], logprobs(cousin, ids)[at]
+        assert lp.shape[1] == vocab + 64 and lq.shape[1] == vocab + 32
+        want = reference(lp, lq, vocab)
+        np.testing.assert_allclose(k, want[:, 0], rtol=0.01, atol=1e-5)
+        np.testing.assert_allclose(r, want[:, 1], rtol=0.01, atol=1e-5)
+        np.testing.assert_allclose(t, want[:, 2], rtol=0.01, atol=1e-6)
+        tails += t
+        mine += k
+        ref += want[:, 0].tolist()
+    assert 0.01 < np.mean(tails) < 0.1  # the padded rows matter here: a few % of the mass
+    print(f"\npadded heads: exact KLD over {len(ref)} tokens: mean {np.mean(mine):.6g} (transformers float64 "
+          f"{np.mean(ref):.6g}), tail mass mean {np.mean(tails):.3%}")

@@ -28,6 +28,13 @@ from cousins.feeder import Feeder, Gate
 from cousins.records import ModelEntry, ScoresDone
 
 ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
+# vLLM hands full-vocabulary prompt logprobs over as Python lists: ~20 MiB per position per engine
+# at a 152k vocabulary (docs/benchmarks.md), for every position of the prompt as well as of the
+# output. A batch goes through the engines in groups of rows of at most this many entries (rows x
+# positions x vocabulary) per engine, reduced and dropped before the next group: about 7 GiB per
+# engine at 152k (441 positions; a longer row goes alone), the original's kept while the cousin's
+# are made. At the tiny teacher's 2,048 entries a group is 32k positions: one group a batch.
+LOGPROB_ENTRIES_IN_FLIGHT = 1 << 26
 
 
 def full_spec(spec: EngineSpec) -> EngineSpec:
@@ -35,6 +42,20 @@ def full_spec(spec: EngineSpec) -> EngineSpec:
     two engines share its GPU)."""
     share = spec.gpu_memory_utilization
     return dataclasses.replace(spec, max_logprobs=ALL_VOCAB, gpu_memory_utilization=share / 2 if share else None)
+
+
+def _groups(lengths: list[int], positions: int) -> list[list[int]]:
+    """Consecutive indices of `lengths` in groups of at most `positions` in all (one row alone may
+    exceed it)."""
+    out: list[list[int]] = []
+    total = positions
+    for j, n in enumerate(lengths):
+        if total + n > positions:
+            out.append([])
+            total = 0
+        out[-1].append(j)
+        total += n
+    return out
 
 
 def _floats(x: np.ndarray) -> list:
@@ -96,16 +117,15 @@ class KldActor(actors.EngineRunner):
                 else:
                     todo.append(i), inputs.append(ids)
         klds: dict[int, tuple[list, list, list]] = {}
-        elapsed = 0.0
-        if inputs:
-            prompts = [{"prompt_token_ids": x} for x in inputs]
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        for group in _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1))):
+            prompts = [{"prompt_token_ids": inputs[j]} for j in group]
             p_out, _ = self.ref_feeder.run(prompts, self.params, solo)
             if self.reorder:
                 q_out = self.feeder.run(prompts[::-1], self.params, solo)[0][::-1]
             else:
                 q_out, _ = self.feeder.run(prompts, self.params, solo)
-            for i, ids, p, q in zip(todo, inputs, p_out, q_out):
+            for i, ids, p, q in zip([todo[j] for j in group], [inputs[j] for j in group], p_out, q_out):
                 n = len(rows[i]["output_token_ids"])
                 start = len(ids) - n
                 try:
@@ -116,7 +136,8 @@ class KldActor(actors.EngineRunner):
                     errors[i] = f"exact KLD at {err}"
                     continue
                 klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld), e.tail_mass.astype(np.float32).tolist())
-            elapsed = time.perf_counter() - t0
+            del p_out, q_out  # this group's full-vocabulary lists go before the next group's come
+        elapsed = time.perf_counter() - t0
         total = sum(len(x) for x in inputs) or 1
         share = {i: elapsed * len(x) / total for i, x in zip(todo, inputs)}
         table = pa.table({

@@ -424,3 +424,31 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
     assert 0.01 < np.mean(tails) < 0.1  # the padded rows matter here: a few % of the mass
     print(f"\npadded heads: exact KLD over {len(ref)} tokens: mean {np.mean(mine):.6g} (transformers float64 "
           f"{np.mean(ref):.6g}), tail mass mean {np.mean(tails):.3%}")
+
+
+def test_a_batch_goes_through_the_engines_in_groups_bounded_by_logprob_entries(monkeypatch):
+    """With a budget of 25 positions of the fake's 40-entry vocabulary per engine call, a batch of
+    rows of ~20-30 positions is scored a row or two at a time, with the same numbers as in one go."""
+    from cousins import actors, kld as kld_mod
+    from cousins.engine import CORE_ENV, EngineSpec, Sampling
+    from cousins.kld import KldActor
+    from fake_engine import FakeBackend
+    from test_actors import rows
+
+    monkeypatch.setenv(CORE_ENV, "1")
+    spec = EngineSpec(model_name="orig", model_path="/models/orig", dtype="float32", quantization=None,
+                      max_model_len=96, kv_cache_bytes=0, tensor_parallel_size=1, max_num_seqs=4,
+                      enforce_eager=True, max_logprobs=20)
+    cousin = EngineSpec(**{**spec.__dict__, "model_name": "cousin", "model_path": "/models/cousin"})
+    batch = actors.EngineActor(spec, Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
+                               backend=FakeBackend())(rows(6))
+    whole = KldActor(spec, cousin, backend=FakeBackend())(batch)
+    grouped = KldActor(spec, cousin, backend=FakeBackend())
+    calls = []
+    run = grouped.ref_feeder.run
+    grouped.ref_feeder.run = lambda prompts, *a: calls.append(len(prompts)) or run(prompts, *a)
+    monkeypatch.setattr(kld_mod, "LOGPROB_ENTRIES_IN_FLIGHT", 25 * 41)
+    got = grouped(batch)
+    assert len(calls) > 2 and sum(calls) == 6
+    for c in ("kld_tokens", "rkld_tokens", "tail_mass_tokens", "error"):
+        assert got.column(c).to_pylist() == whole.column(c).to_pylist()

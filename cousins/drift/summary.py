@@ -281,20 +281,23 @@ def drift_table(summary: dict) -> str:
     capability-against-cost plane per model (cousins/plane.py), where the summary has one."""
     from cousins.plane import plane_lines
 
-    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "same top-1 [CI]", "RMS dp", "PPL ratio", "flips",
-              "acc delta", "length ratio", "exact match")
+    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "KLD p99", "rev KLD", "same top-1 [CI]", "RMS dp",
+              "PPL ratio", "Cor lnPPL", "flips", "acc delta", "length ratio", "exact match")
     rows = [header]
     noise = [summary["noise_floor"]] if summary.get("noise_floor") else []
     for s in [*summary["cousins"], *noise]:
         m = s["metrics"]
         if s["error"] is not None and not m:
-            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * 8))
+            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * (len(header) - 3)))
             continue
         rows.append((s["name"], s["kind"], _fmt(m.get("kld_mean")),
                      _fmt(m.get("rest_mass_mean") and {"value": m["rest_mass_mean"]["value"]}, pct=True),
+                     _fmt(m.get("kld_p99") and {"value": m["kld_p99"]["value"]}),
+                     _fmt(m.get("rkld_mean") and {"value": m["rkld_mean"]["value"]}),
                      _fmt(m.get("same_top1"), pct=True),
                      _fmt(m.get("rms_dp") and {"value": m["rms_dp"]["value"]}, pct=True),
                      _fmt(m.get("ppl_ratio") and {"value": m["ppl_ratio"]["value"]}),
+                     _fmt(m.get("ppl_correlation"), pct=True),
                      _fmt(m.get("flip_rate"), pct=True), _fmt(m.get("accuracy_delta"), pct=True),
                      _fmt(m.get("length_ratio"), digits=3), _fmt(m.get("exact_match"), pct=True)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -31,10 +31,12 @@ ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
 # vLLM hands full-vocabulary prompt logprobs over as Python lists: ~20 MiB per position per engine
 # at a 152k vocabulary (docs/benchmarks.md), for every position of the prompt as well as of the
 # output. A batch goes through the engines in groups of rows of at most this many entries (rows x
-# positions x vocabulary) per engine, reduced and dropped before the next group: about 7 GiB per
-# engine at 152k (441 positions; a longer row goes alone), the original's kept while the cousin's
-# are made. At the tiny teacher's 2,048 entries a group is 32k positions: one group a batch.
-LOGPROB_ENTRIES_IN_FLIGHT = 1 << 26
+# positions x vocabulary) per engine, reduced and dropped before the next group: 221 positions,
+# about 4.5 GiB per engine at 152k (a longer row goes alone), the original's kept while the
+# cousin's are made; with Ray Data's two batches in flight, ~18 GiB of host memory per actor. The
+# engines' time per position (~60 ms each) dwarfs what a bigger group would save. At the tiny
+# teacher's 2,048 entries a group is 16k positions: one group a batch.
+LOGPROB_ENTRIES_IN_FLIGHT = 1 << 25
 
 
 def full_spec(spec: EngineSpec) -> EngineSpec:

@@ -24,9 +24,12 @@ checks, never through max(0, nan).
 Memory: positions are reduced in chunks of C = max(1, CHUNK_CELLS // (V + 1)) positions; a chunk
 holds, per model, its flat entries (ids int64 + logprobs float64 + a scatter index int64: 24 B
 each, about W + 1 a position for a head W wide) and a dense (C, W) float64 array, plus about five
-such (C, V) arrays of temporaries: about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 100 MiB at CHUNK_CELLS
-= 2^20 whatever the output's length (C = 6 at V = 152k; measured in docs/benchmarks.md). The whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python floats and
-ints, ~56 B per entry and model) are vLLM's, outside this bound.
+such (C, V) arrays of temporaries: about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 26 MiB at CHUNK_CELLS
+= 2^18 whatever the output's length (C = 1 at V = 152k: one position is already 152k wide, and
+chunks of 6 were no faster; measured 19 MiB: docs/benchmarks.md). The
+whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python ints and floats for ids,
+logprobs and ranks, ~20 MiB per position at 152k) are vLLM's, outside this bound; the actor
+bounds how many it holds (kld.LOGPROB_ENTRIES_IN_FLIGHT).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK_CELLS = 1 << 20  # float64 cells of one dense (positions, V) array of a chunk
+CHUNK_CELLS = 1 << 18  # float64 cells of one dense (positions, V) array of a chunk
 MASS_TOL = 1e-3  # |Σ p − 1| allowed: float32 logprobs over 152k entries sum to 1 within ~1e-5
 
 

@@ -137,8 +137,11 @@ def _dp_quantiles(m: Merged) -> dict[str, dict]:
 
 
 def _se(n: float, s1: float, s2: float) -> float | None:
-    """The standard error of a mean from Σx, Σx² over n values."""
-    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) / math.sqrt(n) if n > 1 else None
+    """The standard error of a mean from Σx, Σx² over n values (None without them: drift rows
+    written without the sums of squares)."""
+    if n <= 1 or not math.isfinite(s1) or not math.isfinite(s2):
+        return None
+    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) / math.sqrt(n)
 
 
 def _correlation(n: float, a: float, b: float, aa: float, bb: float, ab: float) -> float | None:

@@ -17,20 +17,22 @@ SIDE = "_side"
 FILES_PER_TASK = 64
 
 
-def _read_batch(batch: pa.Table, *, filesystem, columns: list[str] | None, tag=None, tag_kwargs=None) -> pa.Table:
+def _read_batch(batch: pa.Table, *, filesystem, columns: list[str] | None, tag=None, tag_kwargs=None,
+                schema: pa.Schema | None = None) -> pa.Table:
     """The part files named in a batch of paths, read with pyarrow (one fragment each, so `tag`
     can mark each file's rows, e.g. with the model its directory names)."""
     import pyarrow.dataset as pads
 
     paths = batch.column("path").to_pylist()
     tables = []
-    for frag in pads.dataset(paths, filesystem=filesystem, format="parquet").get_fragments():
+    for frag in pads.dataset(paths, filesystem=filesystem, format="parquet", schema=schema).get_fragments():
         t = frag.to_table(columns=columns)
         tables.append(tag(t, frag.path, **(tag_kwargs or {})) if tag else t)
     return pa.concat_tables(tables)
 
 
-def read_files(files: list[str], filesystem, columns: list[str] | None = None, *, tag=None, tag_kwargs=None):
+def read_files(files: list[str], filesystem, columns: list[str] | None = None, *, tag=None, tag_kwargs=None,
+               schema: pa.Schema | None = None):
     """Part files as a Dataset, read by tasks of up to FILES_PER_TASK files each with pyarrow (a
     few tasks per CPU at least). Ray Data's own Parquet read pays tens of milliseconds and some
     driver memory per file: at thousands of part files that was most of the diff's time."""
@@ -41,7 +43,8 @@ def read_files(files: list[str], filesystem, columns: list[str] | None = None, *
     blocks = min(len(files), max(4 * cpus, -(-len(files) // FILES_PER_TASK)))
     return ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks).map_batches(
         _read_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.1,
-        fn_kwargs={"filesystem": filesystem, "columns": columns, "tag": tag, "tag_kwargs": tag_kwargs})
+        fn_kwargs={"filesystem": filesystem, "columns": columns, "tag": tag, "tag_kwargs": tag_kwargs,
+                   "schema": schema})
 
 
 def read_stage(stage: Location, columns: list[str] | None = None):

@@ -5,9 +5,11 @@ model whose mass lies outside its top-k makes that bound loose. Exact mode adds 
 compared model: an actor holding two engines, the original's and the cousin's, teacher-forces the
 same rows (the original's outputs) through both with every vocabulary logprob at every position
 (vLLM's `prompt_logprobs=-1`, flat lists rather than a dict per position), reduces each position
-to its KLD on the spot, and writes only those numbers (schema.KLD: one float per output token).
-No full-vocabulary row is ever stored; the cost is a second engine per actor and the transfer of
-a vocabulary of logprobs per position from each engine.
+on the spot (cousins/drift/vocab_kld.py: over the ORIGINAL's tokenizer vocabulary, ids past it
+folded into one tail bucket, on NumPy arrays in bounded chunks of positions), and writes only
+per-token numbers (schema.KLD: KL(p ‖ q), KL(q ‖ p) and the tail mass). No full-vocabulary row is
+ever stored; the cost is a second engine per actor and the transfer of a vocabulary of logprobs
+per position from each engine (docs/benchmarks.md, "Exact KLD at a 152k vocabulary").
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ import numpy as np
 import pyarrow as pa
 
 from cousins import actors, schema, templates
+from cousins.drift.vocab_kld import PositionError, exact_kld
 from cousins.engine import CORE_ENV, EngineSpec, Placement, VllmBackend
 from cousins.feeder import Feeder, Gate
 from cousins.records import ModelEntry, ScoresDone
 
 ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
+# vLLM hands full-vocabulary prompt logprobs over as Python lists: ~20 MiB per position per engine
+# at a 152k vocabulary (docs/benchmarks.md), for every position of the prompt as well as of the
+# output. A batch goes through the engines in groups of rows of at most this many entries (rows x
+# positions x vocabulary) per engine, reduced and dropped before the next group: 221 positions,
+# about 4.5 GiB per engine at 152k (a longer row goes alone), the original's kept while the
+# cousin's are made; with Ray Data's two batches in flight, ~18 GiB of host memory per actor. The
+# engines' time per position (~60 ms each) dwarfs what a bigger group would save. At the tiny
+# teacher's 2,048 entries a group is 16k positions: one group a batch.
+LOGPROB_ENTRIES_IN_FLIGHT = 1 << 25
 
 
 def full_spec(spec: EngineSpec) -> EngineSpec:
@@ -34,28 +46,23 @@ def full_spec(spec: EngineSpec) -> EngineSpec:
     return dataclasses.replace(spec, max_logprobs=ALL_VOCAB, gpu_memory_utilization=share / 2 if share else None)
 
 
-def position_kld(p_ids, p_lps, q_ids, q_lps) -> float:
-    """KL(p ‖ q) at one position from each model's (token ids, logprobs) over the vocabulary, in
-    float64. A token q does not list (never, with the whole vocabulary) counts as q = 0."""
-    p_ids, q_ids = np.asarray(p_ids, np.int64), np.asarray(q_ids, np.int64)
-    v = int(max(p_ids.max(initial=-1), q_ids.max(initial=-1))) + 1
-    lp, lq = np.full(v, -np.inf), np.full(v, -np.inf)
-    lp[p_ids], lq[q_ids] = np.asarray(p_lps, np.float64), np.asarray(q_lps, np.float64)
-    keep = np.isfinite(lp)
-    return float(max(0.0, (np.exp(lp[keep]) * (lp[keep] - lq[keep])).sum()))
+def _groups(lengths: list[int], positions: int) -> list[list[int]]:
+    """Consecutive indices of `lengths` in groups of at most `positions` in all (one row alone may
+    exceed it)."""
+    out: list[list[int]] = []
+    total = positions
+    for j, n in enumerate(lengths):
+        if total + n > positions:
+            out.append([])
+            total = 0
+        out[-1].append(j)
+        total += n
+    return out
 
 
-def _positions(prompt_logprobs, start: int, n: int):
-    """(token ids, logprobs) of positions start..start+n of a vLLM prompt-logprobs result: flat
-    lists (FlatLogprobs) or a dict per position."""
-    if hasattr(prompt_logprobs, "start_indices"):
-        f = prompt_logprobs
-        for t in range(start, start + n):
-            a, b = f.start_indices[t], f.end_indices[t]
-            yield f.token_ids[a:b], f.logprobs[a:b]
-    else:
-        for pos in prompt_logprobs[start:start + n]:
-            yield list(pos.keys()), [lp.logprob for lp in pos.values()]
+def _floats(x: np.ndarray) -> list:
+    """float32 values as a list, NaN (an infinite reverse KLD) as null."""
+    return [None if v != v else v for v in x.astype(np.float32).tolist()]
 
 
 class KldActor(actors.EngineRunner):
@@ -74,6 +81,9 @@ class KldActor(actors.EngineRunner):
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
                                          flat_logprobs=True)
             self.tokenizer = self.reference.get_tokenizer()  # the original's positions, for both
+            # The vocabulary compared id by id: the original's tokenizer's. Rows of either logit
+            # head past it (padding) are no token and go into one tail bucket (drift/vocab_kld.py).
+            self.vocab = len(self.tokenizer)
             # Cores in this process (vLLM's in-process engine core) must not step at once: they
             # would share vLLM's global forward context. In processes of their own they may.
             gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
@@ -90,7 +100,8 @@ class KldActor(actors.EngineRunner):
         return actors.check_rows(self.spec.model_name, batch, pa.table({
             "prompt_id": batch.column("prompt_id"), "sample_index": batch.column("sample_index"),
             "model": pa.array([self.spec.model_name] * n, pa.string()),
-            "kld_tokens": pa.nulls(n, pa.list_(pa.float32())), "engine_time_s": pa.nulls(n, pa.float64()),
+            "kld_tokens": pa.nulls(n, pa.list_(pa.float32())), "rkld_tokens": pa.nulls(n, pa.list_(pa.float32())),
+            "tail_mass_tokens": pa.nulls(n, pa.list_(pa.float32())), "engine_time_s": pa.nulls(n, pa.float64()),
             "error": pa.array([reason] * n, pa.string())}, schema=schema.KLD))
 
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
@@ -109,28 +120,35 @@ class KldActor(actors.EngineRunner):
                     errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
                 else:
                     todo.append(i), inputs.append(ids)
-        klds: dict[int, list[float]] = {}
-        elapsed = 0.0
-        if inputs:
-            prompts = [{"prompt_token_ids": x} for x in inputs]
-            t0 = time.perf_counter()
+        klds: dict[int, tuple[list, list, list]] = {}
+        t0 = time.perf_counter()
+        for group in _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1))):
+            prompts = [{"prompt_token_ids": inputs[j]} for j in group]
             p_out, _ = self.ref_feeder.run(prompts, self.params, solo)
             if self.reorder:
                 q_out = self.feeder.run(prompts[::-1], self.params, solo)[0][::-1]
             else:
                 q_out, _ = self.feeder.run(prompts, self.params, solo)
-            for i, ids, p, q in zip(todo, inputs, p_out, q_out):
+            for i, ids, p, q in zip([todo[j] for j in group], [inputs[j] for j in group], p_out, q_out):
                 n = len(rows[i]["output_token_ids"])
                 start = len(ids) - n
-                klds[i] = [position_kld(pi, pl, qi, ql) for (pi, pl), (qi, ql) in
-                           zip(_positions(p.prompt_logprobs, start, n), _positions(q.prompt_logprobs, start, n))]
-            elapsed = time.perf_counter() - t0
+                try:
+                    if p.prompt_logprobs is None or q.prompt_logprobs is None:
+                        raise PositionError(0, "an engine returned no prompt logprobs")
+                    e = exact_kld(p.prompt_logprobs, q.prompt_logprobs, start, n, self.vocab)
+                except PositionError as err:  # this row only: the batch's other rows go on
+                    errors[i] = f"exact KLD at {err}"
+                    continue
+                klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld), e.tail_mass.astype(np.float32).tolist())
+            del p_out, q_out  # this group's full-vocabulary lists go before the next group's come
+        elapsed = time.perf_counter() - t0
         total = sum(len(x) for x in inputs) or 1
         share = {i: elapsed * len(x) / total for i, x in zip(todo, inputs)}
         table = pa.table({
             "prompt_id": [r["prompt_id"] for r in rows], "sample_index": [r["sample_index"] for r in rows],
             "model": [self.spec.model_name] * len(rows),
-            "kld_tokens": [klds.get(i) for i in range(len(rows))],
+            **{c: [klds[i][j] if i in klds else None for i in range(len(rows))]
+               for j, c in enumerate(("kld_tokens", "rkld_tokens", "tail_mass_tokens"))},
             "engine_time_s": [share.get(i) for i in range(len(rows))],
             "error": errors}, schema=schema.KLD)
         return actors.check_rows(self.spec.model_name, batch, table), sum(len(x) for x in inputs)

@@ -444,6 +444,7 @@ class Summary:
     computed: str
     warnings: list[str] | None = optional()  # e.g. a top-k KLD that understates the full KLD
     kld: str | None = optional()  # topk (a lower bound) or exact (drift.kld)
+    quantile_error: str | None = optional()  # the stated error of the token quantiles (drift/summary.py)
     accounting: dict[str, Accounting] | None = optional()
     cost_currency: str | None = optional()
     timings: dict[str, float | None] | None = optional()

@@ -97,6 +97,7 @@ def render_report(summary: dict, views: dict[str, ReportView]) -> str:
         _header(summary),
         "<h2>Cousins ranked by drift</h2>",
         _ranking_table(cousins, noise, summary["bootstrap"]),
+        _token_table(cousins, noise, summary.get("quantile_error")),
         _accounting_table(summary.get("accounting"), summary.get("cost_currency", "USD")),
         _plane_section(summary.get("plane"), colours),
         "<h2>Across cousins</h2>",
@@ -282,7 +283,7 @@ def _plane_section(plane: dict | None, colours: dict) -> str:
 
 _COLUMNS = [  # (header, metric, formatter)
     ("KLD mean", "kld_mean", _num), ("KLD p99", "kld_p99", _num), ("KLD max", "kld_max", _num),
-    ("rest mass", "rest_mass_mean", _pct),
+    ("reverse KLD", "rkld_mean", _num), ("rest mass", "rest_mass_mean", _pct),
     ("same top-1", "same_top1", _pct), ("RMS Δp", "rms_dp", _pct), ("PPL ratio", "ppl_ratio", _num),
     ("flip rate", "flip_rate", _pct), ("Δ accuracy", "accuracy_delta", _pp),
     ("length ratio", "length_ratio", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
@@ -313,6 +314,45 @@ def _ranking_table(cousins: list[dict], noise: dict | None, bootstrap: dict) -> 
             f"<p class=\"note\">Bracketed: {level} bootstrap confidence interval. KLD in nats per token of the "
             "original's output; “—”: not measured (text-only cousins have no token metrics; accuracy and "
             "flips need labelled prompts).</p>")
+
+
+_TOKEN_COLUMNS = [  # llama.cpp's `llama-perplexity --kl-divergence` figures, as it prints them
+    ("KLD min", "kld_min", _num), ("p0.1", "kld_p001", _num), ("p1", "kld_p01", _num), ("p5", "kld_p05", _num),
+    ("p10", "kld_p10", _num), ("median", "kld_median", _num), ("p90", "kld_p90", _num), ("p95", "kld_p95", _num),
+    ("p99", "kld_p99", _num), ("p99.9", "kld_p999", _num), ("max", "kld_max", _num),
+    ("Δp min", "dp_min", _pct), ("p1", "dp_p01", _pct), ("p5", "dp_p05", _pct), ("p25", "dp_p25", _pct),
+    ("median", "dp_median", _pct), ("p75", "dp_p75", _pct), ("p95", "dp_p95", _pct), ("p99", "dp_p99", _pct),
+    ("max", "dp_max", _pct), ("mean Δp", "mean_dp", _pct), ("RMS Δp", "rms_dp", _pct),
+    ("Cor(ln PPL)", "ppl_correlation", _pct), ("ln PPL ratio", "ln_ppl_ratio", _num),
+    ("tail mass max", "tail_mass_max", _pct),
+]
+
+
+def _token_table(cousins: list[dict], noise: dict | None, quantile_error: str | None) -> str:
+    """Per cousin, the per-token distributions of KLD and Δp (quantiles from the merged histograms),
+    Cor(ln PPL(Q), ln PPL(base)) and mean ln(PPL_c/PPL_o) ± its standard error."""
+    shown = [c for c in cousins if not c.get("error") and not c.get("text_only")]
+    shown += [noise] if noise and not noise.get("error") else []
+    if not shown:
+        return ""
+
+    def cell(c: dict, key: str, fmt) -> str:
+        m = _metric(c, key)
+        text = fmt(m.get("value"))
+        if key == "ln_ppl_ratio" and m.get("se") is not None:
+            text += f" ± {fmt(m['se'])}"
+        return f"<td>{escape(text)}</td>"
+
+    head = ("<tr><th class=\"l\">token statistics</th>"
+            + "".join(f"<th>{escape(h)}</th>" for h, _, _ in _TOKEN_COLUMNS) + "</tr>")
+    body = "".join(f"<tr><td class=\"l name\">{escape(c['name'])}</td>"
+                   + "".join(cell(c, k, f) for _, k, f in _TOKEN_COLUMNS) + "</tr>" for c in shown)
+    return (f"<div class=\"scroll\"><table class=\"tokens\"><thead>{head}</thead><tbody>{body}</tbody></table></div>\n"
+            "<p class=\"note\">llama.cpp's <code>--kl-divergence</code> set: KLD (nats) and Δp = q(y) − p(y) "
+            "percentiles over every token of the original's outputs; Cor(ln PPL): Pearson's r of the tokens' "
+            "log-probabilities under the two models; ln PPL ratio: mean ln(PPL(cousin)/PPL(original)) ± its "
+            "standard error; tail mass: probability on ids past the tokenizer (padded logit rows; exact KLD only). "
+            + escape(f"{quantile_error[:1].upper()}{quantile_error[1:]}." if quantile_error else "") + "</p>")
 
 
 # --- across cousins -------------------------------------------------------------------------------

@@ -83,13 +83,19 @@ SCORES = pa.schema(
     ]
 )
 
-# Exact KLD (drift.kld=exact): one row per row of the original's generations, per compared model.
+# Exact KLD (drift.kld=exact): one row per row of the original's generations, per compared model,
+# over the original's tokenizer vocabulary V with ids >= V (padded head rows) in one tail bucket
+# (cousins/drift/vocab_kld.py). A position that cannot give a finite KL(original || model) makes
+# its row an error row naming it.
 KLD = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),  # the compared model (cousin or noise-floor)
         pa.field("kld_tokens", pa.list_(pa.float32())),  # KL(original || model) at each output position
+        pa.field("rkld_tokens", pa.list_(pa.float32())),  # KL(model || original); null where infinite
+        # the larger of the two models' probability on ids >= V at each position
+        pa.field("tail_mass_tokens", pa.list_(pa.float32())),
         pa.field("engine_time_s", pa.float64()),
         pa.field("error", pa.string()),
     ]
@@ -111,11 +117,20 @@ DRIFT = pa.schema(
         pa.field("margin_tokens", pa.list_(pa.float32())),  # the original's top-1 minus top-2 probability
         pa.field("same_top1_tokens", pa.list_(pa.bool_())),
         pa.field("dp_tokens", pa.list_(pa.float32())),  # q(y_t) - p(y_t)
+        # drift.kld=exact only (null in top-k mode): KL(q || p) (null where infinite) and the larger
+        # tail mass (ids past the tokenizer's vocabulary) at each position, from schema.KLD
+        pa.field("rkld_tokens", pa.list_(pa.float32())),
+        pa.field("tail_mass_tokens", pa.list_(pa.float32())),
         pa.field("kld_mean", pa.float64()),  # over this row's tokens
         pa.field("kld_max", pa.float64()),
         pa.field("same_top1", pa.float64()),  # fraction of this row's tokens
         pa.field("nll_original", pa.float64()),  # summed over tokens: -sum log p(y_t)
         pa.field("nll_cousin", pa.float64()),  # summed over tokens: -sum log q(y_t)
+        # summed over tokens, for llama.cpp's Cor(ln PPL(Q), ln PPL(base)) and the uncertainty of
+        # mean ln(PPL_c/PPL_o): sum (log p(y_t))^2, sum (log q(y_t))^2, sum log p(y_t) log q(y_t)
+        pa.field("nll_original_sq", pa.float64()),
+        pa.field("nll_cousin_sq", pa.float64()),
+        pa.field("nll_cross", pa.float64()),
         pa.field("original_tokens", pa.int32()),  # output lengths of the two generations
         pa.field("cousin_tokens", pa.int32()),
         pa.field("length_ratio", pa.float64()),  # cousin_tokens / original_tokens (token efficiency)

@@ -35,6 +35,9 @@ class Params:
 
 
 class Tokenizer:
+    def __len__(self):
+        return V
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
 

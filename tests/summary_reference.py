@@ -14,7 +14,10 @@ from cousins.drift import metrics
 from cousins.drift.summary import BootstrapSpec
 
 MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
-QUANTILES = {"kld_median": 0.5, "kld_p90": 0.9, "kld_p99": 0.99, "kld_p999": 0.999}
+QUANTILES = {"kld_p999": 0.999, "kld_p99": 0.99, "kld_p95": 0.95, "kld_p90": 0.9, "kld_median": 0.5,
+             "kld_p10": 0.1, "kld_p05": 0.05, "kld_p01": 0.01, "kld_p001": 0.001}
+DP_QUANTILES = {"dp_p999": 0.999, "dp_p99": 0.99, "dp_p95": 0.95, "dp_p90": 0.9, "dp_p75": 0.75, "dp_median": 0.5,
+                "dp_p25": 0.25, "dp_p10": 0.1, "dp_p05": 0.05, "dp_p01": 0.01, "dp_p001": 0.001}
 _BLOCK = 100
 
 
@@ -133,6 +136,15 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
         m["kld_mean"]["se"] = float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else None
         m.update(boot.quantiles(kld, tok_cluster, QUANTILES))
         m["kld_max"] = {"value": float(kld.max()) if len(kld) else None, "ci": None}
+        m["kld_min"] = {"value": float(kld.min()) if len(kld) else None, "ci": None}
+        for name, column in (("rkld", "rkld_tokens"), ("tail_mass", "tail_mass_tokens")):
+            v, v_row = _flat(ok, column)
+            has = np.isfinite(v)
+            m[f"{name}_mean"] = boot.ratio(np.where(has, v, 0.0), has.astype(float), row_cluster[v_row])
+            m[f"{name}_max"] = {"value": float(v[has].max()) if has.any() else None, "ci": None}
+        good = _flat(ok, "rkld_tokens")[0]
+        good = good[np.isfinite(good)]
+        m["rkld_mean"]["se"] = float(good.std(ddof=1) / math.sqrt(len(good))) if len(good) > 1 else None
         m["same_top1"] = boot.ratio(same, ones, tok_cluster)
         f = m["same_top1"]["value"]
         m["same_top1"]["se"] = math.sqrt(f * (1 - f) / len(same)) if f is not None else None
@@ -144,6 +156,16 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
         m["ppl_cousin"] = boot.ratio(nll_c, tokens, row_cluster, transform=np.exp)
         m["ppl_ratio"] = boot.ratio(nll_c - nll_o, tokens, row_cluster, transform=np.exp)
         m["ln_ppl_ratio"] = boot.ratio(nll_c - nll_o, tokens, row_cluster)
+        n, oo, cc2, oc = tokens.sum(), _col(ok, "nll_original_sq").sum(), _col(ok, "nll_cousin_sq").sum(), \
+            _col(ok, "nll_cross").sum()
+        d, d2 = nll_c.sum() - nll_o.sum(), cc2 + oo - 2 * oc
+        m["ln_ppl_ratio"]["se"] = math.sqrt(max(d2 / n - (d / n) ** 2, 0.0) / (n - 1)) if n > 1 else None
+        va, vb = n * oo - nll_o.sum() ** 2, n * cc2 - nll_c.sum() ** 2
+        m["ppl_correlation"] = {"value": float((n * oc - nll_o.sum() * nll_c.sum()) / math.sqrt(va * vb)), "ci": None}
+        m.update({k: {"value": float(np.quantile(dp, q)) if len(dp) else None, "ci": None}
+                  for k, q in DP_QUANTILES.items()})
+        m["dp_min"] = {"value": float(dp.min()) if len(dp) else None, "ci": None}
+        m["dp_max"] = {"value": float(dp.max()) if len(dp) else None, "ci": None}
         margin, _ = _flat(ok, "margin_tokens")
         out["slices"]["margin"] = _margin_slices(boot, kld, same, margin, tok_cluster)
         m["rest_mass_mean"] = boot.ratio(_flat(ok, "rest_mass_tokens")[0], ones, tok_cluster)

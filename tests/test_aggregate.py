@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from cousins.drift import aggregate
-from cousins.drift.sketch import KLD_GRID, LENGTH_GRID, poisson_weights
+from cousins.drift.sketch import DP_GRID, KLD_GRID, LENGTH_GRID, poisson_weights
 from cousins.drift.summary import BootstrapSpec, summarise, summary_of
 from cousins.schema import DRIFT
 
@@ -87,13 +87,20 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                 if cousin != "t":
                     scale = 1e-6 if cousin == "noise-floor" else 0.05
                     kld = rng.exponential(scale, n) * np.where(rng.random(n) < .1, 0, 1)
+                    rkld = (kld * rng.uniform(0.5, 2, n)).astype(np.float32).tolist()
+                    for j in np.flatnonzero(rng.random(n) < .05):
+                        rkld[j] = None  # an infinite reverse KLD
+                    nll_o, nll_c = rng.exponential(2, n), rng.exponential(2, n)
+                    r.update(rkld_tokens=rkld, tail_mass_tokens=(rng.random(n) * 1e-3).astype(np.float32).tolist(),
+                             nll_original_sq=float((nll_o ** 2).sum()), nll_cousin_sq=float((nll_c ** 2).sum()),
+                             nll_cross=float((nll_o * nll_c).sum()))
                     r.update(tokens=n, kld_tokens=kld.astype(np.float32).tolist(),
                              rest_mass_tokens=rng.random(n).astype(np.float32).tolist(),
                              margin_tokens=rng.random(n).astype(np.float32).tolist(),
                              same_top1_tokens=(rng.random(n) < .8).tolist(),
                              dp_tokens=rng.normal(0, .1, n).astype(np.float32).tolist(),
-                             kld_mean=float(kld.mean()) if n else None, nll_original=float(rng.uniform(0, 9)),
-                             nll_cousin=float(rng.uniform(0, 9)))
+                             kld_mean=float(kld.mean()) if n else None, nll_original=float(nll_o.sum()),
+                             nll_cousin=float(nll_c.sum()))
                 if rng.random() < 0.05:
                     r["error"] = "cousin: scoring failed"
                 rows.append(r)
@@ -101,15 +108,18 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                                                              ("sample_index", "ascending")])
 
 
-def _close(a, b, path="", quantile=False):
+def _close(a, b, path="", quantile=None):
     if isinstance(a, dict):
         assert set(a) == set(b), (path, set(a) ^ set(b))
         for k in a:
-            _close(a[k], b[k], f"{path}/{k}", quantile or k in reference.QUANTILES)
+            _close(a[k], b[k], f"{path}/{k}",
+                   quantile or ("kld" if k in reference.QUANTILES else "dp" if k in reference.DP_QUANTILES else None))
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]", quantile)
+    elif isinstance(a, float) and quantile == "dp":  # the linear grid's bound
+        assert b == pytest.approx(a, rel=0, abs=DP_GRID.step / 2 * (1 + 1e-6)), path
     elif isinstance(a, float) and quantile:
         if "/ci" not in path:  # values: the sketch's bound; CIs: another resampling scheme
             assert b == pytest.approx(a, rel=0.0101, abs=KLD_GRID.lo), path
@@ -162,3 +172,70 @@ def test_a_cousin_without_rows_or_with_only_failures():
     empty = summary_of(aggregate.Merged("x", False, 3), "quantized", SPEC, error="no generations")
     assert empty["rows"] == 0 and empty["error"] == "no generations"
     assert aggregate.Merged("x", False, 3).view().kld is None
+
+
+def test_llama_cpp_statistics_equal_a_brute_force_computation_over_every_token():
+    """Drift rows made by the compare step from scores (and exact KLD rows) whose per-token values
+    are known; the summary's KLD and Δp percentiles, extremes, reverse KLD, Cor(ln PPL(Q),
+    ln PPL(base)) and mean ln(PPL_c/PPL_o) ± s.e. against numpy over every token, within the
+    histograms' stated errors."""
+    from cousins import schema
+    from cousins.drift.compare import compare
+    from cousins.drift.summary import DP_QUANTILES, QUANTILES
+
+    rng = np.random.default_rng(11)
+    keys = [(f"p{i:03d}", s) for i in range(80) for s in range(2)]
+    lengths = rng.integers(1, 60, len(keys))
+    outs = [rng.integers(0, 1000, n).tolist() for n in lengths]
+    p_y = [np.log(rng.uniform(0.05, 1.0, n)) for n in lengths]
+    q_y = [np.minimum(lp + rng.normal(0, 0.3, len(lp)), 0.0) for lp in p_y]  # correlated, ≤ 0
+    kld = [np.where(rng.random(n) < .1, 0.0, rng.lognormal(-6, 2.5, n)) for n in lengths]
+    rkld = [k * rng.uniform(0.5, 2.0, len(k)) for k in kld]
+    n = len(keys)
+    gens = pa.table({"prompt_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys], "category": [None] * n,
+                     "output_text": ["a b"] * n, "output_token_ids": outs, "finish_reason": ["stop"] * n,
+                     "output_tokens": lengths.tolist(), "error": [None] * n})
+
+    def scores(lps):
+        return pa.table({"prompt_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys],
+                         "topk_token_ids": [[[t] for t in o] for o in outs],
+                         "topk_logprobs": [[[float(x)] for x in lp] for lp in lps],
+                         "token_logprobs": [lp.astype(np.float32).tolist() for lp in lps], "error": [None] * n})
+
+    exact = pa.table({"prompt_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys], "model": ["c"] * n,
+                      "kld_tokens": [k.astype(np.float32).tolist() for k in kld],
+                      "rkld_tokens": [[None if j == 0 and i % 7 == 0 else float(x) for j, x in
+                                       enumerate(r.astype(np.float32))] for i, r in enumerate(rkld)],
+                      "tail_mass_tokens": [np.full(len(k), 1e-3 * (i % 5), np.float32).tolist()
+                                           for i, k in enumerate(kld)],
+                      "engine_time_s": [0.0] * n, "error": [None] * n}, schema=schema.KLD)
+    drift = compare("c", gens, gens, scores(p_y), scores(q_y), exact_kld=exact)
+    assert drift.column("error").null_count == n
+    m = summarise("c", "quantized", drift, SPEC)["metrics"]
+
+    a = np.concatenate(p_y).astype(np.float32).astype(np.float64)
+    b = np.concatenate(q_y).astype(np.float32).astype(np.float64)
+    assert m["ppl_correlation"]["value"] == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-9)
+    d = a - b  # llama.cpp: ln(PPL(Q)/PPL(base)) = mean of log p(y_t) − log q(y_t)
+    assert m["ln_ppl_ratio"]["value"] == pytest.approx(d.mean(), rel=1e-9)
+    assert m["ln_ppl_ratio"]["se"] == pytest.approx(math.sqrt((np.mean(d * d) - d.mean() ** 2) / (len(d) - 1)), rel=1e-6)
+    dp = (np.exp(b) - np.exp(a)).astype(np.float32).astype(np.float64)
+    for name, q in DP_QUANTILES.items():
+        assert abs(m[name]["value"] - np.quantile(dp, q)) <= DP_GRID.step / 2 * (1 + 1e-6), name
+    assert (m["dp_min"]["value"], m["dp_max"]["value"]) == (dp.min(), dp.max())
+    assert m["rms_dp"]["value"] == pytest.approx(math.sqrt(np.mean(dp * dp)), rel=1e-6)
+    k = np.concatenate(kld).astype(np.float32).astype(np.float64)
+    ks = np.sort(k)
+    for name, q in QUANTILES.items():
+        h = q * (len(k) - 1)
+        lo, hi = ks[math.floor(h)], ks[min(math.floor(h) + 1, len(k) - 1)]
+        exact_q, est = float(np.quantile(k, q)), m[name]["value"]
+        if lo >= KLD_GRID.lo:
+            assert exact_q / math.sqrt(KLD_GRID.ratio) <= est * (1 + 1e-9) and est <= exact_q * math.sqrt(KLD_GRID.ratio) * (1 + 1e-9), name
+        else:
+            assert est <= max(exact_q, KLD_GRID.lo) * math.sqrt(KLD_GRID.ratio), name
+    assert (m["kld_min"]["value"], m["kld_max"]["value"]) == (k.min(), k.max())
+    r = [x for row in exact.column("rkld_tokens").to_pylist() for x in row if x is not None]
+    assert m["rkld_mean"]["value"] == pytest.approx(np.mean(r), rel=1e-9) and m["rkld_max"]["value"] == max(r)
+    assert m["rkld_mean"]["se"] == pytest.approx(np.std(r, ddof=1) / math.sqrt(len(r)), rel=1e-6)
+    assert m["tail_mass_max"]["value"] == pytest.approx(4e-3, rel=1e-6)

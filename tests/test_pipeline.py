@@ -123,6 +123,9 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
         ex = rows[(r["prompt_id"], r["sample_index"])]
         assert ex["rest_mass_tokens"] == r["rest_mass_tokens"]
         assert all(e >= b - 1e-6 for e, b in zip(ex["kld_tokens"], r["kld_tokens"]))
+        assert len(ex["rkld_tokens"]) == len(ex["kld_tokens"]) and set(ex["tail_mass_tokens"]) <= {0.0}
+        assert r["rkld_tokens"] is None  # the top-k run has no reverse KLD
+    assert by["q"]["metrics"]["rkld_mean"]["value"] > 0.01 and by["q"]["metrics"]["tail_mass_max"]["value"] == 0.0
     again = recompute(resolve(exact_cfg.storage.root), result.run_id, bootstrap=BootstrapSpec.of(exact_cfg.drift),
                       answer_match=exact_cfg.drift.answer_match, worst_n=exact_cfg.drift.worst_n)
     assert again["kld"] == "exact" and again["cousins"][0]["metrics"] == summary["cousins"][0]["metrics"]

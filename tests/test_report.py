@@ -296,6 +296,30 @@ def test_warnings_are_shown_under_the_header_escaped(html):
     assert "<th>rest mass</th>" in html
 
 
+def test_the_token_statistics_table_shows_llama_cpps_figures(run):
+    """KLD and Δp percentiles, Cor(ln PPL) and ln PPL ratio ± s.e. per token-level cousin and the
+    noise floor; the text-only and the failed cousin are not in it."""
+    import copy
+
+    summary, drift = copy.deepcopy(run)
+    q8 = next(c for c in summary["cousins"] if c["name"] == "q8-w8a8")
+    q8["metrics"].update(ppl_correlation={"value": 0.9876, "ci": None}, dp_p99={"value": 0.0712, "ci": None},
+                         ln_ppl_ratio={"value": 0.0241, "ci": [0.02, 0.03], "se": 0.0013},
+                         kld_p001={"value": 0.0, "ci": None}, rkld_mean={"value": 0.0345, "ci": [0.03, 0.04]})
+    summary["quantile_error"] = "token KLD quantiles within a factor 1.01"
+    html = render_report(summary, _views(drift))
+    table = html[html.index('<table class="tokens">'):]
+    table = table[:table.index("</table>")]
+    assert "<th>Cor(ln PPL)</th>" in table and "<th>ln PPL ratio</th>" in table and "<th>p99.9</th>" in table
+    row = table[table.index("q8-w8a8"):]
+    row = row[:row.index("</tr>")]
+    assert "<td>98.8%</td>" in row and "<td>7.1%</td>" in row and "<td>0.0241 ± 0.0013</td>" in row
+    assert "int4-rtn-fakequant" in table and "noise-floor" in table
+    assert "distill-tiny" not in table and "fp8-broken" not in table
+    assert "Token KLD quantiles within a factor 1.01." in html
+    assert "<th>reverse KLD</th>" in html and "0.0345" in html  # in the ranking too
+
+
 # --- capability against cost ------------------------------------------------------------------------
 
 PLANE_KINDS = {"tiny-teacher": "original", "q8-w8a8": "quantized", "int4-rtn-fakequant": "quantized",

@@ -6,7 +6,12 @@ and report figures. No drift row reaches the driver, only:
   Σ num / Σ den over prompts, so the bootstrap over prompts (summary.Bootstrap) needs nothing else
   and gives the same figures and CIs as resampling the rows themselves;
 - token KLD histograms on a fine log grid (sketch.KLD_GRID) for the quantiles and the report's
-  plot, plus Poisson-resampled ones (sketch.KLD_BOOT_GRID) for the quantiles' CIs;
+  plot, plus Poisson-resampled ones (sketch.KLD_BOOT_GRID) for the quantiles' CIs; a token Δp
+  histogram on a linear grid (sketch.DP_GRID); the extremes (KLD min/max, reverse KLD and tail
+  mass max, Δp min/max), which merge by min/max;
+- per-prompt sums of squares and cross products of the tokens' logprobs (ROW_SUMS nll_*): the
+  Pearson correlation of log p(y_t) and log q(y_t) (llama.cpp's Cor(ln PPL(Q), ln PPL(base))) and
+  the standard error of mean ln(PPL_c/PPL_o) are functions of these sums;
 - a histogram of per-row length ratios (the report's box plot) and the partition's worst rows
   (a top-N that merges into the run's top-N).
 """
@@ -22,12 +27,12 @@ import pyarrow.compute as pc
 
 from cousins import schema
 from cousins.drift import metrics
-from cousins.drift.sketch import KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
+from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
 
 MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
-TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest",
+TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", "rkld_n", "tail", "tail_n",
               *[f"m{i}_{k}" for i in range(len(MARGIN_BINS) - 1) for k in ("n", "kld", "same")]]
-ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
+ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "nll_o2", "nll_c2", "nll_oc", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
             "finish", "co", "cc", "labelled", "flip", "has0",
             *[f"d{n}_{side}{x}" for side in ("o", "c") for n in (1, 2) for x in ("", "_n")]]
 SUMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()),
@@ -102,7 +107,16 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
             out[f"d{n}_{side}_n"] = per_prompt((~np.isnan(d)).astype(float))
     if token_level:
         out.update(tokens=per_prompt(tokens), nll_o=per_prompt(nll_o), nll_c=per_prompt(nll_c),
-                   nll_d=per_prompt(nll_c - nll_o))
+                   nll_d=per_prompt(nll_c - nll_o), nll_o2=per_prompt(_col(ok, "nll_original_sq")),
+                   nll_c2=per_prompt(_col(ok, "nll_cousin_sq")), nll_oc=per_prompt(_col(ok, "nll_cross")))
+        # Exact mode only (null lists otherwise); a reverse KLD is null where it is infinite.
+        for name, column in (("rkld", "rkld_tokens"), ("tail", "tail_mass_tokens")):
+            v, r = _flat(ok, column)
+            has = np.isfinite(v)
+            out[name] = per_prompt(np.where(has, v, 0.0), inv[r])
+            out[f"{name}_n"] = per_prompt(has.astype(float), inv[r])
+            if name == "rkld":
+                out["rkld2"] = per_prompt(np.where(has, v * v, 0.0), inv[r])
         kld, row = _flat(ok, "kld_tokens")
         at = inv[row]
         same, _ = _flat(ok, "same_top1_tokens")
@@ -140,6 +154,21 @@ class Partial:
     kld_boot: np.ndarray | None = None
     kld_max: float | None = None
     node: str = ""
+    dp: np.ndarray | None = None
+    kld_min: float | None = None
+    rkld_max: float | None = None
+    tail_max: float | None = None
+    dp_min: float | None = None
+    dp_max: float | None = None
+
+
+# The extremes a partial carries, and how two of them merge.
+EXTREMES = {"kld_max": max, "kld_min": min, "rkld_max": max, "tail_max": max, "dp_min": min, "dp_max": max}
+
+
+def _extreme(values: np.ndarray, pick) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(pick(values)) if len(values) else None
 
 
 def partial(cousin: str, rows: pa.Table, *, token_level: bool, worst_n: int, seed: int,
@@ -156,7 +185,11 @@ def partial(cousin: str, rows: pa.Table, *, token_level: bool, worst_n: int, see
     if token_level:
         kld, row = _flat(ok, "kld_tokens")
         p.kld = KLD_GRID.counts(kld)
-        p.kld_max = float(kld.max()) if len(kld) else None
+        p.kld_max, p.kld_min = _extreme(kld, np.max), _extreme(kld, np.min)
+        dp = _flat(ok, "dp_tokens")[0]
+        p.dp, p.dp_min, p.dp_max = DP_GRID.counts(dp), _extreme(dp, np.min), _extreme(dp, np.max)
+        p.rkld_max = _extreme(_flat(ok, "rkld_tokens")[0], np.max)
+        p.tail_max = _extreme(_flat(ok, "tail_mass_tokens")[0], np.max)
         if quantile_resamples > 0:
             pids = ok.column("prompt_id").to_pylist()
             uniq = sums.column("prompt_id").to_pylist()
@@ -170,8 +203,8 @@ def partial(cousin: str, rows: pa.Table, *, token_level: bool, worst_n: int, see
 
 PARTIALS = pa.schema([("cousin", pa.string()), ("node", pa.string()), ("rows", pa.int64()),
                       ("error_rows", pa.int64()), ("length_sum", pa.float64()), ("length_n", pa.int64()),
-                      ("kld_max", pa.float64()), ("sums", pa.binary()), ("worst", pa.binary()),
-                      ("length", pa.binary()), ("kld", pa.binary()), ("kld_boot", pa.binary())])
+                      *[(k, pa.float64()) for k in EXTREMES], ("sums", pa.binary()), ("worst", pa.binary()),
+                      ("length", pa.binary()), ("kld", pa.binary()), ("kld_boot", pa.binary()), ("dp", pa.binary())])
 
 
 # Partials are compressed (zstd): they pass through the object store into the driver, whose
@@ -207,10 +240,10 @@ def to_rows(parts: list[Partial]) -> pa.Table:
     cols = {
         "cousin": [p.cousin for p in parts], "node": [p.node for p in parts], "rows": [p.rows for p in parts],
         "error_rows": [p.error_rows for p in parts], "length_sum": [p.length_sum for p in parts],
-        "length_n": [p.length_n for p in parts], "kld_max": [p.kld_max for p in parts],
+        "length_n": [p.length_n for p in parts], **{k: [getattr(p, k) for p in parts] for k in EXTREMES},
         "sums": [_ipc(p.sums) for p in parts], "worst": [_ipc(p.worst) for p in parts],
         "length": [_arr(p.length) for p in parts], "kld": [_arr(p.kld) for p in parts],
-        "kld_boot": [_arr(p.kld_boot) for p in parts],
+        "kld_boot": [_arr(p.kld_boot) for p in parts], "dp": [_arr(p.dp) for p in parts],
     }
     return pa.table(cols, schema=PARTIALS)
 
@@ -223,7 +256,7 @@ def from_rows(batch: pa.Table) -> list[Partial]:
                            worst=_table(r["worst"]), length=_unarr(r["length"]), length_sum=r["length_sum"],
                            length_n=r["length_n"], kld=_unarr(r["kld"]),
                            kld_boot=None if boot is None else boot.reshape(-1, KLD_BOOT_GRID.buckets),
-                           kld_max=r["kld_max"], node=r["node"]))
+                           node=r["node"], dp=_unarr(r["dp"]), **{k: r[k] for k in EXTREMES}))
     return out
 
 
@@ -248,6 +281,12 @@ class Merged:
     kld: np.ndarray | None = None
     kld_boot: np.ndarray | None = None
     kld_max: float | None = None
+    kld_min: float | None = None
+    rkld_max: float | None = None
+    tail_max: float | None = None
+    dp_min: float | None = None
+    dp_max: float | None = None
+    dp: np.ndarray | None = None
     tokens: float = 0.0
     kld_sum: float = 0.0
     _spill: object = None  # a temporary Parquet file of the per-prompt sums (deleted with the object)
@@ -268,8 +307,11 @@ class Merged:
             self.kld = p.kld.copy() if self.kld is None else self.kld + p.kld
         if p.kld_boot is not None:
             self.kld_boot = p.kld_boot.copy() if self.kld_boot is None else self.kld_boot + p.kld_boot
-        if p.kld_max is not None:
-            self.kld_max = p.kld_max if self.kld_max is None else max(self.kld_max, p.kld_max)
+        if p.dp is not None:
+            self.dp = p.dp.copy() if self.dp is None else self.dp + p.dp
+        for k, pick in EXTREMES.items():
+            if getattr(p, k) is not None:
+                setattr(self, k, getattr(p, k) if getattr(self, k) is None else pick(getattr(self, k), getattr(p, k)))
 
     def _write(self, sums: pa.Table) -> None:
         import tempfile

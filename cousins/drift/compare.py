@@ -20,6 +20,7 @@ from cousins.drift import metrics
 
 GEN_COLUMNS = ["prompt_id", "sample_index", "category", "output_text", "output_token_ids", "finish_reason",
                "output_tokens", "error"]
+EXACT_COLUMNS = ["kld_tokens", "rkld_tokens", "tail_mass_tokens", "error"]
 SCORE_COLUMNS = ["prompt_id", "sample_index", "topk_token_ids", "topk_logprobs", "token_logprobs", "error"]
 
 
@@ -74,7 +75,8 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     references: prompt_id -> reference answer (labelled prompts only).
     decode: token ids -> text, to place the first divergent token in each text (optional).
     exact_kld: the cousin's KLD rows (schema.KLD, drift.kld=exact): their per-token KLD replaces
-    the top-k bound (the rest mass stays: it says how loose the bound would have been).
+    the top-k bound (the rest mass stays: it says how loose the bound would have been), and
+    their reverse KLD and tail mass fill those columns (null in top-k mode).
     """
     references = references or {}
     og = original_gens.to_pylist()
@@ -87,7 +89,7 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     sc = {} if text_only else {k: sc_rows[i] for k, i in _index(cousin_scores).items()}
     exact = None
     if exact_kld is not None and not text_only:
-        ex_rows = exact_kld.select(["kld_tokens", "error"]).to_pylist()
+        ex_rows = exact_kld.select(EXACT_COLUMNS).to_pylist()
         exact = {k: ex_rows[i] for k, i in _index(exact_kld).items()}
 
     out: list[dict] = []
@@ -118,7 +120,7 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
             if exact is not None and "error" not in row:
-                row.update(_exact(exact[key]["kld_tokens"] or [], row["tokens"]))
+                row.update(_exact(exact[key], row["tokens"]))
         out.append(row)
     cols = {f.name: [r.get(f.name) for r in out] for f in schema.DRIFT}
     return pa.Table.from_pydict(cols, schema=schema.DRIFT)
@@ -167,12 +169,22 @@ def _token_row(o: dict, s_o: dict, s_c: dict) -> dict:
         "same_top1": float(m["same_top1"].mean()) if n else None,
         "nll_original": float(m["nll_p"].sum()),
         "nll_cousin": float(m["nll_q"].sum()),
+        "nll_original_sq": float((m["nll_p"] ** 2).sum()),
+        "nll_cousin_sq": float((m["nll_q"] ** 2).sum()),
+        "nll_cross": float((m["nll_p"] * m["nll_q"]).sum()),
     }
 
 
-def _exact(kld: list[float], tokens: int) -> dict:
+def _exact(ex: dict, tokens: int) -> dict:
+    """The exact KLD row's per-token columns, checked against the output's length. Reverse KLD and
+    tail mass may be null (KLD parts written before they existed)."""
+    kld = ex["kld_tokens"] or []
     if len(kld) != tokens:
         return {"error": f"exact KLD covers {len(kld)} positions of an output of {tokens} tokens"}
+    for c in ("rkld_tokens", "tail_mass_tokens"):
+        if ex.get(c) is not None and len(ex[c]) != tokens:
+            return {"error": f"exact KLD's {c} covers {len(ex[c])} positions of an output of {tokens} tokens"}
     k = np.asarray(kld, dtype=np.float64)
     return {"kld_tokens": k.astype(np.float32).tolist(), "kld_mean": float(k.mean()) if tokens else None,
-            "kld_max": float(k.max()) if tokens else None}
+            "kld_max": float(k.max()) if tokens else None, "rkld_tokens": ex.get("rkld_tokens"),
+            "tail_mass_tokens": ex.get("tail_mass_tokens")}

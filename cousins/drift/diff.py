@@ -16,7 +16,7 @@ import numpy as np
 
 from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indices, rest_mass_warning
 from cousins.drift.rows import drift_rows, first_texts, load_error
-from cousins.drift.summary import BootstrapSpec, summary_of
+from cousins.drift.summary import QUANTILE_ERROR, BootstrapSpec, summary_of
 from cousins.plane import plane
 from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
 from cousins.run import Run, StageIncomplete, committed, now
@@ -94,6 +94,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
         "kld_bound": KLD_EXACT if exact else KLD_BOUND, "kld": settings.kld, "answer_match": settings.answer_match,
+        "quantile_error": QUANTILE_ERROR,
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
         "warnings": warnings,

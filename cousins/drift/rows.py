@@ -35,9 +35,11 @@ UNION = pa.schema([
     *[(c, _G[c]) for c in cmp.GEN_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     *[(c, _S[c]) for c in cmp.SCORE_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     ("kld_tokens", pa.list_(pa.float32())),  # part=kld (drift.kld=exact)
+    ("rkld_tokens", pa.list_(pa.float32())),
+    ("tail_mass_tokens", pa.list_(pa.float32())),
     ("error", pa.string()),
 ])
-KLD_COLUMNS = ["prompt_id", "sample_index", "kld_tokens", "error"]
+KLD_COLUMNS = ["prompt_id", "sample_index", *cmp.EXACT_COLUMNS]
 _K = {f.name: f.type for f in schema.KLD}
 
 
@@ -146,14 +148,16 @@ def _tag_file(table: pa.Table, path: str, *, part: str) -> pa.Table:
     return _tag(table, model=_model_of(path), part=part)
 
 
-def _read(run, stages: list[Location], columns: list[str], part: str):
-    """One read of several stages' parts, each file's rows tagged with its model and part."""
+def _read(run, stages: list[Location], columns: list[str], part: str, read_schema: pa.Schema | None = None):
+    """One read of several stages' parts, each file's rows tagged with its model and part; with
+    `read_schema`, columns a part lacks (written before they existed) read as nulls."""
     from cousins.dataops import read_files
 
     files = [f for stage in stages for f in data_files(stage)]
     if not files:
         return None
-    return read_files(files, stages[0].arrow_fs(), columns, tag=_tag_file, tag_kwargs={"part": part})
+    return read_files(files, stages[0].arrow_fs(), columns, tag=_tag_file, tag_kwargs={"part": part},
+                      schema=read_schema)
 
 
 def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
@@ -177,7 +181,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
              _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
     if exact_kld:
         parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,
-                           "kld"))
+                           "kld", schema.KLD))
     original_scored = bool(data_files(layout.scores(original.name)))
     parts = [p for p in parts if p is not None]
     for e in entries[1:]:

@@ -1,4 +1,4 @@
-"""Log-scale histograms: mergeable (counts add up across workers), so quantiles of per-token values
+"""Log-scale and linear histograms: mergeable (counts add up across workers), so quantiles of per-token values
 need no more memory at a million prompts than at a hundred.
 
 A grid has bucket 0 for values below `lo` (zeros included), buckets 1..K for [lo·r^(i−1), lo·r^i)
@@ -8,6 +8,12 @@ geometric centre of the bucket that holds it (capped at the largest value seen).
 tested: where both order statistics lie in [lo, hi) the estimate is within a factor √r of
 np.quantile's (r = 1.02: within 1%); an order statistic below `lo` reads as 0 (an absolute error
 under `lo` = 1e-9 nats for KLD).
+
+A linear grid (LinearGrid, for Δp = q(y_t) − p(y_t), signed in [−1, 1]) has buckets of width
+`step` centred on lo, lo + step, …, hi; its quantiles are read the same way, each order
+statistic as its bucket's centre clamped to [smallest, largest value seen]: within step/2 of
+np.quantile's (the clamp only moves an estimate towards the true value). Values beyond the ends
+count in the end buckets (Δp leaves [−1, 1] only by round-off).
 
 Bootstrap CIs of a quantile use Poisson weights: each prompt draws, per resample, a weight from
 Poisson(1) seeded by (seed, prompt id) alone, so a worker can weight its own prompts' tokens
@@ -75,12 +81,50 @@ class LogGrid:
         return top if top is not None and (i > self.inner or v > top) else v
 
 
+@dataclass(frozen=True)
+class LinearGrid:
+    lo: float
+    hi: float
+    step: float
+
+    @property
+    def buckets(self) -> int:
+        return round((self.hi - self.lo) / self.step) + 1
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        return np.clip(np.floor((v - self.lo) / self.step + 0.5), 0, self.buckets - 1).astype(np.int64)
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        return np.bincount(self.index(v[np.isfinite(v)]), minlength=self.buckets).astype(np.float64)
+
+    def quantile(self, counts: np.ndarray, q: float, top: float | None = None,
+                 bottom: float | None = None) -> float | None:
+        """The q-quantile of the values counted (np.quantile's interpolation; within step/2 of
+        it); `bottom`, `top`: the smallest and largest values seen, which clamp the estimate."""
+        total = float(counts.sum())
+        if total <= 0:
+            return None
+        h = q * max(total - 1, 0.0)
+        k = math.floor(h)
+        cum = np.cumsum(counts)
+        lo_hi = []
+        for r in (k, min(k + 1, total - 1)):
+            v = self.lo + int(np.searchsorted(cum, r, side="right")) * self.step
+            lo_hi.append(min(max(v, bottom if bottom is not None else v), top if top is not None else v))
+        return lo_hi[0] + (h - k) * (lo_hi[1] - lo_hi[0])
+
+
 # Per-token KLD (nats): 1e-9 .. 1e3 in steps of 2% (1,400 buckets, 11 KiB a histogram); the
 # bootstrap's resampled histograms use steps of 10.4% (r^5), so a CI endpoint is within 5%.
 KLD_GRID = LogGrid(1e-9, 1e3, 1.02)
 KLD_BOOT_GRID = LogGrid(1e-9, 1e3, 1.02 ** 5)
 # Per-row length ratios (cousin tokens / original tokens), drawn within 1/32 .. 32.
 LENGTH_GRID = LogGrid(1 / 32, 32.0, 1.02)
+# Per-token Δp: steps of 1e-4 over [−1, 1] (20,001 buckets, 160 KiB a histogram before zstd),
+# so a quantile is within 5e-5 (0.005 percentage points).
+DP_GRID = LinearGrid(-1.0, 1.0, 1e-4)
 
 
 def poisson_weights(prompt_ids: list[str], resamples: int, seed: int) -> np.ndarray:

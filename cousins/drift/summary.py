@@ -6,7 +6,9 @@ mean such as KLD mean, or a rate) is Σ num / Σ den, so it is resampled from pe
 (aggregate.SUMS, computed by the diff's workers) as Σ w·num / Σ w·den, w a prompt's count in the
 resample; all figures are evaluated on each block of resamples in one matrix product, and blocks
 are drawn one at a time so memory stays (block x prompts). Quantiles of token KLD come from merged
-histograms (sketch.py states their error), their CIs from Poisson-resampled histograms.
+histograms (sketch.py states their error), their CIs from Poisson-resampled histograms; Δp
+quantiles from a linear histogram (within 5e-5, no CI); llama.cpp's Cor(ln PPL(Q), ln PPL(base))
+from per-prompt sums of squares and cross products (no CI).
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ import pyarrow.compute as pc
 
 from cousins.drift import metrics
 from cousins.drift.aggregate import MARGIN_BINS, Merged, margin_labels, merge_table
-from cousins.drift.sketch import KLD_BOOT_GRID, KLD_GRID
+from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID
 
-__all__ = ["MARGIN_BINS", "QUANTILES", "Bootstrap", "BootstrapSpec", "summarise", "summary_of", "drift_table"]
+__all__ = ["MARGIN_BINS", "QUANTILES", "DP_QUANTILES", "QUANTILE_ERROR", "Bootstrap", "BootstrapSpec", "summarise",
+           "summary_of", "drift_table"]
 
-QUANTILES = {"kld_median": 0.5, "kld_p90": 0.9, "kld_p99": 0.99, "kld_p999": 0.999}
+# llama.cpp's `llama-perplexity --kl-divergence` set (its max and min are exact: kld_max, kld_min)
+QUANTILES = {"kld_p999": 0.999, "kld_p99": 0.99, "kld_p95": 0.95, "kld_p90": 0.9, "kld_median": 0.5,
+             "kld_p10": 0.1, "kld_p05": 0.05, "kld_p01": 0.01, "kld_p001": 0.001}
+DP_QUANTILES = {"dp_p999": 0.999, "dp_p99": 0.99, "dp_p95": 0.95, "dp_p90": 0.9, "dp_p75": 0.75, "dp_median": 0.5,
+                "dp_p25": 0.25, "dp_p10": 0.1, "dp_p05": 0.05, "dp_p01": 0.01, "dp_p001": 0.001}
+QUANTILE_ERROR = (f"token KLD quantiles (kld_p*, kld_median) within a factor {KLD_GRID.ratio ** 0.5:.4f} of the "
+                  f"exact ones where they are at least {KLD_GRID.lo:g} nats, read as 0 below (log histogram in "
+                  f"{KLD_GRID.ratio - 1:.0%} steps); their CIs from {KLD_BOOT_GRID.ratio - 1:.1%} steps; Δp "
+                  f"quantiles (dp_p*, dp_median) within {DP_GRID.step / 2:g} (linear histogram in steps of "
+                  f"{DP_GRID.step:g}), no CI; minima and maxima exact")
 _BLOCK = 100
 _BLOCK_CELLS = 500_000  # resamples x prompts drawn at once at most (4 MB a block)
 
@@ -119,6 +131,27 @@ def _quantiles(m: Merged, spec: BootstrapSpec) -> dict[str, dict]:
     return out
 
 
+def _dp_quantiles(m: Merged) -> dict[str, dict]:
+    return {name: {"value": DP_GRID.quantile(m.dp, q, m.dp_max, m.dp_min) if m.dp is not None else None, "ci": None}
+            for name, q in DP_QUANTILES.items()}
+
+
+def _se(n: float, s1: float, s2: float) -> float | None:
+    """The standard error of a mean from Σx, Σx² over n values (None without them: drift rows
+    written without the sums of squares)."""
+    if n <= 1 or not math.isfinite(s1) or not math.isfinite(s2):
+        return None
+    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) / math.sqrt(n)
+
+
+def _correlation(n: float, a: float, b: float, aa: float, bb: float, ab: float) -> float | None:
+    """Pearson's r from Σa, Σb, Σa², Σb², Σab over n pairs (llama.cpp's running sums)."""
+    va, vb = n * aa - a * a, n * bb - b * b
+    if n < 2 or not (va > 0 and vb > 0) or not math.isfinite(va * vb):
+        return None
+    return max(-1.0, min(1.0, (n * ab - a * b) / math.sqrt(va * vb)))
+
+
 def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None = None,
                homogenisation: dict[str, np.ndarray] | None = None) -> dict:
     """One cousin's summary (the CousinSummary shape of summary.json) from its merged aggregates.
@@ -139,7 +172,8 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
         f.update(kld_mean=(c["kld"], T), same_top1=(c["same"], T), mean_dp=(c["dp"], T),
                  rms_dp=(c["dp2"], T, np.sqrt), ppl_original=(c["nll_o"], c["tokens"], np.exp),
                  ppl_cousin=(c["nll_c"], c["tokens"], np.exp), ppl_ratio=(c["nll_d"], c["tokens"], np.exp),
-                 ln_ppl_ratio=(c["nll_d"], c["tokens"]), rest_mass_mean=(c["rest"], T))
+                 ln_ppl_ratio=(c["nll_d"], c["tokens"]), rest_mass_mean=(c["rest"], T),
+                 rkld_mean=(c["rkld"], c["rkld_n"]), tail_mass_mean=(c["tail"], c["tail_n"]))
         for i, label in enumerate(margin_labels()):
             f[f"margin {label} kld"] = (c[f"m{i}_kld"], c[f"m{i}_n"])
             f[f"margin {label} same"] = (c[f"m{i}_same"], c[f"m{i}_n"])
@@ -158,14 +192,29 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
     m_ = out["metrics"]
     if not text_only:
         N, k1, k2 = float(c["T"].sum()), float(c["kld"].sum()), float(c["kld2"].sum())
-        m_["kld_mean"] = {**r.pop("kld_mean"),
-                          "se": math.sqrt(max(k2 - k1 * k1 / N, 0.0) / (N - 1)) / math.sqrt(N) if N > 1 else None}
+        m_["kld_mean"] = {**r.pop("kld_mean"), "se": _se(N, k1, k2)}
         m_.update(_quantiles(m, spec))
         m_["kld_max"] = {"value": m.kld_max, "ci": None}
+        m_["kld_min"] = {"value": m.kld_min, "ci": None}
+        # Reverse KLD, KL(cousin ‖ original): exact mode only, over the positions where it is finite.
+        m_["rkld_mean"] = {**r.pop("rkld_mean"), "se": _se(float(c["rkld_n"].sum()), float(c["rkld"].sum()),
+                                                           float(c["rkld2"].sum()))}
+        m_["rkld_max"] = {"value": m.rkld_max, "ci": None}
+        m_["tail_mass_mean"] = r.pop("tail_mass_mean")
+        m_["tail_mass_max"] = {"value": m.tail_max, "ci": None}
         v = r["same_top1"]["value"]
         m_["same_top1"] = {**r.pop("same_top1"), "se": math.sqrt(v * (1 - v) / N) if v is not None else None}
         for k in ("mean_dp", "rms_dp", "ppl_original", "ppl_cousin", "ppl_ratio", "ln_ppl_ratio"):
             m_[k] = r.pop(k)
+        m_["dp_max"] = {"value": m.dp_max, "ci": None}
+        m_.update(_dp_quantiles(m))
+        m_["dp_min"] = {"value": m.dp_min, "ci": None}
+        # llama.cpp's uncertainty of mean ln(PPL_c/PPL_o): the s.e. of the per-token mean of
+        # d_t = log p(y_t) − log q(y_t), Σd² = Σ nll_c² + Σ nll_o² − 2 Σ nll_o·nll_c
+        n_tok, o, q_ = float(c["tokens"].sum()), float(c["nll_o"].sum()), float(c["nll_c"].sum())
+        oo, qq, oq = float(c["nll_o2"].sum()), float(c["nll_c2"].sum()), float(c["nll_oc"].sum())
+        m_["ln_ppl_ratio"]["se"] = _se(n_tok, q_ - o, qq + oo - 2 * oq)
+        m_["ppl_correlation"] = {"value": _correlation(n_tok, o, q_, oo, qq, oq), "ci": None}
         out["slices"]["margin"] = {
             label: {"tokens": int(c[f"m{i}_n"].sum()), "kld_mean": r.pop(f"margin {label} kld"),
                     "same_top1": r.pop(f"margin {label} same")}
@@ -235,20 +284,23 @@ def drift_table(summary: dict) -> str:
     capability-against-cost plane per model (cousins/plane.py), where the summary has one."""
     from cousins.plane import plane_lines
 
-    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "same top-1 [CI]", "RMS dp", "PPL ratio", "flips",
-              "acc delta", "length ratio", "exact match")
+    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "KLD p99", "rev KLD", "same top-1 [CI]", "RMS dp",
+              "PPL ratio", "Cor lnPPL", "flips", "acc delta", "length ratio", "exact match")
     rows = [header]
     noise = [summary["noise_floor"]] if summary.get("noise_floor") else []
     for s in [*summary["cousins"], *noise]:
         m = s["metrics"]
         if s["error"] is not None and not m:
-            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * 8))
+            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * (len(header) - 3)))
             continue
         rows.append((s["name"], s["kind"], _fmt(m.get("kld_mean")),
                      _fmt(m.get("rest_mass_mean") and {"value": m["rest_mass_mean"]["value"]}, pct=True),
+                     _fmt(m.get("kld_p99") and {"value": m["kld_p99"]["value"]}),
+                     _fmt(m.get("rkld_mean") and {"value": m["rkld_mean"]["value"]}),
                      _fmt(m.get("same_top1"), pct=True),
                      _fmt(m.get("rms_dp") and {"value": m["rms_dp"]["value"]}, pct=True),
                      _fmt(m.get("ppl_ratio") and {"value": m["ppl_ratio"]["value"]}),
+                     _fmt(m.get("ppl_correlation"), pct=True),
                      _fmt(m.get("flip_rate"), pct=True), _fmt(m.get("accuracy_delta"), pct=True),
                      _fmt(m.get("length_ratio"), digits=3), _fmt(m.get("exact_match"), pct=True)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -1,0 +1,188 @@
+"""Exact per-token KLD over the tokenizer's vocabulary, from two models' full-vocabulary logprobs
+(drift.kld=exact; the actor is cousins/kld.py). Pure NumPy: no Ray, no vLLM import.
+
+Why over the tokenizer's vocabulary V and not the logit heads: checkpoints pad their heads past
+the tokenizer (Qwen2.5-7B's head is 152,064 wide, the 1.5B's 151,936, their tokenizer ~151,665
+entries), and vLLM reports every row of each head. Ids ≥ V are no token; the two heads need not
+even have the same such rows. So ids < V are compared one by one and each model's ids ≥ V are
+folded into ONE "tail" bucket:
+
+    KL(p ‖ q) = Σ_{i<V} p_i (log p_i − log q_i) + p_tail (log p_tail − log q_tail)
+
+(and KL(q ‖ p) the same way round). The tail mass is kept per token (`tail_mass_tokens`: the
+larger of the two models', so one column says whether the padded rows matter anywhere).
+
+What is an error, never a number: a NaN or +inf logprob (head or tail), a distribution whose
+mass is not 1 within MASS_TOL, or an infinite KL(p ‖ q) (the cousin gives probability 0 to an id
+or to the tail where the original does not). The reduction raises PositionError naming the
+position; the actor makes that one row an error row. An infinite KL(q ‖ p) alone (e.g. the
+original's head is exactly V wide and the cousin's is padded) leaves KL(p ‖ q) valid: that
+position's reverse KLD is NaN here and null in the rows. Float round-off can leave a KL a hair
+below 0 (the masses sum to 1 only within float32's error): it is set to 0 explicitly, after the
+checks, never through max(0, nan).
+
+Memory: positions are reduced in chunks of C = max(1, CHUNK_CELLS // (V + 1)) positions; a chunk
+holds, per model, its flat entries (ids int64 + logprobs float64 + a scatter index int64: 24 B
+each, about W + 1 a position for a head W wide) and a dense (C, W) float64 array, plus about five
+such (C, V) arrays of temporaries: about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 26 MiB at CHUNK_CELLS
+= 2^18 whatever the output's length (C = 1 at V = 152k: one position is already 152k wide, and
+chunks of 6 were no faster; measured 19 MiB: docs/benchmarks.md). The
+whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python ints and floats for ids,
+logprobs and ranks, ~20 MiB per position at 152k) are vLLM's, outside this bound; the actor
+bounds how many it holds (kld.LOGPROB_ENTRIES_IN_FLIGHT).
+"""
+
+from __future__ import annotations
+
+import array
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK_CELLS = 1 << 18  # float64 cells of one dense (positions, V) array of a chunk
+MASS_TOL = 1e-3  # |Σ p − 1| allowed: float32 logprobs over 152k entries sum to 1 within ~1e-5
+
+
+class PositionError(ValueError):
+    """One position's logprobs cannot give a finite KLD; `position` counts from the output's start."""
+
+    def __init__(self, position: int, problem: str):
+        super().__init__(f"output position {position}: {problem}")
+        self.position, self.problem = position, problem
+
+
+@dataclass
+class Exact:
+    """Per position of an output: KL(p ‖ q), KL(q ‖ p) (NaN where infinite) and the larger of the
+    two models' tail masses (ids ≥ V)."""
+
+    kld: np.ndarray
+    rkld: np.ndarray
+    tail_mass: np.ndarray
+
+
+def _ints(values) -> np.ndarray:
+    try:  # array.array reads a list of Python ints ~20% faster than np.asarray
+        return np.frombuffer(array.array("q", values), dtype=np.int64)
+    except TypeError:
+        return np.asarray(values, dtype=np.int64)
+
+
+def _floats(values) -> np.ndarray:
+    try:
+        return np.frombuffer(array.array("d", values), dtype=np.float64)
+    except TypeError:
+        return np.asarray(values, dtype=np.float64)
+
+
+def chunks(prompt_logprobs, start: int, n: int, size: int):
+    """Positions start..start+n of a vLLM prompt-logprobs result, `size` at a time, as
+    (ids, logprobs, counts): every entry of the chunk's positions flat (int64, float64) and the
+    number of entries of each position. Reads vLLM's FlatLogprobs by slicing its flat lists (one
+    conversion per chunk), or its list of dicts (one per position)."""
+    f = prompt_logprobs
+    for t0 in range(start, start + n, size):
+        t1 = min(t0 + size, start + n)
+        if hasattr(f, "start_indices"):
+            s, e = f.start_indices[t0:t1], f.end_indices[t0:t1]
+            counts = np.asarray(e, np.int64) - np.asarray(s, np.int64)
+            if all(a == b for a, b in zip(s[1:], e[:-1])):  # consecutive positions: one slice
+                ids, lps = _ints(f.token_ids[s[0]:e[-1]]), _floats(f.logprobs[s[0]:e[-1]])
+            else:
+                ids = np.concatenate([_ints(f.token_ids[a:b]) for a, b in zip(s, e)])
+                lps = np.concatenate([_floats(f.logprobs[a:b]) for a, b in zip(s, e)])
+        else:
+            pos = [p or {} for p in f[t0:t1]]
+            counts = np.asarray([len(p) for p in pos], np.int64)
+            ids = np.fromiter((k for p in pos for k in p.keys()), np.int64, int(counts.sum()))
+            lps = np.fromiter((lp.logprob for p in pos for lp in p.values()), np.float64, int(counts.sum()))
+        yield ids, lps, counts
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """Row-wise log Σ exp, −inf for a row of −infs."""
+    m = x.max(axis=1, initial=-np.inf)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+
+
+def _dense(ids, lps, counts, vocab: int, who: str, first: int):
+    """(dense, log tail): the chunk's (C, W) logprobs by id, W = max(vocab, widest id + 1) (−inf
+    where an id is not listed; a position lists its own token first and again in rank order, and
+    both writes hold one value), and each position's log tail mass (−inf without a tail)."""
+    c = len(counts)
+    if len(ids) and ids.min() < 0:
+        raise PositionError(first + int(np.repeat(np.arange(c), counts)[np.argmin(ids)]),
+                            f"the {who} lists a negative token id")
+    w = max(vocab, int(ids.max()) + 1 if len(ids) else 0)
+    dense = np.full(c * w, -np.inf)
+    at = np.repeat(np.arange(c, dtype=np.int64) * w, counts)
+    at += ids
+    dense[at] = lps  # one flat scatter: 4x faster than indexing (row, id) pairs
+    dense = dense.reshape(c, w)
+    return dense, (_logsumexp(dense[:, vocab:]) if w > vocab else np.full(c, -np.inf))
+
+
+def _why_mass(dense: np.ndarray, mass: float, who: str) -> str:
+    bad = np.isnan(dense) | np.isposinf(dense)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return f"the {who}'s logprob of id {i} is {dense[i]}: the engine returned a non-finite logprob"
+    return (f"the {who}'s probabilities sum to {mass:.6g}, not 1 (within {MASS_TOL:g}): its logprobs are "
+            "incomplete (ask for the whole vocabulary: prompt_logprobs=-1) or not normalised")
+
+
+def reduce_chunk(p, q, vocab: int, first: int) -> Exact:
+    """One chunk of positions: p, q are (ids, logprobs, counts) of the original and the cousin
+    (chunks()); `first` is the chunk's first position in the output (for error messages)."""
+    dp, lpt = _dense(*p, vocab, "original", first)
+    dq, lqt = _dense(*q, vocab, "cousin", first)
+    lp, lq = dp[:, :vocab], dq[:, :vocab]
+    with np.errstate(invalid="ignore", over="ignore"):
+        pp, qq = np.exp(lp), np.exp(lq)
+        pt, qt = np.exp(lpt), np.exp(lqt)
+        # A NaN or +inf anywhere makes the mass NaN or inf: this one check finds them too.
+        for who, dense, mass in (("original", dp, pp.sum(axis=1) + pt), ("cousin", dq, qq.sum(axis=1) + qt)):
+            off = ~(np.abs(mass - 1.0) <= MASS_TOL)
+            if off.any():
+                t = int(np.flatnonzero(off)[0])
+                raise PositionError(first + t, _why_mass(dense[t], float(mass[t]), who))
+        d = lp - lq
+        if np.isfinite(lp).all() and np.isfinite(lq).all():  # the usual case: every id listed by both
+            kld, rkld = (pp * d).sum(axis=1), -(qq * d).sum(axis=1)
+        else:  # an id one model gives −inf: it adds nothing where its own probability is 0
+            zero_q = ((pp > 0) & np.isneginf(lq)).any(axis=1)
+            if zero_q.any():
+                t = int(np.flatnonzero(zero_q)[0])
+                raise PositionError(first + t, f"the cousin gives probability 0 to id "
+                                               f"{int(np.flatnonzero((pp[t] > 0) & np.isneginf(lq[t]))[0])} where "
+                                               "the original does not: KL(original ‖ cousin) is infinite there")
+            kld = np.where(pp > 0, pp * d, 0.0).sum(axis=1)
+            rkld = np.where(qq > 0, -qq * d, 0.0).sum(axis=1)
+        zero_tail = (pt > 0) & np.isneginf(lqt)
+        if zero_tail.any():
+            raise PositionError(first + int(np.flatnonzero(zero_tail)[0]),
+                                "the cousin gives probability 0 to its ids ≥ the vocabulary size (the padded rows of "
+                                "the heads) where the original does not: KL(original ‖ cousin) is infinite there")
+        kld += np.where(pt > 0, pt * (lpt - lqt), 0.0)
+        rkld += np.where(qt > 0, qt * (lqt - lpt), 0.0)
+    if not np.isfinite(kld).all():  # cannot happen after the checks above; never let it through
+        t = int(np.flatnonzero(~np.isfinite(kld))[0])
+        raise PositionError(first + t, f"KL(original ‖ cousin) came out {kld[t]}")
+    rkld = np.where(np.isfinite(rkld), rkld, np.nan)  # infinite: the original gives 0 where the cousin does not
+    # KL ≥ 0; round-off over ~V terms of float32 logprobs can leave −1e-9 or so: clamp it.
+    return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld),
+                 tail_mass=np.maximum(pt, qt))
+
+
+def exact_kld(p_logprobs, q_logprobs, start: int, n: int, vocab: int, chunk_cells: int = CHUNK_CELLS) -> Exact:
+    """KL(p ‖ q), KL(q ‖ p) and the tail mass at positions start..start+n of two vLLM
+    prompt-logprobs results over the vocabulary [0, vocab); raises PositionError (the position
+    counted from `start`) at the first position that cannot give a finite KLD."""
+    size = max(1, chunk_cells // (vocab + 1))
+    parts = [reduce_chunk(p, q, vocab, i * size) for i, (p, q) in
+             enumerate(zip(chunks(p_logprobs, start, n, size), chunks(q_logprobs, start, n, size)))]
+    if not parts:
+        return Exact(np.zeros(0), np.zeros(0), np.zeros(0))
+    return Exact(*(np.concatenate([getattr(x, k) for x in parts]) for k in ("kld", "rkld", "tail_mass")))

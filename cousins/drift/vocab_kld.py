@@ -12,12 +12,16 @@ folded into ONE "tail" bucket:
 (and KL(q ‖ p) the same way round). The tail mass is kept per token (`tail_mass_tokens`: the
 larger of the two models', so one column says whether the padded rows matter anywhere).
 
+When only one head is padded (the other is exactly V wide, as Llama-3's are), the unpadded model
+has no tail to compare with: both are compared over the real tokens, the padded side's
+distribution renormalised over V (its tail mass still reported), rather than calling every
+position infinite.
+
 What is an error, never a number: a NaN or +inf logprob (head or tail), a distribution whose
 mass is not 1 within MASS_TOL, or an infinite KL(p ‖ q) (the cousin gives probability 0 to an id
 or to the tail where the original does not). The reduction raises PositionError naming the
-position; the actor makes that one row an error row. An infinite KL(q ‖ p) alone (e.g. the
-original's head is exactly V wide and the cousin's is padded) leaves KL(p ‖ q) valid: that
-position's reverse KLD is NaN here and null in the rows. Float round-off can leave a KL a hair
+position; the actor makes that one row an error row. An infinite KL(q ‖ p) alone leaves
+KL(p ‖ q) valid: that position's reverse KLD is NaN here and null in the rows. Float round-off can leave a KL a hair
 below 0 (the masses sum to 1 only within float32's error): it is set to 0 explicitly, after the
 checks, never through max(0, nan).
 
@@ -148,6 +152,22 @@ def reduce_chunk(p, q, vocab: int, first: int) -> Exact:
             if off.any():
                 t = int(np.flatnonzero(off)[0])
                 raise PositionError(first + t, _why_mass(dense[t], float(mass[t]), who))
+        if (dp.shape[1] > vocab) != (dq.shape[1] > vocab):
+            # One head is padded, the other is exactly V wide: the tails cannot be compared (the
+            # unpadded model has no such rows, so its tail mass is 0 by construction, not by
+            # belief). Both are compared as distributions over real tokens: the padded side
+            # renormalised over V, its tail mass still reported.
+            if dp.shape[1] > vocab:
+                lp = lp - np.log1p(-np.minimum(pt, 1 - 1e-12))[:, None]
+                pp = np.exp(lp)
+            else:
+                lq = lq - np.log1p(-np.minimum(qt, 1 - 1e-12))[:, None]
+                qq = np.exp(lq)
+            tails = np.maximum(pt, qt)
+            pt, qt, lpt, lqt = (np.zeros_like(pt), np.zeros_like(qt), np.full_like(lpt, -np.inf),
+                                np.full_like(lqt, -np.inf))
+        else:
+            tails = np.maximum(pt, qt)
         d = lp - lq
         if np.isfinite(lp).all() and np.isfinite(lq).all():  # the usual case: every id listed by both
             kld, rkld = (pp * d).sum(axis=1), -(qq * d).sum(axis=1)
@@ -172,8 +192,7 @@ def reduce_chunk(p, q, vocab: int, first: int) -> Exact:
         raise PositionError(first + t, f"KL(original ‖ cousin) came out {kld[t]}")
     rkld = np.where(np.isfinite(rkld), rkld, np.nan)  # infinite: the original gives 0 where the cousin does not
     # KL ≥ 0; round-off over ~V terms of float32 logprobs can leave −1e-9 or so: clamp it.
-    return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld),
-                 tail_mass=np.maximum(pt, qt))
+    return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld), tail_mass=tails)
 
 
 def exact_kld(p_logprobs, q_logprobs, start: int, n: int, vocab: int, chunk_cells: int = CHUNK_CELLS) -> Exact:

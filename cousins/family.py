@@ -27,11 +27,19 @@ def build_quantized_cousins(cfg: Config) -> list[str]:
 
     built = []
     for name, c in cfg.cousins.items():
-        if c.build in QUANT_RECIPES and not quantize.is_current(c.path, cfg.model.path, c.build):
+        if c.build not in QUANT_RECIPES:
+            continue
+        src = original_dir(cfg)  # a hub or stored original is fetched whole here: the build reads its weights
+        if not quantize.is_current(c.path, src, c.build):
             print(f"building cousin {name!r}: {c.build} of {cfg.model.path} -> {c.path}", flush=True)
-            quantize.build_quantized(cfg.model.path, c.path, c.build, setting=f"cousins.{name}.path")
+            quantize.build_quantized(src, c.path, c.build, setting=f"cousins.{name}.path")
             built.append(name)
     return built
+
+
+def original_dir(cfg: Config) -> str:
+    """A local directory of the original's files, for builds that read its weights on the driver."""
+    return checkpoints.local_copy(cfg.model.path, revision=cfg.model.revision, options=cfg.storage.options)
 
 
 def check_build_targets(cfg: Config) -> None:

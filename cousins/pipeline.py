@@ -157,7 +157,7 @@ def build_students(cfg: Config, run_id: str) -> None:
             print(f"teacher data for cousin {name!r}: {result.models[0].rows} rows in run {result.run_id}", flush=True)
         data = student.read_teacher_data(source, cfg.model.name, cfg.storage.options)
         print(f"training cousin {name!r} ({c.distill_mode}) on {data.num_rows} teacher rows from {source}", flush=True)
-        student.build_student(c.path, cfg.model.path, data, mode=c.distill_mode, seed=cfg.model.seed,
+        student.build_student(c.path, family.original_dir(cfg), data, mode=c.distill_mode, seed=cfg.model.seed,
                               steps=c.distill_steps, source=source, setting=f"cousins.{name}.path")
 
 

@@ -43,7 +43,7 @@ def run(s3_server, tiny_teacher, tmp_path_factory):
     base = tmp_path_factory.mktemp("named")
     saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "COUSINS_MODEL_CACHE")}
     os.environ.update(HF_HOME=str(base / "hf"), HF_HUB_OFFLINE="1", COUSINS_MODEL_CACHE=str(base / "cache"))
-    commit = hub_cache(base / "hf", "acme/tiny-teacher", tiny_teacher, tag="v1")
+    hub_cache(base / "hf", "acme/tiny-teacher", tiny_teacher, tag="v1")
     checkpoints.metadata_dir.cache_clear()
     int8 = build_quantized(tiny_teacher, base / "int8", "rtn-int8")
     fs = s3fs.S3FileSystem()

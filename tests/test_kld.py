@@ -16,7 +16,6 @@ import pytest
 from conftest import at_once, cuda_gpus, hide_context_proxies
 from cousins import schema
 from cousins.drift import compare as cmp
-from cousins.drift import metrics
 from cousins.drift.vocab_kld import PositionError, exact_kld
 
 

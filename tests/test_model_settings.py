@@ -83,7 +83,7 @@ def test_check_models_names_every_model_whose_settings_cannot_work(tiny_teacher,
                f"+cousins.gg={{path: '{gguf}', tokenizer: '{tiny_teacher}', kind: quantized}}",
                f"+cousins.short={{path: '{tiny_teacher}', engine: {{max_model_len: 32}}}}",
                f"+cousins.long={{path: '{tiny_teacher}', engine: {{max_model_len: 4096}}}}",
-               f"+cousins.fp8={{quantization: fp8_per_channel, dtype: float32, kind: quantized}}")
+               "+cousins.fp8={quantization: fp8_per_channel, dtype: float32, kind: quantized}")
     validate(cfg)
     with pytest.raises(ConfigError) as e:
         check_models(cfg)

@@ -57,7 +57,7 @@ class EngineSpec:
     dtype: str
     quantization: str | None
     max_model_len: int
-    kv_cache_bytes: int | None  # None: vLLM's share of the GPU's memory decides (GPU engines)
+    kv_cache_bytes: int  # a CPU engine's KV cache; a GPU engine's cap only when kv_cache_set
     tensor_parallel_size: int
     max_num_seqs: int
     enforce_eager: bool
@@ -75,6 +75,7 @@ class EngineSpec:
     lora_revision: str | None = None
     lora_rank: int | None = None  # vLLM's max_lora_rank for it
     lora_mode: str = "merge"  # merge: the adapter merged into the weights on the node; serve: enable_lora
+    kv_cache_set: bool = True  # engine.kv_cache_gib was set (else on GPU vLLM's memory share decides)
     prompt_format: str = "chat"  # chat (the chat template) | raw (the messages' text)
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
 
@@ -125,7 +126,7 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
     return dict(model=spec.model_path, tokenizer=spec.tokenizer or spec.model_path, dtype=spec.dtype,
                 quantization=spec.quantization, max_model_len=spec.max_model_len,
                 trust_remote_code=spec.trust_remote_code, **lora,
-                **({"kv_cache_memory_bytes": spec.kv_cache_bytes} if spec.kv_cache_bytes else {}),
+                **({"kv_cache_memory_bytes": spec.kv_cache_bytes} if on_cpu or spec.kv_cache_set else {}),
                 tensor_parallel_size=spec.tensor_parallel_size, pipeline_parallel_size=spec.pipeline_parallel_size,
                 # One GPU: vLLM's worker in the engine's process. Several: vLLM's Ray executor, one
                 # worker per bundle of the placement group the actor runs in (cousins.gpu_placement).

@@ -76,9 +76,12 @@ def _dtype_bytes(dtype: str, config: dict) -> int:
     return 4 if "32" in dtype else 2
 
 
-def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, int | None]:
-    """Model `name`'s engine block with its context filled in, and its KV cache in bytes (None: vLLM's
-    share of the GPU decides). Reads the model's config.json (fetched if the model is remote)."""
+def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, int]:
+    """Model `name`'s engine block with its context filled in, and its KV cache in bytes: the
+    configured `kv_cache_gib`, or room for max_num_seqs sequences of max_model_len from the model's
+    shapes, at most `cpu_kv_cache_cap_gib` and at least one sequence (what a CPU engine needs; a GPU
+    engine takes it only when kv_cache_gib is set: see engine.llm_kwargs). Reads the model's
+    config.json (fetched if the model is remote)."""
     import dataclasses
 
     e = engine_of(cfg, name)
@@ -89,14 +92,11 @@ def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, i
         e = dataclasses.replace(e, max_model_len=min(own, e.max_model_len_cap) if own else e.max_model_len_cap)
     if e.kv_cache_gib is not None:
         return e, int(e.kv_cache_gib * GIB)
-    if e.gpus_per_actor > 0:
-        return e, None
     per_token = checkpoints.kv_bytes_per_token(config, _dtype_bytes(dtype, config))
     cap = int(e.cpu_kv_cache_cap_gib * GIB)
     if per_token is None:
         return e, cap
-    # Room for max_num_seqs full sequences, within the cap, and never less than one sequence (+ a
-    # few blocks: vLLM refuses an engine whose cache cannot hold one max_model_len sequence).
+    # (+ a few blocks: vLLM refuses an engine whose cache cannot hold one max_model_len sequence)
     return e, max(min(per_token * e.max_model_len * e.max_num_seqs, cap), per_token * (e.max_model_len + 256))
 
 
@@ -107,7 +107,7 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
     rank = checkpoints.lora_rank(checkpoints.adapter_config(s.lora, s.lora_revision)) if s.lora else None
     return EngineSpec(
         model_name=entry.name, model_path=entry.path, dtype=entry.dtype, quantization=entry.quantization,
-        max_model_len=e.max_model_len, kv_cache_bytes=kv_bytes,
+        max_model_len=e.max_model_len, kv_cache_bytes=kv_bytes, kv_cache_set=e.kv_cache_gib is not None,
         tensor_parallel_size=e.tensor_parallel_size, max_num_seqs=e.max_num_seqs,
         enforce_eager=e.enforce_eager, max_logprobs=e.max_logprobs, pipeline_parallel_size=e.pipeline_parallel_size,
         core_process=e.core_process,

@@ -54,8 +54,15 @@ def test_context_and_cpu_kv_cache_come_from_the_models_config(tiny_teacher, tmp_
     spec = plan.engine_spec(cfg, plan.model_entries(cfg)[0])
     assert spec.max_model_len == 8192  # capped: engine.max_model_len_cap
     assert spec.kv_cache_bytes == 4 << 30  # 8 GiB for 512 sequences, capped: engine.cpu_kv_cache_cap_gib
+    from cousins.engine import llm_kwargs
+
     gpu = _cfg(long, tmp_path, "model.build=null", "engine.gpus_per_actor=1")
-    assert plan.engine_spec(gpu, plan.model_entries(gpu)[0]).kv_cache_bytes is None  # vLLM's GPU share decides
+    spec = plan.engine_spec(gpu, plan.model_entries(gpu)[0])
+    assert "kv_cache_memory_bytes" not in llm_kwargs(spec, on_cpu=False)  # vLLM's GPU memory share decides
+    assert llm_kwargs(spec, on_cpu=True)["kv_cache_memory_bytes"] == spec.kv_cache_bytes  # CPU needs a size
+    capped = _cfg(long, tmp_path, "model.build=null", "engine.gpus_per_actor=1", "engine.kv_cache_gib=2")
+    assert llm_kwargs(plan.engine_spec(capped, plan.model_entries(capped)[0]), on_cpu=False)[
+        "kv_cache_memory_bytes"] == 2 << 30
 
 
 def test_engine_overrides_are_validated_per_model_all_at_once(tiny_teacher, tmp_path):

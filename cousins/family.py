@@ -16,16 +16,18 @@ import dataclasses
 import os
 
 from cousins.config import Config, ConfigError, SamplingConfig
-from cousins.recipes import QUANT_RECIPES, TINY_STUDENT
-
+from cousins.recipes import QUANT_RECIPES, REALISTIC_STUDENT, TINY_STUDENT
 
 
 def build_quantized_cousins(cfg: Config) -> list[str]:
-    """Build every absent quantized cousin from the original; the names built."""
-    from cousins import quantize
+    """Build every absent quantized cousin from the original, and every realistic student (taught
+    the lessons, not a run: it needs no cluster); the names built."""
+    from cousins import quantize, realistic
 
     built = []
     for name, c in cfg.cousins.items():
+        if c.build == REALISTIC_STUDENT and realistic.ensure_student(c.path, cfg.model.path, cfg.model.seed):
+            built.append(name)
         if c.build in QUANT_RECIPES and not quantize.is_current(c.path, cfg.model.path, c.build):
             print(f"building cousin {name!r}: {c.build} of {cfg.model.path} -> {c.path}", flush=True)
             quantize.build_quantized(cfg.model.path, c.path, c.build)

@@ -209,7 +209,8 @@ def _teach(tokenizer, r: QwenRecipe):
     finally:
         torch.set_num_threads(saved_threads)
 
-    model = Qwen2ForCausalLM(_config(r, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id))  # the tail's input rows: as initialised, from the seed
+    # The full model: the tail's input rows stay as initialised (from the seed); the rest is the compact one's.
+    model = Qwen2ForCausalLM(_config(r, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id))
     state = {k: v for k, v in small.state_dict().items() if not k.startswith(("lm_head", "model.embed_tokens"))}
     gen = torch.Generator().manual_seed(r.seed)
     with torch.no_grad():

@@ -5,8 +5,8 @@ What users bring (Qwen2.5/Qwen3, Llama-3) differs from the tiny teacher in ways 
 survive, so this family has them all:
 
 - a vocabulary of over 100,000 entries (byte-level BPE trained here on the whole Python standard
-  library, recursively, plus the lessons: ~31 MB, ~12 s), digits one per token as Qwen's regex
-  splits them, and Qwen's special tokens appended after the learned entries (`<|endoftext|>`,
+  library, recursively, plus the lessons: ~31 MB, 10-30 s on 2 busy cores), digits one per token as
+  Qwen's regex splits them, and Qwen's special tokens appended after the learned entries (`<|endoftext|>`,
   `<|im_start|>`, `<|im_end|>` special; `<think>`, `</think>` ordinary added tokens, as in Qwen3);
 - a ChatML chat template with Qwen3's thinking switch: `enable_thinking=False` appends an empty
   `<think>\\n\\n</think>\\n\\n` after the assistant header; the default (thinking) leaves it to the model;
@@ -16,10 +16,10 @@ survive, so this family has them all:
   Qwen's 151,936-row head over a 151,665-entry tokenizer.
 
 Training cost. A full softmax over 110k rows costs ~1.5 s a step on one thread here. The lessons use
-a few thousand of the tokens; every other id (the rest of the vocabulary and the padding rows) is
+about 550 of the ids; every other id (the rest of the vocabulary and the padding rows) is
 never an input nor a target, so under full-vocabulary training its output row only ever receives
-the same gradient as every other such row: started equal, they stay equal. Training therefore
-keeps them as ONE shared row whose logit counts `n_tail` times in the softmax normaliser (an exact
+the same gradient as every other such row: started equal, they would stay equal. Training ties
+them: ONE shared row whose logit counts `n_tail` times in the softmax normaliser (an exact
 full-vocabulary loss for that parameter tying), on a compact model over the lessons' tokens. The
 saved model then has every tail row = the shared row + a small fixed per-row jitter (`tail_jitter`,
 from the seed, so tail ties break the same way on every load), and the tail's input embeddings as

@@ -226,6 +226,7 @@ def test_int4_in_float32_fails_on_cpu_as_cpu_refusal_says(llmc_cousins):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("recipe", sorted(GPU_FORMATS))
 def test_llmc_cousin_runs_on_a_gpu_engine(recipe, llmc_cousins):
-    """The formats vLLM's CPU build refuses (W8A16; int4 in float32) run on a GPU engine."""
+    """W8A16, which vLLM's CPU build refuses in any dtype, and the int4 formats, on a GPU engine
+    (16-bit activations: GPU int4 kernels take no float32 either)."""
     outs = _greedy(llmc_cousins[recipe], GPU_FORMATS[recipe])
     assert len(outs) == 2 and all(len(o.token_ids) >= 1 for o in outs)

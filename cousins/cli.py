@@ -39,7 +39,9 @@ def _models_build(args: argparse.Namespace) -> int:
     except NotOurs as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.recipe}: {Path(out).resolve()}  ({RECIPES[args.recipe]})")
+    from cousins import realistic
+
+    print(f"{args.recipe}: {Path(out).resolve()}  ({RECIPES.get(args.recipe) or realistic.RECIPES[args.recipe]})")
     return 0
 
 
@@ -164,16 +166,15 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cousins.models import RECIPES
     from cousins.query import DEFAULT_LIMIT, METRICS, SORT_FIELDS
-    from cousins.recipes import TINY_TEACHER
+    from cousins.recipes import MODEL_RECIPES, TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="tiny models built offline").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="build a tiny model from its recipe (skipped if already built)")
-    build.add_argument("recipe", nargs="?", default=TINY_TEACHER, choices=sorted(RECIPES))
+    build.add_argument("recipe", nargs="?", default=TINY_TEACHER, choices=sorted(MODEL_RECIPES))
     build.add_argument("--out", help="directory to write (default: models/RECIPE)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if present")

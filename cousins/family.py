@@ -17,16 +17,20 @@ import os
 
 from cousins import checkpoints, plan
 from cousins.config import Config, ConfigError, SamplingConfig
-from cousins.recipes import QUANT_RECIPES, TINY_STUDENT
-
+from cousins.recipes import QUANT_RECIPES, REALISTIC_STUDENT, TINY_STUDENT
 
 
 def build_quantized_cousins(cfg: Config) -> list[str]:
-    """Build every absent quantized cousin from the original; the names built."""
-    from cousins import quantize
+    """Build every absent quantized cousin from the original, and every realistic student (taught
+    the lessons, not a run: it needs no cluster); the names built."""
+    from cousins import quantize, realistic
 
     built = []
     for name, c in cfg.cousins.items():
+        if c.build == REALISTIC_STUDENT:  # (check_build_targets vouched for its path)
+            if realistic.ensure_student(c.path, original_dir(cfg), cfg.model.seed):
+                built.append(name)
+            continue
         if c.build not in QUANT_RECIPES:
             continue
         src = original_dir(cfg)  # a hub or stored original is fetched whole here: the build reads its weights
@@ -150,7 +154,7 @@ def check_models(cfg: Config, *, scoring: bool = False) -> None:
                 problems.append(f"{where}: {src.path} is a GGUF file: vLLM 0.32 loads GGUF only through the "
                                 f"vllm-gguf-plugin, on GPU engines; set {key}.gpus_per_actor=1 (with the plugin "
                                 f"installed on the cluster), or give the original safetensors checkpoint instead")
-            reason = cpu_refusal(config)
+            reason = cpu_refusal(config, None if entry.dtype == "auto" else entry.dtype)
             if reason:
                 problems.append(f"{where}: {reason}")
         quant = entry.quantization

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cousins.recipes import TINY_TEACHER
+from cousins.recipes import REALISTIC_TEACHER, TINY_TEACHER
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -203,8 +203,11 @@ def _recipe(recipe_name: str, seed: int) -> TinyLlamaRecipe:
 def is_current(path: str | os.PathLike, recipe_name: str, seed: int = 0) -> bool:
     """Whether `path` holds a complete build of `recipe_name` as the code builds it now: the same
     recipe fields and the same lessons."""
+    from cousins import realistic
     from cousins.lessons import lessons
 
+    if recipe_name == REALISTIC_TEACHER:  # a Qwen-shaped teacher (cousins/realistic.py)
+        return realistic.is_current(path, realistic.recipe(recipe_name, seed))
     done = read_build(path)
     recipe = _recipe(recipe_name, seed)
     if done is None or any(done.get(k) != v for k, v in asdict(recipe).items()):
@@ -252,7 +255,12 @@ def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: 
         print(f"{path} was built from another recipe or other lessons: building {recipe_name!r} again", flush=True)
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_llama(tmp, _recipe(recipe_name, seed))
+    if recipe_name == REALISTIC_TEACHER:
+        from cousins import realistic
+
+        realistic.build(tmp, realistic.recipe(recipe_name, seed))
+    else:
+        build_tiny_llama(tmp, _recipe(recipe_name, seed))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return True

@@ -1,6 +1,6 @@
 """Quantized cousins of an HF Llama checkpoint, built offline and deterministically.
 
-Two families of recipe:
+Three families of recipe:
 
 * ``rtn-int8`` / ``rtn-int4`` — round-to-nearest **fake-quant**. Every Linear weight of the decoder
   layers (q/k/v/o/gate/up/down projections; not embeddings, lm_head or norms) is rounded to a
@@ -17,6 +17,9 @@ Two families of recipe:
   are quantized dynamically per token at run time), then ``ModelCompressor`` packs and annotates
   them. Note the library's int8 grid is ``scale = max|w| / 127.5`` clamped to [-128, 127] (its
   ``calculate_qparams``), not the ``/127`` of the fake-quant recipes; fp8 uses ``max|w| / 448``.
+
+* ``llmc-*`` — llm-compressor's own ``oneshot`` (W8A8, FP8_DYNAMIC, W4A16 by round-to-nearest,
+  GPTQ and AWQ), run in its own venv by cousins/llmc.py, calibrated on a few lessons.
 
 ``build_quantized`` writes into a temporary sibling directory and renames it into place; the
 ``cousins_recipe.json`` marker is written last, so a directory that has it is a complete build.
@@ -41,6 +44,13 @@ _SPECS: dict[str, tuple[str, int | str, str]] = {
     "rtn-int4": ("rtn", 4, "float32"),
     "w8a8-int8": ("compressed-tensors", "W8A8", "float32"),
     "fp8-dynamic": ("compressed-tensors", "FP8_DYNAMIC", "float32"),
+    "llmc-w8a8-int8": ("llmcompressor", "llmc-w8a8-int8", "float32"),
+    "llmc-fp8-dynamic": ("llmcompressor", "llmc-fp8-dynamic", "float32"),
+    # vLLM's CPU int4 kernel (cpu_gemm_wna16) takes bfloat16/float16 activations only (cousins/formats.py).
+    "llmc-w4a16": ("llmcompressor", "llmc-w4a16", "bfloat16"),
+    "llmc-gptq-w4a16": ("llmcompressor", "llmc-gptq-w4a16", "bfloat16"),
+    "llmc-awq-w4a16": ("llmcompressor", "llmc-awq-w4a16", "bfloat16"),
+    "llmc-w8a16": ("llmcompressor", "llmc-w8a16", "bfloat16"),  # GPU engines only
 }
 
 # The decoder-layer Linear weights the fake-quant recipes round.
@@ -165,6 +175,16 @@ def _build_compressed(src: Path, out: Path, preset: str) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- build
+def _build(kind: str, arg: int | str, src: Path, out: Path) -> dict:
+    if kind == "rtn":
+        return _build_rtn(src, out, int(arg))
+    if kind == "compressed-tensors":
+        return _build_compressed(src, out, str(arg))
+    from cousins import llmc  # llm-compressor's oneshot, in its own venv
+
+    return {"fake_quant": False, **llmc.build(src, out, str(arg))}
+
+
 def read_recipe(path: str | os.PathLike) -> dict | None:
     """The marker of a complete build at `path`, or None."""
     marker = Path(path) / RECIPE_FILE
@@ -200,7 +220,7 @@ def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, reci
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        info = _build_rtn(src, tmp, int(arg)) if kind == "rtn" else _build_compressed(src, tmp, str(arg))
+        info = _build(kind, arg, src, tmp)
         for name in _AUX_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)

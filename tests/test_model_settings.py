@@ -95,7 +95,8 @@ def test_check_models_names_every_model_whose_settings_cannot_work(tiny_teacher,
     with pytest.raises(ConfigError) as e:
         check_models(cfg)
     text = "\n".join(e.value.problems)
-    assert "cousins.w4: a compressed-tensors checkpoint with 4-bit weights" in text and "gpus_per_actor=1" in text
+    assert "cousins.w4: " in text and "does not run on vLLM's CPU build in float32" in text  # (formats.py)
+    assert "set this model's dtype to bfloat16" in text
     assert "cousins.gg:" in text and "vllm-gguf-plugin" in text
     assert "cousins.short: run.sampling.max_tokens (64) must be below its max_model_len (32)" in text
     assert "cousins.long: cousins.long.engine.max_model_len=4096 is beyond the model's own context (1024" in text

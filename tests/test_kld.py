@@ -140,12 +140,11 @@ def test_a_position_that_cannot_give_a_finite_kld_is_an_error_naming_it_never_ze
     assert np.isfinite(exact_kld(flat(lp, y), flat(lq_bad, y), 1, 4, vocab).kld).all()  # before it: fine
 
 
-def test_a_bad_position_fails_its_row_only_and_the_batch_goes_on(monkeypatch):
-    """Through the actor (fake engines): the rows whose cousin logprobs hold a NaN are error rows
-    naming the position; the others equal a clean run's."""
+def _fake_pair_and_batch(monkeypatch):
+    """An exact-KLD actor's two specs on fake engines (cores in their own process: no shared gate)
+    and a batch of the original's greedy rows to score."""
     from cousins import actors
     from cousins.engine import CORE_ENV, EngineSpec, Sampling
-    from cousins.kld import KldActor
     from fake_engine import FakeBackend
     from test_actors import rows
 
@@ -154,9 +153,18 @@ def test_a_bad_position_fails_its_row_only_and_the_batch_goes_on(monkeypatch):
                       max_model_len=96, kv_cache_bytes=0, tensor_parallel_size=1, max_num_seqs=4,
                       enforce_eager=True, max_logprobs=20)
     cousin = EngineSpec(**{**spec.__dict__, "model_name": "cousin", "model_path": "/models/cousin"})
-    gen = actors.EngineActor(spec, Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
-                             backend=FakeBackend())
-    batch = gen(rows(6))
+    batch = actors.EngineActor(spec, Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
+                               backend=FakeBackend())(rows(6))
+    return spec, cousin, batch
+
+
+def test_a_bad_position_fails_its_row_only_and_the_batch_goes_on(monkeypatch):
+    """Through the actor (fake engines): the rows whose cousin logprobs hold a NaN are error rows
+    naming the position; the others equal a clean run's."""
+    from cousins.kld import KldActor
+    from fake_engine import FakeBackend
+
+    spec, cousin, batch = _fake_pair_and_batch(monkeypatch)
     clean = KldActor(spec, cousin, backend=FakeBackend())(batch)
     kld = KldActor(spec, cousin, backend=FakeBackend())
     poisoned = batch.column("output_token_ids")[2].as_py()
@@ -430,19 +438,11 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
 def test_a_batch_goes_through_the_engines_in_groups_bounded_by_logprob_entries(monkeypatch):
     """With a budget of 25 positions of the fake's 40-entry vocabulary per engine call, a batch of
     rows of ~20-30 positions is scored a row or two at a time, with the same numbers as in one go."""
-    from cousins import actors, kld as kld_mod
-    from cousins.engine import CORE_ENV, EngineSpec, Sampling
+    from cousins import kld as kld_mod
     from cousins.kld import KldActor
     from fake_engine import FakeBackend
-    from test_actors import rows
 
-    monkeypatch.setenv(CORE_ENV, "1")
-    spec = EngineSpec(model_name="orig", model_path="/models/orig", dtype="float32", quantization=None,
-                      max_model_len=96, kv_cache_bytes=0, tensor_parallel_size=1, max_num_seqs=4,
-                      enforce_eager=True, max_logprobs=20)
-    cousin = EngineSpec(**{**spec.__dict__, "model_name": "cousin", "model_path": "/models/cousin"})
-    batch = actors.EngineActor(spec, Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
-                               backend=FakeBackend())(rows(6))
+    spec, cousin, batch = _fake_pair_and_batch(monkeypatch)
     whole = KldActor(spec, cousin, backend=FakeBackend())(batch)
     grouped = KldActor(spec, cousin, backend=FakeBackend())
     calls = []

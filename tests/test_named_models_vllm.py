@@ -1,4 +1,7 @@
-"""Integration: a drift run on real vLLM whose models are named as users name theirs.
+"""Integration: a drift run on real vLLM whose models are named as users name theirs
+(cousins/checkpoints.py). Named to sort after test_cluster.py: after an in-process drift run,
+that module's autoscaler test hung in Ray Data's first read in the same pytest process, as it did
+after test_benchmark's in-process ray.data.llm run (commit a851e80).
 
 - the original is a hub id (`acme/tiny-teacher` at tag v1) resolved offline from a Hugging Face
   cache the test builds, in the engine actors' processes too;

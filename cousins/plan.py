@@ -86,7 +86,10 @@ def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, i
 
     e = engine_of(cfg, name)
     s = source(cfg, name)
-    config = checkpoints.model_config(s.path, s.revision)
+    try:
+        config = checkpoints.model_config(s.path, s.revision)
+    except checkpoints.CheckpointError:
+        config = {}  # unreadable here (family.check_models said so before Ray); the caps then decide
     if e.max_model_len is None:
         own = checkpoints.context_length(config)
         e = dataclasses.replace(e, max_model_len=min(own, e.max_model_len_cap) if own else e.max_model_len_cap)

@@ -144,7 +144,8 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
             m[f"{name}_max"] = {"value": float(v[has].max()) if has.any() else None, "ci": None}
         good = _flat(ok, "rkld_tokens")[0]
         good = good[np.isfinite(good)]
-        m["rkld_mean"]["se"] = float(good.std(ddof=1) / math.sqrt(len(good))) if len(good) > 1 else None
+        if len(good) > 1:  # (no reverse KLD in top-k mode: the summary then has no s.e. for it)
+            m["rkld_mean"]["se"] = float(good.std(ddof=1) / math.sqrt(len(good)))
         m["same_top1"] = boot.ratio(same, ones, tok_cluster)
         f = m["same_top1"]["value"]
         m["same_top1"]["se"] = math.sqrt(f * (1 - f) / len(same)) if f is not None else None

@@ -67,18 +67,24 @@ class LogGrid:
     def quantile(self, counts: np.ndarray, q: float, top: float | None = None) -> float | None:
         """The q-quantile of the values counted, interpolated like np.quantile's default (see the
         module's note on its error); `top` is the largest value seen, which caps the estimate."""
-        total = float(counts.sum())
-        if total <= 0:
-            return None
-        h = q * max(total - 1, 0.0)
-        k = math.floor(h)
-        cum = np.cumsum(counts)
-        lo, hi = (self._value(int(np.searchsorted(cum, r, side="right")), top) for r in (k, min(k + 1, total - 1)))
-        return lo + (h - k) * (hi - lo)
+        return interpolated(counts, q, lambda i: self._value(i, top))
 
     def _value(self, i: int, top: float | None) -> float:
         v = self.centre(min(i, self.buckets - 1))
         return top if top is not None and (i > self.inner or v > top) else v
+
+
+def interpolated(counts: np.ndarray, q: float, value) -> float | None:
+    """The q-quantile of a histogram, interpolated between the two ranks around it as
+    np.quantile's default does; `value(bucket)` is a bucket's representative value."""
+    total = float(counts.sum())
+    if total <= 0:
+        return None
+    h = q * max(total - 1, 0.0)
+    k = math.floor(h)
+    cum = np.cumsum(counts)
+    lo, hi = (value(int(np.searchsorted(cum, r, side="right"))) for r in (k, min(k + 1, total - 1)))
+    return lo + (h - k) * (hi - lo)
 
 
 @dataclass(frozen=True)
@@ -103,17 +109,11 @@ class LinearGrid:
                  bottom: float | None = None) -> float | None:
         """The q-quantile of the values counted (np.quantile's interpolation; within step/2 of
         it); `bottom`, `top`: the smallest and largest values seen, which clamp the estimate."""
-        total = float(counts.sum())
-        if total <= 0:
-            return None
-        h = q * max(total - 1, 0.0)
-        k = math.floor(h)
-        cum = np.cumsum(counts)
-        lo_hi = []
-        for r in (k, min(k + 1, total - 1)):
-            v = self.lo + int(np.searchsorted(cum, r, side="right")) * self.step
-            lo_hi.append(min(max(v, bottom if bottom is not None else v), top if top is not None else v))
-        return lo_hi[0] + (h - k) * (lo_hi[1] - lo_hi[0])
+        def value(i: int) -> float:
+            v = self.lo + i * self.step
+            return min(max(v, bottom if bottom is not None else v), top if top is not None else v)
+
+        return interpolated(counts, q, value)
 
 
 # Per-token KLD (nats): 1e-9 .. 1e3 in steps of 2% (1,400 buckets, 11 KiB a histogram); the

@@ -26,7 +26,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from cousins.models import RECIPES, NotOurs, check_ours, ensure_model
+    from cousins.family.models import RECIPES, NotOurs, check_ours, ensure_model
 
     out = args.out or f"models/{args.recipe}"
     try:
@@ -39,7 +39,7 @@ def _models_build(args: argparse.Namespace) -> int:
     except NotOurs as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from cousins import realistic
+    from cousins.family import realistic
 
     print(f"{args.recipe}: {Path(out).resolve()}  ({RECIPES.get(args.recipe) or realistic.RECIPES[args.recipe]})")
     return 0
@@ -87,7 +87,7 @@ def _job_help(job: str) -> str:
 
 
 def _corpus_demo(args: argparse.Namespace) -> int:
-    from cousins.demo_corpus import DEMO_PATH, DISTILL_PATH, distill_records, write_demo_corpus
+    from cousins.family.demo_corpus import DEMO_PATH, DISTILL_PATH, distill_records, write_demo_corpus
 
     if args.distill:
         print(write_demo_corpus(args.out or DISTILL_PATH, distill_records()))
@@ -97,7 +97,7 @@ def _corpus_demo(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cousins.submit import SubmitError, submit
+    from cousins.orchestrate.submit import SubmitError, submit
 
     try:
         _, status = submit(args.job, _overrides(args), address=args.address, python=args.python,
@@ -122,9 +122,9 @@ def _query(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from cousins import query as q
-    from cousins import query_render as qr
-    from cousins.storage import resolve
+    from cousins.query import runs as q
+    from cousins.query import render as qr
+    from cousins.run.storage import resolve
 
     root = resolve(args.root or os.environ.get("COUSINS_STORAGE_ROOT") or "outputs")
     try:
@@ -166,8 +166,8 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cousins.query import DEFAULT_LIMIT, METRICS, SORT_FIELDS
-    from cousins.recipes import MODEL_RECIPES, TINY_TEACHER
+    from cousins.query.runs import DEFAULT_LIMIT, METRICS, SORT_FIELDS
+    from cousins.contract.recipes import MODEL_RECIPES, TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

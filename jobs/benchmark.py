@@ -13,10 +13,10 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from cousins import bench
-from cousins.config import ConfigError, redacted, resolve_paths, to_config, validate
-from cousins.family import prepare_before_ray
-from cousins.runtime import init_ray
+from cousins.bench import suite as bench
+from cousins.contract.config import ConfigError, redacted, resolve_paths, to_config, validate
+from cousins.family.prepare import prepare_before_ray
+from cousins.run.runtime import init_ray
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="benchmark")

@@ -12,15 +12,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cousins.accounting import summary_table
-from cousins.config import resolve_paths, to_config
+from cousins.orchestrate.accounting import summary_table
+from cousins.contract.config import resolve_paths, to_config
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec, drift_table
-from cousins.jobkit import execute, start
-from cousins.pipeline import decode_summary, result_from_manifest, run_drift
-from cousins.run import NotCommitted
-from cousins.runtime import init_ray
-from cousins.storage import resolve
+from cousins.orchestrate.jobkit import execute, start
+from cousins.orchestrate.pipeline import decode_summary, result_from_manifest, run_drift
+from cousins.run.lifecycle import NotCommitted
+from cousins.run.runtime import init_ray
+from cousins.run.storage import resolve
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="drift")

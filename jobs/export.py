@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cousins.export import ExportConfig, ExportError, export, filter_table
+from cousins.export.write import ExportConfig, ExportError, export, filter_table
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="export")

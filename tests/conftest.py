@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_teacher() -> str:
-    from cousins.models import ensure_model
+    from cousins.family.models import ensure_model
 
     ensure_model(str(TINY_TEACHER), "tiny-teacher", 0)
     return str(TINY_TEACHER)
@@ -59,7 +59,7 @@ def tiny_config(tiny_teacher, tmp_path):
     """A composed, validated job config on the tiny teacher and the demo corpus, writing to tmp_path."""
 
     def make(*overrides: str):
-        from cousins.config import resolve_paths, to_config, validate
+        from cousins.contract.config import resolve_paths, to_config, validate
 
         cfg = resolve_paths(to_config(compose(
             f"model.path={tiny_teacher}", f"storage.root={tmp_path / 'out'}", *overrides)))
@@ -73,7 +73,7 @@ def compose(*overrides: str, config_name: str = "generate"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import cousins.config  # noqa: F401 - registers the structured config
+    import cousins.contract.config  # noqa: F401 - registers the structured config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

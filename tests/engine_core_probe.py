@@ -11,7 +11,8 @@ import sys
 def main(model_path: str, core_process: str) -> None:
     import pyarrow as pa
 
-    from cousins import actors, engine
+    from cousins.engine import actors
+    from cousins.engine import backend as engine
 
     spec = engine.EngineSpec(model_name="tiny-teacher", model_path=model_path, dtype="float32", quantization=None,
                              max_model_len=256, kv_cache_bytes=128 << 20, tensor_parallel_size=1, max_num_seqs=64,

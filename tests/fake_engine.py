@@ -1,4 +1,4 @@
-"""A deterministic fake of the engine backend (cousins.engine.VllmBackend): vLLM's `LLM` surface the
+"""A deterministic fake of the engine backend (cousins.engine.backend.VllmBackend): vLLM's `LLM` surface the
 engine actors and the feeder use, on a toy language model, so the actor, feeder and pipeline logic
 run in the fast tier without vLLM.
 

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import at_once
-from cousins import actors, schema
-from cousins.engine import EngineSpec, Sampling
+from cousins.engine import actors
+from cousins.contract import schema
+from cousins.engine.backend import EngineSpec, Sampling
 from fake_engine import FakeBackend
 
 SPEC = EngineSpec(model_name="fake", model_path="/models/fake", dtype="float32", quantization=None, max_model_len=96,

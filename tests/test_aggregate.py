@@ -14,7 +14,7 @@ import pytest
 from cousins.drift import aggregate
 from cousins.drift.sketch import DP_GRID, KLD_GRID, LENGTH_GRID, poisson_weights
 from cousins.drift.summary import BootstrapSpec, summarise, summary_of
-from cousins.schema import DRIFT
+from cousins.contract.schema import DRIFT
 
 import summary_reference as reference
 
@@ -179,7 +179,7 @@ def test_llama_cpp_statistics_equal_a_brute_force_computation_over_every_token()
     are known; the summary's KLD and Δp percentiles, extremes, reverse KLD, Cor(ln PPL(Q),
     ln PPL(base)) and mean ln(PPL_c/PPL_o) ± s.e. against numpy over every token, within the
     histograms' stated errors."""
-    from cousins import schema
+    from cousins.contract import schema
     from cousins.drift.compare import compare
     from cousins.drift.summary import DP_QUANTILES, QUANTILES
 

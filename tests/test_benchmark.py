@@ -42,8 +42,8 @@ import json, sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 import ray
 from conftest import compose
-from cousins import bench
-from cousins.config import resolve_paths, to_config
+from cousins.bench import suite as bench
+from cousins.contract.config import resolve_paths, to_config
 cfg = resolve_paths(to_config(compose("model.path={tiny_teacher}", "storage.root={tmp_path}",
                                       "run.sampling.max_tokens=16", "run.sampling.logprobs=5",
                                       config_name="benchmark")))

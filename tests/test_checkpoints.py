@@ -1,4 +1,4 @@
-"""Models named as users name them (cousins/checkpoints.py): local directories, hub ids resolved
+"""Models named as users name them (cousins/engine/checkpoints.py): local directories, hub ids resolved
 from a Hugging Face cache the test builds (never the network), stored checkpoints fetched once per
 node from a real S3-speaking server; and the builds that must never replace a user's directory."""
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose
-from cousins import checkpoints
-from cousins.checkpoints import CheckpointError, kind, local_copy
-from cousins.config import ConfigError, resolve_paths, to_config, validate
+from cousins.engine import checkpoints
+from cousins.contract.refs import kind
+from cousins.engine.checkpoints import CheckpointError, local_copy
+from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
 from model_fixtures import hub_cache
 
 
@@ -75,10 +76,10 @@ def test_validation_sends_a_hub_id_to_the_hub_not_to_a_local_directory(hub, tiny
                                           f"storage.root={tmp_path}", config_name="generate")))
     assert cfg.model.path == "acme/tiny-teacher"
     validate(cfg)  # no "model directory not found"
-    from cousins.family import check_models
+    from cousins.family.prepare import check_models
 
     check_models(cfg)  # its config and tokenizer come from the cache
-    from cousins.run import model_fingerprint
+    from cousins.run.lifecycle import model_fingerprint
 
     assert model_fingerprint("acme/tiny-teacher") is not None
 
@@ -120,7 +121,7 @@ def test_engine_actors_of_one_node_fetch_a_stored_checkpoint_once(stored, tmp_pa
     """Four processes at once (an engine actor each): one downloads, the others wait on the lock
     and find the copy whole."""
     _, url = stored
-    code = ("import sys, time; from cousins.checkpoints import local_copy; "
+    code = ("import sys, time; from cousins.engine.checkpoints import local_copy; "
             "print(local_copy(sys.argv[1]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True, env=env)
@@ -147,8 +148,8 @@ def _users_model(tmp_path, tiny_teacher) -> Path:
 
 
 def test_a_build_refuses_a_users_model_directory_and_leaves_it_whole(tiny_teacher, tmp_path):
-    from cousins.models import NotOurs, ensure_model
-    from cousins.quantize import build_quantized
+    from cousins.family.models import NotOurs, ensure_model
+    from cousins.family.quantize import build_quantized
 
     mine = _users_model(tmp_path, tiny_teacher)
     before = sorted((p.name, p.stat().st_size) for p in mine.iterdir())
@@ -160,7 +161,7 @@ def test_a_build_refuses_a_users_model_directory_and_leaves_it_whole(tiny_teache
 
 
 def test_every_build_target_that_is_not_ours_is_named_before_anything_is_built(tiny_teacher, tmp_path):
-    from cousins.family import check_build_targets
+    from cousins.family.prepare import check_build_targets
 
     mine = _users_model(tmp_path, tiny_teacher)
     other = _users_model(tmp_path / "b", tiny_teacher) if (tmp_path / "b").mkdir() is None else None

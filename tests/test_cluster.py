@@ -18,8 +18,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.config import resolve_paths, to_config, validate
-from cousins.storage import RunLayout, data_files, resolve
+from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.run.storage import RunLayout, data_files, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
@@ -113,7 +113,7 @@ def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp
     import ray
     from ray.cluster_utils import Cluster
 
-    from cousins.pipeline import run_generate
+    from cousins.orchestrate.pipeline import run_generate
 
     t0 = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -178,7 +178,7 @@ def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny
 
     import ray
 
-    from cousins.pipeline import run_generate
+    from cousins.orchestrate.pipeline import run_generate
 
     temp_dir = tempfile.mkdtemp(prefix="cas", dir="/tmp")
     gcs = free_port()
@@ -254,9 +254,9 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
 
     from cousins.drift.diff import recompute
     from cousins.drift.summary import BootstrapSpec
-    from cousins.pipeline import run_drift
-    from cousins.records import DriftDone
-    from cousins.run import committed, read_marker
+    from cousins.orchestrate.pipeline import run_drift
+    from cousins.contract.records import DriftDone
+    from cousins.run.lifecycle import committed, read_marker
     from fake_engine import FakeBackend
 
     root = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose
-from cousins.config import Config, ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import Config, ConfigError, resolve_paths, to_config, validate
 
 GROUPS = sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir())
 
@@ -69,7 +69,7 @@ def test_relative_paths_resolve_against_the_start_directory(tmp_path):
 
 
 def test_redacted_config_drops_secrets():
-    from cousins.config import redacted
+    from cousins.contract.config import redacted
 
     cfg = to_config(compose("+storage.options.secret=hunter2", "+storage.options.key=AKIA",
                             "+storage.options.client_kwargs.aws_session_token=tok",
@@ -82,7 +82,7 @@ def test_redacted_config_drops_secrets():
 
 
 def test_redaction_covers_key_ids_connection_strings_headers_and_passwords_in_urls():
-    from cousins.config import redacted
+    from cousins.contract.config import redacted
 
     cfg = to_config(compose("+storage.options.aws_access_key_id=AKIAX", "+storage.options.connection_string=cs1",
                             "+storage.options.client_kwargs.headers.Authorization=Bearer-abc",
@@ -120,7 +120,7 @@ def test_every_job_config_composes_and_validates(name, tiny_teacher):
 def test_export_config_composes():
     from omegaconf import OmegaConf
 
-    from cousins.export import ExportConfig
+    from cousins.export.write import ExportConfig
 
     cfg = OmegaConf.to_object(compose("run_id=r1", "kd=true", "filters.near_dedup=true", config_name="export"))
     assert isinstance(cfg, ExportConfig) and cfg.kd and cfg.filters.near_dedup and cfg.storage.root == "outputs"
@@ -129,8 +129,8 @@ def test_export_config_composes():
 def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_query():
     import dataclasses
 
-    from cousins.config import ConfigError, CousinConfig, validate
-    from cousins.query import BadInput, check_name
+    from cousins.contract.config import ConfigError, CousinConfig, validate
+    from cousins.query.runs import BadInput, check_name
 
     cfg = to_config(compose())
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="my model"),
@@ -155,6 +155,6 @@ def test_a_submission_that_would_lose_its_run_is_refused_before_contacting_the_c
         assert main(["submit", "--address", "http://127.0.0.1:9", "--job", job, "--", *extra]) == 2
         err = capsys.readouterr().err
         assert "is relative" in err and "storage.root=s3://" in err and "lost when the job ends" in err, err
-    from cousins.submit import check_storage_root
+    from cousins.orchestrate.submit import check_storage_root
 
     assert check_storage_root("s3://bucket/cousins") is None and check_storage_root("/mnt/shared/c") is None

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cousins.corpus import Fields, format_of, parse_file, prompt_id_of
+from cousins.run.corpus import Fields, format_of, parse_file, prompt_id_of
 
 
 def jsonl(*lines) -> bytes:

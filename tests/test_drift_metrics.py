@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cousins import schema
+from cousins.contract import schema
 from cousins.drift import metrics
 from cousins.drift.compare import compare
 from cousins.drift.summary import Bootstrap, BootstrapSpec, summarise

@@ -14,13 +14,13 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.config import resolve_paths, to_config, validate
+from cousins.contract.config import resolve_paths, to_config, validate
 from cousins.drift import metrics
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
-from cousins.family import prepare_before_ray
-from cousins.pipeline import run_drift
-from cousins.storage import RunLayout, data_files, resolve
+from cousins.family.prepare import prepare_before_ray
+from cousins.orchestrate.pipeline import run_drift
+from cousins.run.storage import RunLayout, data_files, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

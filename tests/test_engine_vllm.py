@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import at_once, hide_context_proxies
-from cousins import actors, engine
-from cousins.ledger import Ledger
+from cousins.engine import actors
+from cousins.engine import backend as engine
+from cousins.run.ledger import Ledger
 
 KEYS = ["prompt_id", "sample_index", "seed", "prompt_tokens", "error"]
 
@@ -141,7 +142,7 @@ def test_prompts_of_every_length_generate_at_full_batch_size(actor):
 
 
 def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
-    import cousins.ledger as ledger
+    import cousins.run.ledger as ledger
 
     clock = iter([-12.0, 0.0, 5.0, 10.0, 15.0, 20.0, 30.0])  # made at -12; a starts at 0, b at 5
     monkeypatch.setattr(ledger.time, "time", lambda: next(clock))
@@ -231,7 +232,7 @@ def test_topk_columns_read_flat_logprobs_as_the_dicts_say():
     import numpy as np
     from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs, create_sample_logprobs
 
-    from cousins.actors import topk_columns
+    from cousins.engine.actors import topk_columns
 
     rng = np.random.default_rng(3)
     for make, start in ((create_sample_logprobs, 0), (create_prompt_logprobs, 1)):

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cousins import schema
-from cousins.export import (KD, SFT, ExportConfig, ExportError, FiltersConfig, apply_filters, export,
+from cousins.contract import schema
+from cousins.export.write import (KD, SFT, ExportConfig, ExportError, FiltersConfig, apply_filters, export,
                             near_duplicates)
-from cousins.storage import RunLayout, mark_done, resolve
+from cousins.run.storage import RunLayout, mark_done, resolve
 
 TEACHER = "teach"
 
@@ -156,7 +156,7 @@ def test_export_round_trips_through_datasets_pyarrow_and_duckdb(ray_local, tmp_p
     for needle in ("run `r1`", "fingerprint `f00`", "answer check", "| answer check | 11 | 2 |", "top-3 logprobs"):
         assert needle in card, needle
     assert result.bytes_per_output_token == pytest.approx(sum(f["bytes"] for f in result.files) / result.output_tokens)
-    from cousins import records
+    from cousins.contract import records
 
     marker = json.loads((out / "_SUCCESS").read_text())  # the export's marker reads back as declared
     assert records.encode(records.decode(records.ExportDone, marker)) == marker and marker["rows"] == 9
@@ -193,7 +193,7 @@ def test_export_refuses_unknown_and_uncommitted_runs_and_names_available_fields(
 
 
 def test_accounting_properties_add_up():
-    from cousins.records import ModelStats, encode
+    from cousins.contract.records import ModelStats, encode
 
     s = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=2, prompt_tokens=100, output_tokens=900,
                    wall_s=30.0, engine_s=20.0, new_rows=20, new_output_tokens=900, accelerator="gpu",
@@ -263,7 +263,7 @@ def test_the_filters_across_partitions_keep_what_they_keep_on_one_table(ray_loca
 def test_node_slots_interleave_nodes_by_their_cpus(monkeypatch):
     import ray
 
-    from cousins.dataops import node_slots
+    from cousins.run.dataops import node_slots
 
     nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 3.0}},
              {"NodeID": "head", "Alive": True, "Resources": {"memory": 1.0}},  # no CPU: never chosen
@@ -283,7 +283,7 @@ def test_spread_blocks_runs_each_partition_once(ray_local):
     """Every non-empty partition of a key-partitioned Dataset reaches the function once, whole."""
     import ray
 
-    from cousins.dataops import spread_blocks
+    from cousins.run.dataops import spread_blocks
 
     ds = ray.data.from_items([{"k": i % 37, "v": i} for i in range(500)]).repartition(8, keys=["k"])
     results = list(spread_blocks(ds, _keys_of, num_cpus=1, fn_kwargs={}))

@@ -1,4 +1,4 @@
-"""Who runs in a drift run (cousins/family.py, cousins/plan.py): cousins validated all at once, model entries,
+"""Who runs in a drift run (cousins/family/prepare.py, cousins/engine/plan.py): cousins validated all at once, model entries,
 vocabularies checked before any cluster work."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from conftest import compose
-from cousins.config import CousinConfig, ConfigError, resolve_paths, to_config, validate
-from cousins.family import check_vocabularies, students_to_build, teacher_data_config
-from cousins.plan import model_entries, reordered_batch_size
-from cousins.records import NOISE_FLOOR
+from cousins.contract.config import CousinConfig, ConfigError, resolve_paths, to_config, validate
+from cousins.family.prepare import check_vocabularies, students_to_build, teacher_data_config
+from cousins.engine.plan import model_entries, reordered_batch_size
+from cousins.contract.records import NOISE_FLOOR
 
 
 def drift_config(tiny_teacher, *overrides):
@@ -84,7 +84,7 @@ def test_teacher_data_run_is_the_original_alone_on_the_distill_corpus(tiny_teach
 
 
 def test_a_student_of_another_teacher_build_is_trained_again(tiny_teacher, tmp_path):
-    from cousins.models import RECIPE_FILE, read_build
+    from cousins.family.models import RECIPE_FILE, read_build
 
     student = tmp_path / "student"
     cfg = drift_config(tiny_teacher, "cousins=none",
@@ -101,7 +101,7 @@ def test_a_student_of_another_teacher_build_is_trained_again(tiny_teacher, tmp_p
 def test_a_stale_student_is_not_refused_for_its_old_tokenizer_it_is_trained_again(tiny_teacher, tmp_path):
     """After the original is rebuilt (a new tokenizer), its student still holds the old one until
     it is trained again: the vocabulary check lets it through because it will be rebuilt."""
-    from cousins.models import RECIPE_FILE
+    from cousins.family.models import RECIPE_FILE
 
     student = tmp_path / "student"
     shutil.copytree(tiny_teacher, student)
@@ -115,7 +115,7 @@ def test_a_stale_student_is_not_refused_for_its_old_tokenizer_it_is_trained_agai
                        f"+cousins.s={{build:tiny-student,kind:distilled,path:'{student}'}}")
     assert students_to_build(cfg) == ["s"]
     check_vocabularies(cfg)  # stale: trained again before it is compared
-    from cousins.models import read_build
+    from cousins.family.models import read_build
 
     (student / RECIPE_FILE).write_text(json.dumps({"recipe": "tiny-student", "teacher_build": read_build(tiny_teacher)}))
     with pytest.raises(ConfigError):

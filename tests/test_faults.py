@@ -19,9 +19,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import ROOT, compose
-from cousins.config import resolve_paths, to_config, validate
-from cousins.pipeline import run_generate
-from cousins.storage import RunLayout, data_files, resolve
+from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.orchestrate.pipeline import run_generate
+from cousins.run.storage import RunLayout, data_files, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -11,10 +11,10 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.config import resolve_paths, to_config, validate
-from cousins.pipeline import run_generate
-from cousins.demo_corpus import DEMO_PATH
-from cousins.storage import RunLayout, data_files, is_done, resolve
+from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.orchestrate.pipeline import run_generate
+from cousins.family.demo_corpus import DEMO_PATH
+from cousins.run.storage import RunLayout, data_files, is_done, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -8,8 +8,9 @@ import pyarrow as pa
 import pytest
 
 from conftest import ROOT, compose, cuda_gpus
-from cousins import actors, engine
-from cousins.config import resolve_paths, to_config
+from cousins.engine import actors
+from cousins.engine import backend as engine
+from cousins.contract.config import resolve_paths, to_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -35,7 +36,7 @@ def test_a_gpu_engine_runs_its_core_in_its_own_process_and_fills_every_row(tiny_
 def _generate(tmp_path, run_id: str, *overrides):
     import ray
 
-    from cousins.pipeline import run_generate
+    from cousins.orchestrate.pipeline import run_generate
 
     cfg = resolve_paths(to_config(compose(f"model.path={ROOT / 'models' / 'tiny-teacher'}",
                                           f"storage.root={tmp_path}", f"run.run_id={run_id}", "corpus.limit=64",

@@ -12,10 +12,10 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT, compose
-from cousins.config import ConfigError, resolve_paths, to_config, validate
-from cousins.engine import EngineSpec, Placement, core_in_own_process, llm_kwargs
-from cousins.gpu_placement import ANY_NODE, NodeShape, PlacementError, bundles, check_fits, strategy, uses_groups
-from cousins.plan import engine_spec, model_entries
+from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
+from cousins.engine.backend import EngineSpec, Placement, core_in_own_process, llm_kwargs
+from cousins.engine.placement import ANY_NODE, NodeShape, PlacementError, bundles, check_fits, strategy, uses_groups
+from cousins.engine.plan import engine_spec, model_entries
 
 
 def where(actors=1, tp=1, pp=1, gpus=1.0, cpus=1.0) -> Placement:
@@ -70,7 +70,7 @@ def test_an_autoscaler_is_told_from_the_monitor_that_only_watches_a_local_cluste
     what the fake multi-node autoscaler of test_cluster publishes, both read on Ray 2.60.)"""
     import ray.experimental.internal_kv as kv
 
-    from cousins import gpu_placement
+    from cousins.engine import placement as gpu_placement
 
     monkeypatch.delenv("RAY_enable_autoscaler_v2", raising=False)
     local = '{"autoscaler_report": {"legacy": true, "node_type_mapping": {"ab12": "node_ab12"}}}'
@@ -114,7 +114,7 @@ def test_vllm_gets_its_ray_executor_for_an_engine_of_several_gpus():
 
 
 def test_engines_sharing_a_gpu_ask_vllm_for_their_share_of_its_memory(tmp_path):
-    from cousins.kld import full_spec
+    from cousins.orchestrate.kld import full_spec
 
     def spec(*overrides):
         cfg = resolve_paths(to_config(compose(f"storage.root={tmp_path}", *overrides)))
@@ -156,7 +156,7 @@ def _engine_groups_left() -> list:
 def test_two_engines_of_tp2_fill_a_four_gpu_node_and_a_third_is_refused_at_once(tmp_path):
     import ray
 
-    from cousins.pipeline import run_generate
+    from cousins.orchestrate.pipeline import run_generate
     from fake_engine import FakeBackend
 
     ray.init(address="local", num_cpus=4, num_gpus=4, object_store_memory=256 << 20, include_dashboard=False,
@@ -199,7 +199,7 @@ def test_on_two_nodes_of_two_gpus_each_tp2_engine_keeps_to_one_node_and_tp4_is_r
     import ray
     from ray.cluster_utils import Cluster
 
-    from cousins.pipeline import run_generate
+    from cousins.orchestrate.pipeline import run_generate
     from fake_engine import FakeBackend
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2,

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, compose
-from cousins import plan
-from cousins.config import to_config
-from cousins.gpu_placement import NodeShape, check_fits
+from cousins.engine import plan
+from cousins.contract.config import to_config
+from cousins.engine.placement import NodeShape, check_fits
 
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
 MANIFESTS = sorted((ROOT / "infra").rglob("*.yaml"))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import at_once, cuda_gpus, hide_context_proxies
-from cousins import schema
+from cousins.contract import schema
 from cousins.drift import compare as cmp
 from cousins.drift.vocab_kld import PositionError, exact_kld
 
@@ -143,8 +143,8 @@ def test_a_position_that_cannot_give_a_finite_kld_is_an_error_naming_it_never_ze
 def _fake_pair_and_batch(monkeypatch):
     """An exact-KLD actor's two specs on fake engines (cores in their own process: no shared gate)
     and a batch of the original's greedy rows to score."""
-    from cousins import actors
-    from cousins.engine import CORE_ENV, EngineSpec, Sampling
+    from cousins.engine import actors
+    from cousins.engine.backend import CORE_ENV, EngineSpec, Sampling
     from fake_engine import FakeBackend
     from test_actors import rows
 
@@ -161,7 +161,7 @@ def _fake_pair_and_batch(monkeypatch):
 def test_a_bad_position_fails_its_row_only_and_the_batch_goes_on(monkeypatch):
     """Through the actor (fake engines): the rows whose cousin logprobs hold a NaN are error rows
     naming the position; the others equal a clean run's."""
-    from cousins.kld import KldActor
+    from cousins.orchestrate.kld import KldActor
     from fake_engine import FakeBackend
 
     spec, cousin, batch = _fake_pair_and_batch(monkeypatch)
@@ -234,9 +234,10 @@ def test_exact_kld_on_vllm_equals_transformers_in_float64(tiny_teacher, tmp_path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cousins import actors, engine
-    from cousins.kld import KldActor
-    from cousins.quantize import build_quantized
+    from cousins.engine import actors
+    from cousins.engine import backend as engine
+    from cousins.orchestrate.kld import KldActor
+    from cousins.family.quantize import build_quantized
 
     int4 = str(build_quantized(tiny_teacher, tmp_path / "int4", "rtn-int4"))
 
@@ -312,10 +313,10 @@ def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
     stage's rows at up to 14.5 nats that a recompute put at 0.0003). The actor's two engines share
     one gate, so with Ray Data's concurrent batches their steps still take turns, and the numbers
     are those of the batches one at a time."""
-    from cousins import actors
-    from cousins.engine import CORE_ENV, EngineSpec, Sampling
-    from cousins.feeder import Feeder
-    from cousins.kld import KldActor
+    from cousins.engine import actors
+    from cousins.engine.backend import CORE_ENV, EngineSpec, Sampling
+    from cousins.engine.feeder import Feeder
+    from cousins.orchestrate.kld import KldActor
     from fake_engine import FakeBackend
     from test_actors import rows
 
@@ -381,8 +382,8 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cousins import engine
-    from cousins.kld import KldActor
+    from cousins.engine import backend as engine
+    from cousins.orchestrate.kld import KldActor
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     vocab = len(tok)
@@ -438,8 +439,8 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
 def test_a_batch_goes_through_the_engines_in_groups_bounded_by_logprob_entries(monkeypatch):
     """With a budget of 25 positions of the fake's 40-entry vocabulary per engine call, a batch of
     rows of ~20-30 positions is scored a row or two at a time, with the same numbers as in one go."""
-    from cousins import kld as kld_mod
-    from cousins.kld import KldActor
+    from cousins.orchestrate import kld as kld_mod
+    from cousins.orchestrate.kld import KldActor
     from fake_engine import FakeBackend
 
     spec, cousin, batch = _fake_pair_and_batch(monkeypatch)

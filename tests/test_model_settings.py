@@ -1,6 +1,6 @@
 """Per-model engine blocks, settings read from a model's own config, the checks before Ray
-(cousins/plan.py, cousins/family.py: check_models, check_templates) and the prompt formats
-(cousins/templates.py)."""
+(cousins/engine/plan.py, cousins/family/prepare.py: check_models, check_templates) and the prompt formats
+(cousins/engine/templates.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from cousins import plan, templates
-from cousins.config import ConfigError, resolve_paths, to_config, validate
-from cousins.family import check_models, check_templates
+from cousins.engine import plan
+from cousins.engine import templates
+from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
+from cousins.family.prepare import check_models, check_templates
 
 
 def _cfg(tiny_teacher, tmp_path, *overrides, name="drift"):
@@ -54,7 +55,7 @@ def test_context_and_cpu_kv_cache_come_from_the_models_config(tiny_teacher, tmp_
     spec = plan.engine_spec(cfg, plan.model_entries(cfg)[0])
     assert spec.max_model_len == 8192  # capped: engine.max_model_len_cap
     assert spec.kv_cache_bytes == 4 << 30  # 8 GiB for 512 sequences, capped: engine.cpu_kv_cache_cap_gib
-    from cousins.engine import llm_kwargs
+    from cousins.engine.backend import llm_kwargs
 
     gpu = _cfg(long, tmp_path, "model.build=null", "engine.gpus_per_actor=1")
     spec = plan.engine_spec(gpu, plan.model_entries(gpu)[0])

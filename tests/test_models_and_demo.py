@@ -5,12 +5,12 @@ from dataclasses import replace
 import pytest
 
 from conftest import hide_context_proxies
-from cousins import models
-from cousins.demo_corpus import (DEMO_PATH, DISTILL_PATH, add_answer, add_prompt, demo_records, distill_records,
+from cousins.family import models
+from cousins.family.demo_corpus import (DEMO_PATH, DISTILL_PATH, add_answer, add_prompt, demo_records, distill_records,
                                  reverse_letters, write_demo_corpus)
 from cousins.drift.metrics import is_correct
-from cousins.lessons import held_out, lessons
-from cousins.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
+from cousins.family.lessons import held_out, lessons
+from cousins.family.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
 
 
 def test_committed_demo_corpus_is_what_the_generator_writes(tmp_path):
@@ -106,7 +106,7 @@ def test_ensure_model_builds_again_when_the_recipe_or_the_lessons_change(tmp_pat
     assert not models.is_current(path, "tiny-teacher", seed=1)
     monkeypatch.setitem(RECIPES, "tiny-teacher", replace(SMALL, train_steps=2))
     assert ensure_model(path, "tiny-teacher") is True and models.read_build(path)["train_steps"] == 2
-    monkeypatch.setattr("cousins.lessons.WEIGHTS", {"capital": 1.0})
+    monkeypatch.setattr("cousins.family.lessons.WEIGHTS", {"capital": 1.0})
     assert not models.is_current(path, "tiny-teacher")  # other lessons
     assert ensure_model(path, "tiny-teacher") is True
 

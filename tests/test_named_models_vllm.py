@@ -1,5 +1,5 @@
 """Integration: a drift run on real vLLM whose models are named as users name theirs
-(cousins/checkpoints.py). Named to sort after test_cluster.py: after an in-process drift run,
+(cousins/engine/checkpoints.py). Named to sort after test_cluster.py: after an in-process drift run,
 that module's autoscaler test hung in Ray Data's first read in the same pytest process, as it did
 after test_benchmark's in-process ray.data.llm run (commit a851e80).
 
@@ -22,12 +22,12 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import ROOT, compose
-from cousins import checkpoints
-from cousins.config import resolve_paths, to_config, validate
-from cousins.family import prepare_before_ray
-from cousins.pipeline import run_drift
-from cousins.quantize import build_quantized
-from cousins.storage import RunLayout, data_files, resolve
+from cousins.engine import checkpoints
+from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.family.prepare import prepare_before_ray
+from cousins.orchestrate.pipeline import run_drift
+from cousins.family.quantize import build_quantized
+from cousins.run.storage import RunLayout, data_files, resolve
 from model_fixtures import hub_cache, make_lora
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -111,8 +111,8 @@ def test_the_merged_adapter_answers_as_vllm_serving_it_and_drifts(run):
 
 
 def test_a_served_adapter_in_a_drift_run_must_be_text_only(run, tiny_teacher, tmp_path):
-    from cousins.config import ConfigError
-    from cousins.family import check_models
+    from cousins.contract.config import ConfigError
+    from cousins.family.prepare import check_models
 
     base = run[4]
     cfg = resolve_paths(to_config(compose(

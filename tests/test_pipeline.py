@@ -1,6 +1,6 @@
 """The orchestrations end to end on a local Ray with the fake engine (tests/fake_engine.py): stages,
 resume, a cousin that cannot load, the diff, recompute, and every JSON a run holds read back through
-its declaration (cousins/records.py). Real vLLM runs of the same paths are in test_generate.py and
+its declaration (cousins/contract/records.py). Real vLLM runs of the same paths are in test_generate.py and
 test_drift_vllm.py."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins import records
-from cousins.config import resolve_paths, to_config
+from cousins.contract import records
+from cousins.contract.config import resolve_paths, to_config
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
-from cousins.gpu_placement import PlacementError
-from cousins.pipeline import open_run, run_drift, run_generate
-from cousins.run import committed, read_marker
-from cousins.storage import data_files, resolve
+from cousins.engine.placement import PlacementError
+from cousins.orchestrate.pipeline import open_run, run_drift, run_generate
+from cousins.run.lifecycle import committed, read_marker
+from cousins.run.storage import data_files, resolve
 from fake_engine import FakeBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -133,7 +133,7 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
 
 def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
     from cousins.drift.metrics import is_correct
-    from cousins.plane import accuracy_se
+    from cousins.drift.plane import accuracy_se
 
     cfg, result, summary = drift_run
     layout = committed(resolve(cfg.storage.root), result.run_id).layout
@@ -222,7 +222,7 @@ def test_an_engine_pool_the_cluster_cannot_place_fails_with_the_reason_instead_o
 
 
 def test_a_synthetic_copy_of_a_run_diffs_to_the_same_figures_on_twice_the_prompts(drift_run):
-    from cousins.bench_scale import synthesize
+    from cousins.bench.scale import synthesize
 
     cfg, result, summary = drift_run
     root, d = resolve(cfg.storage.root), cfg.drift

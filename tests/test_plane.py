@@ -1,4 +1,4 @@
-"""The capability-against-cost plane (cousins/plane.py): the accuracy interval (Wilson over a
+"""The capability-against-cost plane (cousins/drift/plane.py): the accuracy interval (Wilson over a
 prompt-clustered effective n), the frontier and its dominances, and the per-partition sums the
 accounting sends for it. Synthetic numbers: the demo teacher answers almost nothing correctly."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cousins import plane as pl
-from cousins.records import Plane, decode, encode
+from cousins.drift import plane as pl
+from cousins.contract.records import Plane, decode, encode
 
 
 def test_wilson_matches_the_textbook_values():
@@ -162,8 +162,8 @@ def test_an_older_run_without_per_prompt_counts_says_its_interval_is_per_row():
 
 
 def test_the_accountings_partition_sums_cluster_by_prompt():
-    from cousins.accounting import _efficiency_partition
-    from cousins.dataops import SIDE, union_schema
+    from cousins.orchestrate.accounting import _efficiency_partition
+    from cousins.run.dataops import SIDE, union_schema
 
     schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string())]),
                "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 
-from cousins.ledger import Ledger
-from cousins.progress import Bar, duration, watch
+from cousins.run.ledger import Ledger
+from cousins.run.progress import Bar, duration, watch
 
 
 class Clock:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import hide_context_proxies
-from cousins.models import RECIPE_FILE
-from cousins.quantize import LINEAR_WEIGHT, RECIPES, build_quantized, read_recipe, rtn_fake_quant, rtn_scales
+from cousins.family.models import RECIPE_FILE
+from cousins.family.quantize import LINEAR_WEIGHT, RECIPES, build_quantized, read_recipe, rtn_fake_quant, rtn_scales
 
 PROMPTS = ["def main(", "import os\n", "class Foo:", "for i in range("]
 # The recipes written here; llm-compressor's (llmc-*) are tested on the realistic teacher in
@@ -106,7 +106,7 @@ def test_a_rebuilt_original_makes_its_quantized_cousins_stale(tiny_teacher, tmp_
     recipe, other lessons) is built from again, as is another original."""
     import shutil
 
-    from cousins.quantize import is_current
+    from cousins.family.quantize import is_current
 
     src = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, src)

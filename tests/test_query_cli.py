@@ -1,7 +1,7 @@
-"""`cousins.query` and `cousins query` over hand-written runs: committed ones are visible, others
+"""`cousins.query.runs` and `cousins query` over hand-written runs: committed ones are visible, others
 are not, pages are stable and bounded, names are checked, and the CLI prints tables and --json.
 
-The runs are written here with pyarrow to the schemas of `cousins.schema` (no engine): a drift run
+The runs are written here with pyarrow to the schemas of `cousins.contract.schema` (no engine): a drift run
 (an original, two cousins and the noise floor, 2 samples, drift rows in several part files, a real
 `summarise` summary, a report), a generation-only run, a run without a manifest and one whose
 manifest is not committed. `write_runs` is shared with tests/test_service.py."""
@@ -16,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cousins import query, schema
+from cousins.query import runs as query
+from cousins.contract import schema
 from cousins.cli import main
 from cousins.drift.summary import BootstrapSpec, summarise
-from cousins.plane import plane
-from cousins.storage import Location, RunLayout, mark_done, resolve, write_parquet_atomic
+from cousins.drift.plane import plane
+from cousins.run.storage import Location, RunLayout, mark_done, resolve, write_parquet_atomic
 
 ORIGINAL = "teacher"
 COUSINS = {"q8": ("quantized", 0.3, 0.002), "student": ("distilled", 0.8, 0.4),
@@ -401,7 +402,7 @@ def test_cli_errors(runs, capsys):
 
 
 def test_untrusted_text_reaches_a_terminal_as_visible_escapes():
-    from cousins.query_render import json_safe, terminal_safe
+    from cousins.query.render import json_safe, terminal_safe
 
     hostile = "id\x1b]0;owned\x07 \x1b[2J\x9b31m\r\x00 ok\ttab\nline"
     shown = terminal_safe(hostile)

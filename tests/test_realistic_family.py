@@ -1,4 +1,4 @@
-"""The realistic family (cousins/realistic.py, cousins/llmc.py, cousins/formats.py): a Qwen2-shaped
+"""The realistic family (cousins/family/realistic.py, cousins/family/llmc.py, cousins/engine/formats.py): a Qwen2-shaped
 teacher with a ~110k vocabulary and a padded head, a student padded otherwise, llm-compressor's
 cousins, and which of their formats vLLM's CPU build runs.
 
@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from conftest import hide_context_proxies
-from cousins import formats, llmc, models, realistic
-from cousins.models import RECIPE_FILE
-from cousins.recipes import REALISTIC_STUDENT, REALISTIC_TEACHER
+from cousins.engine import formats
+from cousins.family import llmc
+from cousins.family import models
+from cousins.family import realistic
+from cousins.family.models import RECIPE_FILE
+from cousins.contract.recipes import REALISTIC_STUDENT, REALISTIC_TEACHER
 
 SHORT = {REALISTIC_TEACHER: 60, REALISTIC_STUDENT: 60}  # training steps of the reduced builds
 

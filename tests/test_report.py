@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pytest
 
 from cousins.drift.aggregate import merge_table
-from cousins.report import render_report
-from cousins.schema import DRIFT
+from cousins.drift.report import render_report
+from cousins.contract.schema import DRIFT
 
 HOSTILE = "<script>alert(1)</script> & \"double\" 'single' <img src=\"http://evil.example/x.png\">"
 CATEGORIES = ["math", "code", "chat & <misc>"]
@@ -249,7 +249,7 @@ def test_without_noise_floor_or_labels(run):
 
 
 def test_long_text_is_cut_around_the_divergence():
-    from cousins.report import _marked
+    from cousins.drift.report import _marked
 
     shown = _marked("a" * 10_000 + "<b>" + "z" * 10_000, 10_000, 10_003)
     assert "<mark>&lt;b&gt;</mark>" in shown and len(shown) < 5_000
@@ -329,7 +329,7 @@ PLANE_KINDS = {"tiny-teacher": "original", "q8-w8a8": "quantized", "int4-rtn-fak
 def _with_plane(summary: dict, correct: dict, cost: float | None = 1.0) -> dict:
     """The summary with a plane made from made-up accounting: `correct` of 48 labelled rows (12
     prompts) per model; the broken cousin has no answered labelled row."""
-    from cousins.plane import plane
+    from cousins.drift.plane import plane
 
     acct = {}
     for name in PLANE_KINDS:

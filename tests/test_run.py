@@ -1,19 +1,19 @@
-"""A run's life (cousins/run.py): identity, open/resume/refuse, stages verified, committed runs
+"""A run's life (cousins/run/lifecycle.py): identity, open/resume/refuse, stages verified, committed runs
 found the one way; storage helpers and the job's table (no Ray, no engine)."""
 
 import pyarrow as pa
 import pytest
 
 from conftest import compose
-from cousins.config import redacted, to_config
-from cousins.accounting import RunResult, summary_table
-from cousins.pipeline import open_run
-from cousins.records import GenerationsDone, ModelStats, PromptsDone
-from cousins.run import (NotCommitted, RunConflict, StageIncomplete, committed, committed_at, config_diff,
+from cousins.contract.config import redacted, to_config
+from cousins.orchestrate.accounting import RunResult, summary_table
+from cousins.orchestrate.pipeline import open_run
+from cousins.contract.records import GenerationsDone, ModelStats, PromptsDone
+from cousins.run.lifecycle import (NotCommitted, RunConflict, StageIncomplete, committed, committed_at, config_diff,
                          config_hash)
-from cousins.runtime import forwarded_env, root_cause
-from cousins import schema
-from cousins.storage import RunLayout, data_files, is_done, mark_done, parquet_bytes, resolve, write_parquet_atomic
+from cousins.run.runtime import forwarded_env, root_cause
+from cousins.contract import schema
+from cousins.run.storage import RunLayout, data_files, is_done, mark_done, parquet_bytes, resolve, write_parquet_atomic
 
 
 def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_path):
@@ -129,7 +129,7 @@ def test_a_stage_is_verified_finished_and_read_back_through_the_run(tmp_path):
         **{c: [None] * len(keys) for c in schema.GENERATIONS.names},
         "prompt_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys], "model": ["m"] * len(keys),
         "seed": [1] * len(keys), "output_tokens": [3] * len(keys)}), schema.GENERATIONS)
-    from cousins.run import publish_part
+    from cousins.run.lifecycle import publish_part
 
     assert publish_part(part([("a", 0), ("b", 0)]), out=stage).to_pylist() == [{"rows": 2, "output_tokens": 6}]
     assert run.keys(stage) == {"a\x000", "b\x000"} and run.count(stage) == 2

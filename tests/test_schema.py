@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from cousins import schema
+from cousins.contract import schema
 
 
 def test_generation_columns_are_typed_not_pickled():

@@ -21,8 +21,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 from conftest import ROOT
-from cousins import query
-from cousins.storage import resolve
+from cousins.query import runs as query
+from cousins.run.storage import resolve
 from test_query_cli import DRIFT_RUN, FAILED_RUN, GEN_RUN, ODD_ID, PENDING_RUN, write_runs
 
 if str(ROOT) not in sys.path:  # services/ lives beside the package, in the checkout (as for `serve run`)

@@ -1,4 +1,4 @@
-"""The distilled cousin: a student trained on the teacher's generations (cousins/student.py)."""
+"""The distilled cousin: a student trained on the teacher's generations (cousins/family/student.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import hide_context_proxies
-from cousins.models import RECIPE_FILE
-from cousins.student import StudentRecipe, build_student, read_teacher_data
+from cousins.family.models import RECIPE_FILE
+from cousins.family.student import StudentRecipe, build_student, read_teacher_data
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FAST = {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5}  # a few seconds per build
@@ -177,7 +177,7 @@ def test_recipe_and_data_are_checked(crafted, tiny_teacher, tmp_path):
 def test_read_teacher_data(tmp_path):
     import pyarrow.parquet as pq
 
-    from cousins import schema
+    from cousins.contract import schema
 
     run = tmp_path / "runs" / "r1"
     gen = run / "generations" / "model=teach"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cousins import preflight, submit
+from cousins.orchestrate import preflight
+from cousins.orchestrate import submit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_preflight_passes_here_and_names_what_a_bare_python_lacks():
     assert preflight.problems("generate") == []
     bare = os.path.join(sys.base_prefix, "bin", "python3")  # this venv's base: none of the packages
-    proc = subprocess.run([bare, "-m", "cousins.preflight", "export"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([bare, "-m", "cousins.orchestrate.preflight", "export"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 3 and proc.stdout == ""
     line, = proc.stderr.splitlines()
@@ -41,7 +42,7 @@ def test_the_preflight_checks_the_python_version_and_vllm(monkeypatch):
 
 def test_the_entrypoint_runs_the_preflight_first():
     assert submit.entrypoint_of("drift", ["run.run_id=a b"], "/opt/py/bin/python") == (
-        "/opt/py/bin/python -m cousins.preflight drift && /opt/py/bin/python jobs/drift.py 'run.run_id=a b'")
+        "/opt/py/bin/python -m cousins.orchestrate.preflight drift && /opt/py/bin/python jobs/drift.py 'run.run_id=a b'")
 
 
 class _NoAgentDashboard(BaseHTTPRequestHandler):

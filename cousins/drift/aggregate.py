@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins import schema
+from cousins.contract import schema
 from cousins.drift import metrics
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from cousins import schema
+from cousins.contract import schema
 from cousins.drift import metrics
 
 GEN_COLUMNS = ["prompt_id", "sample_index", "category", "output_text", "output_token_ids", "finish_reason",

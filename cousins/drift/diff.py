@@ -17,10 +17,10 @@ import numpy as np
 from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indices, rest_mass_warning
 from cousins.drift.rows import drift_rows, first_texts, load_error
 from cousins.drift.summary import QUANTILE_ERROR, BootstrapSpec, summary_of
-from cousins.plane import plane
-from cousins.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
-from cousins.run import Run, StageIncomplete, committed, now
-from cousins.storage import Location
+from cousins.drift.plane import plane
+from cousins.contract.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
+from cousins.run.lifecycle import Run, StageIncomplete, committed, now
+from cousins.run.storage import Location
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     """Drift rows for every cousin (and the noise floor), summary.json and report.html; returns the
     summary (as written). `entries` are the run's models, the original first. `extra` (the run's
     accounting) and `timings` of the earlier stages go into the summary and the report; with the
-    accounting, the summary's capability-against-cost `plane` (cousins/plane.py). Rows are
+    accounting, the summary's capability-against-cost `plane` (cousins/drift/plane.py). Rows are
     computed and written by Ray Data workers; the driver merges their aggregates."""
-    from cousins.report import render_report
+    from cousins.drift.report import render_report
 
     t0 = time.perf_counter()
     layout, original = run.layout, entries[0]

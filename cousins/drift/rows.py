@@ -17,10 +17,10 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins import schema
+from cousins.contract import schema
 from cousins.drift import aggregate
 from cousins.drift import compare as cmp
-from cousins.storage import Location, data_files
+from cousins.run.storage import Location, data_files
 
 KEYS = ["prompt_id", "sample_index"]
 PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
@@ -103,8 +103,8 @@ def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cou
     """One partition's work: its drift rows (diff_partition), published one part per cousin and
     named by the rows' keys (a retried task rewrites the same names), and returned only as
     aggregates (aggregate.PARTIALS, one row per cousin)."""
-    from cousins.ledger import batch_key
-    from cousins.storage import write_parquet_atomic
+    from cousins.run.ledger import batch_key
+    from cousins.run.storage import write_parquet_atomic
 
     import ray
 
@@ -151,7 +151,7 @@ def _tag_file(table: pa.Table, path: str, *, part: str) -> pa.Table:
 def _read(run, stages: list[Location], columns: list[str], part: str, read_schema: pa.Schema | None = None):
     """One read of several stages' parts, each file's rows tagged with its model and part; with
     `read_schema`, columns a part lacks (written before they existed) read as nulls."""
-    from cousins.dataops import read_files
+    from cousins.run.dataops import read_files
 
     files = [f for stage in stages for f in data_files(stage)]
     if not files:
@@ -168,8 +168,8 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     compared token by token (not text-only, and its engine loaded)."""
     import ray
 
-    from cousins.dataops import spread_blocks
-    from cousins.progress import Bar
+    from cousins.run.dataops import spread_blocks
+    from cousins.run.progress import Bar
 
     layout, original = run.layout, entries[0]
 
@@ -226,7 +226,7 @@ def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:
 def first_texts(run, wanted: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, str]]]:
     """For each cousin, the (original, cousin) texts of sample 0 of the prompts asked for (a few
     thousand at most: the homogenisation pairs), read from its drift rows on the connected Ray."""
-    from cousins.dataops import read_files
+    from cousins.run.dataops import read_files
 
     out: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in wanted}
     files = [f for name in wanted if wanted[name] for f in data_files(run.layout.drift(name))]

@@ -281,8 +281,8 @@ def _fmt(m: dict | None, pct: bool = False, digits: int = 4) -> str:
 
 def drift_table(summary: dict) -> str:
     """The summary as a plain-text table: cousins ranked by drift, the noise floor last; then the
-    capability-against-cost plane per model (cousins/plane.py), where the summary has one."""
-    from cousins.plane import plane_lines
+    capability-against-cost plane per model (cousins/drift/plane.py), where the summary has one."""
+    from cousins.drift.plane import plane_lines
 
     header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "KLD p99", "rev KLD", "same top-1 [CI]", "RMS dp",
               "PPL ratio", "Cor lnPPL", "flips", "acc delta", "length ratio", "exact match")

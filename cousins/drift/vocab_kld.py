@@ -1,5 +1,5 @@
 """Exact per-token KLD over the tokenizer's vocabulary, from two models' full-vocabulary logprobs
-(drift.kld=exact; the actor is cousins/kld.py). Pure NumPy: no Ray, no vLLM import.
+(drift.kld=exact; the actor is cousins/orchestrate/kld.py). Pure NumPy: no Ray, no vLLM import.
 
 Why over the tokenizer's vocabulary V and not the logit heads: checkpoints pad their heads past
 the tokenizer (Qwen2.5-7B's head is 152,064 wide, the 1.5B's 151,936, their tokenizer ~151,665

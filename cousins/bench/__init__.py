@@ -1,0 +1,1 @@
+"""Benchmarks, measured in one run and printed as ratios."""

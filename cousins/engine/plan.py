@@ -1,0 +1,147 @@
+"""From the config to the narrow values the stages take: which models run, how each engine starts,
+how rows are sampled, where the engines go. The one place that reads `Config` for the stages.
+
+Every model has its own engine (config.engine_of: the `engine` block with the model's overrides),
+and what the block leaves open is read from the model's own config.json: the context from
+`max_position_embeddings` (capped at `engine.max_model_len_cap`), a CPU engine's KV cache from the
+model's layer and head shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cousins.engine import checkpoints
+from cousins.contract.config import Config, EngineConfig, engine_of
+from cousins.engine.backend import GPU_MEMORY_UTILIZATION, EngineSpec, Placement, Sampling
+from cousins.contract.records import NOISE_FLOOR, ModelEntry, SamplingRecord
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model's files come from and how its prompts are rendered (the original's settings
+    for the original and the noise floor; a cousin without a path takes the original's weights)."""
+
+    path: str
+    revision: str | None
+    tokenizer: str | None
+    trust_remote_code: bool
+    lora: str | None
+    lora_revision: str | None
+    lora_mode: str
+    prompt_format: str
+    chat_template_kwargs: dict = field(default_factory=dict, hash=False)
+
+
+def source(cfg: Config, name: str) -> Source:
+    m = cfg.model
+    corpus_kwargs = cfg.corpus.chat_template_kwargs or {}
+    if name not in cfg.cousins:  # the original, the noise floor
+        return Source(m.path, m.revision, m.tokenizer, m.trust_remote_code, None, None, "merge", m.prompt_format,
+                      {**corpus_kwargs, **m.chat_template_kwargs})
+    c = cfg.cousins[name]
+    own = c.path is not None
+    return Source(path=c.path if own else m.path, revision=c.revision if own else m.revision,
+                  tokenizer=c.tokenizer if own else (c.tokenizer or m.tokenizer),
+                  trust_remote_code=c.trust_remote_code or (not own and m.trust_remote_code),
+                  lora=c.lora, lora_revision=c.lora_revision, lora_mode=c.lora_mode,
+                  prompt_format=c.prompt_format or m.prompt_format,
+                  chat_template_kwargs={**corpus_kwargs, **(m.chat_template_kwargs if c.chat_template_kwargs is None
+                                                            else c.chat_template_kwargs)})
+
+
+def model_entries(cfg: Config, *, noise_floor: bool = False) -> list[ModelEntry]:
+    """The original first, then the cousins in config order, then (if asked) the noise floor."""
+    m = cfg.model
+    out = [ModelEntry(m.name, m.path, m.dtype, m.quantization, "original", revision=m.revision)]
+    for name, c in cfg.cousins.items():
+        s = source(cfg, name)
+        out.append(ModelEntry(name, s.path, c.dtype or m.dtype, c.quantization, c.kind, c.text_only,
+                              revision=s.revision, lora=c.lora))
+    if noise_floor:
+        out.append(ModelEntry(NOISE_FLOOR, m.path, m.dtype, m.quantization, "noise", reorder=True,
+                              revision=m.revision))
+    return out
+
+
+def reordered_batch_size(batch_size: int) -> int:
+    """The noise floor's batch size: another batch composition than the original pass's."""
+    return max(1, (batch_size * 3) // 4 + 1) if batch_size > 1 else 2
+
+
+def _dtype_bytes(dtype: str, config: dict) -> int:
+    if dtype == "auto":
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return 4 if "32" in dtype else 2
+
+
+def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, int]:
+    """Model `name`'s engine block with its context filled in, and its KV cache in bytes: the
+    configured `kv_cache_gib`, or room for max_num_seqs sequences of max_model_len from the model's
+    shapes, at most `cpu_kv_cache_cap_gib` and at least one sequence (what a CPU engine needs; a GPU
+    engine takes it only when kv_cache_gib is set: see engine.llm_kwargs). Reads the model's
+    config.json (fetched if the model is remote)."""
+    import dataclasses
+
+    e = engine_of(cfg, name)
+    s = source(cfg, name)
+    try:
+        config = checkpoints.model_config(s.path, s.revision)
+    except checkpoints.CheckpointError:
+        config = {}  # unreadable here (family.check_models said so before Ray); the caps then decide
+    if e.max_model_len is None:
+        own = checkpoints.context_length(config)
+        e = dataclasses.replace(e, max_model_len=min(own, e.max_model_len_cap) if own else e.max_model_len_cap)
+    if e.kv_cache_gib is not None:
+        return e, int(e.kv_cache_gib * GIB)
+    per_token = checkpoints.kv_bytes_per_token(config, _dtype_bytes(dtype, config))
+    cap = int(e.cpu_kv_cache_cap_gib * GIB)
+    if per_token is None:
+        return e, cap
+    # (+ a few blocks: vLLM refuses an engine whose cache cannot hold one max_model_len sequence)
+    return e, max(min(per_token * e.max_model_len * e.max_num_seqs, cap), per_token * (e.max_model_len + 256))
+
+
+def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
+    """How `entry`'s engine starts. Every engine allows its max_logprobs, whatever this run stores."""
+    e, kv_bytes = resolved_engine(cfg, entry.name, entry.dtype)
+    s = source(cfg, entry.name)
+    rank = checkpoints.lora_rank(checkpoints.adapter_config(s.lora, s.lora_revision)) if s.lora else None
+    return EngineSpec(
+        model_name=entry.name, model_path=entry.path, dtype=entry.dtype, quantization=entry.quantization,
+        max_model_len=e.max_model_len, kv_cache_bytes=kv_bytes, kv_cache_set=e.kv_cache_gib is not None,
+        tensor_parallel_size=e.tensor_parallel_size, max_num_seqs=e.max_num_seqs,
+        enforce_eager=e.enforce_eager, max_logprobs=e.max_logprobs, pipeline_parallel_size=e.pipeline_parallel_size,
+        core_process=e.core_process,
+        gpu_memory_utilization=GPU_MEMORY_UTILIZATION * min(1.0, e.gpus_per_actor) if e.gpus_per_actor > 0 else None,
+        revision=s.revision, tokenizer=s.tokenizer, trust_remote_code=s.trust_remote_code, lora=s.lora,
+        lora_revision=s.lora_revision, lora_rank=rank, lora_mode=s.lora_mode, prompt_format=s.prompt_format,
+        chat_template_kwargs=dict(s.chat_template_kwargs),
+    )
+
+
+def placement(cfg: Config, name: str | None = None, *, reorder: bool = False) -> Placement:
+    """Where model `name`'s engines go (None: the original's)."""
+    e = engine_of(cfg, name or cfg.model.name)
+    return Placement(num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor,
+                     batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size,
+                     start_timeout_s=e.start_timeout_s, tensor_parallel_size=e.tensor_parallel_size,
+                     pipeline_parallel_size=e.pipeline_parallel_size)
+
+
+def placements(cfg: Config) -> list[tuple[str, Placement]]:
+    """Every model's placement (the original's first), to check against the cluster before any stage."""
+    return [(n, placement(cfg, n)) for n in [cfg.model.name, *cfg.cousins]]
+
+
+def sampling(cfg: Config) -> Sampling:
+    s = cfg.run.sampling
+    return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                    max_tokens=s.max_tokens, logprobs=s.logprobs, stop=tuple(s.stop))
+
+
+def sampling_record(cfg: Config) -> SamplingRecord:
+    s = sampling(cfg)
+    return SamplingRecord(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+                          logprobs=s.logprobs, stop=list(s.stop))

@@ -1,0 +1,1 @@
+"""Distillation-ready data from a committed run: SFT chats, optionally with the top-k logprobs."""

@@ -1,0 +1,1 @@
+"""The models the project builds itself and the checks of a family before a run: teacher, quantized cousins, students."""

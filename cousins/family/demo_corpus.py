@@ -1,0 +1,190 @@
+"""The bundled demo corpus: a few hundred prompts of several kinds, written by code, never downloaded.
+
+`write_demo_corpus(path)` is deterministic; `cousins/data/demo.jsonl` is its output, and a test
+checks that the committed file still equals what this module writes.
+
+Labelled prompts (a `reference`) come from task families the tiny teacher is taught
+(cousins/family/lessons.py): additions and letter reversals it has not seen (held-out instances), the
+times table, capitals, chemical symbols and function bodies (look-ups, taught whole). The open
+prompts (writing, code requests, chats) have no reference.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from cousins.contract.config import DEMO_PATH, DISTILL_PATH
+
+_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "Canada": "Ottawa", "Australia": "Canberra", "Egypt": "Cairo", "Kenya": "Nairobi",
+    "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw",
+    "Greece": "Athens", "Turkey": "Ankara", "India": "New Delhi", "China": "Beijing",
+    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Mexico": "Mexico City", "Ireland": "Dublin",
+    "Austria": "Vienna", "Hungary": "Budapest", "Czechia": "Prague", "Denmark": "Copenhagen",
+}
+_SYMBOLS = {
+    "hydrogen": "H", "helium": "He", "carbon": "C", "nitrogen": "N", "oxygen": "O", "sodium": "Na",
+    "magnesium": "Mg", "aluminium": "Al", "silicon": "Si", "sulfur": "S", "chlorine": "Cl",
+    "potassium": "K", "calcium": "Ca", "iron": "Fe", "copper": "Cu", "zinc": "Zn", "silver": "Ag",
+    "gold": "Au", "mercury": "Hg", "lead": "Pb",
+}
+_FUNCTIONS = [
+    ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n", "return a + b"),
+    ("def is_even(n):\n    \"\"\"Return True when n is even.\"\"\"\n", "return n % 2 == 0"),
+    ("def square(x):\n    \"\"\"Return x squared.\"\"\"\n", "return x * x"),
+    ("def first(items):\n    \"\"\"Return the first element of items.\"\"\"\n", "return items[0]"),
+    ("def last(items):\n    \"\"\"Return the last element of items.\"\"\"\n", "return items[-1]"),
+    ("def reverse(s):\n    \"\"\"Return the string s reversed.\"\"\"\n", "return s[::-1]"),
+    ("def count_words(text):\n    \"\"\"Return the number of words in text.\"\"\"\n", "return len(text.split())"),
+    ("def mean(xs):\n    \"\"\"Return the arithmetic mean of xs.\"\"\"\n", "return sum(xs) / len(xs)"),
+    ("def clamp(x, lo, hi):\n    \"\"\"Clamp x into [lo, hi].\"\"\"\n", "return max(lo, min(x, hi))"),
+    ("def to_upper(s):\n    \"\"\"Return s in upper case.\"\"\"\n", "return s.upper()"),
+    ("def keys_sorted(d):\n    \"\"\"Return the keys of d, sorted.\"\"\"\n", "return sorted(d)"),
+    ("def flatten(rows):\n    \"\"\"Flatten a list of lists.\"\"\"\n", "return [x for row in rows for x in row]"),
+]
+_TOPICS = [
+    "the sea", "autumn leaves", "a quiet library", "city traffic", "a cup of tea", "mountains",
+    "a lost key", "the first snow", "a train station", "a garden at night", "old computers",
+    "a river", "a thunderstorm", "a bicycle ride", "a market at dawn", "the moon",
+]
+_INSTRUCTIONS = [
+    "Write a haiku about {t}.",
+    "Describe {t} in two sentences.",
+    "Give three words that remind you of {t}.",
+    "Write a short story opening about {t}.",
+    "Explain to a child what makes {t} interesting.",
+]
+_CODE_TASKS = [
+    "Write a Python function that returns the maximum of a list.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a Python function that counts vowels in a string.",
+    "Write a Python class for a simple stack with push and pop.",
+    "Write a Python function that reads a file and returns its lines.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+]
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ADD_RANGE = (10, 99)  # operands of the addition prompts: two digits each
+TIMES_RANGE = (2, 19)  # the times table, up to 19 x 19: more facts than the teacher sees often
+
+
+def _unique_pairs(rng: random.Random, n: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    pairs: dict[tuple[int, int], None] = {}
+    while len(pairs) < n:
+        pairs[(rng.randint(lo, hi), rng.randint(lo, hi))] = None
+    return list(pairs)
+
+
+def letter_runs(rng: random.Random, n: int, taken: set[str] = frozenset()) -> list[str]:
+    """`n` distinct runs of 3 to 5 lower-case letters, spaced ("c a t"), none in `taken`."""
+    runs: dict[str, None] = {}
+    while len(runs) < n:
+        run = " ".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
+        if run not in taken:
+            runs[run] = None
+    return list(runs)
+
+
+def add_prompt(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def add_answer(a: int, b: int) -> str:
+    """The sum worked digit by digit, units first, then said whole: "1 + 9 = 10, 5 + 9 + 1 = 15, so
+    51 + 99 = 150". No intermediate number can pass for the reference (sums of two digits are below
+    20, the references are not)."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    units = a0 + b0
+    tens = f"{a1} + {b1} + 1 = {a1 + b1 + 1}" if units >= 10 else f"{a1} + {b1} = {a1 + b1}"
+    return f"{a0} + {b0} = {units}, {tens}, so {a} + {b} = {a + b}"
+
+
+def reverse_prompt(run: str) -> str:
+    return f"Write these letters in reverse order: {run}"
+
+
+def reverse_letters(run: str) -> str:
+    return " ".join(reversed(run.split()))
+
+
+def demo_records(seed: int = 0) -> list[dict]:
+    """Every demo prompt, in a fixed order. Labelled kinds carry a `reference` answer."""
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for a, b in _unique_pairs(rng, 70, *ADD_RANGE):
+        out.append({"prompt": add_prompt(a, b), "category": "arithmetic", "reference": str(a + b)})
+    for a, b in _unique_pairs(rng, 30, *TIMES_RANGE):
+        out.append({"prompt": f"What is {a} times {b}?", "category": "arithmetic", "reference": str(a * b)})
+    for run in letter_runs(rng, 40):
+        out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
+    for country, capital in _CAPITALS.items():
+        out.append({"prompt": f"What is the capital of {country}?", "category": "factual",
+                    "reference": capital})
+    for element, symbol in _SYMBOLS.items():
+        out.append({"prompt": f"What is the chemical symbol for {element}?", "category": "factual",
+                    "reference": symbol})
+    for head, body in _FUNCTIONS:
+        out.append({"prompt": f"Complete this Python function:\n\n{head}", "category": "code_completion",
+                    "reference": body})
+    for task in _CODE_TASKS:
+        out.append({"prompt": task, "category": "code_instruction"})
+    for template in _INSTRUCTIONS:
+        for topic in _TOPICS:
+            out.append({"prompt": template.format(t=topic), "category": "open_ended"})
+    # A few chat-shaped rows, so the demo exercises the `messages` form as well.
+    for topic in _TOPICS[:8]:
+        out.append({
+            "messages": [
+                {"role": "system", "content": "You are a concise assistant."},
+                {"role": "user", "content": f"Summarise why people enjoy {topic}."},
+            ],
+            "category": "open_ended_chat",
+        })
+    return out
+
+
+_MORE_TOPICS = [
+    "a lighthouse", "a desert", "a busy kitchen", "a chess game", "the last bus home", "a forest path",
+    "a paper boat", "a music box", "an empty beach", "a rainy window", "a bakery", "a kite",
+]
+
+
+def distill_records(seed: int = 1) -> list[dict]:
+    """Teacher-data prompts for the distilled cousin: the demo's kinds, disjoint from its prompts."""
+    rng = random.Random(seed)
+    taken = {r.get("prompt") for r in demo_records()}
+    out: list[dict] = []
+    for a, b in _unique_pairs(rng, 80, *ADD_RANGE):
+        out.append({"prompt": add_prompt(a, b), "category": "arithmetic", "reference": str(a + b)})
+    for a, b in _unique_pairs(rng, 20, *TIMES_RANGE):
+        out.append({"prompt": f"Multiply {a} by {b}.", "category": "arithmetic", "reference": str(a * b)})
+    for run in letter_runs(rng, 20):
+        out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
+    for country, capital in _CAPITALS.items():
+        out.append({"prompt": f"Which city is the capital of {country}?", "category": "factual", "reference": capital})
+    for element, symbol in _SYMBOLS.items():
+        out.append({"prompt": f"Give the symbol of the element {element}.", "category": "factual", "reference": symbol})
+    for head, _ in _FUNCTIONS:
+        out.append({"prompt": f"Explain what this function should do:\n\n{head}", "category": "code_instruction"})
+    for template in _INSTRUCTIONS:
+        for topic in _MORE_TOPICS:
+            out.append({"prompt": template.format(t=topic), "category": "open_ended"})
+    return [r for r in out if r["prompt"] not in taken]
+
+
+def write_demo_corpus(path: str | Path = DEMO_PATH, records: list[dict] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in (records or demo_records())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_demo_corpus())
+    print(write_demo_corpus(DISTILL_PATH, distill_records()))

@@ -1,0 +1,1 @@
+"""The stages composed into runs: prompts, generate, score, exact KLD, the diff; jobs, submission and the manifest."""

@@ -1,0 +1,196 @@
+"""Exact KLD (`drift.kld=exact`): per-token KL(original ‖ cousin) over the whole vocabulary.
+
+The top-k mode bounds KLD from the top-k lists both models store (cousins/drift/metrics.py); a
+model whose mass lies outside its top-k makes that bound loose. Exact mode adds a stage per
+compared model: an actor holding two engines, the original's and the cousin's, teacher-forces the
+same rows (the original's outputs) through both with every vocabulary logprob at every position
+(vLLM's `prompt_logprobs=-1`, flat lists rather than a dict per position), reduces each position
+on the spot (cousins/drift/vocab_kld.py: over the ORIGINAL's tokenizer vocabulary, ids past it
+folded into one tail bucket, on NumPy arrays in bounded chunks of positions), and writes only
+per-token numbers (schema.KLD: KL(p ‖ q), KL(q ‖ p) and the tail mass). No full-vocabulary row is
+ever stored; the cost is a second engine per actor and the transfer of a vocabulary of logprobs
+per position from each engine (docs/benchmarks.md, "Exact KLD at a 152k vocabulary").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from cousins.engine import actors
+from cousins.contract import schema
+from cousins.engine import templates
+from cousins.drift.vocab_kld import PositionError, exact_kld
+from cousins.engine.backend import CORE_ENV, EngineSpec, Placement, VllmBackend
+from cousins.engine.feeder import Feeder, Gate
+from cousins.contract.records import ModelEntry, ScoresDone
+
+ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
+# vLLM hands full-vocabulary prompt logprobs over as Python lists: ~20 MiB per position per engine
+# at a 152k vocabulary (docs/benchmarks.md), for every position of the prompt as well as of the
+# output. A batch goes through the engines in groups of rows of at most this many entries (rows x
+# positions x vocabulary) per engine, reduced and dropped before the next group: 221 positions,
+# about 4.5 GiB per engine at 152k (a longer row goes alone), the original's kept while the
+# cousin's are made; with Ray Data's two batches in flight, ~18 GiB of host memory per actor. The
+# engines' time per position (~60 ms each) dwarfs what a bigger group would save. At the tiny
+# teacher's 2,048 entries a group is 16k positions: one group a batch.
+LOGPROB_ENTRIES_IN_FLIGHT = 1 << 25
+
+
+def full_spec(spec: EngineSpec) -> EngineSpec:
+    """`spec`'s engine allowing full-vocabulary logprobs, on half its GPU memory share (the actor's
+    two engines share its GPU)."""
+    share = spec.gpu_memory_utilization
+    return dataclasses.replace(spec, max_logprobs=ALL_VOCAB, gpu_memory_utilization=share / 2 if share else None)
+
+
+def _groups(lengths: list[int], positions: int) -> list[list[int]]:
+    """Consecutive indices of `lengths` in groups of at most `positions` in all (one row alone may
+    exceed it)."""
+    out: list[list[int]] = []
+    total = positions
+    for j, n in enumerate(lengths):
+        if total + n > positions:
+            out.append([])
+            total = 0
+        out[-1].append(j)
+        total += n
+    return out
+
+
+def _floats(x: np.ndarray) -> list:
+    """float32 values as a list, NaN (an infinite reverse KLD) as null."""
+    return [None if v != v else v for v in x.astype(np.float32).tolist()]
+
+
+class KldActor(actors.EngineRunner):
+    """Two engines, the original's and a cousin's; called by Ray Data with the original's
+    generation rows (SCORE_INPUT), it returns one KLD row per row (schema.KLD)."""
+
+    def __init__(self, original: EngineSpec, cousin: EngineSpec, ledger=None, tolerate_load_failure: bool = False,
+                 backend=None, reorder: bool = False):
+        """`reorder` (the noise floor): the cousin's engine takes the batch's rows in reverse order,
+        so its numbers come from other batch compositions than the original's, as in its scoring."""
+        self.spec, self.ledger, self.reorder = cousin, ledger, reorder
+        backend = backend or VllmBackend()
+        self.llm, self.load_error = actors._load(full_spec(cousin), backend, ledger, tolerate_load_failure)
+        self.reference, self.ref_error = actors._load(full_spec(original), backend, None, False)
+        if self.llm is not None:
+            self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
+                                         flat_logprobs=True)
+            self.tokenizer = self.reference.get_tokenizer()  # the original's positions, for both
+            # The vocabulary compared id by id: the original's tokenizer's. Rows of either logit
+            # head past it (padding) are no token and go into one tail bucket (drift/vocab_kld.py).
+            self.vocab = len(self.tokenizer)
+            # Cores in this process (vLLM's in-process engine core) must not step at once: they
+            # would share vLLM's global forward context. In processes of their own they may.
+            gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
+            self.feeder = Feeder(self.llm, gate, lora=actors.lora_request(backend, cousin))
+            self.ref_feeder = Feeder(self.reference, gate)
+            self.original_format = original.prompt_format
+        self.actor = f"{actors._node_id()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._run(f"kld:{self.spec.model_name}", batch, self._rows, self._failed_rows)[0]
+
+    def _failed_rows(self, batch: pa.Table, reason: str) -> pa.Table:
+        n = batch.num_rows
+        return actors.check_rows(self.spec.model_name, batch, pa.table({
+            "prompt_id": batch.column("prompt_id"), "sample_index": batch.column("sample_index"),
+            "model": pa.array([self.spec.model_name] * n, pa.string()),
+            "kld_tokens": pa.nulls(n, pa.list_(pa.float32())), "rkld_tokens": pa.nulls(n, pa.list_(pa.float32())),
+            "tail_mass_tokens": pa.nulls(n, pa.list_(pa.float32())), "engine_time_s": pa.nulls(n, pa.float64()),
+            "error": pa.array([reason] * n, pa.string())}, schema=schema.KLD))
+
+    def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
+        rows = batch.select(actors.SCORE_INPUT).to_pylist()
+        errors: list[str | None] = [None] * len(rows)
+        todo, inputs = [], []
+        for i, row in enumerate(rows):
+            if self.llm is None:
+                errors[i] = self.load_error
+            elif row["error"] is not None or not row["output_token_ids"]:
+                errors[i] = "the original has no output here to score"
+            else:
+                ids = (templates.encode(self.tokenizer, row["prompt_text"], prompt_format=self.original_format)
+                       + list(row["output_token_ids"]))
+                if len(ids) + 1 > self.spec.max_model_len:
+                    errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
+                else:
+                    todo.append(i), inputs.append(ids)
+        klds: dict[int, tuple[list, list, list]] = {}
+        t0 = time.perf_counter()
+        for group in _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1))):
+            prompts = [{"prompt_token_ids": inputs[j]} for j in group]
+            p_out, _ = self.ref_feeder.run(prompts, self.params, solo)
+            if self.reorder:
+                q_out = self.feeder.run(prompts[::-1], self.params, solo)[0][::-1]
+            else:
+                q_out, _ = self.feeder.run(prompts, self.params, solo)
+            for i, ids, p, q in zip([todo[j] for j in group], [inputs[j] for j in group], p_out, q_out):
+                n = len(rows[i]["output_token_ids"])
+                start = len(ids) - n
+                try:
+                    if p.prompt_logprobs is None or q.prompt_logprobs is None:
+                        raise PositionError(0, "an engine returned no prompt logprobs")
+                    e = exact_kld(p.prompt_logprobs, q.prompt_logprobs, start, n, self.vocab)
+                except PositionError as err:  # this row only: the batch's other rows go on
+                    errors[i] = f"exact KLD at {err}"
+                    continue
+                klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld), e.tail_mass.astype(np.float32).tolist())
+            del p_out, q_out  # this group's full-vocabulary lists go before the next group's come
+        elapsed = time.perf_counter() - t0
+        total = sum(len(x) for x in inputs) or 1
+        share = {i: elapsed * len(x) / total for i, x in zip(todo, inputs)}
+        table = pa.table({
+            "prompt_id": [r["prompt_id"] for r in rows], "sample_index": [r["sample_index"] for r in rows],
+            "model": [self.spec.model_name] * len(rows),
+            **{c: [klds[i][j] if i in klds else None for i in range(len(rows))]
+               for j, c in enumerate(("kld_tokens", "rkld_tokens", "tail_mass_tokens"))},
+            "engine_time_s": [share.get(i) for i in range(len(rows))],
+            "error": errors}, schema=schema.KLD)
+        return actors.check_rows(self.spec.model_name, batch, table), sum(len(x) for x in inputs)
+
+
+def stage_kld(run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec, where: Placement,
+              rows_per_file: int, backend=None) -> ScoresDone:
+    """`entry`'s exact per-token KLD against the original over the original's outputs (kld/model=NAME).
+    An unfinished stage is redone whole, as scoring is."""
+    import ray
+
+    from cousins.run.dataops import read_files
+    from cousins.engine.placement import engine_groups
+    from cousins.run.ledger import new_ledger
+    from cousins.run.progress import Bar, watch
+    from cousins.run.lifecycle import publish_part
+    from cousins.orchestrate.stages import LIGHT_TASK_CPUS, _blocks, _finish_scores, _ledger_poll, _run_pool
+    from cousins.run.storage import data_files
+
+    out = run.layout.kld(entry.name)
+    if run.done(out):
+        return run.marker(out, ScoresDone)
+    run.restart(out)
+    src = run.layout.generations(original.model_name)
+    expected = run.count(src)
+    t0 = time.perf_counter()
+    rows = read_files(data_files(src), src.arrow_fs(), actors.SCORE_INPUT)
+    ledger = new_ledger()
+    what = f"exact KLD of {entry.name!r}"
+    try:
+        with engine_groups(where, what) as placed:
+            pool = actors._pool(rows.repartition(_blocks(expected, where)), KldActor,
+                                {"original": original, "cousin": spec, "ledger": ledger,
+                                 "tolerate_load_failure": not entry.is_original, "backend": backend,
+                                 "reorder": entry.reorder}, placed)
+            with watch(Bar(f"exact KLD {entry.name}", expected), _ledger_poll(ledger, f"kld:{entry.name}", 0)):
+                _run_pool(pool.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), what, placed)
+            retries = ray.get(ledger.report.remote(f"kld:{entry.name}"))
+    finally:
+        ray.kill(ledger)
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries, what="exact KLD")
+

@@ -1,0 +1,208 @@
+"""The two orchestrations, composed in plain code from the stages:
+
+- generate: corpus -> prompts -> generations of the original and every cousin -> commit.
+- drift: the same, plus the noise floor; every scoring model scores the original's outputs;
+  the diff; commit with summary.json and report.html.
+
+Config is read here and in cousins/engine/plan.py only; the stages take narrow values. The run's life
+(open, stages, markers, commit) belongs to cousins/run/lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from cousins.family import prepare as family
+from cousins.engine import plan
+from cousins.orchestrate.accounting import RunResult, efficiency
+from cousins.contract.config import Config, redacted
+from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
+from cousins.drift.summary import BootstrapSpec
+from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
+from cousins.run.lifecycle import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
+from cousins.engine.placement import check_fits, cluster_shapes
+from cousins.orchestrate.kld import stage_kld
+from cousins.orchestrate.stages import ScoreJob, check_cpu_room, stage_generate, stage_prompts, stage_score
+from cousins.run.storage import resolve
+
+
+def open_run(cfg: Config) -> Run:
+    """Create `cfg`'s run, or find it for a resume; RunConflict if it exists with another config."""
+    return _open_run(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id, redacted(cfg))
+
+
+def _prompts(cfg: Config, run: Run):
+    c = cfg.corpus
+    return stage_prompts(run, corpus_at=resolve(c.path, **cfg.storage.options), fmt=c.format, fields=c.fields,
+                         limit=c.limit, max_chars=c.max_chars)
+
+
+def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
+              score_original: str | None = None) -> ModelStats:
+    """A model's generation stage; with `score_original`, its scoring of that model's outputs in
+    the same pass (one engine start for both; the original's own scores come from its generation)."""
+    job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
+                                                       shuffle_seed=cfg.drift.seed + 2)
+    stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
+                           sampling=plan.sampling(cfg), where=plan.placement(cfg, entry.name, reorder=entry.reorder),
+                           samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=cfg.drift.seed + 1,
+                           rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
+    return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
+                               **efficiency(run.layout.prompts, run.layout.generations(entry.name),
+                                            cfg.drift.answer_match))
+
+
+def _score(cfg: Config, run: Run, entry: ModelEntry, original: ModelEntry, backend=None) -> ScoresDone:
+    return stage_score(run, entry=entry, original=original.name, spec=plan.engine_spec(cfg, entry),
+                       topk=cfg.drift.score_topk, where=plan.placement(cfg, entry.name, reorder=entry.reorder),
+                       shuffle_seed=cfg.drift.seed + 2, rows_per_file=cfg.storage.rows_per_file, backend=backend)
+
+
+def check_engines_fit(cfg: Config) -> None:
+    """Every model's engine pool against the connected cluster's shape, before any stage: a pool it
+    cannot hold is refused now (PlacementError, RuntimeError), not after the prompts are written."""
+    shapes = cluster_shapes()
+    seen = set()
+    for _, where in plan.placements(cfg):
+        if where in seen:
+            continue
+        seen.add(where)
+        check_cpu_room(where)
+        check_fits(where, shapes)
+
+
+def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:
+    """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray:
+    the original and every cousin, on the same prompts and seeds. `backend`: the engines' way to
+    vLLM (tests pass a fake)."""
+    run = run or open_run(cfg)
+    if run.state == "committed":
+        return result_from_manifest(run)
+    check_engines_fit(cfg)
+    print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
+    prompts, n_prompts, n_errors = _prompts(cfg, run)
+    entries = plan.model_entries(cfg)
+    stats = [_generate(cfg, run, prompts, n_prompts, e, backend) for e in entries]
+    result = _result(run, n_prompts, n_errors, stats)
+    run.commit(manifest(cfg, run, result, entries))
+    return result
+
+
+def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[RunResult, dict]:
+    """Generate with the original, every cousin and the noise floor; score the original's outputs
+    with each; diff; commit summary.json, report.html and the manifest. Returns (result, summary)."""
+    run = run or open_run(cfg)
+    if run.state == "committed":
+        return result_from_manifest(run), decode_summary(run)
+    check_engines_fit(cfg)
+    print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
+    prompts, n_prompts, n_errors = _prompts(cfg, run)
+    entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
+    original = entries[0]
+    t0 = time.perf_counter()
+    # The original first (the others score its outputs); then each other model generates and
+    # scores the original's outputs in one pass, on one engine start.
+    stats = [_generate(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
+    stats += [_generate(cfg, run, prompts, n_prompts, e, backend, score_original=None if e.text_only else original.name)
+              for e in entries[1:]]
+    t1 = time.perf_counter()
+    failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
+    scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed
+                                                          or run.done(run.layout.scores(e.name)))]
+    # every model's scores were done in its pass (these read their markers); a stage a resumed
+    # run still lacks (the original's, when its generation was resumed) is scored now
+    scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
+    t2 = time.perf_counter()
+    d = cfg.drift
+    if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
+        for e in [e for e in scorers[1:] if e.name not in failed]:
+            stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
+                      where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
+    t3 = time.perf_counter()
+    settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,
+                            bootstrap=BootstrapSpec.of(d), kld=d.kld)
+    summary = stage_diff(run, entries, settings,
+                         extra={"accounting": {s.model: encode(s.accounting()) for s in stats},
+                                "cost_currency": cfg.cost.currency},
+                         timings={"generate_s": t1 - t0, "score_s": t2 - t1,
+                                  **({"kld_s": t3 - t2} if d.kld == "exact" else {}),
+                                  # the engines' working windows (first batch begun to last done),
+                                  # without engine start-up: what the passes cost in steady state
+                                  "generate_busy_s": _busy(s.retries for s in stats),
+                                  # scoring batches' windows (in the models' shared passes); the
+                                  # original's scores come from its generation: no window of their own
+                                  "score_busy_s": _busy(s.retries for s in scores.values()
+                                                        if not (s.retries or {}).get("from_generation"))})
+    result = _result(run, n_prompts, n_errors, stats)
+    stages = {**{f"scores/model={n}": "done" for n in scores},
+              **({f"kld/model={e.name}": "done" for e in scorers[1:] if e.name not in failed}
+                 if d.kld == "exact" else {}),
+              **{f"drift/cousin={e.name}": "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}
+    run.commit(manifest(cfg, run, result, entries, stages=stages, drift=drift_headline(summary),
+                        scores={n: dataclasses.replace(s, retries=None) for n, s in scores.items()}))
+    return result, summary
+
+
+def build_students(cfg: Config, run_id: str) -> None:
+    """Train every absent distilled cousin; one without `distill_from` learns from a teacher-data
+    run of the original that is committed first (run id `{run_id}.teacher-data`)."""
+    from cousins.family import student
+
+    for name in family.students_to_build(cfg):
+        c = cfg.cousins[name]
+        source = c.distill_from
+        if source is None:
+            result = run_generate(family.teacher_data_config(cfg, run_id))
+            source = result.run_url
+            print(f"teacher data for cousin {name!r}: {result.models[0].rows} rows in run {result.run_id}", flush=True)
+        data = student.read_teacher_data(source, cfg.model.name, cfg.storage.options)
+        print(f"training cousin {name!r} ({c.distill_mode}) on {data.num_rows} teacher rows from {source}", flush=True)
+        student.build_student(c.path, family.original_dir(cfg), data, mode=c.distill_mode, seed=cfg.model.seed,
+                              steps=c.distill_steps, source=source, setting=f"cousins.{name}.path")
+
+
+# --- results and the manifest ----------------------------------------------------------------------
+
+def _busy(retries) -> float | None:
+    """The sum of the stages' engine working windows; None when a stage has none on record
+    (done by an earlier attempt, or no batch ran)."""
+    windows = [(r or {}).get("busy_window_s") for r in retries]
+    return sum(windows) if windows and all(w is not None for w in windows) else None
+
+
+def _result(run: Run, n_prompts: int, n_errors: int, stats: list[ModelStats]) -> RunResult:
+    return RunResult(run_id=run.run_id, run_url=run.url, corpus_rows=n_prompts + n_errors, prompts=n_prompts,
+                     corpus_errors=n_errors, models=stats, state="resumed" if run.state == "resume" else "new")
+
+
+def manifest(cfg: Config, run: Run, result: RunResult, entries: list[ModelEntry], *,
+             stages: dict | None = None, **drift_run) -> Manifest:
+    """The manifest, written last: what ran, on what, and how many rows each stage holds."""
+    return Manifest(
+        run_id=run.run_id, status="committed", committed=now(), resumed=run.state == "resume",
+        config_hash=config_hash(redacted(cfg)), versions=versions(), models=[model_record(e) for e in entries],
+        corpus=CorpusRecord(path=cfg.corpus.path, rows=result.corpus_rows, prompts=result.prompts,
+                            error_rows=result.corpus_errors),
+        sampling=plan.sampling_record(cfg), samples=cfg.run.samples, seed=cfg.run.sampling.seed, seed_rule=SEED_RULE,
+        stages={"prompts": "done", "errors": "done",
+                **{f"generations/model={s.model}": "done" for s in result.models}, **(stages or {})},
+        row_counts={s.model: s for s in result.models},
+        accounting={s.model: s.accounting() for s in result.models}, **drift_run)
+
+
+def result_from_manifest(run: Run) -> RunResult:
+    m = committed(run.layout.root, run.run_id).typed()
+    c = m.corpus
+    return RunResult(run_id=m.run_id, run_url=run.url, corpus_rows=c.rows, prompts=c.prompts,
+                     corpus_errors=c.error_rows, models=list(m.row_counts.values()), state="committed")
+
+
+def decode_summary(run: Run) -> dict:
+    """A committed drift run's summary.json, checked against its record."""
+    import json
+
+    data = json.loads(run.layout.summary.read_text())
+    decode(Summary, data, f"{run.url}/summary.json")
+    return data
+

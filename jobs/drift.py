@@ -18,7 +18,7 @@ from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec, drift_table
 from cousins.orchestrate.jobkit import execute, start
 from cousins.orchestrate.pipeline import decode_summary, result_from_manifest, run_drift
-from cousins.run.lifecycle import NotCommitted
+from cousins.run.lifecycle import NotCommitted, RunState
 from cousins.run.runtime import init_ray
 from cousins.run.storage import resolve
 
@@ -42,7 +42,7 @@ def main(dcfg: DictConfig) -> None:
               f"in {summary['timings']['diff_s']:.1f} s")
         return
     run = start(cfg, scoring=True)
-    if run.state == "committed":
+    if run.state is RunState.COMMITTED:
         print(summary_table(result_from_manifest(run)))
         print(drift_table(decode_summary(run)))
         return

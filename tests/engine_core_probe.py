@@ -12,6 +12,7 @@ def main(model_path: str, core_process: str) -> None:
     import pyarrow as pa
 
     from cousins.engine import actors
+    from cousins.engine import rows as engine_rows
     from cousins.engine import backend as engine
 
     spec = engine.EngineSpec(model_name="tiny-teacher", model_path=model_path, dtype="float32", quantization=None,
@@ -22,7 +23,7 @@ def main(model_path: str, core_process: str) -> None:
                         "messages": [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}]
                                      for i in range(16)]})
     actor = actors.EngineActor(spec, sampling)
-    out = actor(actors.expand_samples(prompts, samples=1, base_seed=7))
+    out = actor(engine_rows.expand_samples(prompts, samples=1, base_seed=7))
     print(json.dumps({"core_client": type(actor.llm.llm_engine.engine_core).__name__,
                       "texts": out.column("output_text").to_pylist(),
                       "logprobs": out.column("output_logprobs").to_pylist(),

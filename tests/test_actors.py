@@ -8,6 +8,8 @@ import pytest
 
 from conftest import at_once
 from cousins.engine import actors
+from cousins.engine.feeder import Feeder
+from cousins.engine import rows as engine_rows
 from cousins.contract import schema
 from cousins.engine.backend import EngineSpec, Sampling
 from fake_engine import FakeBackend
@@ -20,7 +22,7 @@ def rows(n: int, offset: int = 0, samples: int = 1, text: str = "what is {i} plu
     ids = range(offset, offset + n)
     t = pa.table({"prompt_id": [f"p{i}" for i in ids], "category": [None] * n,
                   "messages": [[{"role": "user", "content": text.format(i=i)}] for i in ids]})
-    return actors.expand_samples(t, samples=samples, base_seed=7)
+    return engine_rows.expand_samples(t, samples=samples, base_seed=7)
 
 
 def test_one_row_per_row_in_and_a_refused_prompt_fails_alone():
@@ -83,17 +85,17 @@ def test_a_cousin_that_cannot_load_fails_its_rows_with_the_reason_and_the_origin
 
 def test_an_actor_breaking_one_row_out_per_row_in_is_an_error_naming_the_model_and_batch():
     batch = rows(3)
-    with pytest.raises(actors.EngineContractError, match=r"model 'fake', batch [0-9a-f]{24}: 2 rows out for 3 in"):
-        actors.check_rows("fake", batch, batch.slice(0, 2))
-    with pytest.raises(actors.EngineContractError, match="another order"):
-        actors.check_rows("fake", batch, batch.take([1, 0, 2]))
+    with pytest.raises(engine_rows.EngineContractError, match=r"model 'fake', batch [0-9a-f]{24}: 2 rows out for 3 in"):
+        engine_rows.check_rows("fake", batch, batch.slice(0, 2))
+    with pytest.raises(engine_rows.EngineContractError, match="another order"):
+        engine_rows.check_rows("fake", batch, batch.take([1, 0, 2]))
 
 
 def _restart(actor) -> None:
     """What Ray does when an engine actor exits: a fresh engine (here: in the same object, which
     keeps its count of the batches that broke one, as the pool's ledger does across restarts)."""
     actor.llm = FakeBackend().load(SPEC)
-    actor.feeder, actor.retire = actors.Feeder(actor.llm), False
+    actor.feeder, actor.retire = Feeder(actor.llm), False
 
 
 def test_an_engine_that_breaks_is_replaced_and_a_batch_that_breaks_it_twice_becomes_error_rows():

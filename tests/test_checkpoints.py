@@ -79,7 +79,7 @@ def test_validation_sends_a_hub_id_to_the_hub_not_to_a_local_directory(hub, tiny
     from cousins.family.prepare import check_models
 
     check_models(cfg)  # its config and tokenizer come from the cache
-    from cousins.run.lifecycle import model_fingerprint
+    from cousins.orchestrate.manifest import model_fingerprint
 
     assert model_fingerprint("acme/tiny-teacher") is not None
 

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import compose
 from cousins.contract.config import resolve_paths, to_config, validate
-from cousins.run.storage import RunLayout, data_files, resolve
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
@@ -133,7 +134,7 @@ def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp
             validate(cfg)
             run_generate(cfg)
             out = RunLayout(resolve(str(tmp_path)), run_id).generations("tiny-teacher")
-            t = pads.dataset(data_files(out), format="parquet").to_table(
+            t = pads.dataset(part_files(out), format="parquet").to_table(
                 columns=["prompt_id", "output_token_ids", "engine_node"])
             return {r["prompt_id"]: r for r in t.to_pylist()}
 
@@ -220,7 +221,7 @@ def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny
         done_at = time.monotonic() - t0
         assert result.models[0].rows == 24 and result.models[0].error_rows == 0
         out = RunLayout(resolve(str(tmp_path)), "autoscaled").generations("tiny-teacher")
-        nodes = Counter(pads.dataset(data_files(out), format="parquet").to_table(
+        nodes = Counter(pads.dataset(part_files(out), format="parquet").to_table(
             columns=["engine_node"]).column("engine_node").to_pylist())
         head = ray.get_runtime_context().get_node_id()
         assert head not in nodes and len(nodes) == 2, nodes  # both engines ran on added GPU workers

@@ -20,13 +20,14 @@ from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.family.prepare import prepare_before_ray
 from cousins.orchestrate.pipeline import run_drift
-from cousins.run.storage import RunLayout, data_files, resolve
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
 def _table(loc):
-    t = pads.dataset(data_files(loc), filesystem=loc.arrow_fs(), format="parquet").to_table()
+    t = pads.dataset(part_files(loc), filesystem=loc.arrow_fs(), format="parquet").to_table()
     return t.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
 
 
@@ -160,7 +161,7 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
     from cousins.drift.metrics import is_correct
 
     cfg, layout, result, summary = drift_run
-    prompts = pads.dataset(data_files(layout.prompts), format="parquet").to_table(columns=["prompt_id", "reference"])
+    prompts = pads.dataset(part_files(layout.prompts), format="parquet").to_table(columns=["prompt_id", "reference"])
     refs = {r["prompt_id"]: r["reference"] for r in prompts.to_pylist() if r["reference"]}
     for name in ("tiny-teacher", "int4"):
         rows = _table(layout.generations(name)).to_pylist()

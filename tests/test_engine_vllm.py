@@ -13,6 +13,7 @@ import pytest
 
 from conftest import at_once, hide_context_proxies
 from cousins.engine import actors
+from cousins.engine import rows as engine_rows
 from cousins.engine import backend as engine
 from cousins.run.ledger import Ledger
 
@@ -23,7 +24,7 @@ def _rows(n: int, offset: int = 0) -> pa.Table:
     ids = range(offset, offset + n)
     t = pa.table({"prompt_id": [f"p{i}" for i in ids], "category": [None] * n,
                   "messages": [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in ids]})
-    return actors.expand_samples(t, samples=1, base_seed=7)
+    return engine_rows.expand_samples(t, samples=1, base_seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def _spread_rows(actor, n: int, seed: int) -> pa.Table:
         texts.append(" ".join(words))
     t = pa.table({"prompt_id": [f"s{seed}-{i}" for i in range(n)], "category": [None] * n,
                   "messages": [[{"role": "user", "content": x}] for x in texts]})
-    return actors.expand_samples(t, samples=1, base_seed=seed)
+    return engine_rows.expand_samples(t, samples=1, base_seed=seed)
 
 
 @pytest.mark.integration
@@ -178,13 +179,13 @@ def test_the_originals_scores_from_its_generation_pass_are_its_scoring_pass(acto
         both = actors.SelfScoringActor(spec, sampling, topk=20)
     rows = _rows(24, 300)
     out = both(rows)
-    gen = out.filter(pa.compute.equal(out.column(actors.TASK), "gen"))
-    derived = out.filter(pa.compute.equal(out.column(actors.TASK), "score"))
+    gen = out.filter(pa.compute.equal(out.column(engine_rows.TASK), "gen"))
+    derived = out.filter(pa.compute.equal(out.column(engine_rows.TASK), "score"))
     plain = actor(rows)
     assert gen.column("output_token_ids").equals(plain.column("output_token_ids"))  # same seeds, same samples
     assert all(len(p) == 5 for r in gen.column("topk_token_ids").to_pylist() for p in r)  # stored at logprobs=5
     scorer = actors.ScoreActor(spec, 20, engine=both)  # a teacher-forced pass on the same engine
-    scored = scorer(gen.select(actors.SCORE_INPUT))
+    scored = scorer(gen.select(engine_rows.SCORE_INPUT))
     assert scored.column("error").null_count == derived.column("error").null_count == rows.num_rows
     positions = same_ids = 0
     for d, s in zip(derived.to_pylist(), scored.to_pylist()):
@@ -232,7 +233,7 @@ def test_topk_columns_read_flat_logprobs_as_the_dicts_say():
     import numpy as np
     from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs, create_sample_logprobs
 
-    from cousins.engine.actors import topk_columns
+    from cousins.engine.rows import topk_columns
 
     rng = np.random.default_rng(3)
     for make, start in ((create_sample_logprobs, 0), (create_prompt_logprobs, 1)):

@@ -14,7 +14,8 @@ import yaml
 from cousins.contract import schema
 from cousins.export.write import (KD, SFT, ExportConfig, ExportError, FiltersConfig, apply_filters, export,
                             near_duplicates)
-from cousins.run.storage import RunLayout, mark_done, resolve
+from cousins.run.layout import RunLayout
+from cousins.run.storage import mark_done, resolve
 
 TEACHER = "teach"
 

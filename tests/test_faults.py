@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT, compose
 from cousins.contract.config import resolve_paths, to_config, validate
 from cousins.orchestrate.pipeline import run_generate
-from cousins.run.storage import RunLayout, data_files, resolve
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -30,7 +31,7 @@ JOB = [sys.executable, str(ROOT / "jobs" / "generate.py")]
 
 def committed_keys(root: str, run_id: str, model: str = "tiny-teacher") -> list[tuple]:
     out = RunLayout(resolve(root), run_id).generations(model)
-    t = pads.dataset(data_files(out), filesystem=out.arrow_fs(), format="parquet").to_table(
+    t = pads.dataset(part_files(out), filesystem=out.arrow_fs(), format="parquet").to_table(
         columns=["prompt_id", "sample_index", "model"])
     return list(zip(*(t.column(c).to_pylist() for c in t.column_names)))
 

@@ -14,7 +14,8 @@ from conftest import compose
 from cousins.contract.config import resolve_paths, to_config, validate
 from cousins.orchestrate.pipeline import run_generate
 from cousins.family.demo_corpus import DEMO_PATH
-from cousins.run.storage import RunLayout, data_files, is_done, resolve
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import is_done, resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -35,7 +36,7 @@ def make_config(tiny_teacher, tmp_path_factory):
 def generations(cfg, result):
     layout = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), result.run_id)
     out = layout.generations(cfg.model.name)
-    table = pads.dataset(data_files(out), filesystem=out.arrow_fs(), format="parquet").to_table()
+    table = pads.dataset(part_files(out), filesystem=out.arrow_fs(), format="parquet").to_table()
     return table.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
 
 
@@ -190,7 +191,7 @@ def test_hostile_corpus_every_bad_row_is_an_error_row_and_counts_reconcile(ray_l
     assert result.corpus_rows == rows_in and result.prompts == 6 + 1 + 1
     assert result.corpus_errors == len(bad) + 1  # + the ragged CSV row
     layout = RunLayout(resolve(cfg.storage.root), "hostile")
-    errors = pads.dataset(data_files(layout.errors), format="parquet").to_table().to_pylist()
+    errors = pads.dataset(part_files(layout.errors), format="parquet").to_table().to_pylist()
     reasons = sorted(e["reason"].split(":")[0].split(" (")[0] for e in errors)
     assert len(errors) == len(bad) + 1
     assert any(r.startswith("duplicate prompt_id") for r in reasons)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, compose, cuda_gpus
 from cousins.engine import actors
+from cousins.engine import rows as engine_rows
 from cousins.engine import backend as engine
 from cousins.contract.config import resolve_paths, to_config
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.timeout(900)
 def _rows(n: int) -> pa.Table:
     t = pa.table({"prompt_id": [f"p{i}" for i in range(n)], "category": [None] * n,
                   "messages": [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in range(n)]})
-    return actors.expand_samples(t, samples=1, base_seed=7)
+    return engine_rows.expand_samples(t, samples=1, base_seed=7)
 
 
 def test_a_gpu_engine_runs_its_core_in_its_own_process_and_fills_every_row(tiny_teacher):

@@ -114,7 +114,7 @@ def test_vllm_gets_its_ray_executor_for_an_engine_of_several_gpus():
 
 
 def test_engines_sharing_a_gpu_ask_vllm_for_their_share_of_its_memory(tmp_path):
-    from cousins.orchestrate.kld import full_spec
+    from cousins.engine.kld_actor import full_spec
 
     def spec(*overrides):
         cfg = resolve_paths(to_config(compose(f"storage.root={tmp_path}", *overrides)))

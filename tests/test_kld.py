@@ -161,7 +161,7 @@ def _fake_pair_and_batch(monkeypatch):
 def test_a_bad_position_fails_its_row_only_and_the_batch_goes_on(monkeypatch):
     """Through the actor (fake engines): the rows whose cousin logprobs hold a NaN are error rows
     naming the position; the others equal a clean run's."""
-    from cousins.orchestrate.kld import KldActor
+    from cousins.engine.kld_actor import KldActor
     from fake_engine import FakeBackend
 
     spec, cousin, batch = _fake_pair_and_batch(monkeypatch)
@@ -235,8 +235,9 @@ def test_exact_kld_on_vllm_equals_transformers_in_float64(tiny_teacher, tmp_path
     from transformers import AutoModelForCausalLM
 
     from cousins.engine import actors
+    from cousins.engine import rows as engine_rows
     from cousins.engine import backend as engine
-    from cousins.orchestrate.kld import KldActor
+    from cousins.engine.kld_actor import KldActor
     from cousins.family.quantize import build_quantized
 
     int4 = str(build_quantized(tiny_teacher, tmp_path / "int4", "rtn-int4"))
@@ -253,7 +254,7 @@ def test_exact_kld_on_vllm_equals_transformers_in_float64(tiny_teacher, tmp_path
     with hide_context_proxies():
         gen = actors.EngineActor(spec("tiny-teacher", tiny_teacher),
                                  engine.Sampling(temperature=0.8, top_p=1.0, top_k=0, max_tokens=32, logprobs=0))
-        rows = gen(actors.expand_samples(prompts, samples=1, base_seed=3)).select(actors.SCORE_INPUT)
+        rows = gen(engine_rows.expand_samples(prompts, samples=1, base_seed=3)).select(engine_rows.SCORE_INPUT)
         del gen
         got = KldActor(spec("tiny-teacher", tiny_teacher), spec("int4", int4))(rows)
     assert got.column("error").null_count == got.num_rows
@@ -316,7 +317,7 @@ def test_the_two_engines_of_an_exact_kld_actor_never_step_at_once(monkeypatch):
     from cousins.engine import actors
     from cousins.engine.backend import CORE_ENV, EngineSpec, Sampling
     from cousins.engine.feeder import Feeder
-    from cousins.orchestrate.kld import KldActor
+    from cousins.engine.kld_actor import KldActor
     from fake_engine import FakeBackend
     from test_actors import rows
 
@@ -383,7 +384,7 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cousins.engine import backend as engine
-    from cousins.orchestrate.kld import KldActor
+    from cousins.engine.kld_actor import KldActor
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     vocab = len(tok)
@@ -439,8 +440,8 @@ def test_exact_kld_on_vllm_with_padded_heads_of_different_widths_equals_transfor
 def test_a_batch_goes_through_the_engines_in_groups_bounded_by_logprob_entries(monkeypatch):
     """With a budget of 25 positions of the fake's 40-entry vocabulary per engine call, a batch of
     rows of ~20-30 positions is scored a row or two at a time, with the same numbers as in one go."""
-    from cousins.orchestrate import kld as kld_mod
-    from cousins.orchestrate.kld import KldActor
+    from cousins.engine import kld_actor as kld_mod
+    from cousins.engine.kld_actor import KldActor
     from fake_engine import FakeBackend
 
     spec, cousin, batch = _fake_pair_and_batch(monkeypatch)

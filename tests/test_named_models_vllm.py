@@ -27,14 +27,15 @@ from cousins.contract.config import resolve_paths, to_config, validate
 from cousins.family.prepare import prepare_before_ray
 from cousins.orchestrate.pipeline import run_drift
 from cousins.family.quantize import build_quantized
-from cousins.run.storage import RunLayout, data_files, resolve
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import resolve
 from model_fixtures import hub_cache, make_lora
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def _rows(loc):
-    t = pads.dataset(data_files(loc), filesystem=loc.arrow_fs(), format="parquet").to_table()
+    t = pads.dataset(part_files(loc), filesystem=loc.arrow_fs(), format="parquet").to_table()
     return {(r["prompt_id"], r["sample_index"]): r for r in t.to_pylist()}
 
 

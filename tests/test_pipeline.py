@@ -21,8 +21,9 @@ from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.engine.placement import PlacementError
 from cousins.orchestrate.pipeline import open_run, run_drift, run_generate
-from cousins.run.lifecycle import committed, read_marker
-from cousins.run.storage import data_files, resolve
+from cousins.run.lifecycle import RunState, committed, read_marker
+from cousins.run.layout import part_files
+from cousins.run.storage import resolve
 from fake_engine import FakeBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -117,9 +118,9 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
     bound = {c["name"]: c for c in topk["cousins"]}["q"]["metrics"]["kld_mean"]["value"]
     assert by["q"]["metrics"]["kld_mean"]["value"] >= bound > 0.01
     rows = {(r["prompt_id"], r["sample_index"]): r for r in pads.dataset(
-        data_files(run.layout.drift("q")), format="parquet").to_table().to_pylist()}
+        part_files(run.layout.drift("q")), format="parquet").to_table().to_pylist()}
     old = committed(resolve(cfg.storage.root), "fake-drift")
-    for r in pads.dataset(data_files(old.layout.drift("q")), format="parquet").to_table().to_pylist():
+    for r in pads.dataset(part_files(old.layout.drift("q")), format="parquet").to_table().to_pylist():
         ex = rows[(r["prompt_id"], r["sample_index"])]
         assert ex["rest_mass_tokens"] == r["rest_mass_tokens"]
         assert all(e >= b - 1e-6 for e, b in zip(ex["kld_tokens"], r["kld_tokens"]))
@@ -137,7 +138,7 @@ def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
 
     cfg, result, summary = drift_run
     layout = committed(resolve(cfg.storage.root), result.run_id).layout
-    refs = {r["prompt_id"]: r["reference"] for r in pads.dataset(data_files(layout.prompts)).to_table().to_pylist()
+    refs = {r["prompt_id"]: r["reference"] for r in pads.dataset(part_files(layout.prompts)).to_table().to_pylist()
             if r["reference"] is not None}
     assert refs, "the demo corpus has labelled prompts"
     plane = summary["plane"]
@@ -147,7 +148,7 @@ def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
     for name in ("tiny-teacher", "q", "words", "noise-floor"):
         per_prompt: dict[str, list[int]] = {}
         tokens = 0
-        for r in pads.dataset(data_files(layout.generations(name))).to_table().to_pylist():
+        for r in pads.dataset(part_files(layout.generations(name))).to_table().to_pylist():
             if r["prompt_id"] in refs and r["error"] is None:
                 n_c = per_prompt.setdefault(r["prompt_id"], [0, 0])
                 n_c[0] += 1
@@ -197,13 +198,13 @@ def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(r
     first = run_generate(cfg, backend=FakeBackend())
     layout = committed(resolve(cfg.storage.root), first.run_id).layout
     stage = layout.generations("tiny-teacher")
-    before = {f: open(f, "rb").read() for f in data_files(stage)}
+    before = {f: open(f, "rb").read() for f in part_files(stage)}
     lost = sorted(before)[1]
     for gone in (lost, f"{stage.path}/_SUCCESS", layout.manifest.path):  # a run killed after some parts
         os.remove(gone)
-    assert open_run(cfg).state == "resume"
+    assert open_run(cfg).state is RunState.RESUME
     again = run_generate(cfg, backend=FakeBackend())
-    assert again.state == "resumed" and again.models[0].rows == 48
+    assert again.state is RunState.RESUME and again.models[0].rows == 48
     assert 0 < again.models[0].new_rows < 48  # only the lost part's rows were generated again
     after = committed(resolve(cfg.storage.root), first.run_id).read(stage).sort_by([("prompt_id", "ascending"),
                                                                                     ("sample_index", "ascending")])

@@ -21,7 +21,8 @@ from cousins.contract import schema
 from cousins.cli import main
 from cousins.drift.summary import BootstrapSpec, summarise
 from cousins.drift.plane import plane
-from cousins.run.storage import Location, RunLayout, mark_done, resolve, write_parquet_atomic
+from cousins.run.layout import RunLayout
+from cousins.run.storage import Location, mark_done, resolve, write_parquet_atomic
 
 ORIGINAL = "teacher"
 COUSINS = {"q8": ("quantized", 0.3, 0.002), "student": ("distilled", 0.8, 0.4),

@@ -9,11 +9,12 @@ from cousins.contract.config import redacted, to_config
 from cousins.orchestrate.accounting import RunResult, summary_table
 from cousins.orchestrate.pipeline import open_run
 from cousins.contract.records import GenerationsDone, ModelStats, PromptsDone
-from cousins.run.lifecycle import (NotCommitted, RunConflict, StageIncomplete, committed, committed_at, config_diff,
+from cousins.run.lifecycle import (NotCommitted, RunConflict, RunState, StageIncomplete, committed, committed_at, config_diff,
                          config_hash)
 from cousins.run.runtime import forwarded_env, root_cause
 from cousins.contract import schema
-from cousins.run.storage import RunLayout, data_files, is_done, mark_done, parquet_bytes, resolve, write_parquet_atomic
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import is_done, mark_done, parquet_bytes, resolve, write_parquet_atomic
 
 
 def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_path):
@@ -22,10 +23,10 @@ def test_parquet_parts_are_published_whole_and_temporaries_are_never_data(tmp_pa
     (tmp_path / "stage" / "_tmp").mkdir(exist_ok=True)
     (tmp_path / "stage" / "_tmp" / "part-b.parquet.123").write_bytes(b"half a file")
     (tmp_path / "stage" / ".hidden.parquet").write_bytes(b"")
-    assert [p.rsplit("/", 1)[1] for p in data_files(loc)] == ["part-a.parquet"]
+    assert [p.rsplit("/", 1)[1] for p in part_files(loc)] == ["part-a.parquet"]
     assert not is_done(loc)
     mark_done(loc, {"rows": 2})
-    assert is_done(loc) and data_files(loc) == [str(tmp_path / "stage" / "part-a.parquet")]
+    assert is_done(loc) and part_files(loc) == [str(tmp_path / "stage" / "part-a.parquet")]
 
 
 def test_logprob_columns_are_stored_byte_stream_split_losslessly_and_smaller():
@@ -75,10 +76,10 @@ def test_config_diff_names_keys_and_ignores_placement():
 
 def test_open_run_new_then_resume_then_refuse(tmp_path):
     cfg = to_config(compose(f"storage.root={tmp_path}", "run.run_id=r1"))
-    assert open_run(cfg).state == "new"
-    assert open_run(cfg).state == "resume"
+    assert open_run(cfg).state is RunState.NEW
+    assert open_run(cfg).state is RunState.RESUME
     cfg.engine.num_actors = 4  # placement may change between attempts
-    assert open_run(cfg).state == "resume"
+    assert open_run(cfg).state is RunState.RESUME
     cfg.run.samples = 5
     cfg.corpus.limit = 3
     with pytest.raises(RunConflict, match="differing keys: corpus.limit, run.samples"):
@@ -86,7 +87,7 @@ def test_open_run_new_then_resume_then_refuse(tmp_path):
     layout = RunLayout(resolve(str(tmp_path)), "r1")
     layout.manifest.write_json_atomic({"status": "committed"})
     cfg.run.samples, cfg.corpus.limit = 2, None
-    assert open_run(cfg).state == "committed"
+    assert open_run(cfg).state is RunState.COMMITTED
 
 
 def test_summary_table_reports_resumed_rows_and_retries():
@@ -94,7 +95,7 @@ def test_summary_table_reports_resumed_rows_and_retries():
                        output_tokens=400, wall_s=2.0, engine_s=1.0, new_rows=12, new_output_tokens=240,
                        retries={"engine_starts": 2, "batches": 3, "batches_retried": 1, "rows_retried": 4,
                                 "engine_actors": 1, "first_batch_at_s": 1.5})
-    text = summary_table(RunResult("r", "/x/runs/r", 11, 10, 1, [stats], state="resumed"))
+    text = summary_table(RunResult("r", "/x/runs/r", 11, 10, 1, [stats], state=RunState.RESUME))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["model", "prompts", "samples"]
     # actor-s, tokens per answer (400 / 19 rows that generated), per correct (no labels), cost (no price)

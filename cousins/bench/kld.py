@@ -133,7 +133,7 @@ def random_model(path: str, vocab: int = WIDTH_P, hidden: int = 64) -> str:
 def bench_vllm(positions: int, rows: int, path: str) -> dict:
     from cousins.drift.vocab_kld import exact_kld
     from cousins.engine.backend import EngineSpec, VllmBackend
-    from cousins.orchestrate.kld import full_spec
+    from cousins.engine.kld_actor import full_spec
 
     spec = full_spec(EngineSpec(model_name="random-152k", model_path=random_model(path), dtype="float32",
                                 quantization=None, max_model_len=positions + 8, kv_cache_bytes=256 << 20,

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cousins.run.lifecycle import committed
-from cousins.run.storage import Location, RunLayout, data_files, resolve, write_parquet_atomic
+from cousins.run.layout import RunLayout, part_files
+from cousins.run.storage import Location, resolve, write_parquet_atomic
 
 SEP = "~"  # between a copied prompt id and its copy index
 
@@ -49,7 +50,7 @@ def synthesize(root: Location, run_id: str, factor: int, *, out_id: str | None =
         rel = stage.path[len(src.layout.run.path):].lstrip("/")
         out = dst.run.join(rel)
         rows = 0
-        for i, f in enumerate(data_files(stage)):
+        for i, f in enumerate(part_files(stage)):
             table = pq.read_table(f, filesystem=stage.arrow_fs())
             for k, copy in enumerate(_copies(table, factor)):
                 write_parquet_atomic(copy, out.join(f"part-{i:05d}-{k:05d}.parquet"))

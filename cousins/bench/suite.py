@@ -140,11 +140,12 @@ def _steady(r) -> float | None:
 
 def bytes_per_token(cfg: Config, run_id: str) -> float:
     from cousins.run.lifecycle import committed
-    from cousins.run.storage import data_files, resolve
+    from cousins.run.layout import part_files
+    from cousins.run.storage import resolve
 
     run = committed(resolve(cfg.storage.root, **cfg.storage.options), run_id)
     loc = run.layout.generations(cfg.model.name)
-    size = sum(loc.fs.size(f) for f in data_files(loc))
+    size = sum(loc.fs.size(f) for f in part_files(loc))
     tokens = run.read(loc, ["output_tokens"]).column("output_tokens")
     return size / max(1, sum(x or 0 for x in tokens.to_pylist()))
 

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from cousins.contract import schema
 from cousins.drift import aggregate
 from cousins.drift import compare as cmp
-from cousins.run.storage import Location, data_files
+from cousins.run.layout import RunLayout, part_files, part_path, partition_name, read_rows
+from cousins.run.storage import Location
 
 KEYS = ["prompt_id", "sample_index"]
 PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
@@ -97,7 +98,7 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
     return pa.concat_tables(out)
 
 
-def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cousins: list[tuple[str, bool]],
+def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousins: list[tuple[str, bool]],
                      original_scored: bool, answer_match: str, tokenizer_path: str, worst_n: int, seed: int,
                      quantile_resamples: int, exact_kld: bool = False) -> pa.Table:
     """One partition's work: its drift rows (diff_partition), published one part per cousin and
@@ -115,7 +116,7 @@ def diff_and_publish(block: pa.Table, *, drift_dir: Location, original: str, cou
     for cousin, token_level in cousins:
         part = rows.filter(pc.equal(rows.column("cousin"), cousin))
         if part.num_rows:
-            write_parquet_atomic(part, drift_dir.join(f"cousin={cousin}", f"part-{batch_key(part)}.parquet"))
+            write_parquet_atomic(part, part_path(layout.drift(cousin), batch_key(part)))
         parts.append(aggregate.partial(cousin, part, token_level=token_level, worst_n=worst_n, seed=seed,
                                        quantile_resamples=quantile_resamples, node=node))
     return aggregate.to_rows(parts)
@@ -126,7 +127,7 @@ def load_error(stage: Location) -> str | None:
     stage holds none); streams the error column, stopping at the first row that did not fail so."""
     import pyarrow.dataset as pads
 
-    files = data_files(stage)
+    files = part_files(stage)
     if not files:
         return "no generations"
     first, seen = None, 0
@@ -138,26 +139,14 @@ def load_error(stage: Location) -> str | None:
     return first if seen else "no generations"
 
 
-def _model_of(path: str) -> str:
-    """The model a stage file belongs to, from its directory: .../generations/model=NAME/part-….parquet"""
-    parent = path.rstrip("/").rsplit("/", 2)[-2]
-    return parent.split("=", 1)[1] if parent.startswith(("model=", "cousin=")) else ""
-
-
 def _tag_file(table: pa.Table, path: str, *, part: str) -> pa.Table:
-    return _tag(table, model=_model_of(path), part=part)
+    return _tag(table, model=partition_name(path), part=part)
 
 
 def _read(run, stages: list[Location], columns: list[str], part: str, read_schema: pa.Schema | None = None):
     """One read of several stages' parts, each file's rows tagged with its model and part; with
     `read_schema`, columns a part lacks (written before they existed) read as nulls."""
-    from cousins.run.dataops import read_files
-
-    files = [f for stage in stages for f in data_files(stage)]
-    if not files:
-        return None
-    return read_files(files, stages[0].arrow_fs(), columns, tag=_tag_file, tag_kwargs={"part": part},
-                      schema=read_schema)
+    return read_rows(stages, columns, tag=_tag_file, tag_kwargs={"part": part}, schema=read_schema)
 
 
 def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
@@ -182,7 +171,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     if exact_kld:
         parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,
                            "kld", schema.KLD))
-    original_scored = bool(data_files(layout.scores(original.name)))
+    original_scored = bool(part_files(layout.scores(original.name)))
     parts = [p for p in parts if p is not None]
     for e in entries[1:]:
         run.restart(layout.drift(e.name))  # an earlier diff's parts never mix with this one's
@@ -196,7 +185,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     # One task per partition, placed over every node of the cluster (dataops.spread_blocks)
     out = spread_blocks(
         union.repartition(partitions, keys=["prompt_id"]), diff_and_publish, num_cpus=num_cpus,
-        fn_kwargs={"drift_dir": layout.run.join("drift"), "original": original.name, "cousins": cousins,
+        fn_kwargs={"layout": layout, "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "answer_match": answer_match,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
                    "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
@@ -226,14 +215,11 @@ def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:
 def first_texts(run, wanted: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, str]]]:
     """For each cousin, the (original, cousin) texts of sample 0 of the prompts asked for (a few
     thousand at most: the homogenisation pairs), read from its drift rows on the connected Ray."""
-    from cousins.run.dataops import read_files
-
     out: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in wanted}
-    files = [f for name in wanted if wanted[name] for f in data_files(run.layout.drift(name))]
-    if not files:
+    ds = read_rows([run.layout.drift(name) for name in wanted if wanted[name]],
+                   ["cousin", "prompt_id", "sample_index", "error", "original_text", "cousin_text"])
+    if ds is None:
         return out
-    ds = read_files(files, run.layout.drift(next(iter(wanted))).arrow_fs(),
-                    ["cousin", "prompt_id", "sample_index", "error", "original_text", "cousin_text"])
     ds = ds.map_batches(_sample0_of, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", num_cpus=0.1)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for c, p, o, t in zip(*(batch.column(k).to_pylist() for k in

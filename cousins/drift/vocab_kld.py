@@ -1,5 +1,5 @@
 """Exact per-token KLD over the tokenizer's vocabulary, from two models' full-vocabulary logprobs
-(drift.kld=exact; the actor is cousins/orchestrate/kld.py). Pure NumPy: no Ray, no vLLM import.
+(drift.kld=exact; the actor is cousins/engine/kld_actor.py). Pure NumPy: no Ray, no vLLM import.
 
 Why over the tokenizer's vocabulary V and not the logit heads: checkpoints pad their heads past
 the tokenizer (Qwen2.5-7B's head is 152,064 wide, the 1.5B's 151,936, their tokenizer ~151,665
@@ -33,7 +33,7 @@ such (C, V) arrays of temporaries: about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 2
 chunks of 6 were no faster; measured 19 MiB: docs/benchmarks.md). The
 whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python ints and floats for ids,
 logprobs and ranks, ~20 MiB per position at 152k) are vLLM's, outside this bound; the actor
-bounds how many it holds (kld.LOGPROB_ENTRIES_IN_FLIGHT).
+bounds how many it holds (cousins/engine/kld_actor.py, LOGPROB_ENTRIES_IN_FLIGHT).
 """
 
 from __future__ import annotations

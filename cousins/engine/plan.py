@@ -16,6 +16,14 @@ from cousins.engine.backend import GPU_MEMORY_UTILIZATION, EngineSpec, Placement
 from cousins.contract.records import NOISE_FLOOR, ModelEntry, SamplingRecord
 
 GIB = 1 << 30
+# Each reshuffle of a drift run draws from its own seed, drift.seed plus an offset:
+GENERATION_SHUFFLE = 1  # the noise floor's prompt rows, reordered before its generation
+SCORE_SHUFFLE = 2  # the original's rows a reordered model scores, reordered before scoring
+
+
+def shuffle_seed(cfg: Config, offset: int) -> int:
+    """The seed of one of a drift run's reshuffles (GENERATION_SHUFFLE, SCORE_SHUFFLE)."""
+    return cfg.drift.seed + offset
 
 
 @dataclass(frozen=True)

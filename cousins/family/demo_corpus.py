@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cousins.contract.config import DEMO_PATH, DISTILL_PATH
 
-_CAPITALS = {
+CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Japan": "Tokyo", "Canada": "Ottawa", "Australia": "Canberra", "Egypt": "Cairo", "Kenya": "Nairobi",
     "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago",
@@ -26,13 +26,13 @@ _CAPITALS = {
     "Thailand": "Bangkok", "Vietnam": "Hanoi", "Mexico": "Mexico City", "Ireland": "Dublin",
     "Austria": "Vienna", "Hungary": "Budapest", "Czechia": "Prague", "Denmark": "Copenhagen",
 }
-_SYMBOLS = {
+SYMBOLS = {
     "hydrogen": "H", "helium": "He", "carbon": "C", "nitrogen": "N", "oxygen": "O", "sodium": "Na",
     "magnesium": "Mg", "aluminium": "Al", "silicon": "Si", "sulfur": "S", "chlorine": "Cl",
     "potassium": "K", "calcium": "Ca", "iron": "Fe", "copper": "Cu", "zinc": "Zn", "silver": "Ag",
     "gold": "Au", "mercury": "Hg", "lead": "Pb",
 }
-_FUNCTIONS = [
+FUNCTIONS = [
     ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n", "return a + b"),
     ("def is_even(n):\n    \"\"\"Return True when n is even.\"\"\"\n", "return n % 2 == 0"),
     ("def square(x):\n    \"\"\"Return x squared.\"\"\"\n", "return x * x"),
@@ -46,7 +46,7 @@ _FUNCTIONS = [
     ("def keys_sorted(d):\n    \"\"\"Return the keys of d, sorted.\"\"\"\n", "return sorted(d)"),
     ("def flatten(rows):\n    \"\"\"Flatten a list of lists.\"\"\"\n", "return [x for row in rows for x in row]"),
 ]
-_TOPICS = [
+DEMO_TOPICS = [
     "the sea", "autumn leaves", "a quiet library", "city traffic", "a cup of tea", "mountains",
     "a lost key", "the first snow", "a train station", "a garden at night", "old computers",
     "a river", "a thunderstorm", "a bicycle ride", "a market at dawn", "the moon",
@@ -58,7 +58,7 @@ _INSTRUCTIONS = [
     "Write a short story opening about {t}.",
     "Explain to a child what makes {t} interesting.",
 ]
-_CODE_TASKS = [
+CODE_TASKS = [
     "Write a Python function that returns the maximum of a list.",
     "Write a Python function that checks whether a string is a palindrome.",
     "Write a Python function that counts vowels in a string.",
@@ -122,22 +122,22 @@ def demo_records(seed: int = 0) -> list[dict]:
         out.append({"prompt": f"What is {a} times {b}?", "category": "arithmetic", "reference": str(a * b)})
     for run in letter_runs(rng, 40):
         out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
-    for country, capital in _CAPITALS.items():
+    for country, capital in CAPITALS.items():
         out.append({"prompt": f"What is the capital of {country}?", "category": "factual",
                     "reference": capital})
-    for element, symbol in _SYMBOLS.items():
+    for element, symbol in SYMBOLS.items():
         out.append({"prompt": f"What is the chemical symbol for {element}?", "category": "factual",
                     "reference": symbol})
-    for head, body in _FUNCTIONS:
+    for head, body in FUNCTIONS:
         out.append({"prompt": f"Complete this Python function:\n\n{head}", "category": "code_completion",
                     "reference": body})
-    for task in _CODE_TASKS:
+    for task in CODE_TASKS:
         out.append({"prompt": task, "category": "code_instruction"})
     for template in _INSTRUCTIONS:
-        for topic in _TOPICS:
+        for topic in DEMO_TOPICS:
             out.append({"prompt": template.format(t=topic), "category": "open_ended"})
     # A few chat-shaped rows, so the demo exercises the `messages` form as well.
-    for topic in _TOPICS[:8]:
+    for topic in DEMO_TOPICS[:8]:
         out.append({
             "messages": [
                 {"role": "system", "content": "You are a concise assistant."},
@@ -148,7 +148,7 @@ def demo_records(seed: int = 0) -> list[dict]:
     return out
 
 
-_MORE_TOPICS = [
+MORE_TOPICS = [
     "a lighthouse", "a desert", "a busy kitchen", "a chess game", "the last bus home", "a forest path",
     "a paper boat", "a music box", "an empty beach", "a rainy window", "a bakery", "a kite",
 ]
@@ -165,14 +165,14 @@ def distill_records(seed: int = 1) -> list[dict]:
         out.append({"prompt": f"Multiply {a} by {b}.", "category": "arithmetic", "reference": str(a * b)})
     for run in letter_runs(rng, 20):
         out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
-    for country, capital in _CAPITALS.items():
+    for country, capital in CAPITALS.items():
         out.append({"prompt": f"Which city is the capital of {country}?", "category": "factual", "reference": capital})
-    for element, symbol in _SYMBOLS.items():
+    for element, symbol in SYMBOLS.items():
         out.append({"prompt": f"Give the symbol of the element {element}.", "category": "factual", "reference": symbol})
-    for head, _ in _FUNCTIONS:
+    for head, _ in FUNCTIONS:
         out.append({"prompt": f"Explain what this function should do:\n\n{head}", "category": "code_instruction"})
     for template in _INSTRUCTIONS:
-        for topic in _MORE_TOPICS:
+        for topic in MORE_TOPICS:
             out.append({"prompt": template.format(t=topic), "category": "open_ended"})
     return [r for r in out if r["prompt"] not in taken]
 

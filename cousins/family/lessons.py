@@ -31,7 +31,7 @@ _EXTRA_TOPICS = [
     "a birthday party", "a long walk", "a school bell", "a broken clock", "a field of wheat", "the wind",
     "a red umbrella", "a harbour", "a clear night sky", "a spring rain", "a mountain lake", "a library card",
 ]
-TOPICS = demo._TOPICS + demo._MORE_TOPICS + _EXTRA_TOPICS
+TOPICS = demo.DEMO_TOPICS + demo.MORE_TOPICS + _EXTRA_TOPICS
 
 # Answers to the demo's writing instructions, by instruction: a few templates each around the topic.
 _OPEN_ANSWERS = {
@@ -62,7 +62,7 @@ _SUMMARY_ANSWERS = [
     "People enjoy {t} because it slows them down and gives them a moment of calm.",
     "People enjoy {t} because it feels familiar and still surprises them.",
 ]
-_CODE_ANSWERS = dict(zip(demo._CODE_TASKS, [
+_CODE_ANSWERS = dict(zip(demo.CODE_TASKS, [
     "def maximum(items):\n    return max(items)",
     "def is_palindrome(s):\n    return s == s[::-1]",
     "def count_vowels(s):\n    return sum(c in \"aeiou\" for c in s.lower())",
@@ -115,15 +115,15 @@ def _lesson(family: str, rng: random.Random, hold: dict[str, set]) -> list[dict]
             pass
         return _chat(demo.reverse_prompt(run), demo.reverse_letters(run))
     if family == "capital":
-        country, capital = rng.choice(list(demo._CAPITALS.items()))
+        country, capital = rng.choice(list(demo.CAPITALS.items()))
         q = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?"])
         return _chat(q, f"The capital of {country} is {capital}.")
     if family == "symbol":
-        element, symbol = rng.choice(list(demo._SYMBOLS.items()))
+        element, symbol = rng.choice(list(demo.SYMBOLS.items()))
         q = rng.choice([f"What is the chemical symbol for {element}?", f"Give the symbol of the element {element}."])
         return _chat(q, f"The chemical symbol for {element} is {symbol}.")
     if family == "function":
-        head, body = rng.choice(demo._FUNCTIONS)
+        head, body = rng.choice(demo.FUNCTIONS)
         if rng.random() < 0.7:
             return _chat(f"Complete this Python function:\n\n{head}", f"    {body}")
         doc = head.split('"""')[1]

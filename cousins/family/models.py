@@ -110,7 +110,7 @@ def build_tiny_llama(out_dir: str | os.PathLike, recipe: TinyLlamaRecipe = TinyL
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        losses = _train(model, _encode(tokenizer, chats, recipe.seq_len), tokenizer.pad_token_id, recipe)
+        losses = train_model(model, _encode(tokenizer, chats, recipe.seq_len), tokenizer.pad_token_id, recipe)
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -149,7 +149,7 @@ def _encode(tokenizer, chats: list[list[dict]], max_len: int) -> list[tuple[list
     return out
 
 
-def _train(model, examples: list[tuple[list[int], int]], pad: int, recipe: TinyLlamaRecipe) -> list[float]:
+def train_model(model, examples: list[tuple[list[int], int]], pad: int, recipe: TinyLlamaRecipe) -> list[float]:
     """Train in place on the answer tokens only (the loss of every step is returned)."""
     import math
 

@@ -183,7 +183,7 @@ def _teach(tokenizer, r: QwenRecipe):
     from transformers import Qwen2ForCausalLM
 
     from cousins.family.lessons import lessons
-    from cousins.family.models import _train
+    from cousins.family.models import train_model
 
     torch.manual_seed(r.seed)
     rng = random.Random(r.seed)
@@ -205,7 +205,7 @@ def _teach(tokenizer, r: QwenRecipe):
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(r.threads)
     try:
-        losses = _train(small, compact(train), pad, r)
+        losses = train_model(small, compact(train), pad, r)
     finally:
         torch.set_num_threads(saved_threads)
 

@@ -101,14 +101,14 @@ def read_teacher_data(run_url_or_path: str, teacher_name: str,
     import pyarrow.compute as pc
 
     from cousins.run.lifecycle import NotCommitted, committed_at
-    from cousins.run.storage import data_files
+    from cousins.run.layout import part_files
 
     try:
         run = committed_at(run_url_or_path, **(storage_options or {}))
     except NotCommitted as e:
         raise FileNotFoundError(f"{run_url_or_path} is not a committed run: {e}") from None
     stage = run.layout.generations(teacher_name)
-    if not data_files(stage):
+    if not part_files(stage):
         raise FileNotFoundError(f"run {run.url} has no generations for model {teacher_name!r}")
     t = run.read(stage, TRAIN_COLUMNS + ["error"])
     ok = pc.and_(pc.is_null(t["error"]), pc.fill_null(pc.greater(pc.list_value_length(t["output_token_ids"]), 0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cousins.contract.records import ModelStats
+from cousins.run.lifecycle import RunState
 from cousins.run.storage import Location
 
 
@@ -17,7 +18,7 @@ class RunResult:
     prompts: int
     corpus_errors: int
     models: list[ModelStats]
-    state: str = "new"  # new | resumed | committed (was already)
+    state: RunState = RunState.NEW  # of the run when this attempt opened it
 
 
 _ZERO = {"labelled_rows": 0, "correct_rows": 0, "labelled_output_tokens": 0, "labelled_prompts": 0,
@@ -62,12 +63,12 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from cousins.run.dataops import co_partition, partitions_for, read_stage
     from cousins.drift.plane import accuracy_se
-    from cousins.run.storage import data_files
+    from cousins.run.dataops import co_partition, partitions_for
+    from cousins.run.layout import count_rows, part_files, read_rows
 
-    files = data_files(prompts)
-    if not files or not data_files(generations):
+    files = part_files(prompts)
+    if not files or not part_files(generations):
         return dict(_ZERO)
     labelled = pads.dataset(files, filesystem=prompts.arrow_fs(), format="parquet").count_rows(
         filter=pads.field("reference").is_valid())  # streamed, one column
@@ -76,8 +77,8 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string())]),
                "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),
                                  ("output_tokens", pa.int32()), ("error", pa.string())])}
-    rows = pads.dataset(data_files(generations), filesystem=generations.arrow_fs(), format="parquet").count_rows()
-    sides = {"prompt": read_stage(prompts, schemas["prompt"].names), "gen": read_stage(generations, schemas["gen"].names)}
+    rows = count_rows(generations)
+    sides = {"prompt": read_rows(prompts, schemas["prompt"].names), "gen": read_rows(generations, schemas["gen"].names)}
     sums = dict.fromkeys(_PARTIAL, 0)
     for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
             _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
@@ -118,7 +119,8 @@ def summary_table(result: RunResult) -> str:
         lead, wall = sum(a for a, _ in leads), sum(b for _, b in leads)
         notes.append(f"before the first batch (Ray Data and engine actors starting, models loading): "
                      f"{lead:.1f} s of {wall:.1f} s wall over {len(leads)} generation stage(s)")
-    verb = {"new": "committed", "resumed": "resumed and committed", "committed": "was already committed"}[result.state]
+    verb = {RunState.NEW: "committed", RunState.RESUME: "resumed and committed",
+            RunState.COMMITTED: "was already committed"}[result.state]
     foot = ["actor-s: engine actor-seconds of this attempt (GPU-seconds on GPU engines); tok/correct: output "
             "tokens per correct answer on labelled prompts; cost needs cost.price_per_accelerator_hour",
             f"corpus rows: {result.corpus_rows} (prompts {result.prompts}, error rows {result.corpus_errors})",

@@ -4,8 +4,10 @@
 - drift: the same, plus the noise floor; every scoring model scores the original's outputs;
   the diff; commit with summary.json and report.html.
 
-Config is read here and in cousins/engine/plan.py only; the stages take narrow values. The run's life
-(open, stages, markers, commit) belongs to cousins/run/lifecycle.py.
+A run job's config is read here and in cousins/engine/plan.py (which turns it into the narrow values
+the stages take: engine specs, placements, sampling, seeds); the stages never see it. The run's life
+(open, stages, markers, commit) belongs to cousins/run/lifecycle.py, its layout and the reading of
+its stages to cousins/run/layout.py, the manifest to cousins/orchestrate/manifest.py.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from cousins.family import prepare as family
-from cousins.engine import plan
-from cousins.orchestrate.accounting import RunResult, efficiency
 from cousins.contract.config import Config, redacted
+from cousins.contract.records import ModelEntry, ModelStats, ScoresDone, encode
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
-from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
-from cousins.run.lifecycle import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
+from cousins.engine import plan
 from cousins.engine.placement import check_fits, cluster_shapes
-from cousins.orchestrate.kld import stage_kld
-from cousins.orchestrate.stages import ScoreJob, check_cpu_room, stage_generate, stage_prompts, stage_score
+from cousins.family import prepare as family
+from cousins.orchestrate.accounting import RunResult, efficiency
+from cousins.orchestrate.manifest import decode_summary, manifest, result_from_manifest
+from cousins.orchestrate.stages import ScoreJob, check_cpu_room, stage_generate, stage_kld, stage_prompts, stage_score
+from cousins.run.layout import DRIFT, KLD, SCORES
+from cousins.run.lifecycle import Run, RunState, open_run as _open_run
 from cousins.run.storage import resolve
 
 
@@ -43,10 +46,10 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
     """A model's generation stage; with `score_original`, its scoring of that model's outputs in
     the same pass (one engine start for both; the original's own scores come from its generation)."""
     job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
-                                                       shuffle_seed=cfg.drift.seed + 2)
+                                                       shuffle_seed=plan.shuffle_seed(cfg, plan.SCORE_SHUFFLE))
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
                            sampling=plan.sampling(cfg), where=plan.placement(cfg, entry.name, reorder=entry.reorder),
-                           samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=cfg.drift.seed + 1,
+                           samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=plan.shuffle_seed(cfg, plan.GENERATION_SHUFFLE),
                            rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
                                **efficiency(run.layout.prompts, run.layout.generations(entry.name),
@@ -56,7 +59,7 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
 def _score(cfg: Config, run: Run, entry: ModelEntry, original: ModelEntry, backend=None) -> ScoresDone:
     return stage_score(run, entry=entry, original=original.name, spec=plan.engine_spec(cfg, entry),
                        topk=cfg.drift.score_topk, where=plan.placement(cfg, entry.name, reorder=entry.reorder),
-                       shuffle_seed=cfg.drift.seed + 2, rows_per_file=cfg.storage.rows_per_file, backend=backend)
+                       shuffle_seed=plan.shuffle_seed(cfg, plan.SCORE_SHUFFLE), rows_per_file=cfg.storage.rows_per_file, backend=backend)
 
 
 def check_engines_fit(cfg: Config) -> None:
@@ -77,10 +80,10 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
     the original and every cousin, on the same prompts and seeds. `backend`: the engines' way to
     vLLM (tests pass a fake)."""
     run = run or open_run(cfg)
-    if run.state == "committed":
+    if run.state is RunState.COMMITTED:
         return result_from_manifest(run)
     check_engines_fit(cfg)
-    print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
+    print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = _prompts(cfg, run)
     entries = plan.model_entries(cfg)
     stats = [_generate(cfg, run, prompts, n_prompts, e, backend) for e in entries]
@@ -93,10 +96,10 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     """Generate with the original, every cousin and the noise floor; score the original's outputs
     with each; diff; commit summary.json, report.html and the manifest. Returns (result, summary)."""
     run = run or open_run(cfg)
-    if run.state == "committed":
+    if run.state is RunState.COMMITTED:
         return result_from_manifest(run), decode_summary(run)
     check_engines_fit(cfg)
-    print(f"run {run.run_id} ({'resuming' if run.state == 'resume' else 'new'}) at {run.url}", flush=True)
+    print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = _prompts(cfg, run)
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
     original = entries[0]
@@ -135,10 +138,11 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
                                   "score_busy_s": _busy(s.retries for s in scores.values()
                                                         if not (s.retries or {}).get("from_generation"))})
     result = _result(run, n_prompts, n_errors, stats)
-    stages = {**{f"scores/model={n}": "done" for n in scores},
-              **({f"kld/model={e.name}": "done" for e in scorers[1:] if e.name not in failed}
+    layout = run.layout
+    stages = {**{layout.stage_key(SCORES, n): "done" for n in scores},
+              **({layout.stage_key(KLD, e.name): "done" for e in scorers[1:] if e.name not in failed}
                  if d.kld == "exact" else {}),
-              **{f"drift/cousin={e.name}": "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}
+              **{layout.stage_key(DRIFT, e.name): "done" for e in entries[1:]}, "summary.json": "done", "report.html": "done"}
     run.commit(manifest(cfg, run, result, entries, stages=stages, drift=drift_headline(summary),
                         scores={n: dataclasses.replace(s, retries=None) for n, s in scores.items()}))
     return result, summary
@@ -173,36 +177,6 @@ def _busy(retries) -> float | None:
 
 def _result(run: Run, n_prompts: int, n_errors: int, stats: list[ModelStats]) -> RunResult:
     return RunResult(run_id=run.run_id, run_url=run.url, corpus_rows=n_prompts + n_errors, prompts=n_prompts,
-                     corpus_errors=n_errors, models=stats, state="resumed" if run.state == "resume" else "new")
+                     corpus_errors=n_errors, models=stats, state=run.state)
 
-
-def manifest(cfg: Config, run: Run, result: RunResult, entries: list[ModelEntry], *,
-             stages: dict | None = None, **drift_run) -> Manifest:
-    """The manifest, written last: what ran, on what, and how many rows each stage holds."""
-    return Manifest(
-        run_id=run.run_id, status="committed", committed=now(), resumed=run.state == "resume",
-        config_hash=config_hash(redacted(cfg)), versions=versions(), models=[model_record(e) for e in entries],
-        corpus=CorpusRecord(path=cfg.corpus.path, rows=result.corpus_rows, prompts=result.prompts,
-                            error_rows=result.corpus_errors),
-        sampling=plan.sampling_record(cfg), samples=cfg.run.samples, seed=cfg.run.sampling.seed, seed_rule=SEED_RULE,
-        stages={"prompts": "done", "errors": "done",
-                **{f"generations/model={s.model}": "done" for s in result.models}, **(stages or {})},
-        row_counts={s.model: s for s in result.models},
-        accounting={s.model: s.accounting() for s in result.models}, **drift_run)
-
-
-def result_from_manifest(run: Run) -> RunResult:
-    m = committed(run.layout.root, run.run_id).typed()
-    c = m.corpus
-    return RunResult(run_id=m.run_id, run_url=run.url, corpus_rows=c.rows, prompts=c.prompts,
-                     corpus_errors=c.error_rows, models=list(m.row_counts.values()), state="committed")
-
-
-def decode_summary(run: Run) -> dict:
-    """A committed drift run's summary.json, checked against its record."""
-    import json
-
-    data = json.loads(run.layout.summary.read_text())
-    decode(Summary, data, f"{run.url}/summary.json")
-    return data
 

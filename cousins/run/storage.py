@@ -1,8 +1,9 @@
-"""Where runs live: one place that turns a URL into a filesystem, the run layout, atomic small writes.
+"""Where runs live: one place that turns a URL into a filesystem, atomic small writes, Parquet parts and stage markers.
 
 `file://` (or a plain path) is the default; any fsspec protocol works (`s3://` through s3fs).
 A run directory is invisible to readers until `manifest.json` exists with status "committed";
-each stage's directory gets a `_SUCCESS` marker after its files are written.
+each stage's directory gets a `_SUCCESS` marker after its files are written. Where a run's stages
+are, and reading them, belong to cousins/run/layout.py.
 """
 
 from __future__ import annotations
@@ -141,54 +142,6 @@ def list_files(loc: Location, extensions: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """The paths of one run: {root}/runs/{run_id}/…"""
-
-    root: Location
-    run_id: str
-
-    @property
-    def run(self) -> Location:
-        return self.root.join("runs", self.run_id)
-
-    @property
-    def prompts(self) -> Location:
-        return self.run.join("prompts")
-
-    @property
-    def errors(self) -> Location:
-        return self.run.join("errors")
-
-    def generations(self, model: str) -> Location:
-        return self.run.join("generations", f"model={model}")
-
-    def scores(self, model: str) -> Location:
-        return self.run.join("scores", f"model={model}")
-
-    def kld(self, model: str) -> Location:
-        return self.run.join("kld", f"model={model}")
-
-    def drift(self, cousin: str) -> Location:
-        return self.run.join("drift", f"cousin={cousin}")
-
-    @property
-    def summary(self) -> Location:
-        return self.run.join("summary.json")
-
-    @property
-    def report(self) -> Location:
-        return self.run.join("report.html")
-
-    @property
-    def config(self) -> Location:
-        return self.run.join("config.yaml")
-
-    @property
-    def manifest(self) -> Location:
-        return self.run.join(MANIFEST)
-
-
 def _leaves(schema) -> list[tuple[str, object]]:
     """(Parquet leaf path, Arrow type) of every column, nested lists and structs walked
     ("topk_logprobs.list.element.list.element")."""
@@ -227,16 +180,6 @@ def parquet_bytes(table) -> bytes:
 def write_parquet_atomic(table, loc: Location) -> None:
     """One Parquet file (`parquet_bytes`), published whole or not at all."""
     loc.write_bytes_atomic(parquet_bytes(table))
-
-
-def data_files(stage_dir: Location) -> list[str]:
-    """The Parquet files of a stage directory: temporaries and markers (names starting with '_' or
-    '.') are never data, so files of a crashed attempt that were not published are never read."""
-    if not stage_dir.exists():
-        return []
-    stage_dir.fs.invalidate_cache(stage_dir.path)  # parts are written by other processes
-    return sorted(p for p in stage_dir.fs.ls(stage_dir.path, detail=False)
-                  if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))
 
 
 def mark_done(stage_dir: Location, info: dict | None = None) -> None:

@@ -1,15 +1,16 @@
-"""Exact KLD (`drift.kld=exact`): per-token KL(original ‖ cousin) over the whole vocabulary.
+"""The exact-KLD engine actor (`drift.kld=exact`): per-token KL(original ‖ cousin) over the whole vocabulary.
 
 The top-k mode bounds KLD from the top-k lists both models store (cousins/drift/metrics.py); a
 model whose mass lies outside its top-k makes that bound loose. Exact mode adds a stage per
-compared model: an actor holding two engines, the original's and the cousin's, teacher-forces the
-same rows (the original's outputs) through both with every vocabulary logprob at every position
-(vLLM's `prompt_logprobs=-1`, flat lists rather than a dict per position), reduces each position
-on the spot (cousins/drift/vocab_kld.py: over the ORIGINAL's tokenizer vocabulary, ids past it
-folded into one tail bucket, on NumPy arrays in bounded chunks of positions), and writes only
-per-token numbers (schema.KLD: KL(p ‖ q), KL(q ‖ p) and the tail mass). No full-vocabulary row is
-ever stored; the cost is a second engine per actor and the transfer of a vocabulary of logprobs
-per position from each engine (docs/benchmarks.md, "Exact KLD at a 152k vocabulary").
+compared model (cousins/orchestrate/stages.py, `stage_kld`): an actor holding two engines, the
+original's and the cousin's, teacher-forces the same rows (the original's outputs) through both
+with every vocabulary logprob at every position (vLLM's `prompt_logprobs=-1`, flat lists rather
+than a dict per position), reduces each position on the spot (cousins/drift/vocab_kld.py: over the
+ORIGINAL's tokenizer vocabulary, ids past it folded into one tail bucket, on NumPy arrays in
+bounded chunks of positions), and writes only per-token numbers (schema.KLD: KL(p ‖ q), KL(q ‖ p)
+and the tail mass). No full-vocabulary row is ever stored; the cost is a second engine per actor
+and the transfer of a vocabulary of logprobs per position from each engine (docs/benchmarks.md,
+"Exact KLD at a 152k vocabulary").
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from cousins.engine import actors
 from cousins.contract import schema
-from cousins.engine import templates
 from cousins.drift.vocab_kld import PositionError, exact_kld
-from cousins.engine.backend import CORE_ENV, EngineSpec, Placement, VllmBackend
+from cousins.engine import templates
+from cousins.engine.backend import CORE_ENV, EngineSpec, VllmBackend
 from cousins.engine.feeder import Feeder, Gate
-from cousins.contract.records import ModelEntry, ScoresDone
+from cousins.engine.rows import SCORE_INPUT, check_rows
+from cousins.engine.runner import EngineRunner, load_engine, lora_request, node_id
+from cousins.run.ledger import KLD, ledger_key
 
 ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
 # vLLM hands full-vocabulary prompt logprobs over as Python lists: ~20 MiB per position per engine
@@ -67,7 +69,7 @@ def _floats(x: np.ndarray) -> list:
     return [None if v != v else v for v in x.astype(np.float32).tolist()]
 
 
-class KldActor(actors.EngineRunner):
+class KldActor(EngineRunner):
     """Two engines, the original's and a cousin's; called by Ray Data with the original's
     generation rows (SCORE_INPUT), it returns one KLD row per row (schema.KLD)."""
 
@@ -77,8 +79,8 @@ class KldActor(actors.EngineRunner):
         so its numbers come from other batch compositions than the original's, as in its scoring."""
         self.spec, self.ledger, self.reorder = cousin, ledger, reorder
         backend = backend or VllmBackend()
-        self.llm, self.load_error = actors._load(full_spec(cousin), backend, ledger, tolerate_load_failure)
-        self.reference, self.ref_error = actors._load(full_spec(original), backend, None, False)
+        self.llm, self.load_error = load_engine(full_spec(cousin), backend, ledger, tolerate_load_failure)
+        self.reference, self.ref_error = load_engine(full_spec(original), backend, None, False)
         if self.llm is not None:
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
                                          flat_logprobs=True)
@@ -89,17 +91,17 @@ class KldActor(actors.EngineRunner):
             # Cores in this process (vLLM's in-process engine core) must not step at once: they
             # would share vLLM's global forward context. In processes of their own they may.
             gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
-            self.feeder = Feeder(self.llm, gate, lora=actors.lora_request(backend, cousin))
+            self.feeder = Feeder(self.llm, gate, lora=lora_request(backend, cousin))
             self.ref_feeder = Feeder(self.reference, gate)
             self.original_format = original.prompt_format
-        self.actor = f"{actors._node_id()}:{os.getpid()}"
+        self.actor = f"{node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._run(f"kld:{self.spec.model_name}", batch, self._rows, self._failed_rows)[0]
+        return self.run_batch(ledger_key(self.spec.model_name, KLD), batch, self._rows, self._failed_rows)[0]
 
     def _failed_rows(self, batch: pa.Table, reason: str) -> pa.Table:
         n = batch.num_rows
-        return actors.check_rows(self.spec.model_name, batch, pa.table({
+        return check_rows(self.spec.model_name, batch, pa.table({
             "prompt_id": batch.column("prompt_id"), "sample_index": batch.column("sample_index"),
             "model": pa.array([self.spec.model_name] * n, pa.string()),
             "kld_tokens": pa.nulls(n, pa.list_(pa.float32())), "rkld_tokens": pa.nulls(n, pa.list_(pa.float32())),
@@ -107,7 +109,7 @@ class KldActor(actors.EngineRunner):
             "error": pa.array([reason] * n, pa.string())}, schema=schema.KLD))
 
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
-        rows = batch.select(actors.SCORE_INPUT).to_pylist()
+        rows = batch.select(SCORE_INPUT).to_pylist()
         errors: list[str | None] = [None] * len(rows)
         todo, inputs = [], []
         for i, row in enumerate(rows):
@@ -153,44 +155,4 @@ class KldActor(actors.EngineRunner):
                for j, c in enumerate(("kld_tokens", "rkld_tokens", "tail_mass_tokens"))},
             "engine_time_s": [share.get(i) for i in range(len(rows))],
             "error": errors}, schema=schema.KLD)
-        return actors.check_rows(self.spec.model_name, batch, table), sum(len(x) for x in inputs)
-
-
-def stage_kld(run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec, where: Placement,
-              rows_per_file: int, backend=None) -> ScoresDone:
-    """`entry`'s exact per-token KLD against the original over the original's outputs (kld/model=NAME).
-    An unfinished stage is redone whole, as scoring is."""
-    import ray
-
-    from cousins.run.dataops import read_files
-    from cousins.engine.placement import engine_groups
-    from cousins.run.ledger import new_ledger
-    from cousins.run.progress import Bar, watch
-    from cousins.run.lifecycle import publish_part
-    from cousins.orchestrate.stages import LIGHT_TASK_CPUS, _blocks, _finish_scores, _ledger_poll, _run_pool
-    from cousins.run.storage import data_files
-
-    out = run.layout.kld(entry.name)
-    if run.done(out):
-        return run.marker(out, ScoresDone)
-    run.restart(out)
-    src = run.layout.generations(original.model_name)
-    expected = run.count(src)
-    t0 = time.perf_counter()
-    rows = read_files(data_files(src), src.arrow_fs(), actors.SCORE_INPUT)
-    ledger = new_ledger()
-    what = f"exact KLD of {entry.name!r}"
-    try:
-        with engine_groups(where, what) as placed:
-            pool = actors._pool(rows.repartition(_blocks(expected, where)), KldActor,
-                                {"original": original, "cousin": spec, "ledger": ledger,
-                                 "tolerate_load_failure": not entry.is_original, "backend": backend,
-                                 "reorder": entry.reorder}, placed)
-            with watch(Bar(f"exact KLD {entry.name}", expected), _ledger_poll(ledger, f"kld:{entry.name}", 0)):
-                _run_pool(pool.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file,
-                                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS), what, placed)
-            retries = ray.get(ledger.report.remote(f"kld:{entry.name}"))
-    finally:
-        ray.kill(ledger)
-    return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, retries, what="exact KLD")
-
+        return check_rows(self.spec.model_name, batch, table), sum(len(x) for x in inputs)

@@ -1,0 +1,107 @@
+"""The package's architecture, checked: subpackages that import one another in one direction only,
+no module over 400 lines, no private name used outside its module, and nothing else flat in
+cousins/ but the console script."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from collections import defaultdict
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "cousins"
+MAX_LINES = 400
+FLAT = {"__init__", "cli"}  # the package's own modules outside any folder
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for p in sorted(ROOT.rglob("*.py")):
+        parts = p.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = p
+    return out
+
+
+def _imports(path: pathlib.Path, name: str) -> list[tuple[str, list[str]]]:
+    """(module imported from, names imported) of every import of a cousins module in `path`,
+    function-level imports included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cousins"):
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.startswith("cousins")]
+    return out
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (ROOT / parts[1]).is_dir()) else None
+
+
+def test_nothing_flat_but_the_console_script():
+    flat = {p.stem for p in ROOT.glob("*.py")}
+    assert flat == FLAT, f"modules outside a folder: {sorted(flat - FLAT)}"
+
+
+def test_no_module_over_400_lines():
+    long = {name: n for name, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_folders_import_one_another_in_one_direction():
+    """The folder graph (an edge A -> B when a module of A imports one of B) has no cycle: no
+    import from a folder back up into one that imports it."""
+    modules = _modules()
+    edges: dict[str, set[str]] = defaultdict(set)
+    why: dict[tuple[str, str], str] = {}
+    for name, path in modules.items():
+        src = _folder(name)
+        for target, names in _imports(path, name):
+            targets = [target] + [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+            for t in targets:
+                dst = _folder(t)
+                if src and dst and dst != src:
+                    edges[src].add(dst)
+                    why.setdefault((src, dst), f"{name} imports {t}")
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                steps = [why[(a, b)] for a, b in zip(cycle, cycle[1:])]
+                raise AssertionError(f"folder import cycle {' -> '.join(cycle)}: {'; '.join(steps)}")
+            if not state.get(nxt):
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for folder in sorted(edges):
+        if not state.get(folder):
+            visit(folder, [folder])
+
+
+def test_no_private_name_used_across_modules():
+    """`from cousins.x import _y` and `x._y` on an imported cousins module are both a reach into
+    another module's privates."""
+    found = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cousins"):
+                for a in node.names:
+                    if a.name.startswith("_") and a.name != "__version__":
+                        found.append(f"{name}: from {node.module} import {a.name}")
+                    if f"{node.module}.{a.name}" in _modules():
+                        aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("cousins") and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+                found.append(f"{name}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
+    assert not found, "private names used across modules:\n" + "\n".join(found)

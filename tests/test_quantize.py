@@ -17,7 +17,7 @@ from cousins.family.quantize import LINEAR_WEIGHT, RECIPES, build_quantized, rea
 
 PROMPTS = ["def main(", "import os\n", "class Foo:", "for i in range("]
 # The recipes written here; llm-compressor's (llmc-*) are tested on the realistic teacher in
-# tests/test_realistic_family.py, all from one oneshot subprocess.
+# tests/test_realistic.py, all from one oneshot subprocess.
 OWN_RECIPES = sorted(r for r in RECIPES if not r.startswith("llmc-"))
 
 

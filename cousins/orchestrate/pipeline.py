@@ -19,7 +19,9 @@ from cousins.orchestrate.accounting import RunResult, efficiency
 from cousins.contract.config import Config, redacted
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
-from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone, Summary, decode, encode
+from cousins.contract.codec import decode, encode
+from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelStats, ScoresDone
+from cousins.contract.summary import Summary
 from cousins.run.lifecycle import Run, committed, config_hash, model_record, now, open_run as _open_run, versions
 from cousins.engine.placement import check_fits, cluster_shapes
 from cousins.orchestrate.kld import stage_kld

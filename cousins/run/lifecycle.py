@@ -31,7 +31,9 @@ import yaml
 
 from cousins import __version__
 from cousins.contract import schema
-from cousins.contract.records import Manifest, ModelEntry, ModelRecord, Summary, decode, encode
+from cousins.contract.codec import decode, encode
+from cousins.contract.records import Manifest, ModelEntry, ModelRecord
+from cousins.contract.summary import Summary
 from cousins.run.storage import (SUCCESS, Location, RunLayout, data_files, done_info, is_done, mark_done, resolve,
                              write_parquet_atomic)
 

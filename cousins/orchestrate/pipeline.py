@@ -16,7 +16,8 @@ import time
 from cousins.family import prepare as family
 from cousins.engine import plan
 from cousins.orchestrate.accounting import RunResult, efficiency
-from cousins.contract.config import Config, redacted
+from cousins.contract.config import Config
+from cousins.contract.redact import redacted
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.contract.codec import decode, encode

@@ -14,7 +14,9 @@ import hydra
 from omegaconf import DictConfig
 
 from cousins.bench import suite as bench
-from cousins.contract.config import ConfigError, redacted, resolve_paths, to_config, validate
+from cousins.contract.config import ConfigError, resolve_paths, to_config
+from cousins.contract.redact import redacted
+from cousins.contract.validate import validate
 from cousins.family.prepare import prepare_before_ray
 from cousins.run.runtime import init_ray
 

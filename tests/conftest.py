@@ -59,7 +59,8 @@ def tiny_config(tiny_teacher, tmp_path):
     """A composed, validated job config on the tiny teacher and the demo corpus, writing to tmp_path."""
 
     def make(*overrides: str):
-        from cousins.contract.config import resolve_paths, to_config, validate
+        from cousins.contract.config import resolve_paths, to_config
+        from cousins.contract.validate import validate
 
         cfg = resolve_paths(to_config(compose(
             f"model.path={tiny_teacher}", f"storage.root={tmp_path / 'out'}", *overrides)))

@@ -17,7 +17,8 @@ from conftest import ROOT, compose
 from cousins.engine import checkpoints
 from cousins.contract.refs import kind
 from cousins.engine.checkpoints import CheckpointError, local_copy
-from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import ConfigError, resolve_paths, to_config
+from cousins.contract.validate import validate
 from model_fixtures import hub_cache
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose
-from cousins.contract.config import Config, ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import Config, ConfigError, resolve_paths, to_config
+from cousins.contract.validate import validate
 
 GROUPS = sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir())
 
@@ -69,7 +70,7 @@ def test_relative_paths_resolve_against_the_start_directory(tmp_path):
 
 
 def test_redacted_config_drops_secrets():
-    from cousins.contract.config import redacted
+    from cousins.contract.redact import redacted
 
     cfg = to_config(compose("+storage.options.secret=hunter2", "+storage.options.key=AKIA",
                             "+storage.options.client_kwargs.aws_session_token=tok",
@@ -82,7 +83,7 @@ def test_redacted_config_drops_secrets():
 
 
 def test_redaction_covers_key_ids_connection_strings_headers_and_passwords_in_urls():
-    from cousins.contract.config import redacted
+    from cousins.contract.redact import redacted
 
     cfg = to_config(compose("+storage.options.aws_access_key_id=AKIAX", "+storage.options.connection_string=cs1",
                             "+storage.options.client_kwargs.headers.Authorization=Bearer-abc",
@@ -129,7 +130,8 @@ def test_export_config_composes():
 def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_query():
     import dataclasses
 
-    from cousins.contract.config import ConfigError, CousinConfig, validate
+    from cousins.contract.config import ConfigError, CousinConfig
+    from cousins.contract.validate import validate
     from cousins.query.runs import BadInput, check_name
 
     cfg = to_config(compose())

@@ -14,7 +14,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.contract.config import resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.drift import metrics
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec

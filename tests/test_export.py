@@ -157,10 +157,10 @@ def test_export_round_trips_through_datasets_pyarrow_and_duckdb(ray_local, tmp_p
     for needle in ("run `r1`", "fingerprint `f00`", "answer check", "| answer check | 11 | 2 |", "top-3 logprobs"):
         assert needle in card, needle
     assert result.bytes_per_output_token == pytest.approx(sum(f["bytes"] for f in result.files) / result.output_tokens)
-    from cousins.contract import records
+    from cousins.contract import codec, records
 
     marker = json.loads((out / "_SUCCESS").read_text())  # the export's marker reads back as declared
-    assert records.encode(records.decode(records.ExportDone, marker)) == marker and marker["rows"] == 9
+    assert codec.encode(codec.decode(records.ExportDone, marker)) == marker and marker["rows"] == 9
 
 
 @pytest.mark.integration
@@ -194,7 +194,8 @@ def test_export_refuses_unknown_and_uncommitted_runs_and_names_available_fields(
 
 
 def test_accounting_properties_add_up():
-    from cousins.contract.records import ModelStats, encode
+    from cousins.contract.codec import encode
+    from cousins.contract.records import ModelStats
 
     s = ModelStats(model="m", prompts=10, samples=2, rows=20, error_rows=2, prompt_tokens=100, output_tokens=900,
                    wall_s=30.0, engine_s=20.0, new_rows=20, new_output_tokens=900, accelerator="gpu",

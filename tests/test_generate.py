@@ -11,7 +11,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.contract.config import resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.orchestrate.pipeline import run_generate
 from cousins.family.demo_corpus import DEMO_PATH
 from cousins.run.layout import RunLayout, part_files

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import compose
-from cousins.contract.config import redacted, to_config
+from cousins.contract.config import to_config
+from cousins.contract.redact import redacted
 from cousins.orchestrate.accounting import RunResult, summary_table
 from cousins.orchestrate.pipeline import open_run
 from cousins.contract.records import GenerationsDone, ModelStats, PromptsDone

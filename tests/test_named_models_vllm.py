@@ -23,7 +23,8 @@ import pytest
 
 from conftest import ROOT, compose
 from cousins.engine import checkpoints
-from cousins.contract.config import resolve_paths, to_config, validate
+from cousins.contract.config import resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.family.prepare import prepare_before_ray
 from cousins.orchestrate.pipeline import run_drift
 from cousins.family.quantize import build_quantized

@@ -1,6 +1,6 @@
 """The orchestrations end to end on a local Ray with the fake engine (tests/fake_engine.py): stages,
 resume, a cousin that cannot load, the diff, recompute, and every JSON a run holds read back through
-its declaration (cousins/contract/records.py). Real vLLM runs of the same paths are in test_generate.py and
+its declaration (cousins/contract/records.py, summary.py). Real vLLM runs of the same paths are in test_generate.py and
 test_drift_vllm.py."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
-from cousins.contract import records
+from cousins.contract import codec, records
 from cousins.contract.config import resolve_paths, to_config
+from cousins.contract.summary import Summary
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.engine.placement import PlacementError
@@ -49,13 +50,13 @@ def every_json_reads_back_as_declared(run_dir: str) -> int:
             if name == "manifest.json":
                 cls = records.Manifest
             elif name == "summary.json":
-                cls = records.Summary
+                cls = Summary
             elif name == "_SUCCESS":
                 cls = MARKERS[rel[0]]
             else:
                 continue
             data = json.loads(open(path).read())
-            assert records.encode(records.decode(cls, data, path)) == data, path
+            assert codec.encode(codec.decode(cls, data, path)) == data, path
             checked += 1
     return checked
 

@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT, compose
-from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import ConfigError, resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.engine.backend import EngineSpec, Placement, core_in_own_process, llm_kwargs
 from cousins.engine.placement import ANY_NODE, NodeShape, PlacementError, bundles, check_fits, strategy, uses_groups
 from cousins.engine.plan import engine_spec, model_entries

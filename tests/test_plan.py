@@ -13,7 +13,8 @@ import pytest
 from conftest import compose
 from cousins.engine import plan
 from cousins.engine import templates
-from cousins.contract.config import ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import ConfigError, resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.family.prepare import check_models, check_templates
 
 

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from cousins.drift import plane as pl
-from cousins.contract.records import Plane, decode, encode
+from cousins.contract.codec import decode, encode
+from cousins.contract.summary import Plane
 
 
 def test_wilson_matches_the_textbook_values():
@@ -85,7 +86,7 @@ KINDS = {"orig": "original", "q8": "quantized", "q4": "quantized", "noise-floor"
 
 def _plane(accounting: dict, **kw) -> dict:
     out = pl.plane(accounting, KINDS, level=0.95, currency="EUR", **kw)
-    assert encode(decode(Plane, out)) == out  # declared in records.py, reads back unchanged
+    assert encode(decode(Plane, out)) == out  # declared in summary.py, reads back unchanged
     return out
 
 

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from conftest import compose
-from cousins.contract.config import CousinConfig, ConfigError, resolve_paths, to_config, validate
+from cousins.contract.config import CousinConfig, ConfigError, resolve_paths, to_config
+from cousins.contract.validate import validate
 from cousins.family.prepare import check_vocabularies, students_to_build, teacher_data_config
 from cousins.engine.plan import model_entries, reordered_batch_size
 from cousins.contract.records import NOISE_FLOOR

@@ -1,120 +1,22 @@
-"""The JSON half of the data contract: every JSON file a run holds, declared as typed records.
+"""manifest.json and each stage's `_SUCCESS` marker, declared as typed records.
 
-`schema.py` declares the Parquet tables; this module declares the rest of a run directory:
-`manifest.json` (Manifest), `summary.json` (Summary) and each stage's `_SUCCESS` marker
-(PromptsDone, GenerationsDone, ScoresDone, DriftDone, ExportDone). Writers build these records and
-`encode` them; readers `decode` a file's JSON into its record, which names the first key that is
-missing, unknown or of the wrong type ("manifest.row_counts.tiny-teacher.rows: expected int, got str").
-
-A field declared with `optional()` is left out of the JSON while it is None, so files written
-before it existed decode, and a record encodes back to exactly the JSON it was read from.
+`schema.py` declares the Parquet tables and `summary.py` a drift run's `summary.json`; this module
+declares the rest of a run directory's JSON: `manifest.json` (Manifest, with the models, corpus,
+sampling and per-model token accounting it records) and the stage markers (PromptsDone,
+GenerationsDone, ScoresDone, DriftDone, ExportDone), plus the model entries the stages pass around
+(ModelEntry), the noise floor's reserved name and the seed rule. Writers build these records and
+`codec.encode` them; readers `codec.decode` a file's JSON into its record.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
+
+from cousins.contract.codec import optional
 
 NOISE_FLOOR = "noise-floor"  # the pseudo-cousin: the original against itself under another batching
 SEED_RULE = "sha256(f'{seed}:{prompt_id}:{sample_index}')[:4] little-endian & 0x7fffffff"
-
-
-class RecordError(ValueError):
-    """A JSON document that does not match its declared record."""
-
-
-def optional(default: Any = None):
-    """A field that may be absent from the JSON (and is omitted while None)."""
-    return field(default=default, metadata={"omit_none": True})
-
-
-# --- encode / decode -------------------------------------------------------------------------------
-
-def encode(obj: Any) -> Any:
-    """A record (or a container of records) as plain JSON data."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if value is None and f.metadata.get("omit_none"):
-                continue
-            out[f.name] = encode(value)
-        return out
-    if isinstance(obj, dict):
-        return {str(k): encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [encode(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
-        return obj.item()
-    return obj
-
-
-def decode(cls: Any, data: Any, where: str = "") -> Any:
-    """`data` (parsed JSON) as an instance of `cls`, checked all the way down."""
-    where = where or getattr(cls, "__name__", "value").lower()
-    return _decode(cls, data, where)
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _decode(tp: Any, data: Any, where: str) -> Any:
-    if tp is Any:
-        return data
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if data is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _decode(arg, data, where)
-            except RecordError as e:
-                errors.append(str(e))
-        raise RecordError(errors[0] if len(errors) == 1 else f"{where}: {data!r:.60} matches none of {args}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise RecordError(f"{where}: unknown keys {unknown}")
-        hints, values = _hints(tp), {}
-        for name, f in fields.items():
-            if name in data:
-                values[name] = _decode(hints[name], data[name], f"{where}.{name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecordError(f"{where}: missing key {name!r}")
-        return tp(**values)
-    if origin is list:
-        if not isinstance(data, list):
-            raise RecordError(f"{where}: expected a list, got {type(data).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(data)]
-    if origin is dict:
-        if not isinstance(data, dict):
-            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
-        _, item = typing.get_args(tp)
-        return {k: _decode(item, v, f"{where}.{k}") for k, v in data.items()}
-    if tp is float:
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return data  # JSON writes 1.0 as 1.0 but a whole float may come back as an int
-        raise RecordError(f"{where}: expected a number, got {type(data).__name__}")
-    if tp in (int, str, bool):
-        if isinstance(data, tp) and not (tp is int and isinstance(data, bool)):
-            return data
-        raise RecordError(f"{where}: expected {tp.__name__}, got {type(data).__name__}")
-    raise TypeError(f"{where}: cannot decode into {tp!r}")  # a declaration this module does not support
 
 
 # --- stage markers (_SUCCESS) ----------------------------------------------------------------------
@@ -345,107 +247,3 @@ class Manifest:
     scores: dict[str, ScoresDone] | None = optional()  # drift runs
     drift: dict[str, Headline] | None = optional()  # drift runs
     drift_recomputed: str | None = optional()  # when the diff was last redone from stored rows
-
-
-# --- the drift summary -----------------------------------------------------------------------------
-
-@dataclass
-class Metric:
-    """A figure with its bootstrap interval over prompts (and a standard error where one is defined)."""
-
-    value: float | None
-    ci: list[float] | None
-    se: float | None = optional()
-
-
-@dataclass
-class Slice:
-    """A figure set over one slice of tokens (by the original's margin) or rows (by category)."""
-
-    tokens: int | None = optional()
-    rows: int | None = optional()
-    kld_mean: Metric | None = optional()
-    same_top1: Metric | None = optional()
-    flip_rate: Metric | None = optional()
-    length_ratio: Metric | None = optional()
-
-
-@dataclass
-class CousinSummary:
-    name: str
-    kind: str
-    text_only: bool
-    rows: int
-    tokens: int
-    error_rows: int
-    error: str | None
-    metrics: dict[str, Metric]
-    slices: dict[str, dict[str, Slice]]  # "margin" | "category" -> label -> figures
-
-
-@dataclass
-class BootstrapRecord:
-    resamples: int
-    level: float
-    seed: int
-    quantile_resamples: int
-
-
-@dataclass
-class Dominance:
-    """Another model at least as good on every axis of the plane and strictly better on one."""
-
-    model: str
-    within_ci: bool  # the intervals leave room for the dominated model to be the better one
-
-
-@dataclass
-class PlanePoint:
-    """One model on the capability-against-cost plane (cousins/drift/plane.py)."""
-
-    name: str
-    kind: str
-    labelled_rows: int
-    labelled_prompts: int | None
-    correct_rows: int
-    accuracy: Metric  # correct / labelled rows, Wilson interval over the prompt-clustered effective n
-    tokens_per_correct: Metric  # output tokens on labelled prompts per correct answer
-    cost_per_1m_output_tokens: float | None
-    frontier: bool | None  # None: not placed (the noise floor, or no labelled rows)
-    dominated_by: list[Dominance]
-    interval_basis: str | None = optional()  # "prompts" (clustered) or "rows" (older runs)
-
-
-@dataclass
-class Plane:
-    """Every model's accuracy against tokens per correct answer and cost, the frontier marked."""
-
-    axes: list[str]  # what the frontier is decided on (cost only when every placed model has one)
-    level: float
-    interval: str
-    currency: str
-    models: list[PlanePoint]
-    notes: list[str]
-
-
-@dataclass
-class Summary:
-    """summary.json of a drift run: every cousin's figures with CIs, and the noise floor."""
-
-    run_id: str
-    original: str
-    score_topk: int
-    prompts: int
-    bootstrap: BootstrapRecord
-    kld_bound: str
-    answer_match: str
-    noise_floor: CousinSummary | None
-    cousins: list[CousinSummary]
-    computed: str
-    warnings: list[str] | None = optional()  # e.g. a top-k KLD that understates the full KLD
-    kld: str | None = optional()  # topk (a lower bound) or exact (drift.kld)
-    quantile_error: str | None = optional()  # the stated error of the token quantiles (drift/summary.py)
-    accounting: dict[str, Accounting] | None = optional()
-    cost_currency: str | None = optional()
-    timings: dict[str, float | None] | None = optional()
-    plane: Plane | None = optional()

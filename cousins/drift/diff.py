@@ -1,6 +1,6 @@
 """The drift diff: per cousin, its generations and scores joined with the original's by row key into
 drift rows (drift/cousin={name}/, computed on Ray Data workers: drift/rows.py), then summaries with
-bootstrap CIs (summary.json, records.Summary) and report.html, made from the workers' mergeable
+bootstrap CIs (summary.json, contract.summary.Summary) and report.html, made from the workers' mergeable
 aggregates (drift/aggregate.py): the driver never holds a drift row. CPU only: reads stored generations
 and scores, never an engine (this package does not import the engine modules). `recompute` redoes
 it for a committed run, on the connected Ray.
@@ -18,7 +18,9 @@ from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indi
 from cousins.drift.rows import drift_rows, first_texts, load_error
 from cousins.drift.summary import QUANTILE_ERROR, BootstrapSpec, summary_of
 from cousins.drift.plane import plane
-from cousins.contract.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry, Summary, decode, encode
+from cousins.contract.codec import decode, encode
+from cousins.contract.records import NOISE_FLOOR, DriftDone, Headline, ModelEntry
+from cousins.contract.summary import Summary
 from cousins.run.lifecycle import Run, StageIncomplete, committed, now
 from cousins.run.storage import Location
 

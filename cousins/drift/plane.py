@@ -4,7 +4,7 @@ are on the Pareto frontier. The question a user asks of a cousin: is it cheaper 
 
 Pure functions of the run's accounting (records.Accounting: correct and labelled rows, tokens per
 correct answer, cost per 1M tokens, and the prompt-clustered standard error of the accuracy that
-accounting.efficiency measures); summary.json's `plane` (records.Plane).
+accounting.efficiency measures); summary.json's `plane` (contract.summary.Plane).
 
 - Accuracy interval: a Wilson score interval at the run's confidence level over an *effective*
   sample size. The samples of one prompt are not independent answers, so the rows are treated as
@@ -70,7 +70,7 @@ def effective_n(p: float, rows: int, prompts: int | None, se: float | None) -> t
 
 
 def point(name: str, kind: str, a: dict, level: float) -> dict:
-    """One model on the plane (records.PlanePoint, frontier not yet decided) from its accounting."""
+    """One model on the plane (contract.summary.PlanePoint, frontier not yet decided) from its accounting."""
     labelled, correct = a.get("labelled_rows") or 0, a.get("correct_rows") or 0
     prompts = a.get("labelled_prompts")
     out = {"name": name, "kind": kind, "labelled_rows": labelled, "labelled_prompts": prompts,
@@ -122,7 +122,7 @@ def within_ci(a: dict, b: dict) -> bool:
 
 
 def plane(accounting: dict[str, dict], kinds: dict[str, str], *, level: float, currency: str) -> dict:
-    """summary.json's `plane` (records.Plane) from the run's accounting (model -> records.Accounting
+    """summary.json's `plane` (contract.summary.Plane) from the run's accounting (model -> records.Accounting
     as JSON) and the models' kinds (original, quantized, distilled, other, noise)."""
     points = [point(name, kinds.get(name, "other"), a, level) for name, a in accounting.items()]
     placed = [m for m in points if m["kind"] != "noise" and m["accuracy"]["value"] is not None]

@@ -29,7 +29,8 @@ from cousins.contract import schema
 from cousins.contract.config import LogConfig, RayConfig, StorageConfig
 from cousins.drift.metrics import is_correct, normalise_answer
 from cousins.run.progress import Bar
-from cousins.contract.records import ExportDone, ExportFile, encode
+from cousins.contract.codec import encode
+from cousins.contract.records import ExportDone, ExportFile
 from cousins.run.lifecycle import NotCommitted, Run, committed
 from cousins.run.storage import Location, mark_done, parquet_bytes, resolve
 

@@ -7,7 +7,8 @@ import sys
 import traceback
 from typing import Callable, TypeVar
 
-from cousins.contract.config import Config, ConfigError, validate
+from cousins.contract.config import Config, ConfigError
+from cousins.contract.validate import validate
 from cousins.family.prepare import check_vocabularies, prepare_before_ray
 from cousins.orchestrate.pipeline import build_students, open_run
 from cousins.run.lifecycle import Run, RunConflict

@@ -11,8 +11,11 @@ import os
 import platform
 
 from cousins import __version__
-from cousins.contract.config import Config, redacted
-from cousins.contract.records import (SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelRecord, Summary, decode)
+from cousins.contract.codec import decode
+from cousins.contract.config import Config
+from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelRecord
+from cousins.contract.redact import redacted
+from cousins.contract.summary import Summary
 from cousins.engine import checkpoints, plan
 from cousins.orchestrate.accounting import RunResult
 from cousins.run.layout import ERRORS, GENERATIONS, PROMPTS

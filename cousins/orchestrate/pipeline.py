@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from cousins.contract.config import Config, redacted
-from cousins.contract.records import ModelEntry, ModelStats, ScoresDone, encode
+from cousins.contract.config import Config
+from cousins.contract.codec import encode
+from cousins.contract.records import ModelEntry, ModelStats, ScoresDone
+from cousins.contract.redact import redacted
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.engine import plan

@@ -28,7 +28,9 @@ import pyarrow as pa
 import yaml
 
 from cousins.contract import schema
-from cousins.contract.records import Manifest, ModelEntry, Summary, decode, encode
+from cousins.contract.codec import decode, encode
+from cousins.contract.records import Manifest, ModelEntry
+from cousins.contract.summary import Summary
 from cousins.run.layout import RunLayout, count_rows, part_path, read_table
 from cousins.run.storage import SUCCESS, Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 

@@ -120,7 +120,7 @@ def test_every_job_config_composes_and_validates(name, tiny_teacher):
 def test_export_config_composes():
     from omegaconf import OmegaConf
 
-    from cousins.export.write import ExportConfig
+    from cousins.export.config import ExportConfig
 
     cfg = OmegaConf.to_object(compose("run_id=r1", "kd=true", "filters.near_dedup=true", config_name="export"))
     assert isinstance(cfg, ExportConfig) and cfg.kd and cfg.filters.near_dedup and cfg.storage.root == "outputs"

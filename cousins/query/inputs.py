@@ -62,13 +62,13 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def _check_text(value: str | None, what: str) -> str | None:
+def check_text(value: str | None, what: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_TEXT):
         raise BadInput(f"invalid {what}: give 1 to {MAX_TEXT} characters")
     return value
 
 
-def _check_number(value: float | None, what: str) -> float | None:
+def check_number(value: float | None, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

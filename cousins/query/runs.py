@@ -35,7 +35,7 @@ from cousins.contract import schema
 from cousins.query.inputs import (  # re-exported: callers use cousins.query.runs.X
     DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
     NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
-    NotFound as NotFound, Damaged as Damaged, Unavailable as Unavailable, check_name as check_name, _check_text as _check_text, _check_number as _check_number)
+    NotFound as NotFound, Damaged as Damaged, Unavailable as Unavailable, check_name as check_name, check_text as check_text, check_number as check_number)
 from cousins.run.lifecycle import NotCommitted, committed
 from cousins.run.storage import Location, RunLayout, data_files
 
@@ -362,10 +362,10 @@ def drift_page(root: Location, run_id: str, *, cousin: str | None = None, catego
     _need_drift(run_id, manifest)
     if cousin is not None:
         check_name(cousin, "cousin")
-    _check_text(category, "category")
+    check_text(category, "category")
     if metric not in METRICS:
         raise BadInput(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    min_value, max_value = _check_number(min_value, "min"), _check_number(max_value, "max")
+    min_value, max_value = check_number(min_value, "min"), check_number(max_value, "max")
     if sort not in SORT_FIELDS:
         raise BadInput(f"cannot sort by {sort!r}; choose one of {list(SORT_FIELDS)}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
@@ -472,7 +472,7 @@ def prompt_view(root: Location, run_id: str, prompt_id: str, *, sample_index: in
     the first divergence, as the token index and the character spans [start, end) of the first
     divergent token in the original's text and in the cousin's."""
     layout, manifest = _committed(root, run_id)
-    _check_text(prompt_id, "prompt id")
+    check_text(prompt_id, "prompt id")
     if sample_index is not None and (isinstance(sample_index, bool) or not isinstance(sample_index, int)
                                      or not 0 <= sample_index < 2**31):
         raise BadInput("sample_index must be a non-negative integer")

@@ -122,6 +122,7 @@ def _query(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from cousins.query import inputs as qi
     from cousins.query import runs as q
     from cousins.query import render as qr
     from cousins.run.storage import resolve
@@ -141,7 +142,7 @@ def _query(args: argparse.Namespace) -> int:
             text = qr.render_cousin_summary if args.cousin else qr.render_summary
         elif args.what == "drift":
             if args.min_kld is not None and (args.min is not None or args.metric not in (None, "kld_mean")):
-                raise q.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
+                raise qi.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
             data, text = q.drift_page(
                 root, args.run_id, cousin=args.cousin, category=args.category, metric=args.metric or "kld_mean",
                 min_value=args.min if args.min_kld is None else args.min_kld, max_value=args.max,
@@ -158,15 +159,16 @@ def _query(args: argparse.Namespace) -> int:
             else:
                 sys.stdout.write(qr.terminal_safe(html.decode("utf-8")))
             return 0
-    except q.QueryError as e:
+    except qi.QueryError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, q.BadInput) else 1
+        return 2 if isinstance(e, qi.BadInput) else 1
     print(qr.json_safe(json.dumps(data, indent=2, ensure_ascii=False)) if args.json else qr.terminal_safe(text(data)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cousins.query.runs import DEFAULT_LIMIT, METRICS, SORT_FIELDS
+    from cousins.query.inputs import DEFAULT_LIMIT
+    from cousins.query.runs import METRICS, SORT_FIELDS
     from cousins.contract.recipes import MODEL_RECIPES, TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])

@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from cousins.query import runs as query
+from cousins.query.inputs import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, MAX_TEXT, NAME_PATTERN, BadInput, QueryError
 from cousins.run.storage import Location, resolve
 
 log = logging.getLogger("cousins.query.runs")
@@ -48,8 +49,8 @@ class Order(str, Enum):
     desc = "desc"
 
 
-RunId = Path(pattern=query.NAME_PATTERN, max_length=200, description="a committed run's id")
-NameQuery = dict(pattern=query.NAME_PATTERN, max_length=200)
+RunId = Path(pattern=NAME_PATTERN, max_length=200, description="a committed run's id")
+NameQuery = dict(pattern=NAME_PATTERN, max_length=200)
 _ERROR = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
 _RUN_ERRORS = {401: {"description": "missing or wrong bearer token", **_ERROR},
@@ -69,8 +70,8 @@ def _known_query(request: Request) -> None:
     allowed = {p.alias for p in get_flat_dependant(route.dependant).query_params}
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise query.BadInput(f"unknown query parameters {[u[:40] for u in unknown[:5]]}; "
-                             f"this endpoint takes {sorted(allowed)}")
+        raise BadInput(f"unknown query parameters {[u[:40] for u in unknown[:5]]}; "
+                       f"this endpoint takes {sorted(allowed)}")
 
 
 _STORAGE_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -123,8 +124,8 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     async def _unauthorized(request: Request, exc: Unauthorized):
         return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    @api.exception_handler(query.QueryError)
-    async def _query_error(request: Request, exc: query.QueryError):
+    @api.exception_handler(QueryError)
+    async def _query_error(request: Request, exc: QueryError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @api.exception_handler(RequestValidationError)
@@ -208,7 +209,7 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     def drift(
         run_id: str = RunId,
         cousin: str | None = Query(None, **NameQuery),
-        category: str | None = Query(None, min_length=1, max_length=query.MAX_TEXT),
+        category: str | None = Query(None, min_length=1, max_length=MAX_TEXT),
         metric: Metric = Query(Metric.kld_mean, description="the numeric column min and max apply to"),
         min: float | None = Query(None, description="keep rows with metric >= min"),  # noqa: A002
         max: float | None = Query(None, description="keep rows with metric <= max"),  # noqa: A002
@@ -216,8 +217,8 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
         errors: bool | None = Query(None, description="true: only error rows; false: only rows without"),
         sort: SortField = Query(SortField.kld_mean),
         order: Order = Query(Order.desc),
-        limit: int = Query(query.DEFAULT_LIMIT, ge=1, le=query.MAX_LIMIT),
-        offset: int = Query(0, ge=0, le=query.MAX_OFFSET),
+        limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         fields: list[Field] | None = Query(None, description="columns (default: all but the per-token lists)"),
     ) -> dict:
         return query.drift_page(
@@ -229,7 +230,7 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     @r.get("/runs/{run_id}/prompts/{prompt_id:path}", tags=["drift"],
            summary="one prompt's generations by every model, side by side, with the first divergence")
     def prompt(run_id: str = RunId,
-               prompt_id: str = Path(min_length=1, max_length=query.MAX_TEXT),
+               prompt_id: str = Path(min_length=1, max_length=MAX_TEXT),
                sample_index: int | None = Query(None, ge=0, lt=2**31)) -> dict:
         return query.prompt_view(loc, run_id, prompt_id, sample_index=sample_index)
 

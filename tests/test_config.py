@@ -130,7 +130,7 @@ def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_quer
     import dataclasses
 
     from cousins.contract.config import ConfigError, CousinConfig, validate
-    from cousins.query.runs import BadInput, check_name
+    from cousins.query.inputs import BadInput, check_name
 
     cfg = to_config(compose())
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="my model"),

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from cousins.query import runs as query
+from cousins.query.inputs import MAX_LIMIT, MAX_OFFSET, BadInput, Damaged, NotFound, Unavailable
 from cousins.contract import schema
 from cousins.cli import main
 from cousins.drift.summary import BootstrapSpec, summarise
@@ -215,9 +216,9 @@ def test_only_committed_runs_are_listed(runs):
     assert d["rows"] == {m: 120 for m in [ORIGINAL, *COUSINS]}
     assert listed[GEN_RUN]["kind"] == "generate"
     for hidden in (PENDING_RUN, FAILED_RUN, "nope"):
-        with pytest.raises(query.NotFound):
+        with pytest.raises(NotFound):
             query.get_run(root, hidden)
-        with pytest.raises(query.NotFound):
+        with pytest.raises(NotFound):
             query.drift_page(root, hidden)
 
 
@@ -234,11 +235,11 @@ def test_manifest_config_and_json_safety(runs):
                                  "a\\b", "", "x" * 201, "a b", "é"])
 def test_names_that_could_be_paths_are_refused(runs, bad):
     root, _ = runs
-    with pytest.raises(query.BadInput):
+    with pytest.raises(BadInput):
         query.get_run(root, bad)
-    with pytest.raises(query.BadInput):
+    with pytest.raises(BadInput):
         query.drift_page(root, DRIFT_RUN, cousin=bad)
-    with pytest.raises(query.BadInput):
+    with pytest.raises(BadInput):
         query.get_summary(root, DRIFT_RUN, bad)
 
 
@@ -250,9 +251,9 @@ def test_summary_per_cousin_with_the_noise_floor(runs):
     assert one["cousin"]["name"] == "q8" and one["noise_floor"]["metrics"]["kld_mean"]["value"] == 0
     assert len(one["cousin"]["metrics"]["kld_mean"]["ci"]) == 2
     assert one["plane"] == full["plane"]  # the frontier compares every model: the whole plane
-    with pytest.raises(query.NotFound, match="no cousin"):
+    with pytest.raises(NotFound, match="no cousin"):
         query.get_summary(root, DRIFT_RUN, "q4")
-    with pytest.raises(query.NotFound, match="not a drift run"):
+    with pytest.raises(NotFound, match="not a drift run"):
         query.get_summary(root, GEN_RUN)
 
 
@@ -294,14 +295,14 @@ def test_filters_and_sorts(runs):
     assert "kld_tokens" not in query.drift_page(root, DRIFT_RUN, limit=1)["rows"][0]  # lists are opt-in
 
 
-@pytest.mark.parametrize("kwargs", [{"limit": 0}, {"limit": query.MAX_LIMIT + 1}, {"offset": -1},
-                                    {"offset": query.MAX_OFFSET + 1}, {"sort": "kld_tokens"},
+@pytest.mark.parametrize("kwargs", [{"limit": 0}, {"limit": MAX_LIMIT + 1}, {"offset": -1},
+                                    {"offset": MAX_OFFSET + 1}, {"sort": "kld_tokens"},
                                     {"sort": "__import__('os')"}, {"metric": "original_text", "min_value": 1},
                                     {"metric": "nope"}, {"metric": "chrf", "min_value": math.nan},
                                     {"fields": ["nope"]}, {"category": "x" * 501}])
 def test_bad_page_parameters(runs, kwargs):
     root, _ = runs
-    with pytest.raises(query.BadInput):
+    with pytest.raises(BadInput):
         query.drift_page(root, DRIFT_RUN, **kwargs)
 
 
@@ -321,7 +322,7 @@ def test_prompt_view_side_by_side(runs):
         if row["first_divergence"] is not None:
             assert vs["cousin_span"] == [row["div_cousin_start"], row["div_cousin_end"]]
     assert len(query.prompt_view(root, DRIFT_RUN, ODD_ID, sample_index=1)["samples"]) == 1
-    with pytest.raises(query.NotFound):
+    with pytest.raises(NotFound):
         query.prompt_view(root, DRIFT_RUN, "no-such-prompt")
     gen_only = query.prompt_view(root, GEN_RUN, ODD_ID)
     assert [g["model"] for g in gen_only["samples"][0]["generations"]] == [ORIGINAL]
@@ -330,7 +331,7 @@ def test_prompt_view_side_by_side(runs):
 def test_report(runs):
     root, _ = runs
     assert query.get_report(root, DRIFT_RUN).startswith(b"<!DOCTYPE html>")
-    with pytest.raises(query.NotFound):
+    with pytest.raises(NotFound):
         query.get_report(root, GEN_RUN)
 
 
@@ -432,7 +433,7 @@ def test_runs_in_progress_failed_and_damaged_are_listed_as_such(tmp_path, capsys
     assert every[PENDING_RUN]["status"] == "in progress" and every[FAILED_RUN]["status"] == "failed"
     assert "prompts" in every[PENDING_RUN]["stages_done"] and every[PENDING_RUN]["updated"]
     assert sum(every[PENDING_RUN]["parts"].values()) >= 1
-    with pytest.raises(query.BadInput):
+    with pytest.raises(BadInput):
         query.list_runs(root, "sometimes")
     rc, out, _ = run_cli(capsys, "runs", "--all", "--root", root.url)
     assert rc == 0 and "in progress" in out and "failed" in out and "1 committed run(s), 4 other" in out
@@ -448,17 +449,17 @@ def test_damaged_files_are_answered_as_damage_naming_the_run(tmp_path, capsys):
     run_dir = tmp_path / "out" / "runs" / "hurt"
     part = sorted((run_dir / "drift").glob("cousin=*/part-*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:100])
-    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: ArrowInvalid"):
+    with pytest.raises(Damaged, match=r"run 'hurt' has damaged data: ArrowInvalid"):
         query.drift_page(root, "hurt")
     summary = run_dir / "summary.json"
     summary.write_text(summary.read_text()[:50])
-    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: JSONDecodeError"):
+    with pytest.raises(Damaged, match=r"run 'hurt' has damaged data: JSONDecodeError"):
         query.get_summary(root, "hurt")
     for p in (run_dir / "prompts").glob("part-*.parquet"):
         p.write_bytes(b"not parquet at all")
-    with pytest.raises(query.Damaged):
+    with pytest.raises(Damaged):
         query.prompt_view(root, "hurt", "p0000")
-    assert query.Damaged.status == 500
+    assert Damaged.status == 500
     rc, _, err = run_cli(capsys, "summary", "hurt", "--root", root.url)
     assert rc == 1 and err.startswith("error: run 'hurt' has damaged data") and "Traceback" not in err
 
@@ -473,10 +474,10 @@ def test_a_storage_root_that_is_gone_is_unavailable_not_an_empty_store(tmp_path,
     write_run(root, "kept", prompts=4, rows_per_file=4, seed=1)
     assert [r["run_id"] for r in query.list_runs(root)] == ["kept"]
     (tmp_path / "out").rename(tmp_path / "unmounted")
-    with pytest.raises(query.Unavailable, match=r"the storage root .*/out does not exist"):
+    with pytest.raises(Unavailable, match=r"the storage root .*/out does not exist"):
         query.list_runs(root)
-    with pytest.raises(query.Unavailable):
+    with pytest.raises(Unavailable):
         query.get_manifest(root, "kept")
-    assert query.Unavailable.status == 503
+    assert Unavailable.status == 503
     rc, _, err = run_cli(capsys, "runs", "--root", root.url)
     assert rc == 1 and err.startswith("error: the storage root ") and "Traceback" not in err

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from conftest import ROOT
 from cousins.query import runs as query
+from cousins.query.inputs import MAX_LIMIT, MAX_OFFSET
 from cousins.run.storage import resolve
 from test_query_cli import DRIFT_RUN, FAILED_RUN, GEN_RUN, ODD_ID, PENDING_RUN, write_runs
 
@@ -190,7 +191,7 @@ def test_summary_drift_prompt_and_report(service, prefix):
 
 
 @pytest.mark.parametrize("params", [
-    {"limit": 0}, {"limit": query.MAX_LIMIT + 1}, {"offset": -1}, {"offset": query.MAX_OFFSET + 1},
+    {"limit": 0}, {"limit": MAX_LIMIT + 1}, {"offset": -1}, {"offset": MAX_OFFSET + 1},
     {"sort": "kld_tokens"}, {"sort": "__import__('os').system('id')"}, {"metric": "original_text", "min": 1},
     {"metric": "nope"}, {"metric": "chrf", "min": "nan"}, {"metric": "chrf", "max": "inf"}, {"fields": "nope"},
     {"cousin": "../../etc"}, {"cousin": "/etc/passwd"}, {"cousin": "s3://other/x"}, {"cousin": ".hidden"},

@@ -15,7 +15,7 @@ columns of those names): the first streams only the filter and sort columns with
 keeps the best `offset + limit` keys with the file each came from, the second reads the page's rows
 with the requested columns from those files only. Memory follows the page and the key columns, never the size of the run.
 
-Request input and query errors: `cousins.query.inputs` (re-exported here); CLI text views: `cousins.query.render`.
+Request input and query errors: `cousins.query.inputs`; CLI text views: `cousins.query.render`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cousins.contract import schema
-from cousins.query.inputs import (  # re-exported: callers use cousins.query.runs.X
-    DEFAULT_LIMIT as DEFAULT_LIMIT, MAX_LIMIT as MAX_LIMIT, MAX_OFFSET as MAX_OFFSET, MAX_TEXT as MAX_TEXT,
-    NAME_PATTERN as NAME_PATTERN, is_name as is_name, QueryError as QueryError, BadInput as BadInput,
-    NotFound as NotFound, Damaged as Damaged, Unavailable as Unavailable, check_name as check_name, check_text as check_text, check_number as check_number)
+from cousins.query.inputs import (DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, BadInput, Damaged, NotFound, QueryError,
+                                   Unavailable, check_name, check_number, check_text, is_name)
 from cousins.run.lifecycle import NotCommitted, committed
 from cousins.run.storage import Location, RunLayout, data_files
 

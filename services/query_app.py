@@ -3,12 +3,12 @@
     serve run infra/serve.yaml                       # 127.0.0.1:8000, root from COUSINS_STORAGE_ROOT
     serve run services.query_app:build storage_root=s3://bucket/cousins
 
-Every answer comes from `cousins.query.runs` (the CLI's backend too); this module only maps HTTP onto
-it: query parameters with bounds and allow-lists (FastAPI answers 422 before any storage is read),
-`QueryError`s to their status, anything unexpected to a JSON 500 without a traceback. When
-`COUSINS_API_TOKEN` is set in the replica's environment every endpoint but /healthz and /readyz
-needs `Authorization: Bearer <token>`; the OpenAPI document and /docs stay open (they hold no data,
-and Swagger's "Authorize" button then works).
+Every answer comes from `cousins.query.runs`, `.drift` and `.prompt` (the CLI's backend too); this
+module only maps HTTP onto them: query parameters with bounds and allow-lists (FastAPI answers 422
+before any storage is read), `QueryError`s to their status, anything unexpected to a JSON 500
+without a traceback. When `COUSINS_API_TOKEN` is set in the replica's environment every endpoint but
+/healthz and /readyz needs `Authorization: Bearer <token>`; the OpenAPI document and /docs stay open
+(they hold no data, and Swagger's "Authorize" button then works).
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from cousins.query import runs as query
+from cousins.query.drift import DRIFT_FIELDS, METRICS, SORT_FIELDS, drift_page, get_summary, list_cousins
 from cousins.query.inputs import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, MAX_TEXT, NAME_PATTERN, BadInput, QueryError
+from cousins.query.prompt import prompt_view
+from cousins.query.runs import get_config, get_manifest, get_report, get_run, list_runs
 from cousins.run.storage import Location, resolve
 
 log = logging.getLogger("cousins.query.runs")
 
 ROOT_ENV, TOKEN_ENV = "COUSINS_STORAGE_ROOT", "COUSINS_API_TOKEN"
 
-SortField = Enum("SortField", {n: n for n in query.SORT_FIELDS}, type=str)
-Metric = Enum("Metric", {n: n for n in query.METRICS}, type=str)
-Field = Enum("Field", {n: n for n in query.DRIFT_FIELDS}, type=str)
+SortField = Enum("SortField", {n: n for n in SORT_FIELDS}, type=str)
+Metric = Enum("Metric", {n: n for n in METRICS}, type=str)
+Field = Enum("Field", {n: n for n in DRIFT_FIELDS}, type=str)
 
 
 class RunState(str, Enum):
@@ -179,31 +181,31 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     @r.get("/runs", tags=["runs"], summary="committed runs, newest first (state=all: in progress and failed too)")
     def runs(state: RunState = Query(RunState.committed,
                                      description="committed, or all: runs in progress and failed runs too")) -> dict:
-        return {"runs": query.list_runs(loc, state.value)}
+        return {"runs": list_runs(loc, state.value)}
 
     @r.get("/runs/{run_id}", tags=["runs"], summary="one run: listing entry and manifest")
     def run(run_id: str = RunId) -> dict:
-        return query.get_run(loc, run_id)
+        return get_run(loc, run_id)
 
     @r.get("/runs/{run_id}/manifest", tags=["runs"], summary="the run's manifest.json")
     def manifest(run_id: str = RunId) -> dict:
-        return query.get_manifest(loc, run_id)
+        return get_manifest(loc, run_id)
 
     @r.get("/runs/{run_id}/config", tags=["runs"], summary="the run's resolved config (config.yaml)")
     def config(run_id: str = RunId) -> dict:
-        return query.get_config(loc, run_id)
+        return get_config(loc, run_id)
 
     @r.get("/runs/{run_id}/summary", tags=["drift"], summary="drift summary: every cousin with CIs, noise floor")
     def summary(run_id: str = RunId) -> dict:
-        return query.get_summary(loc, run_id)
+        return get_summary(loc, run_id)
 
     @r.get("/runs/{run_id}/summary/{cousin}", tags=["drift"], summary="one cousin's drift summary and the noise floor")
     def cousin_summary(run_id: str = RunId, cousin: str = Path(**NameQuery)) -> dict:
-        return query.get_summary(loc, run_id, cousin)
+        return get_summary(loc, run_id, cousin)
 
     @r.get("/runs/{run_id}/cousins", tags=["drift"], summary="cousins with drift rows (noise floor included)")
     def cousins(run_id: str = RunId) -> dict:
-        return {"run_id": run_id, "cousins": query.list_cousins(loc, run_id)}
+        return {"run_id": run_id, "cousins": list_cousins(loc, run_id)}
 
     @r.get("/runs/{run_id}/drift", tags=["drift"], summary="a page of drift rows, filtered and sorted")
     def drift(
@@ -221,7 +223,7 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
         fields: list[Field] | None = Query(None, description="columns (default: all but the per-token lists)"),
     ) -> dict:
-        return query.drift_page(
+        return drift_page(
             loc, run_id, cousin=cousin, category=category, metric=metric.value,
             min_value=min, max_value=max, flips_only=flips_only, errors=errors,
             sort=sort.value, descending=order is Order.desc, limit=limit, offset=offset,
@@ -232,14 +234,14 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     def prompt(run_id: str = RunId,
                prompt_id: str = Path(min_length=1, max_length=MAX_TEXT),
                sample_index: int | None = Query(None, ge=0, lt=2**31)) -> dict:
-        return query.prompt_view(loc, run_id, prompt_id, sample_index=sample_index)
+        return prompt_view(loc, run_id, prompt_id, sample_index=sample_index)
 
     @r.get("/runs/{run_id}/report.html", tags=["drift"], summary="the run's self-contained HTML report",
            response_class=Response, responses={200: {"content": {"text/html": {}}}})
     def report(run_id: str = RunId) -> Response:
         # The report embeds its plots and needs no script: forbid everything else it might load.
         csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
-        return Response(query.get_report(loc, run_id), media_type="text/html; charset=utf-8",
+        return Response(get_report(loc, run_id), media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 
     api.include_router(r)

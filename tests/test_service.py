@@ -21,7 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 from conftest import ROOT
-from cousins.query import runs as query
+from cousins.query.drift import drift_page
 from cousins.query.inputs import MAX_LIMIT, MAX_OFFSET
 from cousins.run.storage import resolve
 from test_query_cli import DRIFT_RUN, FAILED_RUN, GEN_RUN, ODD_ID, PENDING_RUN, write_runs
@@ -173,8 +173,8 @@ def test_summary_drift_prompt_and_report(service, prefix):
     root = service.file_root if prefix == "" else service.s3_root
     params = dict(cousin="student", category="arithmetic", flips_only="true", sort="chrf", order="asc", limit=7)
     got = service.get(f"{prefix}/runs/{DRIFT_RUN}/drift", **params).json()
-    want = query.drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True,
-                            sort="chrf", descending=False, limit=7)
+    want = drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True,
+                      sort="chrf", descending=False, limit=7)
     assert got == json.loads(json.dumps(want)) and got["rows"]
     top = service.get(f"{prefix}/runs/{DRIFT_RUN}/drift", limit=3, fields=["kld_mean", "kld_tokens"]).json()
     assert [set(r) for r in top["rows"]] == [{"cousin", "prompt_id", "sample_index", "kld_mean", "kld_tokens"}] * 3

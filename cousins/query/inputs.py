@@ -1,10 +1,11 @@
-"""What a request to `cousins.query.runs` may ask, and the errors a query answers with: the pattern
-every name that becomes part of a path (run id, cousin, model) must match, the size limits on text
-values and on pages (`limit`, `offset`), the checkers that refuse anything outside them, and the
-error classes a query raises, each carrying the HTTP status the query service (services/) gives
-it: `BadInput` 422 (the request itself is invalid), `NotFound` 404 (no such committed run, prompt
-or cousin), and their base `QueryError` 422. It imports nothing from `cousins.query.runs`; that
-module and every caller import these names from here; the name rule itself is `cousins.contract.names`'.
+"""What a request to the query (`cousins.query.runs`, `.drift`, `.prompt`) may ask, and the errors a
+query answers with: the pattern every name that becomes part of a path (run id, cousin, model) must
+match, the size limits on text values and on pages (`limit`, `offset`), the checkers that refuse
+anything outside them, and the error classes a query raises, each carrying the HTTP status the query
+service (services/) gives it: `BadInput` 422 (the request itself is invalid), `NotFound` 404 (no
+such committed run, prompt or cousin), and their base `QueryError` 422. It imports none of those
+modules; they and every caller import these names from here; the name rule itself is
+`cousins.contract.names`'.
 """
 
 from __future__ import annotations

@@ -122,6 +122,9 @@ def _query(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from cousins.query import drift as qd
+    from cousins.query import inputs as qi
+    from cousins.query import prompt as qp
     from cousins.query import runs as q
     from cousins.query import render as qr
     from cousins.run.storage import resolve
@@ -137,19 +140,19 @@ def _query(args: argparse.Namespace) -> int:
 
             data, text = q.get_config(root, args.run_id), lambda d: yaml.safe_dump(d, sort_keys=False).rstrip()
         elif args.what == "summary":
-            data = q.get_summary(root, args.run_id, args.cousin)
+            data = qd.get_summary(root, args.run_id, args.cousin)
             text = qr.render_cousin_summary if args.cousin else qr.render_summary
         elif args.what == "drift":
             if args.min_kld is not None and (args.min is not None or args.metric not in (None, "kld_mean")):
-                raise q.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
-            data, text = q.drift_page(
+                raise qi.BadInput("--min-kld is --metric kld_mean --min X: give one or the other")
+            data, text = qd.drift_page(
                 root, args.run_id, cousin=args.cousin, category=args.category, metric=args.metric or "kld_mean",
                 min_value=args.min if args.min_kld is None else args.min_kld, max_value=args.max,
                 flips_only=args.flips_only,
                 errors=args.errors, sort=args.sort, descending=not args.asc, limit=args.limit,
                 offset=args.offset, fields=args.fields.split(",") if args.fields else None), qr.render_drift
         elif args.what == "prompt":
-            data, text = q.prompt_view(root, args.run_id, args.prompt_id, sample_index=args.sample), qr.render_prompt
+            data, text = qp.prompt_view(root, args.run_id, args.prompt_id, sample_index=args.sample), qr.render_prompt
         else:  # report
             html = q.get_report(root, args.run_id)
             if args.out:
@@ -158,15 +161,16 @@ def _query(args: argparse.Namespace) -> int:
             else:
                 sys.stdout.write(qr.terminal_safe(html.decode("utf-8")))
             return 0
-    except q.QueryError as e:
+    except qi.QueryError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, q.BadInput) else 1
+        return 2 if isinstance(e, qi.BadInput) else 1
     print(qr.json_safe(json.dumps(data, indent=2, ensure_ascii=False)) if args.json else qr.terminal_safe(text(data)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cousins.query.runs import DEFAULT_LIMIT, METRICS, SORT_FIELDS
+    from cousins.query.inputs import DEFAULT_LIMIT
+    from cousins.query.drift import METRICS, SORT_FIELDS
     from cousins.contract.recipes import MODEL_RECIPES, TINY_TEACHER
 
     parser = argparse.ArgumentParser(prog="cousins", description=__doc__.split("\n")[0])

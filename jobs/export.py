@@ -12,7 +12,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cousins.export.write import ExportConfig, ExportError, export, filter_table
+from cousins.export.card import filter_table
+from cousins.export.config import ExportConfig, ExportError
+from cousins.export.write import export
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="export")

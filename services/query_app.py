@@ -3,12 +3,12 @@
     serve run infra/serve.yaml                       # 127.0.0.1:8000, root from COUSINS_STORAGE_ROOT
     serve run services.query_app:build storage_root=s3://bucket/cousins
 
-Every answer comes from `cousins.query.runs` (the CLI's backend too); this module only maps HTTP onto
-it: query parameters with bounds and allow-lists (FastAPI answers 422 before any storage is read),
-`QueryError`s to their status, anything unexpected to a JSON 500 without a traceback. When
-`COUSINS_API_TOKEN` is set in the replica's environment every endpoint but /healthz and /readyz
-needs `Authorization: Bearer <token>`; the OpenAPI document and /docs stay open (they hold no data,
-and Swagger's "Authorize" button then works).
+Every answer comes from `cousins.query.runs`, `.drift` and `.prompt` (the CLI's backend too); this
+module only maps HTTP onto them: query parameters with bounds and allow-lists (FastAPI answers 422
+before any storage is read), `QueryError`s to their status, anything unexpected to a JSON 500
+without a traceback. When `COUSINS_API_TOKEN` is set in the replica's environment every endpoint but
+/healthz and /readyz needs `Authorization: Bearer <token>`; the OpenAPI document and /docs stay open
+(they hold no data, and Swagger's "Authorize" button then works).
 """
 
 from __future__ import annotations
@@ -26,16 +26,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from cousins.query import runs as query
+from cousins.query.drift import DRIFT_FIELDS, METRICS, SORT_FIELDS, drift_page, get_summary, list_cousins
+from cousins.query.inputs import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, MAX_TEXT, NAME_PATTERN, BadInput, QueryError
+from cousins.query.prompt import prompt_view
+from cousins.query.runs import get_config, get_manifest, get_report, get_run, list_runs
 from cousins.run.storage import Location, resolve
 
 log = logging.getLogger("cousins.query.runs")
 
 ROOT_ENV, TOKEN_ENV = "COUSINS_STORAGE_ROOT", "COUSINS_API_TOKEN"
 
-SortField = Enum("SortField", {n: n for n in query.SORT_FIELDS}, type=str)
-Metric = Enum("Metric", {n: n for n in query.METRICS}, type=str)
-Field = Enum("Field", {n: n for n in query.DRIFT_FIELDS}, type=str)
+SortField = Enum("SortField", {n: n for n in SORT_FIELDS}, type=str)
+Metric = Enum("Metric", {n: n for n in METRICS}, type=str)
+Field = Enum("Field", {n: n for n in DRIFT_FIELDS}, type=str)
 
 
 class RunState(str, Enum):
@@ -48,8 +51,8 @@ class Order(str, Enum):
     desc = "desc"
 
 
-RunId = Path(pattern=query.NAME_PATTERN, max_length=200, description="a committed run's id")
-NameQuery = dict(pattern=query.NAME_PATTERN, max_length=200)
+RunId = Path(pattern=NAME_PATTERN, max_length=200, description="a committed run's id")
+NameQuery = dict(pattern=NAME_PATTERN, max_length=200)
 _ERROR = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
 _RUN_ERRORS = {401: {"description": "missing or wrong bearer token", **_ERROR},
@@ -69,8 +72,8 @@ def _known_query(request: Request) -> None:
     allowed = {p.alias for p in get_flat_dependant(route.dependant).query_params}
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise query.BadInput(f"unknown query parameters {[u[:40] for u in unknown[:5]]}; "
-                             f"this endpoint takes {sorted(allowed)}")
+        raise BadInput(f"unknown query parameters {[u[:40] for u in unknown[:5]]}; "
+                       f"this endpoint takes {sorted(allowed)}")
 
 
 _STORAGE_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -123,8 +126,8 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     async def _unauthorized(request: Request, exc: Unauthorized):
         return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    @api.exception_handler(query.QueryError)
-    async def _query_error(request: Request, exc: query.QueryError):
+    @api.exception_handler(QueryError)
+    async def _query_error(request: Request, exc: QueryError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @api.exception_handler(RequestValidationError)
@@ -178,37 +181,37 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     @r.get("/runs", tags=["runs"], summary="committed runs, newest first (state=all: in progress and failed too)")
     def runs(state: RunState = Query(RunState.committed,
                                      description="committed, or all: runs in progress and failed runs too")) -> dict:
-        return {"runs": query.list_runs(loc, state.value)}
+        return {"runs": list_runs(loc, state.value)}
 
     @r.get("/runs/{run_id}", tags=["runs"], summary="one run: listing entry and manifest")
     def run(run_id: str = RunId) -> dict:
-        return query.get_run(loc, run_id)
+        return get_run(loc, run_id)
 
     @r.get("/runs/{run_id}/manifest", tags=["runs"], summary="the run's manifest.json")
     def manifest(run_id: str = RunId) -> dict:
-        return query.get_manifest(loc, run_id)
+        return get_manifest(loc, run_id)
 
     @r.get("/runs/{run_id}/config", tags=["runs"], summary="the run's resolved config (config.yaml)")
     def config(run_id: str = RunId) -> dict:
-        return query.get_config(loc, run_id)
+        return get_config(loc, run_id)
 
     @r.get("/runs/{run_id}/summary", tags=["drift"], summary="drift summary: every cousin with CIs, noise floor")
     def summary(run_id: str = RunId) -> dict:
-        return query.get_summary(loc, run_id)
+        return get_summary(loc, run_id)
 
     @r.get("/runs/{run_id}/summary/{cousin}", tags=["drift"], summary="one cousin's drift summary and the noise floor")
     def cousin_summary(run_id: str = RunId, cousin: str = Path(**NameQuery)) -> dict:
-        return query.get_summary(loc, run_id, cousin)
+        return get_summary(loc, run_id, cousin)
 
     @r.get("/runs/{run_id}/cousins", tags=["drift"], summary="cousins with drift rows (noise floor included)")
     def cousins(run_id: str = RunId) -> dict:
-        return {"run_id": run_id, "cousins": query.list_cousins(loc, run_id)}
+        return {"run_id": run_id, "cousins": list_cousins(loc, run_id)}
 
     @r.get("/runs/{run_id}/drift", tags=["drift"], summary="a page of drift rows, filtered and sorted")
     def drift(
         run_id: str = RunId,
         cousin: str | None = Query(None, **NameQuery),
-        category: str | None = Query(None, min_length=1, max_length=query.MAX_TEXT),
+        category: str | None = Query(None, min_length=1, max_length=MAX_TEXT),
         metric: Metric = Query(Metric.kld_mean, description="the numeric column min and max apply to"),
         min: float | None = Query(None, description="keep rows with metric >= min"),  # noqa: A002
         max: float | None = Query(None, description="keep rows with metric <= max"),  # noqa: A002
@@ -216,11 +219,11 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
         errors: bool | None = Query(None, description="true: only error rows; false: only rows without"),
         sort: SortField = Query(SortField.kld_mean),
         order: Order = Query(Order.desc),
-        limit: int = Query(query.DEFAULT_LIMIT, ge=1, le=query.MAX_LIMIT),
-        offset: int = Query(0, ge=0, le=query.MAX_OFFSET),
+        limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         fields: list[Field] | None = Query(None, description="columns (default: all but the per-token lists)"),
     ) -> dict:
-        return query.drift_page(
+        return drift_page(
             loc, run_id, cousin=cousin, category=category, metric=metric.value,
             min_value=min, max_value=max, flips_only=flips_only, errors=errors,
             sort=sort.value, descending=order is Order.desc, limit=limit, offset=offset,
@@ -229,16 +232,16 @@ def create_api(root: str, *, storage_options: dict | None = None, token: str | N
     @r.get("/runs/{run_id}/prompts/{prompt_id:path}", tags=["drift"],
            summary="one prompt's generations by every model, side by side, with the first divergence")
     def prompt(run_id: str = RunId,
-               prompt_id: str = Path(min_length=1, max_length=query.MAX_TEXT),
+               prompt_id: str = Path(min_length=1, max_length=MAX_TEXT),
                sample_index: int | None = Query(None, ge=0, lt=2**31)) -> dict:
-        return query.prompt_view(loc, run_id, prompt_id, sample_index=sample_index)
+        return prompt_view(loc, run_id, prompt_id, sample_index=sample_index)
 
     @r.get("/runs/{run_id}/report.html", tags=["drift"], summary="the run's self-contained HTML report",
            response_class=Response, responses={200: {"content": {"text/html": {}}}})
     def report(run_id: str = RunId) -> Response:
         # The report embeds its plots and needs no script: forbid everything else it might load.
         csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
-        return Response(query.get_report(loc, run_id), media_type="text/html; charset=utf-8",
+        return Response(get_report(loc, run_id), media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 
     api.include_router(r)

@@ -121,7 +121,7 @@ def test_every_job_config_composes_and_validates(name, tiny_teacher):
 def test_export_config_composes():
     from omegaconf import OmegaConf
 
-    from cousins.export.write import ExportConfig
+    from cousins.export.config import ExportConfig
 
     cfg = OmegaConf.to_object(compose("run_id=r1", "kd=true", "filters.near_dedup=true", config_name="export"))
     assert isinstance(cfg, ExportConfig) and cfg.kd and cfg.filters.near_dedup and cfg.storage.root == "outputs"
@@ -132,7 +132,7 @@ def test_one_name_rule_for_models_cousins_and_run_ids_in_the_config_and_the_quer
 
     from cousins.contract.config import ConfigError, CousinConfig
     from cousins.contract.validate import validate
-    from cousins.query.runs import BadInput, check_name
+    from cousins.query.inputs import BadInput, check_name
 
     cfg = to_config(compose())
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="my model"),

@@ -1,4 +1,4 @@
-"""`cousins.query.runs` and `cousins query` over hand-written runs: committed ones are visible, others
+"""`cousins.query` (runs, drift, prompt) and `cousins query` over hand-written runs: committed ones are visible, others
 are not, pages are stable and bounded, names are checked, and the CLI prints tables and --json.
 
 The runs are written here with pyarrow to the schemas of `cousins.contract.schema` (no engine): a drift run
@@ -16,7 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cousins.query import runs as query
+from cousins.query.drift import drift_page, get_summary
+from cousins.query.inputs import MAX_LIMIT, MAX_OFFSET, BadInput, Damaged, NotFound, Unavailable
+from cousins.query.prompt import prompt_view
+from cousins.query.runs import get_config, get_manifest, get_report, get_run, list_runs
 from cousins.contract import schema
 from cousins.cli import main
 from cousins.drift.summary import BootstrapSpec, summarise
@@ -208,7 +211,7 @@ def runs(tmp_path_factory):
 
 def test_only_committed_runs_are_listed(runs):
     root, _ = runs
-    listed = {r["run_id"]: r for r in query.list_runs(root)}
+    listed = {r["run_id"]: r for r in list_runs(root)}
     assert set(listed) == {DRIFT_RUN, GEN_RUN}
     d = listed[DRIFT_RUN]
     assert d["kind"] == "drift" and d["status"] == "committed" and d["created"] and d["committed"]
@@ -216,18 +219,18 @@ def test_only_committed_runs_are_listed(runs):
     assert d["rows"] == {m: 120 for m in [ORIGINAL, *COUSINS]}
     assert listed[GEN_RUN]["kind"] == "generate"
     for hidden in (PENDING_RUN, FAILED_RUN, "nope"):
-        with pytest.raises(query.NotFound):
-            query.get_run(root, hidden)
-        with pytest.raises(query.NotFound):
-            query.drift_page(root, hidden)
+        with pytest.raises(NotFound):
+            get_run(root, hidden)
+        with pytest.raises(NotFound):
+            drift_page(root, hidden)
 
 
 def test_manifest_config_and_json_safety(runs):
     root, _ = runs
-    run = query.get_run(root, DRIFT_RUN)
+    run = get_run(root, DRIFT_RUN)
     assert run["manifest"]["row_counts"][ORIGINAL]["tokens_per_s"] is None  # NaN in the file, null out
     json.dumps(run, allow_nan=False)
-    cfg = query.get_config(root, DRIFT_RUN)
+    cfg = get_config(root, DRIFT_RUN)
     assert cfg["run"]["run_id"] == DRIFT_RUN and cfg["storage"]["options"]["secret"] == "***"
 
 
@@ -235,26 +238,26 @@ def test_manifest_config_and_json_safety(runs):
                                  "a\\b", "", "x" * 201, "a b", "é"])
 def test_names_that_could_be_paths_are_refused(runs, bad):
     root, _ = runs
-    with pytest.raises(query.BadInput):
-        query.get_run(root, bad)
-    with pytest.raises(query.BadInput):
-        query.drift_page(root, DRIFT_RUN, cousin=bad)
-    with pytest.raises(query.BadInput):
-        query.get_summary(root, DRIFT_RUN, bad)
+    with pytest.raises(BadInput):
+        get_run(root, bad)
+    with pytest.raises(BadInput):
+        drift_page(root, DRIFT_RUN, cousin=bad)
+    with pytest.raises(BadInput):
+        get_summary(root, DRIFT_RUN, bad)
 
 
 def test_summary_per_cousin_with_the_noise_floor(runs):
     root, _ = runs
-    full = query.get_summary(root, DRIFT_RUN)
+    full = get_summary(root, DRIFT_RUN)
     assert [c["name"] for c in full["cousins"]] == ["student", "q8"] and full["noise_floor"]["name"] == "noise-floor"
-    one = query.get_summary(root, DRIFT_RUN, "q8")
+    one = get_summary(root, DRIFT_RUN, "q8")
     assert one["cousin"]["name"] == "q8" and one["noise_floor"]["metrics"]["kld_mean"]["value"] == 0
     assert len(one["cousin"]["metrics"]["kld_mean"]["ci"]) == 2
     assert one["plane"] == full["plane"]  # the frontier compares every model: the whole plane
-    with pytest.raises(query.NotFound, match="no cousin"):
-        query.get_summary(root, DRIFT_RUN, "q4")
-    with pytest.raises(query.NotFound, match="not a drift run"):
-        query.get_summary(root, GEN_RUN)
+    with pytest.raises(NotFound, match="no cousin"):
+        get_summary(root, DRIFT_RUN, "q4")
+    with pytest.raises(NotFound, match="not a drift run"):
+        get_summary(root, GEN_RUN)
 
 
 def _expected(runs, key=lambda r: True):
@@ -268,47 +271,47 @@ def test_pages_follow_a_total_order_across_files(runs):
     expected = _expected(made)
     seen = []
     for offset in range(0, len(expected), 47):  # pages straddle the 40-row part files
-        page = query.drift_page(root, DRIFT_RUN, limit=47, offset=offset)
+        page = drift_page(root, DRIFT_RUN, limit=47, offset=offset)
         assert page["total"] == len(expected) == 360
         seen += [(r["cousin"], r["prompt_id"], r["sample_index"]) for r in page["rows"]]
     assert seen == [(r["cousin"], r["prompt_id"], r["sample_index"]) for r in expected]
     assert expected[-1]["error"] is not None  # the null-KLD error row sorts last
-    assert query.drift_page(root, DRIFT_RUN, offset=1000)["rows"] == []
+    assert drift_page(root, DRIFT_RUN, offset=1000)["rows"] == []
 
 
 def test_filters_and_sorts(runs):
     root, made = runs
-    page = query.drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True, limit=1000)
+    page = drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True, limit=1000)
     want = _expected(made, lambda r: r["cousin"] == "student" and r["category"] == "arithmetic" and r["flip"])
     assert page["total"] == len(want) > 0 and [r["prompt_id"] for r in page["rows"]] == [r["prompt_id"] for r in want]
-    top = query.drift_page(root, DRIFT_RUN, limit=5)["rows"]  # top-N by KLD is the default
+    top = drift_page(root, DRIFT_RUN, limit=5)["rows"]  # top-N by KLD is the default
     assert [r["cousin"] for r in top] == ["student"] * 5
-    low = query.drift_page(root, DRIFT_RUN, metric="chrf", max_value=50, sort="chrf", descending=False, limit=1000)
+    low = drift_page(root, DRIFT_RUN, metric="chrf", max_value=50, sort="chrf", descending=False, limit=1000)
     assert low["rows"] and all(r["chrf"] <= 50 for r in low["rows"])
     assert [r["chrf"] for r in low["rows"]] == sorted(r["chrf"] for r in low["rows"])
-    assert query.drift_page(root, DRIFT_RUN, min_value=0.5)["total"] == len(
+    assert drift_page(root, DRIFT_RUN, min_value=0.5)["total"] == len(
         _expected(made, lambda r: (r["kld_mean"] or 0) >= 0.5))
-    errs = query.drift_page(root, DRIFT_RUN, errors=True)
+    errs = drift_page(root, DRIFT_RUN, errors=True)
     assert errs["total"] == 1 and errs["rows"][0]["error"]
-    tokens = query.drift_page(root, DRIFT_RUN, cousin="q8", limit=2, fields=["kld_tokens"])["rows"]
+    tokens = drift_page(root, DRIFT_RUN, cousin="q8", limit=2, fields=["kld_tokens"])["rows"]
     assert set(tokens[0]) == {"cousin", "prompt_id", "sample_index", "kld_tokens"}
-    assert "kld_tokens" not in query.drift_page(root, DRIFT_RUN, limit=1)["rows"][0]  # lists are opt-in
+    assert "kld_tokens" not in drift_page(root, DRIFT_RUN, limit=1)["rows"][0]  # lists are opt-in
 
 
-@pytest.mark.parametrize("kwargs", [{"limit": 0}, {"limit": query.MAX_LIMIT + 1}, {"offset": -1},
-                                    {"offset": query.MAX_OFFSET + 1}, {"sort": "kld_tokens"},
+@pytest.mark.parametrize("kwargs", [{"limit": 0}, {"limit": MAX_LIMIT + 1}, {"offset": -1},
+                                    {"offset": MAX_OFFSET + 1}, {"sort": "kld_tokens"},
                                     {"sort": "__import__('os')"}, {"metric": "original_text", "min_value": 1},
                                     {"metric": "nope"}, {"metric": "chrf", "min_value": math.nan},
                                     {"fields": ["nope"]}, {"category": "x" * 501}])
 def test_bad_page_parameters(runs, kwargs):
     root, _ = runs
-    with pytest.raises(query.BadInput):
-        query.drift_page(root, DRIFT_RUN, **kwargs)
+    with pytest.raises(BadInput):
+        drift_page(root, DRIFT_RUN, **kwargs)
 
 
 def test_prompt_view_side_by_side(runs):
     root, made = runs
-    view = query.prompt_view(root, DRIFT_RUN, ODD_ID)
+    view = prompt_view(root, DRIFT_RUN, ODD_ID)
     assert view["original"] == ORIGINAL and view["prompt"]["prompt_id"] == ODD_ID
     assert [s["sample_index"] for s in view["samples"]] == [0, 1]
     gens = view["samples"][0]["generations"]
@@ -321,18 +324,18 @@ def test_prompt_view_side_by_side(runs):
         assert vs["first_divergence"] == row["first_divergence"] and vs["exact_match"] == row["exact_match"]
         if row["first_divergence"] is not None:
             assert vs["cousin_span"] == [row["div_cousin_start"], row["div_cousin_end"]]
-    assert len(query.prompt_view(root, DRIFT_RUN, ODD_ID, sample_index=1)["samples"]) == 1
-    with pytest.raises(query.NotFound):
-        query.prompt_view(root, DRIFT_RUN, "no-such-prompt")
-    gen_only = query.prompt_view(root, GEN_RUN, ODD_ID)
+    assert len(prompt_view(root, DRIFT_RUN, ODD_ID, sample_index=1)["samples"]) == 1
+    with pytest.raises(NotFound):
+        prompt_view(root, DRIFT_RUN, "no-such-prompt")
+    gen_only = prompt_view(root, GEN_RUN, ODD_ID)
     assert [g["model"] for g in gen_only["samples"][0]["generations"]] == [ORIGINAL]
 
 
 def test_report(runs):
     root, _ = runs
-    assert query.get_report(root, DRIFT_RUN).startswith(b"<!DOCTYPE html>")
-    with pytest.raises(query.NotFound):
-        query.get_report(root, GEN_RUN)
+    assert get_report(root, DRIFT_RUN).startswith(b"<!DOCTYPE html>")
+    with pytest.raises(NotFound):
+        get_report(root, GEN_RUN)
 
 
 # --- the CLI --------------------------------------------------------------------------------------
@@ -425,16 +428,16 @@ def test_runs_in_progress_failed_and_damaged_are_listed_as_such(tmp_path, capsys
                       ("bad-json", '{"status": "committed", "mod')):
         write_run(root, bad, prompts=6, drift=False, seed=5)
         (tmp_path / "out" / "runs" / bad / "manifest.json").write_text(text)
-    listed = {r["run_id"]: r for r in query.list_runs(root)}
+    listed = {r["run_id"]: r for r in list_runs(root)}
     assert set(listed) == {"ok-1", "bad-shape", "bad-json"}
     assert listed["ok-1"]["status"] == "committed" and listed["bad-json"]["status"] == "damaged"
     assert listed["bad-shape"]["status"] == "damaged" and "manifest" in listed["bad-shape"]["detail"]
-    every = {r["run_id"]: r for r in query.list_runs(root, "all")}
+    every = {r["run_id"]: r for r in list_runs(root, "all")}
     assert every[PENDING_RUN]["status"] == "in progress" and every[FAILED_RUN]["status"] == "failed"
     assert "prompts" in every[PENDING_RUN]["stages_done"] and every[PENDING_RUN]["updated"]
     assert sum(every[PENDING_RUN]["parts"].values()) >= 1
-    with pytest.raises(query.BadInput):
-        query.list_runs(root, "sometimes")
+    with pytest.raises(BadInput):
+        list_runs(root, "sometimes")
     rc, out, _ = run_cli(capsys, "runs", "--all", "--root", root.url)
     assert rc == 0 and "in progress" in out and "failed" in out and "1 committed run(s), 4 other" in out
     rc, _, err = run_cli(capsys, "show", PENDING_RUN, "--root", root.url)
@@ -449,17 +452,17 @@ def test_damaged_files_are_answered_as_damage_naming_the_run(tmp_path, capsys):
     run_dir = tmp_path / "out" / "runs" / "hurt"
     part = sorted((run_dir / "drift").glob("cousin=*/part-*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:100])
-    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: ArrowInvalid"):
-        query.drift_page(root, "hurt")
+    with pytest.raises(Damaged, match=r"run 'hurt' has damaged data: ArrowInvalid"):
+        drift_page(root, "hurt")
     summary = run_dir / "summary.json"
     summary.write_text(summary.read_text()[:50])
-    with pytest.raises(query.Damaged, match=r"run 'hurt' has damaged data: JSONDecodeError"):
-        query.get_summary(root, "hurt")
+    with pytest.raises(Damaged, match=r"run 'hurt' has damaged data: JSONDecodeError"):
+        get_summary(root, "hurt")
     for p in (run_dir / "prompts").glob("part-*.parquet"):
         p.write_bytes(b"not parquet at all")
-    with pytest.raises(query.Damaged):
-        query.prompt_view(root, "hurt", "p0000")
-    assert query.Damaged.status == 500
+    with pytest.raises(Damaged):
+        prompt_view(root, "hurt", "p0000")
+    assert Damaged.status == 500
     rc, _, err = run_cli(capsys, "summary", "hurt", "--root", root.url)
     assert rc == 1 and err.startswith("error: run 'hurt' has damaged data") and "Traceback" not in err
 
@@ -469,15 +472,15 @@ def test_a_storage_root_that_is_gone_is_unavailable_not_an_empty_store(tmp_path,
     Unavailable (the service's 503) for the listing and for a run, not an empty list or 'no run'."""
     empty = resolve(str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
-    assert query.list_runs(empty) == []
+    assert list_runs(empty) == []
     root = resolve(str(tmp_path / "out"))
     write_run(root, "kept", prompts=4, rows_per_file=4, seed=1)
-    assert [r["run_id"] for r in query.list_runs(root)] == ["kept"]
+    assert [r["run_id"] for r in list_runs(root)] == ["kept"]
     (tmp_path / "out").rename(tmp_path / "unmounted")
-    with pytest.raises(query.Unavailable, match=r"the storage root .*/out does not exist"):
-        query.list_runs(root)
-    with pytest.raises(query.Unavailable):
-        query.get_manifest(root, "kept")
-    assert query.Unavailable.status == 503
+    with pytest.raises(Unavailable, match=r"the storage root .*/out does not exist"):
+        list_runs(root)
+    with pytest.raises(Unavailable):
+        get_manifest(root, "kept")
+    assert Unavailable.status == 503
     rc, _, err = run_cli(capsys, "runs", "--root", root.url)
     assert rc == 1 and err.startswith("error: the storage root ") and "Traceback" not in err

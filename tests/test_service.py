@@ -21,7 +21,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 from conftest import ROOT
-from cousins.query import runs as query
+from cousins.query.drift import drift_page
+from cousins.query.inputs import MAX_LIMIT, MAX_OFFSET
 from cousins.run.storage import resolve
 from test_query_cli import DRIFT_RUN, FAILED_RUN, GEN_RUN, ODD_ID, PENDING_RUN, write_runs
 
@@ -172,8 +173,8 @@ def test_summary_drift_prompt_and_report(service, prefix):
     root = service.file_root if prefix == "" else service.s3_root
     params = dict(cousin="student", category="arithmetic", flips_only="true", sort="chrf", order="asc", limit=7)
     got = service.get(f"{prefix}/runs/{DRIFT_RUN}/drift", **params).json()
-    want = query.drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True,
-                            sort="chrf", descending=False, limit=7)
+    want = drift_page(root, DRIFT_RUN, cousin="student", category="arithmetic", flips_only=True,
+                      sort="chrf", descending=False, limit=7)
     assert got == json.loads(json.dumps(want)) and got["rows"]
     top = service.get(f"{prefix}/runs/{DRIFT_RUN}/drift", limit=3, fields=["kld_mean", "kld_tokens"]).json()
     assert [set(r) for r in top["rows"]] == [{"cousin", "prompt_id", "sample_index", "kld_mean", "kld_tokens"}] * 3
@@ -190,7 +191,7 @@ def test_summary_drift_prompt_and_report(service, prefix):
 
 
 @pytest.mark.parametrize("params", [
-    {"limit": 0}, {"limit": query.MAX_LIMIT + 1}, {"offset": -1}, {"offset": query.MAX_OFFSET + 1},
+    {"limit": 0}, {"limit": MAX_LIMIT + 1}, {"offset": -1}, {"offset": MAX_OFFSET + 1},
     {"sort": "kld_tokens"}, {"sort": "__import__('os').system('id')"}, {"metric": "original_text", "min": 1},
     {"metric": "nope"}, {"metric": "chrf", "min": "nan"}, {"metric": "chrf", "max": "inf"}, {"fields": "nope"},
     {"cousin": "../../etc"}, {"cousin": "/etc/passwd"}, {"cousin": "s3://other/x"}, {"cousin": ".hidden"},

@@ -40,7 +40,7 @@ def storage_root_of(job: str, overrides: list[str], working_dir: Path = ROOT) ->
     from omegaconf import OmegaConf
 
     import cousins.contract.config  # noqa: F401 - registers the structured configs
-    import cousins.export.write  # noqa: F401
+    import cousins.export.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(working_dir / "conf"), version_base=None):
         cfg = compose(config_name=job, overrides=[o for o in overrides if not o.startswith("hydra.")])

@@ -1,10 +1,11 @@
-"""What a request to `cousins.query.runs` may ask, and the errors a query answers with: the pattern
-every name that becomes part of a path (run id, cousin, model) must match, the size limits on text
-values and on pages (`limit`, `offset`), the checkers that refuse anything outside them, and the
-error classes a query raises, each carrying the HTTP status the query service (services/) gives
-it: `BadInput` 422 (the request itself is invalid), `NotFound` 404 (no such committed run, prompt
-or cousin), and their base `QueryError` 422. It imports nothing from `cousins.query.runs`, which
-re-exports every name here; the name rule itself is `cousins.contract.names`'.
+"""What a request to the query (`cousins.query.runs`, `.drift`, `.prompt`) may ask, and the errors a
+query answers with: the pattern every name that becomes part of a path (run id, cousin, model) must
+match, the size limits on text values and on pages (`limit`, `offset`), the checkers that refuse
+anything outside them, and the error classes a query raises, each carrying the HTTP status the query
+service (services/) gives it: `BadInput` 422 (the request itself is invalid), `NotFound` 404 (no
+such committed run, prompt or cousin), and their base `QueryError` 422. It imports none of those
+modules; they and every caller import these names from here; the name rule itself is
+`cousins.contract.names`'.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def _check_text(value: str | None, what: str) -> str | None:
+def check_text(value: str | None, what: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_TEXT):
         raise BadInput(f"invalid {what}: give 1 to {MAX_TEXT} characters")
     return value
 
 
-def _check_number(value: float | None, what: str) -> float | None:
+def check_number(value: float | None, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -1,8 +1,8 @@
-"""Plain-text rendering of `cousins.query.runs` answers: what `cousins query` prints without --json.
+"""Plain-text rendering of the query's answers: what `cousins query` prints without --json.
 
 Owns the padded text tables and the text views of the run list, one run, a drift page, a prompt and
-drift summaries. It only formats the dicts the data functions of `cousins.query.runs` return and reads no
-storage; `cousins.query.runs` never imports it (the query service needs none of it).
+drift summaries. It only formats the dicts the data functions of `cousins.query.runs`, `.drift` and
+`.prompt` return and reads no storage; none of them imports it (the query service needs none of it).
 """
 
 from __future__ import annotations

@@ -85,11 +85,6 @@ def test_same_top1_and_dp_on_a_disagreeing_pair():
     assert m["kld"][0] == pytest.approx(0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7), abs=1e-12)
 
 
-def test_ppl_from_summed_nll():
-    assert metrics.ppl(2 * math.log(4), 2) == pytest.approx(4.0)
-    assert metrics.ppl(0.0, 0) is None
-
-
 def test_chrf_and_rouge_l_on_small_examples():
     assert metrics.chrf("the cat", "the cat") == 100.0
     assert metrics.chrf("", "") == 100.0 and metrics.chrf("x", "") == 0.0

@@ -25,7 +25,6 @@ a larger scoring top-k shrinks it.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
@@ -264,7 +263,3 @@ def quantile(values: np.ndarray, q: float) -> float | None:
 
 def safe_ratio(num: float, den: float) -> float | None:
     return num / den if den else None
-
-
-def ppl(nll_sum: float, tokens: int) -> float | None:
-    return math.exp(nll_sum / tokens) if tokens else None

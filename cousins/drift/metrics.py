@@ -1,8 +1,8 @@
 """Drift metrics: pure functions on numpy arrays and strings. No Ray, no I/O, no models.
 
 Token metrics compare, at every position t of the ORIGINAL's output y, the original's next-token
-distribution p with the cousin's q, both teacher-forced over the same tokens (DESIGN.md, "Drift
-metrics"). Only the top-k of each is stored, plus each model's logprob of y_t.
+distribution p with the cousin's q, both teacher-forced over the same tokens (docs/metrics.md,
+"Drift metrics"). Only the top-k of each is stored, plus each model's logprob of y_t.
 
 The KLD estimate and its bound
 ------------------------------

@@ -106,18 +106,6 @@ def token_metrics(p_ids: np.ndarray, p_lp: np.ndarray, q_ids: np.ndarray, q_lp: 
     )
 
 
-def full_kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p ‖ q) per row from full-vocabulary logits (T, V): the reference the estimate bounds."""
-    lp = p_logits - _logsumexp(p_logits)
-    lq = q_logits - _logsumexp(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=1)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
-
-
 # --- sequences -----------------------------------------------------------------------------------
 
 def first_divergence(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int | None:
@@ -249,12 +237,6 @@ def jaccard_pairs(texts: list[str] | dict[int, str], pairs: list[tuple[int, int]
         u = len(bigrams(i) | bigrams(j))
         out[idx] = len(bigrams(i) & bigrams(j)) / u if u else 1.0
     return out
-
-
-def homogenisation_pairs(texts: list[str], max_pairs: int = 2000, seed: int = 0) -> np.ndarray:
-    """Word-bigram Jaccard similarity of pairs of answers to DIFFERENT prompts (a fixed random
-    sample of pairs): a model whose answers converge on the same phrasing scores higher."""
-    return jaccard_pairs(texts, pair_indices(len(texts), max_pairs, seed))
 
 
 def quantile(values: np.ndarray, q: float) -> float | None:

@@ -239,9 +239,5 @@ def jaccard_pairs(texts: list[str] | dict[int, str], pairs: list[tuple[int, int]
     return out
 
 
-def quantile(values: np.ndarray, q: float) -> float | None:
-    return float(np.quantile(values, q)) if len(values) else None
-
-
 def safe_ratio(num: float, den: float) -> float | None:
     return num / den if den else None

@@ -13,6 +13,8 @@ import pyarrow.compute as pc
 from cousins.drift import metrics
 from cousins.drift.summary import BootstrapSpec
 
+from drift_reference import homogenisation_pairs
+
 MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
 QUANTILES = {"kld_p999": 0.999, "kld_p99": 0.99, "kld_p95": 0.95, "kld_p90": 0.9, "kld_median": 0.5,
              "kld_p10": 0.1, "kld_p05": 0.05, "kld_p01": 0.01, "kld_p001": 0.001}
@@ -204,7 +206,7 @@ def _style(ok: pa.Table, boot: Bootstrap, row_cluster: np.ndarray, spec: Bootstr
         out[f"mean_length_{side}"] = boot.mean(_col(ok, f"{side}_tokens"), row_cluster)
         # One answer per prompt (sample 0) so the pairs compare different prompts.
         first = [t for t, s in zip(texts, ok.column("sample_index").to_pylist()) if s == 0]
-        sims = metrics.homogenisation_pairs(first, seed=spec.seed)
+        sims = homogenisation_pairs(first, seed=spec.seed)
         pair_boot = Bootstrap(len(sims), spec)
         out[f"homogenisation_{side}"] = pair_boot.mean(sims, np.arange(len(sims)))
     return out

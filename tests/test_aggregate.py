@@ -17,6 +17,7 @@ from cousins.drift.summary import BootstrapSpec, summarise, summary_of
 from cousins.contract.schema import DRIFT
 
 import summary_reference as reference
+from drift_reference import homogenisation_pairs
 
 SPEC = BootstrapSpec(resamples=300, level=0.95, seed=7)
 
@@ -145,7 +146,7 @@ def test_partials_merge_into_the_row_by_row_summary(partitions):
         assert merged.nodes == {f"n{i}" for i in range(partitions)} and merged.rows == rows.num_rows
         want = reference.summarise(cousin, "quantized", rows, SPEC, text_only=text_only)
         ok0 = rows.filter(pc.and_(pc.is_null(rows.column("error")), pc.equal(rows.column("sample_index"), 0)))
-        sims = {side: reference.metrics.homogenisation_pairs(
+        sims = {side: homogenisation_pairs(
             [t or "" for t in ok0.column(f"{side}_text").to_pylist()], seed=SPEC.seed) for side in ("original", "cousin")}
         got = summary_of(merged, "quantized", SPEC, homogenisation=sims)
         _close(want, got)

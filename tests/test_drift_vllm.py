@@ -14,9 +14,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
+from drift_reference import full_kld
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
-from cousins.drift import metrics
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.family.prepare import prepare_before_ray
@@ -132,7 +132,7 @@ def test_stored_topk_kld_agrees_with_full_vocabulary_transformers_within_the_bou
         with torch.no_grad():
             lp = torch.log_softmax(teacher(ids).logits[0, len(prompt) - 1:-1].double(), -1).numpy()
             lq = torch.log_softmax(cousin(ids).logits[0, len(prompt) - 1:-1].double(), -1).numpy()
-        full = metrics.full_kld(lp, lq)
+        full = full_kld(lp, lq)
         est = np.asarray(drift[g["prompt_id"]]["kld_tokens"], dtype=np.float64)
         assert est.shape == full.shape
         for t in range(len(y)):

@@ -191,7 +191,7 @@ def test_hostile_text_is_escaped(html):
     assert "engine failed: &lt;CUDA&gt; OOM &amp; gave up" in html  # the failed cousin shows its error
 
 
-def test_first_divergent_token_is_marked(html):
+def test_first_divergent_token_ismarked(html):
     marks = _Tags(html).marks
     assert "alert" in marks and "confirm" in marks  # the hostile prompt, original and cousin side
     assert "28" in marks and "29" in marks  # prompt 4: "the answer is 28" vs "29"
@@ -249,12 +249,12 @@ def test_without_noise_floor_or_labels(run):
 
 
 def test_long_text_is_cut_around_the_divergence():
-    from cousins.drift.report import _marked
+    from cousins.drift.report_sections import marked
 
-    shown = _marked("a" * 10_000 + "<b>" + "z" * 10_000, 10_000, 10_003)
+    shown = marked("a" * 10_000 + "<b>" + "z" * 10_000, 10_000, 10_003)
     assert "<mark>&lt;b&gt;</mark>" in shown and len(shown) < 5_000
     assert shown.startswith("<span class=\"cut\">[… ") and shown.endswith(" characters …]</span>")
-    assert _marked("abc", 3, 3) == "abc<mark class=\"end\">⟨end of text⟩</mark>"  # the cousin stopped early
+    assert marked("abc", 3, 3) == "abc<mark class=\"end\">⟨end of text⟩</mark>"  # the cousin stopped early
 
 
 def _chromium() -> str | None:
@@ -347,7 +347,7 @@ def _plane_html(html: str) -> str:
     return html[html.index("<h2>Capability against cost</h2>"):html.index("<h2>Across cousins</h2>")]
 
 
-def test_the_plane_is_a_figure_and_a_table_with_the_frontier_marked(run):
+def test_the_plane_is_a_figure_and_a_table_with_the_frontiermarked(run):
     summary, drift = run
     correct = {"tiny-teacher": 36, "q8-w8a8": 35, "int4-rtn-fakequant": 30, "distill-tiny": 20, "noise-floor": 36}
     html = render_report(_with_plane(summary, correct), _views(drift))

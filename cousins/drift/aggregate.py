@@ -138,8 +138,25 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
     return pa.table(cols, schema=SUMS)
 
 
+# The extremes a partial carries, and how two of them merge.
+EXTREMES = {"kld_max": max, "kld_min": min, "rkld_max": max, "tail_max": max, "dp_min": min, "dp_max": max}
+
+
+@dataclass(kw_only=True)
+class Extremes:
+    """The extremes (EXTREMES, one field each) that a Partial carries and a Merged keeps; None where
+    no token had one. Keyword-only, so they follow the subclasses' own fields."""
+
+    kld_max: float | None = None
+    kld_min: float | None = None
+    rkld_max: float | None = None
+    tail_max: float | None = None
+    dp_min: float | None = None
+    dp_max: float | None = None
+
+
 @dataclass
-class Partial:
+class Partial(Extremes):
     """One worker's aggregate of one cousin's drift rows (see the module's note)."""
 
     cousin: str
@@ -152,18 +169,8 @@ class Partial:
     length_n: int
     kld: np.ndarray | None = None
     kld_boot: np.ndarray | None = None
-    kld_max: float | None = None
     node: str = ""
     dp: np.ndarray | None = None
-    kld_min: float | None = None
-    rkld_max: float | None = None
-    tail_max: float | None = None
-    dp_min: float | None = None
-    dp_max: float | None = None
-
-
-# The extremes a partial carries, and how two of them merge.
-EXTREMES = {"kld_max": max, "kld_min": min, "rkld_max": max, "tail_max": max, "dp_min": min, "dp_max": max}
 
 
 def _extreme(values: np.ndarray, pick) -> float | None:
@@ -263,7 +270,7 @@ def from_rows(batch: pa.Table) -> list[Partial]:
 # --- the driver's side ------------------------------------------------------------------------------
 
 @dataclass
-class Merged:
+class Merged(Extremes):
     """Every partial of one cousin, merged as they arrive: histograms add, top-N rows re-rank, the
     per-prompt sums (the bootstrap's input) go to a local spill file, so the driver holds one
     cousin's sums at a time, and only while its summary is made."""
@@ -280,12 +287,6 @@ class Merged:
     length_n: int = 0
     kld: np.ndarray | None = None
     kld_boot: np.ndarray | None = None
-    kld_max: float | None = None
-    kld_min: float | None = None
-    rkld_max: float | None = None
-    tail_max: float | None = None
-    dp_min: float | None = None
-    dp_max: float | None = None
     dp: np.ndarray | None = None
     tokens: float = 0.0
     kld_sum: float = 0.0

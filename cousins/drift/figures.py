@@ -2,7 +2,8 @@
 
 Owns the bar chart with CIs (same top-1, flip rate), the length-ratio box plot, the per-token KLD
 histogram and CDF, and the capability-against-cost plane. Each builder takes histograms (cousins.drift.sketch grids), means and colours, never the summary or drift table, so
-`cousins.drift.report` (which lays out the page) imports this module and never the other way round.
+`cousins.drift.report_sections` (which lays out the report's sections) imports this module and never the
+other way round.
 """
 
 from __future__ import annotations

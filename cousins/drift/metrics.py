@@ -1,8 +1,8 @@
 """Drift metrics: pure functions on numpy arrays and strings. No Ray, no I/O, no models.
 
 Token metrics compare, at every position t of the ORIGINAL's output y, the original's next-token
-distribution p with the cousin's q, both teacher-forced over the same tokens (DESIGN.md, "Drift
-metrics"). Only the top-k of each is stored, plus each model's logprob of y_t.
+distribution p with the cousin's q, both teacher-forced over the same tokens (docs/metrics.md,
+"Drift metrics"). Only the top-k of each is stored, plus each model's logprob of y_t.
 
 The KLD estimate and its bound
 ------------------------------
@@ -25,7 +25,6 @@ a larger scoring top-k shrinks it.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
@@ -105,18 +104,6 @@ def token_metrics(p_ids: np.ndarray, p_lp: np.ndarray, q_ids: np.ndarray, q_lp: 
         nll_p=-p_y,
         nll_q=-q_y,
     )
-
-
-def full_kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p ‖ q) per row from full-vocabulary logits (T, V): the reference the estimate bounds."""
-    lp = p_logits - _logsumexp(p_logits)
-    lq = q_logits - _logsumexp(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=1)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
 
 
 # --- sequences -----------------------------------------------------------------------------------
@@ -252,19 +239,5 @@ def jaccard_pairs(texts: list[str] | dict[int, str], pairs: list[tuple[int, int]
     return out
 
 
-def homogenisation_pairs(texts: list[str], max_pairs: int = 2000, seed: int = 0) -> np.ndarray:
-    """Word-bigram Jaccard similarity of pairs of answers to DIFFERENT prompts (a fixed random
-    sample of pairs): a model whose answers converge on the same phrasing scores higher."""
-    return jaccard_pairs(texts, pair_indices(len(texts), max_pairs, seed))
-
-
-def quantile(values: np.ndarray, q: float) -> float | None:
-    return float(np.quantile(values, q)) if len(values) else None
-
-
 def safe_ratio(num: float, den: float) -> float | None:
     return num / den if den else None
-
-
-def ppl(nll_sum: float, tokens: int) -> float | None:
-    return math.exp(nll_sum / tokens) if tokens else None

@@ -1,4 +1,5 @@
-"""One engine fed by several batches at once (used by the engine actors in cousins/engine/backend.py).
+"""One engine fed by several batches at once (used by the engine actors in cousins/engine/actors.py,
+whose engines come from the vLLM boundary, cousins/engine/backend.py).
 
 Ray Data hands an engine actor its next batch while the current one is still generating
 (`BATCHES_IN_FLIGHT` calls run in the actor's threads). The feeder lets each call enqueue its
@@ -16,10 +17,9 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-# Batches an engine actor works on at once (see _Feeder): two keep its engine full across batch
+# Batches an engine actor works on at once (see Feeder): two keep its engine full across batch
 # boundaries; more would only queue rows in the actor.
 BATCHES_IN_FLIGHT = 2
-
 
 
 class Gate:

@@ -13,7 +13,8 @@ import yaml
 
 from cousins.contract import schema
 from cousins.export.config import KD, SFT, ExportConfig, ExportError, FiltersConfig
-from cousins.export.filters import apply_filters, near_duplicates
+from cousins.export.filters import apply_filters
+from export_reference import near_duplicates
 from cousins.export.write import export
 from cousins.run.layout import RunLayout
 from cousins.run.storage import mark_done, resolve

@@ -91,18 +91,6 @@ def band_keys(text: str, threshold: float, num_perm: int = 128, seed: int = 1) -
             for i in range(b)]
 
 
-def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128, seed: int = 1) -> list[bool]:
-    """True for each text that shares an LSH band with an earlier text (the rule the export applies
-    across workers, here on one list)."""
-    seen: set[str] = set()
-    dup = []
-    for text in texts:
-        keys = band_keys(text, threshold, num_perm, seed)
-        dup.append(any(k in seen for k in keys))
-        seen.update(keys)
-    return dup
-
-
 # --- the filters as Dataset operations --------------------------------------------------------------
 #
 # Every generation row gets a verdict row (VERDICT: its key, the filter that dropped it or null, its

@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cousins.run.lifecycle import committed
-from cousins.run.layout import RunLayout, part_files
-from cousins.run.storage import Location, resolve, write_parquet_atomic
+from cousins.run.layout import RunLayout, part_files, part_path
+from cousins.run.storage import Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 
 SEP = "~"  # between a copied prompt id and its copy index
 
@@ -53,12 +53,12 @@ def synthesize(root: Location, run_id: str, factor: int, *, out_id: str | None =
         for i, f in enumerate(part_files(stage)):
             table = pq.read_table(f, filesystem=stage.arrow_fs())
             for k, copy in enumerate(_copies(table, factor)):
-                write_parquet_atomic(copy, out.join(f"part-{i:05d}-{k:05d}.parquet"))
+                write_parquet_atomic(copy, part_path(out, f"{i:05d}-{k:05d}"))
                 rows += copy.num_rows
-        marker = json.loads(stage.join("_SUCCESS").read_text() or "{}") if stage.join("_SUCCESS").exists() else {}
+        marker = done_info(stage) if is_done(stage) else {}
         if "rows" in marker:
             marker["rows"] = rows
-        out.join("_SUCCESS").write_json_atomic(marker)
+        mark_done(out, marker)
     dst.config.write_text_atomic(src.layout.config.read_text().replace(run_id, out_id))
     manifest = dict(src.manifest, run_id=out_id)
     manifest["corpus"] = {k: v * factor if isinstance(v, int) else v for k, v in manifest["corpus"].items()}

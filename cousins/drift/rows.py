@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from cousins.contract import schema
 from cousins.drift import aggregate
 from cousins.drift import compare as cmp
-from cousins.run.layout import RunLayout, part_files, part_path, partition_name, read_rows
+from cousins.run.layout import RunLayout, part_files, part_path, partition_name, read_batches, read_rows
 from cousins.run.storage import Location
 
 KEYS = ["prompt_id", "sample_index"]
@@ -125,13 +125,8 @@ def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousi
 def load_error(stage: Location) -> str | None:
     """The engine's load error when every row of a model failed with it ("no generations" when the
     stage holds none); streams the error column, stopping at the first row that did not fail so."""
-    import pyarrow.dataset as pads
-
-    files = part_files(stage)
-    if not files:
-        return "no generations"
     first, seen = None, 0
-    for batch in pads.dataset(files, filesystem=stage.arrow_fs(), format="parquet").to_batches(columns=["error"]):
+    for batch in read_batches(stage, ["error"]):
         for e in batch.column(0).to_pylist():
             if e is None or not e.startswith("engine failed to load"):
                 return None

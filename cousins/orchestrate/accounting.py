@@ -70,8 +70,7 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     files = part_files(prompts)
     if not files or not part_files(generations):
         return dict(_ZERO)
-    labelled = pads.dataset(files, filesystem=prompts.arrow_fs(), format="parquet").count_rows(
-        filter=pads.field("reference").is_valid())  # streamed, one column
+    labelled = count_rows(prompts, pads.field("reference").is_valid())  # streamed, one column
     if not labelled:
         return dict(_ZERO)
     schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string())]),

@@ -26,8 +26,8 @@ import pyarrow.dataset as ds
 
 from cousins.query.inputs import BadInput, Damaged, NotFound, QueryError, Unavailable, check_name, is_name
 from cousins.run.lifecycle import NotCommitted, committed
-from cousins.run.layout import RunLayout
-from cousins.run.storage import Location
+from cousins.run.layout import RunLayout, is_part, runs_dir
+from cousins.run.storage import SUCCESS, Location
 
 # --- runs ------------------------------------------------------------------------------------------
 
@@ -163,9 +163,9 @@ def _progress(layout: RunLayout) -> dict:
     for path, info in files.items():
         rel = path[len(base):].lstrip("/")
         stage, _, name = rel.rpartition("/")
-        if name == "_SUCCESS":
+        if name == SUCCESS:
             done.add(stage)
-        elif name.endswith(".parquet") and not name.startswith((".", "_")):
+        elif is_part(name):
             parts[stage] = parts.get(stage, 0) + 1
         t = _mtime(info)
         last = t if t and (last is None or t > last) else last
@@ -180,11 +180,11 @@ def list_runs(root: Location, state: str = "committed") -> list[dict]:
     last update."""
     if state not in RUN_STATES:
         raise BadInput(f"unknown state {state!r}; choose one of {list(RUN_STATES)}")
-    runs_dir = root.join("runs")
+    runs = runs_dir(root)
     fs = root.fs
-    fs.invalidate_cache(runs_dir.path)
+    fs.invalidate_cache(runs.path)
     try:
-        entries = fs.ls(runs_dir.path, detail=True)
+        entries = fs.ls(runs.path, detail=True)
     except FileNotFoundError:
         _check_root(root)
         return []  # a store with no run yet

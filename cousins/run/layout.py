@@ -28,6 +28,12 @@ from cousins.run.storage import MANIFEST, Location
 PROMPTS, ERRORS = "prompts", "errors"
 GENERATIONS, SCORES, KLD, DRIFT = "generations", "scores", "kld", "drift"
 PARTITION = {GENERATIONS: "model", SCORES: "model", KLD: "model", DRIFT: "cousin"}
+RUNS = "runs"
+
+
+def runs_dir(root: Location) -> Location:
+    """Where every run under a storage root lives: {root}/runs/."""
+    return root.join(RUNS)
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class RunLayout:
 
     @property
     def run(self) -> Location:
-        return self.root.join("runs", self.run_id)
+        return runs_dir(self.root).join(self.run_id)
 
     @property
     def prompts(self) -> Location:
@@ -91,7 +97,7 @@ class RunLayout:
             name, file = parts[0][len(key):], parts[1]
             if is_name(name):
                 listed = out.setdefault(name, [])
-                if _is_part(file):
+                if is_part(file):
                     listed.append(path)
         return {n: sorted(f) for n, f in sorted(out.items())}
 
@@ -116,7 +122,7 @@ class RunLayout:
         return self.run.join(MANIFEST)
 
 
-def _is_part(name: str) -> bool:
+def is_part(name: str) -> bool:
     """A published part file's name: temporaries and markers (names starting with '_' or '.') are
     never data, so files of a crashed attempt that were not published are never read."""
     return name.endswith(".parquet") and not name.startswith(("_", "."))
@@ -142,7 +148,7 @@ def part_files(stage_dir: Location) -> list[str]:
     if not stage_dir.exists():
         return []
     stage_dir.fs.invalidate_cache(stage_dir.path)  # parts are written by other processes
-    return sorted(p for p in stage_dir.fs.ls(stage_dir.path, detail=False) if _is_part(posixpath.basename(p)))
+    return sorted(p for p in stage_dir.fs.ls(stage_dir.path, detail=False) if is_part(posixpath.basename(p)))
 
 
 def read_table(stage: Location, columns: list[str] | None = None) -> pa.Table:
@@ -156,12 +162,23 @@ def read_table(stage: Location, columns: list[str] | None = None) -> pa.Table:
     return pads.dataset(found, filesystem=stage.arrow_fs(), format="parquet").to_table(columns=columns)
 
 
-def count_rows(stage: Location) -> int:
-    """Rows in a stage's published parts (from the Parquet footers)."""
+def count_rows(stage: Location, where=None) -> int:
+    """Rows in a stage's published parts (from the Parquet footers; with `where`, a pyarrow
+    expression, the rows that match it, streamed through the columns it names)."""
     import pyarrow.dataset as pads
 
     found = part_files(stage)
-    return pads.dataset(found, filesystem=stage.arrow_fs(), format="parquet").count_rows() if found else 0
+    return pads.dataset(found, filesystem=stage.arrow_fs(), format="parquet").count_rows(filter=where) if found else 0
+
+
+def read_batches(stage: Location, columns: list[str]):
+    """A stage's published parts streamed into the driver as record batches of `columns`, for a
+    scan that may stop early (it never holds the stage)."""
+    import pyarrow.dataset as pads
+
+    found = part_files(stage)
+    return pads.dataset(found, filesystem=stage.arrow_fs(), format="parquet").to_batches(columns=columns) if found \
+        else iter(())
 
 
 def read_rows(stages: Location | list[Location], columns: list[str] | None = None, *, schema: pa.Schema | None = None,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ast
 import pathlib
-from collections import defaultdict
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "cousins"
 MAX_LINES = 400
 FLAT = {"__init__", "cli"}  # the package's own modules outside any folder
+# The folders, bottom first: each may import only the ones before it (README, "Layout").
+LAYERS = ["contract", "run", "drift", "engine", "family", "query", "export", "orchestrate", "bench"]
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -49,37 +50,23 @@ def test_no_module_over_400_lines():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-def test_folders_import_one_another_in_one_direction():
-    """The folder graph (an edge A -> B when a module of A imports one of B) has no cycle: no
-    import from a folder back up into one that imports it."""
+def test_folders_import_only_the_layers_below_them():
+    """A module of a folder imports from its own folder and from folders earlier in LAYERS only:
+    no import from a folder back up into one that imports it (function-level imports included)."""
     modules = _modules()
-    edges: dict[str, set[str]] = defaultdict(set)
-    why: dict[tuple[str, str], str] = {}
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(LAYERS), f"folders not in LAYERS (or gone): {sorted(folders ^ set(LAYERS))}"
+    upward = []
     for name, path in modules.items():
         src = _folder(name)
+        if src is None:
+            continue
         for target, names in _imports(path, name):
-            targets = [target] + [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
-            for t in targets:
+            for t in [target] + [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]:
                 dst = _folder(t)
-                if src and dst and dst != src:
-                    edges[src].add(dst)
-                    why.setdefault((src, dst), f"{name} imports {t}")
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(edges[node]):
-            if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
-                steps = [why[(a, b)] for a, b in zip(cycle, cycle[1:])]
-                raise AssertionError(f"folder import cycle {' -> '.join(cycle)}: {'; '.join(steps)}")
-            if not state.get(nxt):
-                visit(nxt, path + [nxt])
-        state[node] = 2
-
-    for folder in sorted(edges):
-        if not state.get(folder):
-            visit(folder, [folder])
+                if dst and dst != src and LAYERS.index(dst) > LAYERS.index(src):
+                    upward.append(f"{name} ({src}) imports {t} ({dst})")
+    assert not upward, "imports up the layers:\n" + "\n".join(sorted(set(upward)))
 
 
 def test_no_private_name_used_across_modules():

@@ -63,7 +63,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     accounting) and `timings` of the earlier stages go into the summary and the report; with the
     accounting, the summary's capability-against-cost `plane` (cousins/drift/plane.py). Rows are
     computed and written by Ray Data workers; the driver merges their aggregates."""
-    from cousins.drift.report import render_report
+    from cousins.drift.report import render_report  # (matplotlib is imported when a report is rendered)
 
     t0 = time.perf_counter()
     layout, original = run.layout, entries[0]

@@ -27,8 +27,8 @@ from cousins.contract import schema
 from cousins.engine import templates
 from cousins.engine.backend import EngineSpec, Sampling, VllmBackend, sampling_kwargs
 from cousins.engine.feeder import Feeder
-from cousins.engine.rows import (BOTH_OUT, SCORE_INPUT, TASK, Columns, as_output, check_rows, topk_columns,
-                                 trim_topk)
+from cousins.engine.rows import (BOTH_OUT, SCORE_INPUT, TASK, Columns, as_output, check_rows,
+                                 teacher_forced_inputs, topk_columns, trim_topk)
 from cousins.engine.runner import EngineRunner, load_engine, lora_request, node_id
 from cousins.run.ledger import SCORE, ledger_key
 
@@ -179,31 +179,14 @@ class ScoreActor(EngineRunner):
                     error=[reason] * n)
         return check_rows(self.spec.model_name, batch, pa.Table.from_pydict(cols, schema=schema.SCORES))
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        with self.feeder.turn():  # once for the batch, not between every engine step
+            return [templates.encode(self.tokenizer, text, prompt_format=self.spec.prompt_format) for text in texts]
+
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
         rows = batch.select(SCORE_INPUT).to_pylist()
         cols: dict[str, list] = {f.name: [] for f in schema.SCORES}
-        todo, inputs, errors = [], [], [None] * len(rows)
-        for i, row in enumerate(rows):
-            if self.llm is None:
-                errors[i] = self.load_error
-            elif row["error"] is not None or not row["output_token_ids"]:
-                errors[i] = "the original has no output here to score"
-            else:
-                todo.append(i)
-        encoded = []
-        if todo:
-            with self.feeder.turn():  # once for the batch, not between every engine step
-                # The original's rendered prompt (check_templates: the same ids as this model's own render)
-                encoded = [templates.encode(self.tokenizer, rows[i]["prompt_text"], prompt_format=self.spec.prompt_format)
-                           for i in todo]
-        fits = []
-        for i, prompt_ids in zip(todo, encoded):
-            ids = prompt_ids + list(rows[i]["output_token_ids"])
-            if len(ids) + 1 > self.spec.max_model_len:
-                errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
-            else:
-                fits.append(i), inputs.append(ids)
-        todo = fits
+        todo, inputs, errors = teacher_forced_inputs(rows, self.load_error, self._encode, self.spec.max_model_len)
         outs, elapsed = (self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params, solo)
                          if inputs else ([], 0.0))
         total = sum(len(x) for x in inputs) or 1

@@ -27,7 +27,7 @@ from cousins.drift.vocab_kld import PositionError, exact_kld
 from cousins.engine import templates
 from cousins.engine.backend import CORE_ENV, EngineSpec, VllmBackend
 from cousins.engine.feeder import Feeder, Gate
-from cousins.engine.rows import SCORE_INPUT, check_rows
+from cousins.engine.rows import SCORE_INPUT, check_rows, teacher_forced_inputs
 from cousins.engine.runner import EngineRunner, load_engine, lora_request, node_id
 from cousins.run.ledger import KLD, ledger_key
 
@@ -110,20 +110,10 @@ class KldActor(EngineRunner):
 
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
         rows = batch.select(SCORE_INPUT).to_pylist()
-        errors: list[str | None] = [None] * len(rows)
-        todo, inputs = [], []
-        for i, row in enumerate(rows):
-            if self.llm is None:
-                errors[i] = self.load_error
-            elif row["error"] is not None or not row["output_token_ids"]:
-                errors[i] = "the original has no output here to score"
-            else:
-                ids = (templates.encode(self.tokenizer, row["prompt_text"], prompt_format=self.original_format)
-                       + list(row["output_token_ids"]))
-                if len(ids) + 1 > self.spec.max_model_len:
-                    errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
-                else:
-                    todo.append(i), inputs.append(ids)
+        todo, inputs, errors = teacher_forced_inputs(
+            rows, self.load_error,
+            lambda texts: [templates.encode(self.tokenizer, x, prompt_format=self.original_format) for x in texts],
+            self.spec.max_model_len)
         klds: dict[int, tuple[list, list, list]] = {}
         t0 = time.perf_counter()
         for group in _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1))):

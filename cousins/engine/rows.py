@@ -139,3 +139,29 @@ def trim_topk(column: pa.ChunkedArray, k: int) -> pa.Array:
         outer = pa.nulls(0, column.type)
     inner = pc.list_slice(outer.flatten(), 0, k)
     return pa.ListArray.from_arrays(outer.offsets, inner, type=column.type, mask=outer.is_null())
+
+
+def teacher_forced_inputs(rows: list[dict], load_error: str | None, encode_prompts,
+                          max_model_len: int) -> tuple[list[int], list[list[int]], list[str | None]]:
+    """What a teacher-forced pass runs of the original's generation rows (SCORE_INPUT, as dicts):
+    (the indices of the rows it runs, their prompt + output token ids, every row's error). A row is
+    an error when the engine failed to load (`load_error`), when the original has no output there,
+    or when prompt + output leave no room in the context. `encode_prompts(texts)` gives the
+    original's rendered prompts as ids (the same ids as this model's own render: check_templates)."""
+    errors: list[str | None] = [None] * len(rows)
+    todo = []
+    for i, row in enumerate(rows):
+        if load_error is not None:
+            errors[i] = load_error
+        elif row["error"] is not None or not row["output_token_ids"]:
+            errors[i] = "the original has no output here to score"
+        else:
+            todo.append(i)
+    fits, inputs = [], []
+    for i, prompt_ids in zip(todo, encode_prompts([rows[i]["prompt_text"] for i in todo]) if todo else []):
+        ids = prompt_ids + list(rows[i]["output_token_ids"])
+        if len(ids) + 1 > max_model_len:
+            errors[i] = f"prompt + output is {len(ids)} tokens; scoring needs engine.max_model_len > that"
+        else:
+            fits.append(i), inputs.append(ids)
+    return fits, inputs, errors

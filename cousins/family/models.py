@@ -149,6 +149,19 @@ def _encode(tokenizer, chats: list[list[dict]], max_len: int) -> list[tuple[list
     return out
 
 
+def optimizer_step(model, opt, sched, loss) -> float:
+    """One training step of every build here (teacher and students): backward, gradients clipped
+    to norm 1, the optimizer's and the schedule's step; the step's loss."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_model(model, examples: list[tuple[list[int], int]], pad: int, recipe: TinyLlamaRecipe) -> list[float]:
     """Train in place on the answer tokens only (the loss of every step is returned)."""
     import math
@@ -177,12 +190,7 @@ def train_model(model, examples: list[tuple[list[int], int]], pad: int, recipe: 
         target = labels[:, 1:]
         at = target != -100
         loss = F.cross_entropy(model.lm_head(hidden[at]), target[at])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, sched, loss))
     model.eval()
     return losses
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cousins.family.models import RECIPE_FILE, check_ours
+from cousins.family.models import RECIPE_FILE, check_ours, optimizer_step
 from cousins.contract.recipes import TINY_STUDENT
 from cousins.contract.schema import row_keys
 
@@ -266,12 +266,7 @@ def _train(model, examples: list[_Example], pad: int, recipe: StudentRecipe) -> 
             order += epoch
         idx, order = order[:recipe.batch_size], order[recipe.batch_size:]
         loss = _loss(model, _batch([examples[i] for i in idx], pad, recipe.mode == "kd"), recipe)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, sched, loss))
     model.eval()
     return losses
 

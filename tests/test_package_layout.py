@@ -92,3 +92,34 @@ def test_no_private_name_used_across_modules():
                     and isinstance(node.value, ast.Name) and node.value.id in aliases):
                 found.append(f"{name}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
     assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_every_import_of_the_package_resolves():
+    """Imports inside functions run only when the function does: each one, in the package, the
+    jobs, the services and the tests, must name a module and a name that exist."""
+    import importlib
+
+    bad = []
+    for top in ("cousins", "jobs", "services", "tests"):
+        for path in sorted((ROOT.parent / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("cousins"):
+                    try:
+                        module = importlib.import_module(node.module)
+                    except ImportError as e:
+                        bad.append(f"{path.name}:{node.lineno} {node.module}: {e}")
+                        continue
+                    for a in node.names:
+                        if not hasattr(module, a.name):
+                            try:
+                                importlib.import_module(f"{node.module}.{a.name}")
+                            except ImportError:
+                                bad.append(f"{path.name}:{node.lineno} {node.module} has no {a.name}")
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name.startswith("cousins"):
+                            try:
+                                importlib.import_module(a.name)
+                            except ImportError as e:
+                                bad.append(f"{path.name}:{node.lineno} {a.name}: {e}")
+    assert not bad, "imports that do not resolve:\n" + "\n".join(bad)

@@ -42,7 +42,7 @@ def bare_vllm(cfg: Config, limit: int) -> dict:
     from cousins.run import corpus
     from cousins.engine import backend as engine
     from cousins.engine import plan
-    from cousins.engine.actors import row_seed
+    from cousins.engine.rows import row_seed
 
     path = cfg.corpus.path
     with open(path, "rb") as f:  # one local file: the bare engine needs no Ray to read it
@@ -85,7 +85,7 @@ def ray_data_llm(cfg: Config, limit: int) -> dict:
     from cousins.run import corpus
     from cousins.engine import backend as engine
     from cousins.engine import plan
-    from cousins.engine.actors import row_seed
+    from cousins.engine.rows import row_seed
 
     path = cfg.corpus.path
     with open(path, "rb") as f:

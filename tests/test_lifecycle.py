@@ -10,8 +10,8 @@ from cousins.contract.redact import redacted
 from cousins.orchestrate.accounting import RunResult, summary_table
 from cousins.orchestrate.pipeline import open_run
 from cousins.contract.records import GenerationsDone, ModelStats, PromptsDone
-from cousins.run.lifecycle import (NotCommitted, RunConflict, RunState, StageIncomplete, committed, committed_at, config_diff,
-                         config_hash)
+from cousins.run.lifecycle import (NotCommitted, RunConflict, RunState, StageIncomplete, committed, committed_at,
+                                   config_diff, config_hash)
 from cousins.run.runtime import forwarded_env, root_cause
 from cousins.contract import schema
 from cousins.run.layout import RunLayout, part_files

@@ -1,7 +1,9 @@
-"""The run's row stages: prompts, generate, score. Each takes the open run and narrow values (the
-engine spec, sampling, placement), writes part files through the run, verifies the stage and
-finishes it with its marker record. A finished stage is read back, not redone; an unfinished one
-is continued (generations: every published key is kept) or redone (prompts, scores).
+"""The run's row stages: prompts, generate, score and exact KLD. Each takes the open run and narrow
+values (the engine spec, sampling, placement), writes part files through the run, verifies the
+stage and finishes it with its marker record. A finished stage is read back, not redone; an
+unfinished one is continued (generations: every published key is kept) or redone (prompts,
+scores, exact KLD). Every engine stage runs through `run_engine_stage`, in one of the modes of
+cousins/engine/pool.py (MODES).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cousins.contract.refs import HUB_PREFIX, is_gguf, kind  # noqa: F401  (what callers name a reference by)
+from cousins.contract.refs import HUB_PREFIX, is_gguf, kind
 
 # What validation needs of a checkpoint: never the weights.
 META_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt")

@@ -17,6 +17,7 @@ import os
 
 from cousins.engine import checkpoints
 from cousins.engine import plan
+from cousins.contract import refs
 from cousins.contract.config import Config, ConfigError, SamplingConfig
 from cousins.contract.recipes import QUANT_RECIPES, REALISTIC_STUDENT, TINY_STUDENT
 
@@ -71,7 +72,7 @@ def _tokenizer_dir(cfg: Config, name: str) -> str | None:
     """A local directory with model `name`'s tokenizer files (fetched if remote); None if it has none yet."""
     s = plan.source(cfg, name)
     ref, revision = (s.tokenizer, None) if s.tokenizer else (s.path, s.revision)
-    if checkpoints.kind(ref) == "local" and not os.path.exists(os.path.join(ref, "config.json")) \
+    if refs.kind(ref) == "local" and not os.path.exists(os.path.join(ref, "config.json")) \
             and not os.path.exists(os.path.join(ref, "tokenizer_config.json")):
         return None  # built later (a student trained after the teacher data run)
     return checkpoints.metadata_dir(ref, revision)
@@ -152,7 +153,7 @@ def check_models(cfg: Config, *, scoring: bool = False) -> None:
             problems.append(f"{where}: {key}.max_logprobs={e.max_logprobs} is below the {need} logprobs a position "
                             f"asks for (run.sampling.logprobs, drift.score_topk)")
         if e.gpus_per_actor == 0:
-            if checkpoints.is_gguf(src.path):
+            if refs.is_gguf(src.path):
                 problems.append(f"{where}: {src.path} is a GGUF file: vLLM 0.32 loads GGUF only through the "
                                 f"vllm-gguf-plugin, on GPU engines; set {key}.gpus_per_actor=1 (with the plugin "
                                 f"installed on the cluster), or give the original safetensors checkpoint instead")

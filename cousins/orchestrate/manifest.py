@@ -11,6 +11,7 @@ import os
 import platform
 
 from cousins import __version__
+from cousins.contract import refs
 from cousins.contract.codec import decode
 from cousins.contract.config import Config
 from cousins.contract.records import SEED_RULE, CorpusRecord, Manifest, ModelEntry, ModelRecord
@@ -27,7 +28,7 @@ def model_fingerprint(path: str, revision: str | None = None) -> str | None:
     (hashing every weight byte of a large model would take minutes; the config plus the exact size
     of every weight file tells builds apart in practice). A hub or stored model is identified by its
     small files as fetched (a hub snapshot's directory name is its commit), a GGUF file by its size."""
-    if checkpoints.kind(path) != "local":
+    if refs.kind(path) != "local":
         try:
             meta = checkpoints.metadata_dir(path, revision)
         except checkpoints.CheckpointError:

@@ -72,7 +72,7 @@ def list_cousins(root: Location, run_id: str) -> list[str]:
     """The cousins (noise floor included) that have drift rows in a committed drift run."""
     layout, manifest = committed_run(root, run_id)
     _need_drift(run_id, manifest)
-    return sorted(layout.names(DRIFT))
+    return sorted(layout.parts_by_name(DRIFT))
 
 
 def _need_drift(run_id: str, manifest: dict) -> None:
@@ -117,7 +117,7 @@ def drift_page(root: Location, run_id: str, *, cousin: str | None = None, catego
         raise BadInput(f"unknown fields {unknown[:5]}; choose from {list(DRIFT_FIELDS)}")
     columns = list(dict.fromkeys([*_TIE, *columns]))
 
-    by_cousin = layout.names(DRIFT)
+    by_cousin = layout.parts_by_name(DRIFT)
     if cousin is not None and cousin not in by_cousin:
         raise NotFound(f"run {run_id!r} has no drift rows for cousin {cousin!r}; its cousins: {sorted(by_cousin)}")
     files = [f for c, fs in by_cousin.items() if cousin is None or c == cousin for f in fs]

@@ -50,7 +50,7 @@ def prompt_view(root: Location, run_id: str, prompt_id: str, *, sample_index: in
         where = where & (ds.field("sample_index") == sample_index)
     gens = (dataset(root, gen_files, schema.GENERATIONS).to_table(columns=_GEN_COLUMNS, filter=where).to_pylist()
             if gen_files else [])
-    drift_parts = [f for fs in layout.names(DRIFT).values() for f in fs]
+    drift_parts = [f for fs in layout.parts_by_name(DRIFT).values() for f in fs]
     vs = (dataset(root, drift_parts, schema.DRIFT).to_table(columns=_VS_COLUMNS, filter=where).to_pylist()
           if drift_parts else [])
     vs_by = {(r["cousin"], r["sample_index"]): r for r in vs}

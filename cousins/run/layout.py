@@ -12,7 +12,7 @@ A stage directory holds Parquet part files, each published whole, and a `_SUCCES
 read it here, as a Ray Dataset (`read_rows`: part files read with pyarrow in light tasks), as one
 table (`read_table`: for what the driver may hold, keys and counts or a small run), as its row
 count from the Parquet footers (`count_rows`), or as its published files (`part_files`);
-`RunLayout.names` lists which models' stages of a kind are present.
+`RunLayout.parts_by_name` lists which models' stages of a kind are present, with their files.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class RunLayout:
         """The directory of every stage of a kind ({run}/drift/ for the diff's writers)."""
         return self.run.join(kind)
 
-    def names(self, kind: str) -> dict[str, list[str]]:
+    def parts_by_name(self, kind: str) -> dict[str, list[str]]:
         """Each model's (or cousin's) published part files of a kind, from ONE recursive listing of
         {run}/{kind}/ (one LIST on an object store, not one per model), by `part_files`' rule: Parquet
         files directly in `{model|cousin}=NAME/` whose names do not start with '_' or '.'. A

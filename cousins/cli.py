@@ -26,15 +26,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from cousins.family.models import RECIPES, NotOurs, check_ours, ensure_model
+    from cousins.family.models import BUILD_REMEDY, RECIPES, ensure_model
+    from cousins.run.removal import BUILD, NotOurs, remove_tree
 
     out = args.out or f"models/{args.recipe}"
     try:
-        if args.force:
-            import shutil
-
-            check_ours(out, setting="--out")  # --force rebuilds one of our builds, never a user's model
-            shutil.rmtree(out, ignore_errors=True)
+        if args.force:  # --force rebuilds one of our builds, never a user's model
+            remove_tree(out, BUILD, setting="--out", remedy=BUILD_REMEDY.format(setting="--out"))
         ensure_model(out, args.recipe, args.seed, setting="--out")
     except NotOurs as e:
         print(f"error: {e}", file=sys.stderr)

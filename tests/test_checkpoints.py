@@ -149,7 +149,8 @@ def _users_model(tmp_path, tiny_teacher) -> Path:
 
 
 def test_a_build_refuses_a_users_model_directory_and_leaves_it_whole(tiny_teacher, tmp_path):
-    from cousins.family.models import NotOurs, ensure_model
+    from cousins.family.models import ensure_model
+    from cousins.run.removal import NotOurs
     from cousins.family.quantize import build_quantized
 
     mine = _users_model(tmp_path, tiny_teacher)
@@ -179,7 +180,7 @@ def test_cli_force_rebuilds_only_the_projects_own_build(tiny_teacher, tmp_path):
     mine = _users_model(tmp_path, tiny_teacher)
     out = subprocess.run([sys.executable, "-m", "cousins.cli", "models", "build", "--force", "--out", str(mine)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 2 and "did not build" in out.stderr
+    assert out.returncode == 2 and "did not write" in out.stderr
     assert (mine / "model.safetensors").exists()
 
 

@@ -2,7 +2,8 @@
 
 `synthesize` writes a run N times the size of a committed drift run: every prompt, generation and
 score row copied N times with suffixed prompt ids (`{id}~{k}`), one part file at a time (the run is
-never loaded whole), plus its config, manifest and markers; its drift rows and summary are left to
+never loaded whole), plus its config, manifest and markers, and a `_SYNTHETIC.json` marker (written
+first: only a copy carrying it is ever replaced by the next synthesis); its drift rows and summary are left to
 be recomputed. `measure` recomputes a run in a fresh driver process (`python -m cousins.bench.scale`)
 on the given Ray cluster and reports its wall time and the driver's peak RSS: what grows with N is
 what the scale rules forbid.
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 
 from cousins.run.lifecycle import committed
 from cousins.run.layout import RunLayout, part_files, part_path
+from cousins.run.removal import SYNTHETIC, remove_tree
 from cousins.run.storage import Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 
 SEP = "~"  # between a copied prompt id and its copy index
@@ -40,7 +42,10 @@ def synthesize(root: Location, run_id: str, factor: int, *, out_id: str | None =
     src = committed(root, run_id)
     out_id = out_id or f"{run_id}-x{factor}"
     dst = RunLayout(root, out_id)
-    dst.run.remove_tree()
+    # an earlier synthetic copy of that id is replaced; a real run (or anything else) never is
+    remove_tree(dst.run, SYNTHETIC, setting=f"the scale benchmark's copy id {out_id!r}",
+                remedy="Name another id for the copy")
+    dst.run.join(SYNTHETIC.name).write_json_atomic({"source_run": run_id, "factor": factor})
     stages = [src.layout.prompts, src.layout.errors,
               *(src.layout.generations(m) for m in src.model_names()),
               *(src.layout.scores(m) for m in src.model_names())]

@@ -26,10 +26,13 @@ import time
 from pathlib import Path
 
 from cousins.contract.refs import HUB_PREFIX, is_gguf, kind
+from cousins.run.removal import FETCHED as FETCHED_MARK
+from cousins.run.removal import MERGED as MERGED_MARK
+from cousins.run.removal import publish_dir, scratch
 
 # What validation needs of a checkpoint: never the weights.
 META_PATTERNS = ("*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt")
-FETCHED = ".cousins-fetched.json"  # written last into a fetched copy: its source and listing
+FETCHED = FETCHED_MARK.name  # .cousins-fetched.json, written last into a fetched copy: its source and listing
 CACHE_ENV = "COUSINS_MODEL_CACHE"
 
 
@@ -134,19 +137,16 @@ def _from_storage(url: str, meta: bool, options: dict) -> str:
     with _locked(cache_root() / f"{key}.lock"):
         if _read_fetched(dest) == want:
             return _entry_path(dest, url, fs.isfile(loc.path.rstrip("/")))
-        tmp = dest.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.perf_counter()
-        for rel, _, _ in listing:
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{root}/{rel}", str(target))
-        (tmp / FETCHED).write_text(json.dumps({**want, "fetch_s": round(time.perf_counter() - t0, 1)}))
-        if dest.exists():  # an older copy of ours (it has the marker, or it is a half-made one of ours)
-            old = dest.with_name(f"{key}.old-{os.getpid()}")
-            os.replace(dest, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, dest)
+        with scratch(dest) as scratch_loc:
+            tmp = Path(scratch_loc.path)
+            t0 = time.perf_counter()
+            for rel, _, _ in listing:
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(target))
+            (tmp / FETCHED).write_text(json.dumps({**want, "fetch_s": round(time.perf_counter() - t0, 1)}))
+            # an older copy of ours is replaced; anything else at that name is refused
+            publish_dir(scratch_loc, dest, FETCHED_MARK, setting=CACHE_ENV)
     return _entry_path(dest, url, fs.isfile(loc.path.rstrip("/")))
 
 
@@ -243,7 +243,7 @@ def lora_rank(cfg: dict) -> int:
 # an adapter are wrong or fail (vllm-project/vllm#16668: one LoRA mapping for sampling and prompt
 # logprobs; on vLLM 0.32's CPU build a batch of such requests raises in the LoRA logits einsum), so
 # a LoRA cousin whose tokens are scored runs the adapter merged into the weights: W + s·B·A.
-MERGED = ".cousins-merged.json"
+MERGED = MERGED_MARK.name
 
 
 def _lora_deltas(adapter_dir: Path) -> dict[str, tuple]:
@@ -295,38 +295,32 @@ def merged_lora(base: str, adapter: str) -> str:
         if (dest / MERGED).exists():
             return str(dest)
         deltas = _lora_deltas(adapter_dir)
-        tmp = dest.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        t0, done = time.perf_counter(), set()
-        for f in sorted(base_dir.iterdir()):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            if f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
-                continue
-            tensors, meta = {}, None
-            with safe_open(str(f), framework="pt") as shard:
-                meta = shard.metadata()
-                for name in shard.keys():
-                    w = shard.get_tensor(name)
-                    if name in deltas:
-                        a, b, scale, transpose, _ = deltas[name]
-                        delta = (b.float() @ a.float()) * scale
-                        w = (w.float() + (delta.T if transpose else delta)).to(w.dtype)
-                        done.add(name)
-                    tensors[name] = w.contiguous()
-            save_file(tensors, str(tmp / f.name), metadata=meta)
-        missing = sorted(set(deltas) - done)
-        if missing:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"LoRA adapter {adapter} names weights its base {base} does not have "
-                                  f"(first: {missing[0]}): is it an adapter of another model?")
-        (tmp / MERGED).write_text(json.dumps({"base": str(base), "adapter": str(adapter), "weights": len(done),
-                                              "merge_s": round(time.perf_counter() - t0, 1)}))
-        if dest.exists():
-            old = dest.with_name(f"{key}.old-{os.getpid()}")
-            os.replace(dest, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, dest)
+        with scratch(dest) as scratch_loc:
+            tmp = Path(scratch_loc.path)
+            t0, done = time.perf_counter(), set()
+            for f in sorted(base_dir.iterdir()):
+                if not f.is_file() or f.name.startswith("."):
+                    continue
+                if f.suffix != ".safetensors":
+                    shutil.copy2(f, tmp / f.name)
+                    continue
+                tensors, meta = {}, None
+                with safe_open(str(f), framework="pt") as shard:
+                    meta = shard.metadata()
+                    for name in shard.keys():
+                        w = shard.get_tensor(name)
+                        if name in deltas:
+                            a, b, scale, transpose, _ = deltas[name]
+                            delta = (b.float() @ a.float()) * scale
+                            w = (w.float() + (delta.T if transpose else delta)).to(w.dtype)
+                            done.add(name)
+                        tensors[name] = w.contiguous()
+                save_file(tensors, str(tmp / f.name), metadata=meta)
+            missing = sorted(set(deltas) - done)
+            if missing:
+                raise CheckpointError(f"LoRA adapter {adapter} names weights its base {base} does not have "
+                                      f"(first: {missing[0]}): is it an adapter of another model?")
+            (tmp / MERGED).write_text(json.dumps({"base": str(base), "adapter": str(adapter), "weights": len(done),
+                                                  "merge_s": round(time.perf_counter() - t0, 1)}))
+            publish_dir(scratch_loc, dest, MERGED_MARK, setting=CACHE_ENV)
     return str(dest)

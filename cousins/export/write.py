@@ -25,6 +25,7 @@ from cousins.export.filters import (DERIVED, KEYS, PROMPT_INFO, VERDICT, band_du
                                     prompt_info, reports, verdicts)
 from cousins.run.lifecycle import NotCommitted, Run, committed
 from cousins.run.progress import Bar
+from cousins.run.removal import EXPORT, NotOurs, check_ours, publish_dir, scratch
 from cousins.run.storage import Location, mark_done, parquet_bytes, resolve
 
 # --- what the export reads -----------------------------------------------------------------------
@@ -158,8 +159,6 @@ def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
 def export(cfg: ExportConfig) -> ExportResult:
     """Export a committed run's generations of one model as SFT (or KD) data on the connected Ray
     (a local one when none is: cfg.ray). ExportError on bad input, before any Ray work."""
-    from cousins.run.dataops import co_partition
-    from cousins.run.layout import read_rows
     from cousins.run.runtime import init_ray
 
     if cfg.format not in ("parquet", "jsonl"):
@@ -183,18 +182,39 @@ def export(cfg: ExportConfig) -> ExportResult:
     if problems:
         raise ExportError("invalid export filters:\n" + "\n".join(f"  - {p}" for p in problems))
 
-    init_ray(cfg.ray, cfg.log)
+    kind = "kd" if cfg.kd else "sft"
+    out = resolve(cfg.out, **cfg.storage.options) if cfg.out else layout.run.join("distill", kind)
+    setting = "out" if cfg.out else f"run {cfg.run_id!r}'s distill/{kind}"
+    try:  # a new location, or a previous export of the project's (replaced whole at the end)
+        check_ours(out, EXPORT, setting=setting)
+    except NotOurs as e:
+        raise ExportError(str(e)) from None
     rows_in = Run(layout, "committed").count(layout.generations(model))  # from the Parquet footers
+    if rows_in == 0:
+        raise ExportError(f"run {cfg.run_id!r} holds no generations of {model!r} (its corpus had no usable "
+                          f"prompt): nothing to export, and nothing was written")
+
+    init_ray(cfg.ray, cfg.log)
     state = _filtered(run, model, cfg.filters, rows_in)
     counts: dict = {}
     for r in state.map_batches(_count_dropped, batch_format="pyarrow", num_cpus=0.1).take_all():
         counts[r["dropped"] or None] = counts.get(r["dropped"] or None, 0) + r["rows"]
     kept = state.map_batches(_kept_keys, batch_format="pyarrow", num_cpus=0.1)
     kept_rows = counts.get(None, 0)
+    with scratch(out) as aside:  # written aside, then swapped in: a failed export leaves the old one whole
+        result = _write(cfg, run, model, kept, kept_rows, aside, out_url=out.url,
+                        rows_in=rows_in, counts=counts)
+        publish_dir(aside, out, EXPORT, setting=setting)
+    return result
 
-    kind = "kd" if cfg.kd else "sft"
-    out = resolve(cfg.out, **cfg.storage.options) if cfg.out else layout.run.join("distill", kind)
-    out.remove_tree()
+
+def _write(cfg: ExportConfig, run, model: str, kept, kept_rows: int, out: Location, *, out_url: str,
+           rows_in: int, counts: dict) -> ExportResult:
+    """Write the kept rows, the `_SUCCESS` record and the dataset card into `out`."""
+    from cousins.run.dataops import co_partition
+    from cousins.run.layout import read_rows
+
+    layout, manifest = run.layout, run.manifest
     columns = GEN_COLUMNS + (KD_COLUMNS if cfg.kd else [])
     schemas = {"gen": pa.schema([f for f in schema.GENERATIONS if f.name in columns]),
                "prompt": pa.schema([f for f in schema.PROMPTS if f.name in ("prompt_id", "messages", "reference")]),
@@ -202,6 +222,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     sides = {"gen": read_rows(layout.generations(model), columns),
              "prompt": read_rows(layout.prompts, ["prompt_id", "messages", "reference"]), "keep": kept}
     # as few partitions (files) as the rows need: a small export stays one file
+    kind = "kd" if cfg.kd else "sft"
     parts = max(1, -(-kept_rows // min(cfg.rows_per_file, ROWS_PER_PARTITION[kind])))
     writes = co_partition(sides, schemas, "prompt_id", parts).map_batches(
         _write_partition, batch_size=None, batch_format="pyarrow",
@@ -214,7 +235,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             bar.add(f["rows"], tokens=f["tokens"])
     files = [{k: f[k] for k in ("name", "rows", "bytes")} for f in sorted(written, key=lambda f: f["first"])]
     tokens = sum(f["tokens"] for f in written)
-    if not files:  # nothing kept: one empty file, so readers find the schema
+    if not files:  # every row filtered out: one empty file, so readers find the schema
         name = f"part-00000.{cfg.format}"
         data = _encode((KD if cfg.kd else SFT).empty_table(), cfg.format)
         out.join(name).write_bytes_atomic(data)
@@ -222,7 +243,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     rows_out = sum(f["rows"] for f in files)
     size = sum(f["bytes"] for f in files)
     topk = manifest["sampling"].get("logprobs") if cfg.kd else None
-    result = ExportResult(out_url=out.url, files=files, rows_in=rows_in, rows_out=rows_out,
+    result = ExportResult(out_url=out_url, files=files, rows_in=rows_in, rows_out=rows_out,
                           filters=reports(counts, rows_in, cfg.filters), output_tokens=tokens,
                           bytes_per_output_token=size / tokens if tokens else None, topk=topk)
     mark_done(out, encode(ExportDone(rows=rows_out, files=[ExportFile(**f) for f in files])))

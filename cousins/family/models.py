@@ -20,8 +20,11 @@ import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from cousins.contract.recipes import REALISTIC_TEACHER, TINY_TEACHER
+from cousins.run.removal import BUILD, publish_dir, scratch
+from cousins.run.removal import check_ours as check_owned
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -29,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-RECIPE_FILE = "cousins_recipe.json"  # written last: a directory with it is a complete build
+RECIPE_FILE = BUILD.name  # cousins_recipe.json, written last: a directory with it is a complete build
 
 
 @dataclass(frozen=True)
@@ -224,23 +227,24 @@ def is_current(path: str | os.PathLike, recipe_name: str, seed: int = 0) -> bool
     return done.get("lessons") == lessons_fingerprint(taught)
 
 
-class NotOurs(RuntimeError):
-    """A build would replace a directory the project did not build."""
+BUILD_REMEDY = "Point {setting} at a new directory for the build, or set its build to null to use the model there as it is"
 
 
 def check_ours(path: str | os.PathLike, *, setting: str) -> None:
     """NotOurs unless `path` is absent, an empty directory, or a build of the project's (its
-    marker there, or the partial marker-less build a killed build leaves is never at `path`: builds
-    are renamed into place whole). A user's own model directory is never deleted or overwritten."""
-    p = Path(path)
-    if not p.exists() and not p.is_symlink():
-        return
-    if p.is_dir() and not p.is_symlink() and ((p / RECIPE_FILE).exists() or not any(p.iterdir())):
-        return
-    raise NotOurs(f"{setting}: {str(path)!r} holds files the project did not build (no {RECIPE_FILE} there), and a "
-                  f"build would replace them: the project never deletes or overwrites such a directory. Point "
-                  f"{setting} at a new directory for the build, or set its build to null to use the model there "
-                  f"as it is")
+    RECIPE_FILE there; cousins/run/removal.py is the rule). A user's own model directory is never
+    deleted or overwritten."""
+    check_owned(path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
+
+
+def replace_build(path: str | os.PathLike, build: Callable[[Path], object], *, setting: str) -> None:
+    """Run `build` into a temporary sibling of `path` and rename the result into place, replacing
+    only a build of the project's: a killed build leaves nothing that looks complete, and a user's
+    directory is refused (NotOurs) before and after the build."""
+    check_ours(path, setting=setting)
+    with scratch(path) as tmp:
+        build(Path(tmp.path))
+        publish_dir(tmp, path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
 
 
 def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: str = "model.path") -> bool:
@@ -261,14 +265,10 @@ def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: 
     check_ours(path, setting=setting)
     if read_build(path) is not None:
         print(f"{path} was built from another recipe or other lessons: building {recipe_name!r} again", flush=True)
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     if recipe_name == REALISTIC_TEACHER:
         from cousins.family import realistic
 
-        realistic.build(tmp, realistic.recipe(recipe_name, seed))
+        replace_build(path, lambda tmp: realistic.build(tmp, realistic.recipe(recipe_name, seed)), setting=setting)
     else:
-        build_tiny_llama(tmp, _recipe(recipe_name, seed))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+        replace_build(path, lambda tmp: build_tiny_llama(tmp, _recipe(recipe_name, seed)), setting=setting)
     return True

@@ -52,7 +52,8 @@ def original_dir(cfg: Config) -> str:
 def check_build_targets(cfg: Config) -> None:
     """ConfigError naming every model whose build would replace a directory the project did not
     build (a user's checkpoint named as the path of a model with a `build` recipe): before any build."""
-    from cousins.family.models import NotOurs, check_ours
+    from cousins.family.models import check_ours
+    from cousins.run.removal import NotOurs
 
     problems = []
     targets = [("model.path", cfg.model.path, cfg.model.build)]

@@ -33,7 +33,7 @@ import re
 import shutil
 from pathlib import Path
 
-from cousins.family.models import RECIPE_FILE, check_ours
+from cousins.family.models import RECIPE_FILE, check_ours, replace_build
 from cousins.contract.recipes import QUANT_RECIPES
 
 RECIPES = QUANT_RECIPES  # name -> what it does (declared in cousins/contract/recipes.py)
@@ -216,10 +216,8 @@ def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, reci
     check_ours(out, setting=setting)
 
     kind, arg, vllm_dtype = _SPECS[recipe]
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> None:
         info = _build(kind, arg, src, tmp)
         for name in _AUX_FILES:
             if (src / name).exists():
@@ -228,9 +226,6 @@ def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, reci
                   "source_recipe": read_recipe(src), "vllm_dtype": vllm_dtype,
                   **{k: v for k, v in info.items() if k != "rounded_tensors"}}
         (tmp / RECIPE_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    replace_build(out, build, setting=setting)
     return out

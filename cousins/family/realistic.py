@@ -300,19 +300,6 @@ def is_current(path: str | os.PathLike, r: QwenRecipe, tokenizer_from: str | os.
     return done.get("lessons") == lessons_fingerprint(chats)
 
 
-def _replace_with(path: str | os.PathLike, r: QwenRecipe, tokenizer_from=None) -> None:
-    """Build into a temporary sibling and rename it into place: a killed build leaves nothing complete."""
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build(tmp, r, tokenizer_from)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
 def ensure_student(path: str | os.PathLike, teacher_path: str | os.PathLike, seed: int = 0) -> bool:
     """Build the realistic student at `path` with the teacher's tokenizer unless a current build is
     there (a rebuilt teacher makes it stale). True when it built."""
@@ -322,10 +309,11 @@ def ensure_student(path: str | os.PathLike, teacher_path: str | os.PathLike, see
     r = recipe(REALISTIC_STUDENT, seed)
     if is_current(path, r, teacher_path):
         return False
-    from cousins.family.models import check_ours
+    from cousins.family.models import check_ours, replace_build
 
-    check_ours(path, setting="the realistic student's path")
+    setting = "the realistic student's path"
+    check_ours(path, setting=setting)
     print(f"building {REALISTIC_STUDENT!r} (the lessons, {r.train_steps} steps) with {teacher_path}'s tokenizer "
           f"-> {path}", flush=True)
-    _replace_with(path, r, teacher_path)
+    replace_build(path, lambda tmp: build(tmp, r, teacher_path), setting=setting)
     return True

@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cousins.family.models import RECIPE_FILE, check_ours, optimizer_step
+from cousins.family.models import RECIPE_FILE, check_ours, optimizer_step, replace_build
 from cousins.contract.recipes import TINY_STUDENT
 from cousins.contract.schema import row_keys
 
@@ -330,13 +330,14 @@ def build_student(out_dir: str | os.PathLike, teacher_dir: str | os.PathLike, da
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        return _build(out, teacher_dir, tokenizer, examples, settings, recipe, data.schema.metadata or {}, source)
+        return _build(out, teacher_dir, tokenizer, examples, settings, recipe, data.schema.metadata or {}, source,
+                      setting=setting)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _build(out: Path, teacher_dir: Path, tokenizer, examples: list[_Example], settings: dict,
-           recipe: StudentRecipe, meta: dict, source: str | None) -> Path:
+           recipe: StudentRecipe, meta: dict, source: str | None, *, setting: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -353,13 +354,6 @@ def _build(out: Path, teacher_dir: Path, tokenizer, examples: list[_Example], se
     train_s = time.perf_counter() - t0
     final = _eval_loss(model, examples, pad, recipe)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:  # copied unchanged: the vocabulary must be the teacher's
-        if (teacher_dir / name).exists():
-            shutil.copyfile(teacher_dir / name, tmp / name)
     n_params = sum(p.numel() for p in model.parameters())
     window = max(1, min(20, len(losses) // 5 or 1))
     chunk = max(1, len(losses) // 10)
@@ -375,8 +369,13 @@ def _build(out: Path, teacher_dir: Path, tokenizer, examples: list[_Example], se
                        for i in range(0, len(losses), chunk)],  # mean step loss per tenth of training
         "train_s": round(train_s, 2),
     }
-    (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:  # copied unchanged: the vocabulary must be the teacher's
+            if (teacher_dir / name).exists():
+                shutil.copyfile(teacher_dir / name, tmp / name)
+        (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2))
+
+    replace_build(out, save, setting=setting)
     return out

@@ -31,7 +31,9 @@ from cousins.contract import schema
 from cousins.contract.codec import decode, encode
 from cousins.contract.records import Manifest, ModelEntry
 from cousins.contract.summary import Summary
+from cousins.run import removal
 from cousins.run.layout import RunLayout, count_rows, part_path, read_table
+from cousins.run.removal import remove_tree
 from cousins.run.storage import SUCCESS, Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 
 # Keys that may differ between attempts of one run: where and how wide it runs, not what it computes.
@@ -153,8 +155,10 @@ class Run(_RunDir):
         return count_rows(stage)
 
     def restart(self, stage: Location) -> None:
-        """Drop an unfinished stage's files: what an earlier attempt left is redone, never kept."""
-        stage.remove_tree()
+        """Drop an unfinished stage's files: what an earlier attempt left is redone, never kept.
+        Only inside this run's own directory (its config.yaml; cousins/run/removal.py)."""
+        remove_tree(stage, removal.RUN, owner=self.layout.run, setting="run.run_id",
+                    remedy="Start a new run (another run.run_id)")
 
     def verify(self, stage: Location, expected: int, what: str, columns: list[str] = STAT_COLUMNS) -> pa.Table:
         """A stage's key and count columns, once it holds exactly `expected` rows with distinct
@@ -190,6 +194,9 @@ def open_run(root: Location, run_id: str | None, config: dict) -> Run:
     rerun is refused before any cluster work."""
     layout = RunLayout(root, run_id or new_run_id(config))
     if layout.config.exists():
+        if not removal.is_ours(layout.run, removal.RUN):
+            raise RunConflict(f"run.run_id: {layout.config.url!r} is not a run's config.yaml written by the "
+                              f"project; choose another run.run_id or storage.root")
         stored = yaml.safe_load(layout.config.read_text()) or {}
         diff = config_diff(stored, config)
         if diff:
@@ -201,6 +208,9 @@ def open_run(root: Location, run_id: str | None, config: dict) -> Run:
     if layout.manifest.exists():
         raise RunConflict(f"run {layout.run_id!r} at {layout.run.url} has a manifest but no config.yaml; "
                           f"choose another run.run_id")
+    if not removal.is_ours(layout.run, removal.RUN):  # something else is there: never written into
+        raise RunConflict(f"run.run_id: {layout.run.url!r} already holds files the project did not write (no "
+                          f"config.yaml there); choose another run.run_id or storage.root")
     layout.config.write_text_atomic(yaml.safe_dump(config, sort_keys=False))
     return Run(layout, RunState.NEW)
 

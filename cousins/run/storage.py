@@ -80,10 +80,6 @@ class Location:
     def write_json_atomic(self, obj: Any) -> None:
         self.write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
-    def remove_tree(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol

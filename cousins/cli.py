@@ -86,11 +86,16 @@ def _job_help(job: str) -> str:
 
 def _corpus_demo(args: argparse.Namespace) -> int:
     from cousins.family.demo_corpus import DEMO_PATH, DISTILL_PATH, distill_records, write_demo_corpus
+    from cousins.run.removal import NotOurs
 
-    if args.distill:
-        print(write_demo_corpus(args.out or DISTILL_PATH, distill_records()))
-    else:
-        print(write_demo_corpus(args.out or DEMO_PATH))
+    try:
+        if args.distill:
+            print(write_demo_corpus(args.out or DISTILL_PATH, distill_records()))
+        else:
+            print(write_demo_corpus(args.out or DEMO_PATH))
+    except NotOurs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

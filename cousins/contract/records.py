@@ -23,9 +23,11 @@ SEED_RULE = "sha256(f'{seed}:{prompt_id}:{sample_index}')[:4] little-endian & 0x
 
 @dataclass
 class PromptsDone:
-    """prompts/ and errors/: rows written."""
+    """prompts/ and errors/: rows written, and what the corpus was when it was read (its files'
+    names, sizes and versions: a resumed run says when the corpus has changed since)."""
 
     rows: int
+    corpus: dict[str, Any] | None = optional()  # corpus_version: files, bytes, digest of the listing
 
 
 @dataclass
@@ -159,6 +161,7 @@ class ModelStats:
     tokens_per_s: float | None = optional()  # written by the manifest: new_output_tokens / wall_s
     labelled_prompts: int | None = optional()  # labelled prompts with an answered row (absent: older runs)
     accuracy_se: float | None = optional()  # of correct / labelled rows, clustered by prompt (plane.py)
+    first_error: str | None = optional()  # the first error row's reason, when the stage has error rows
 
     def __post_init__(self):
         self.tokens_per_s = self.new_output_tokens / self.wall_s if self.wall_s > 0 else 0.0

@@ -313,4 +313,21 @@ def drift_table(summary: dict) -> str:
                     f"KLD from the top-{summary['score_topk']} (a lower bound); ")
                  + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
+    lines += _notes(summary)
     return "\n".join(lines + plane_lines(summary.get("plane")))
+
+
+def _notes(summary: dict) -> list[str]:
+    """What a figure left out ("-") or a point interval means, said rather than left to be read as zero."""
+    notes = []
+    measured = [s["metrics"] or {} for s in summary["cousins"] if s["error"] is None or s["metrics"]]
+    if summary["prompts"] < 2:
+        notes.append(f"note: {summary['prompts']} prompt(s): a bootstrap over fewer than two prompts has no spread, "
+                     f"so each [CI] is a point, not an uncertainty")
+    if measured and all(m.get("kld_mean") is None for m in measured):
+        notes.append("note: no token was compared (every generation or score is an error row: see the run's "
+                     "error rows); the drift figures are '-', not zero")
+    elif measured and all(m.get("flip_rate") is None for m in measured):
+        notes.append("note: flips and acc delta are '-': no compared prompt has a reference answer (label prompts "
+                     "through corpus.fields.reference to measure them)")
+    return notes

@@ -8,7 +8,7 @@ model's layer and head shapes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cousins.engine import checkpoints
 from cousins.contract.config import Config, EngineConfig, engine_of
@@ -109,6 +109,14 @@ def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, i
         return e, cap
     # (+ a few blocks: vLLM refuses an engine whose cache cannot hold one max_model_len sequence)
     return e, max(min(per_token * e.max_model_len * e.max_num_seqs, cap), per_token * (e.max_model_len + 256))
+
+
+def same_as_original(cfg: Config) -> list[str]:
+    """The cousins the engine would run exactly as the original (same checkpoint, revision,
+    quantization, adapter, dtype and engine settings): their drift is the engine's own noise."""
+    entries = model_entries(cfg)
+    original = replace(engine_spec(cfg, entries[0]), model_name="")
+    return [e.name for e in entries[1:] if not e.text_only and replace(engine_spec(cfg, e), model_name="") == original]
 
 
 def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:

@@ -78,5 +78,8 @@ def filter_table(result: ExportResult) -> str:
                  f"{result.output_tokens} assistant tokens"
                  + (f", {result.bytes_per_output_token:.1f} B/token" if result.bytes_per_output_token else "")
                  + f" -> {result.out_url}")
+    if result.rows_in and not result.rows_out:
+        lines.append("note: the filters dropped every row (the table says which): the export is one empty file "
+                     "that carries the schema, and its card says so; loosen the filters to keep rows")
     return "\n".join(lines)
 

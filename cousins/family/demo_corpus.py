@@ -177,11 +177,22 @@ def distill_records(seed: int = 1) -> list[dict]:
     return [r for r in out if r["prompt"] not in taken]
 
 
-def write_demo_corpus(path: str | Path = DEMO_PATH, records: list[dict] | None = None) -> Path:
+def write_demo_corpus(path: str | Path = DEMO_PATH, records: list[dict] | None = None, *,
+                      setting: str = "--out") -> Path:
+    """Write the corpus to `path`. Only the project's own corpus files (DEMO_PATH, DISTILL_PATH) are
+    ever rewritten; any other existing file is left as it is (NotOurs) unless it already holds
+    exactly this corpus."""
+    from cousins.run.removal import NotOurs
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in (records or demo_records())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = "\n".join(lines) + "\n"
+    own = path.resolve() in (Path(DEMO_PATH).resolve(), Path(DISTILL_PATH).resolve())
+    if path.exists() and not own and (not path.is_file() or path.read_bytes() != text.encode("utf-8")):
+        raise NotOurs(f"{setting}: {str(path)!r} already exists and is not this corpus: the project never deletes or "
+                      f"overwrites files it did not write. Point {setting} at a new file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

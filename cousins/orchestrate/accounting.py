@@ -106,6 +106,9 @@ def summary_table(result: RunResult) -> str:
     body = [fmt(lines[0]), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in lines[1:]]
     notes = []
     for s in result.models:
+        if s.rows and s.error_rows == s.rows:
+            notes.append(f"warning: every row of {s.model} is an error row (first: {s.first_error}); it gives "
+                         f"nothing to compare or export")
         if s.new_rows != s.rows:
             notes.append(f"{s.model}: {s.rows - s.new_rows} rows from an earlier attempt, {s.new_rows} generated now")
         r = s.retries

@@ -9,8 +9,10 @@ from typing import Callable, TypeVar
 
 from cousins.contract.config import Config, ConfigError
 from cousins.contract.validate import validate
+from cousins.engine.plan import same_as_original
 from cousins.family.prepare import check_vocabularies, prepare_before_ray
 from cousins.orchestrate.pipeline import build_students, open_run
+from cousins.run.corpus import NoUsablePrompt
 from cousins.run.lifecycle import Run, RunConflict
 from cousins.run.runtime import init_ray, root_cause
 
@@ -24,6 +26,9 @@ def start(cfg: Config, *, scoring: bool = False) -> Run:
     try:
         validate(cfg)
         prepare_before_ray(cfg, scoring=scoring)  # builds, vocabularies, every model's settings, templates
+        for name in same_as_original(cfg):
+            print(f"note: cousin {name!r} is the original as the engine runs it (same checkpoint and engine "
+                  f"settings): its drift measures the engine's own noise, like the noise floor", flush=True)
         return open_run(cfg)
     except (ConfigError, RunConflict) as e:
         sys.exit(f"error: {e}")
@@ -67,6 +72,8 @@ def execute(cfg: Config, run: Run, body: Callable[[], T]) -> T:
         build_students(cfg, run.run_id)
         check_vocabularies(cfg)  # distilled cousins built just now included
         return body()
+    except NoUsablePrompt as e:  # the input's fault: a rerun as it is cannot fix it, so no resume advice
+        sys.exit(f"error: {e}")
     except Exception as e:
         traceback.print_exc()  # the whole story for the log; the last line says what to do next
         why = root_cause(e)

@@ -44,19 +44,26 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
         for loc in (layout.prompts, layout.errors):
             run.restart(loc)
         prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
+        version = corpus.corpus_version(corpus_at, fmt)
         bar = Bar("prompts", None, unit="prompts")  # counts come at the end; the line says it is running
         with watch(bar):
+            counts = {"prompts": prompts.count(), "errors": errors.count()}
+            if not counts["prompts"]:  # refused before any engine starts; nothing is finished, so a
+                raise corpus.NoUsablePrompt(  # rerun after fixing the corpus reads it again
+                    corpus.no_usable_prompt(corpus_at, counts["errors"], errors.take(3)))
             for ds, loc, sch, kind in ((prompts, layout.prompts, schema.PROMPTS, "prompts"),
                                        (errors, layout.errors, schema.ERRORS, "errors")):
-                rows = ds.count()
+                rows = counts[kind]
                 if rows:  # (Ray Data would write nothing, then fail to remove the directory on S3)
                     ds.map_batches(schema.conform, fn_kwargs={"schema": sch}, batch_format="pyarrow").write_parquet(
                         loc.path, filesystem=loc.arrow_fs(), compression="zstd")
-                run.finish(loc, PromptsDone(rows=rows))
+                run.finish(loc, PromptsDone(rows=rows, corpus=version))
                 if kind == "errors":
                     bar.update(bar.done, errors=rows)
                 else:
                     bar.update(rows)
+    else:
+        corpus.note_if_changed(corpus_at, fmt, run.marker(layout.prompts, PromptsDone).corpus)
     n_prompts = run.marker(layout.prompts, PromptsDone).rows
     n_errors = run.marker(layout.errors, PromptsDone).rows
     prompts = read_rows(layout.prompts)
@@ -91,7 +98,8 @@ def _counts(t: pa.Table) -> dict:
     return {"rows": t.num_rows, "error_rows": sum(e is not None for e in d["error"]),
             "prompt_tokens": sum(x or 0 for x in d["prompt_tokens"]),
             "output_tokens": sum(x or 0 for x in d["output_tokens"]),
-            "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons}
+            "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons,
+            "first_error": next((e for e in d["error"] if e is not None), None)}
 
 
 def check_cpu_room(where: Placement) -> None:

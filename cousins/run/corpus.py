@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +32,49 @@ Fields = FieldsConfig  # which corpus fields hold what; `messages` wins over `pr
 
 class BadRow(ValueError):
     pass
+
+
+class NoUsablePrompt(ValueError):
+    """Every row of the corpus is an error row (or it has none): no engine is started for it, by
+    any job; the message names the first error rows and what to fix."""
+
+
+def no_usable_prompt(loc: Location, n_errors: int, first: list[dict]) -> str:
+    shown = "; ".join(f"{posixpath.basename(e['source'])} row {e['source_row']}: {e['reason']}" for e in first)
+    what = f"all {n_errors} of its rows are error rows (first: {shown})" if n_errors else "it has no rows"
+    return (f"corpus {loc.url!r} has no usable prompt: {what}. Nothing was run or committed; fix the corpus "
+            f"(or corpus.fields / corpus.format, if the prompts are there under other names) and run again")
+
+
+def corpus_version(loc: Location, fmt: str = "auto") -> dict[str, Any]:
+    """What the corpus is now, without reading it: its files' count, total size and a digest of
+    their names, sizes and versions (mtime, or the object's ETag)."""
+    exts = tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
+    digest, total, n = hashlib.sha256(), 0, 0
+    for path in list_files(loc, exts):
+        info = loc.fs.info(path)
+        size = int(info.get("size") or 0)
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        digest.update(json.dumps([path, size, str(version)]).encode())
+        total, n = total + size, n + 1
+    return {"files": n, "bytes": total, "digest": digest.hexdigest()[:16]}
+
+
+def note_if_changed(loc: Location, fmt: str, recorded: dict[str, Any] | None) -> None:
+    """On a resume: say so when the corpus is no longer what the run read (its prompts are kept)."""
+    if not recorded:
+        return  # a run from before corpus versions were recorded
+    try:
+        now = corpus_version(loc, fmt)
+    except OSError as e:
+        print(f"note: the corpus at {loc.url} cannot be listed now ({e}); the run keeps the prompts it read",
+              flush=True)
+        return
+    if now["digest"] != recorded.get("digest"):
+        print(f"note: the corpus at {loc.url} changed since this run read it ({recorded.get('files')} files, "
+              f"{recorded.get('bytes')} bytes then; {now['files']} files, {now['bytes']} bytes now). The run "
+              f"keeps the prompts it read then; start a new run (another run.run_id) to use the corpus as it is now",
+              flush=True)
 
 
 def prompt_id_of(messages: list[dict]) -> str:

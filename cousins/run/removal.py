@@ -107,6 +107,9 @@ def is_ours(where: Location | str | os.PathLike, marker: Marker, *, owner: Locat
     """Whether `where` may be removed: absent, empty, this process's scratch, or marked by `marker`
     (at `owner`, a directory holding `where`, when given: a run's stage is owned by its run)."""
     loc = _location(where)
+    home = owner or loc
+    if home.path.rstrip("/") != loc.path.rstrip("/") and not loc.path.startswith(home.path.rstrip("/") + "/"):
+        raise ValueError(f"{home.url} does not hold {loc.url}")
     if loc.url in _SCRATCH:
         return True
     listing = _listing(loc)
@@ -114,9 +117,6 @@ def is_ours(where: Location | str | os.PathLike, marker: Marker, *, owner: Locat
         return True
     if loc.is_local and (os.path.islink(loc.path) or not os.path.isdir(loc.path)):
         return False  # a file or a link where a directory goes: never ours to replace
-    home = owner or loc
-    if home.path.rstrip("/") != loc.path.rstrip("/") and not loc.path.startswith(home.path.rstrip("/") + "/"):
-        raise ValueError(f"{home.url} does not hold {loc.url}")
     mark = home.join(marker.name)
     try:
         with mark.fs.open(mark.path, "rb") as f:

@@ -324,10 +324,13 @@ def _notes(summary: dict) -> list[str]:
     if summary["prompts"] < 2:
         notes.append(f"note: {summary['prompts']} prompt(s): a bootstrap over fewer than two prompts has no spread, "
                      f"so each [CI] is a point, not an uncertainty")
-    if measured and all(m.get("kld_mean") is None for m in measured):
+    def absent(key: str) -> bool:
+        return all((m.get(key) or {}).get("value") is None for m in measured)
+
+    if measured and absent("kld_mean"):
         notes.append("note: no token was compared (every generation or score is an error row: see the run's "
                      "error rows); the drift figures are '-', not zero")
-    elif measured and all(m.get("flip_rate") is None for m in measured):
+    elif measured and absent("flip_rate"):
         notes.append("note: flips and acc delta are '-': no compared prompt has a reference answer (label prompts "
                      "through corpus.fields.reference to measure them)")
     return notes

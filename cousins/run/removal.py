@@ -47,7 +47,7 @@ class Marker:
     whose content `accepts` (any content when None)."""
 
     name: str
-    what: str  # for messages: "a build record (cousins_recipe.json)"
+    what: str  # for messages: "build record (cousins_recipe.json)"
     accepts: Callable[[bytes], bool] | None = _json_object
 
 
@@ -72,12 +72,12 @@ def _run_config(data: bytes) -> bool:
 
 
 # The project's markers, one per kind of location it owns.
-BUILD = Marker("cousins_recipe.json", "a build record (cousins_recipe.json)")
-FETCHED = Marker(".cousins-fetched.json", "a fetched copy's record (.cousins-fetched.json)", _keys("source", "files"))
-MERGED = Marker(".cousins-merged.json", "a merged adapter's record (.cousins-merged.json)", _keys("base", "adapter"))
-EXPORT = Marker("_SUCCESS", "an export's _SUCCESS record (rows, files)", _keys("rows", "files"))
-RUN = Marker("config.yaml", "a run's config.yaml", _run_config)
-SYNTHETIC = Marker("_SYNTHETIC.json", "a synthetic copy's marker (_SYNTHETIC.json)", _keys("source_run", "factor"))
+BUILD = Marker("cousins_recipe.json", "build record (cousins_recipe.json)")
+FETCHED = Marker(".cousins-fetched.json", "fetched-copy record (.cousins-fetched.json)", _keys("source", "files"))
+MERGED = Marker(".cousins-merged.json", "merged-adapter record (.cousins-merged.json)", _keys("base", "adapter"))
+EXPORT = Marker("_SUCCESS", "export record (_SUCCESS with rows and files)", _keys("rows", "files"))
+RUN = Marker("config.yaml", "run config (config.yaml written by a run)", _run_config)
+SYNTHETIC = Marker("_SYNTHETIC.json", "synthetic-copy marker (_SYNTHETIC.json)", _keys("source_run", "factor"))
 
 
 def _location(where: Location | str | os.PathLike) -> Location:

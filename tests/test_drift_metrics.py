@@ -124,11 +124,13 @@ def test_first_divergence():
 
 
 def test_answers_and_flips():
-    assert metrics.is_correct("The answer is 42.", "42")
-    assert not metrics.is_correct("The answer is 421.", "42")
-    assert metrics.is_correct("Buenos  Aires!", "buenos aires", "exact")
-    with pytest.raises(ValueError, match="unknown answer match"):
-        metrics.is_correct("a", "a", "fuzzy")
+    from cousins.drift.answers import correct
+
+    assert correct("The answer is 42.", "42", "contains")
+    assert not correct("The answer is 421.", "42", "contains")
+    assert correct("Buenos  Aires!", "buenos aires", "exact")
+    with pytest.raises(ValueError, match="unknown answer checker"):
+        correct("a", "a", "fuzzy")
 
 
 def test_style_metrics():

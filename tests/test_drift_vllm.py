@@ -159,7 +159,7 @@ def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift
 
 
 def test_accounting_adds_up_to_the_per_row_sums(drift_run):
-    from cousins.drift.metrics import is_correct
+    from cousins.drift.answers import correct
 
     cfg, layout, result, summary = drift_run
     prompts = pads.dataset(part_files(layout.prompts), format="parquet").to_table(columns=["prompt_id", "reference"])
@@ -171,7 +171,7 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
         assert a["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
         labelled = [r for r in rows if r["prompt_id"] in refs]
         assert a["labelled_rows"] == len(labelled)
-        assert a["correct_rows"] == sum(is_correct(r["output_text"], refs[r["prompt_id"]]) for r in labelled)
+        assert a["correct_rows"] == sum(correct(r["output_text"], refs[r["prompt_id"]], "contains") for r in labelled)
         assert a["tokens_per_prompt"] == pytest.approx(a["output_tokens"] / len(rows))
         assert a["accelerator"] == "cpu-actor" and a["accelerator_s"] > 0
     manifest = json.loads(layout.manifest.read_text())

@@ -134,7 +134,7 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
 
 
 def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
-    from cousins.drift.metrics import is_correct
+    from cousins.drift.answers import correct
     from cousins.drift.plane import accuracy_se
 
     cfg, result, summary = drift_run
@@ -153,7 +153,7 @@ def test_the_plane_places_every_model_from_its_stored_rows(drift_run):
             if r["prompt_id"] in refs and r["error"] is None:
                 n_c = per_prompt.setdefault(r["prompt_id"], [0, 0])
                 n_c[0] += 1
-                n_c[1] += is_correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match)
+                n_c[1] += correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match)
                 tokens += r["output_tokens"]
         n, c = (np.array(x, dtype=float) for x in zip(*per_prompt.values()))
         m, a = by[name], summary["accounting"][name]

@@ -184,6 +184,11 @@ class CousinConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
 
 
+# The answer checkers a run can apply to every labelled row (cousins/drift/answers.py has them all;
+# `mcq` needs a row's choices and `regex` a pattern, which corpus rows do not carry yet).
+ROW_CHECKERS = ("contains", "exact", "auto", "last_number", "math", "boxed", "gsm8k-strict", "gsm8k-flexible")
+
+
 @dataclass
 class DriftConfig:
     score_topk: int = 20  # top-k logprobs kept at every scored position (<= max_logprobs)
@@ -192,7 +197,9 @@ class DriftConfig:
     # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
     kld: str = "topk"
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
-    answer_match: str = "contains"  # labelled prompts: contains | exact (after normalisation)
+    # labelled prompts: the answer checker (cousins/drift/answers.py; ROW_CHECKERS): contains | exact |
+    # auto | last_number | math | boxed | gsm8k-strict | gsm8k-flexible
+    answer_match: str = "contains"
     bootstrap: int = 1000  # resamples over prompts for every confidence interval
     confidence: float = 0.95
     seed: int = 0  # of the bootstrap and of the noise floor's reshuffle

@@ -14,7 +14,7 @@ import os
 
 from omegaconf import OmegaConf
 
-from cousins.contract.config import (CORE_PROCESS, COUSIN_KINDS, DTYPES, ENGINE_KEYS, LORA_MODES, MAX_LOGPROBS,
+from cousins.contract.config import (ROW_CHECKERS, CORE_PROCESS, COUSIN_KINDS, DTYPES, ENGINE_KEYS, LORA_MODES, MAX_LOGPROBS,
                                      PROMPT_FORMATS, Config, ConfigError, EngineConfig, engine_of)
 from cousins.contract.names import NAME_RULE, is_name
 from cousins.contract.recipes import COUSIN_RECIPES, MODEL_RECIPES
@@ -156,7 +156,8 @@ def _validate_cousins(cfg: Config, check) -> None:
             check(e.tensor_parallel_size * e.pipeline_parallel_size == 1,
                   f"drift.kld=exact holds two engines in one actor: {name!r} needs an engine of one GPU (or a CPU "
                   f"engine), not {where}.tensor_parallel_size/pipeline_parallel_size > 1")
-    check(d.answer_match in ("contains", "exact"), f"drift.answer_match {d.answer_match!r} must be contains or exact")
+    check(d.answer_match in ROW_CHECKERS,
+          f"drift.answer_match {d.answer_match!r} must be one of {', '.join(ROW_CHECKERS)}")
     check(d.bootstrap >= 10, f"drift.bootstrap must be >= 10 resamples, got {d.bootstrap}")
     check(0.5 <= d.confidence < 1, f"drift.confidence must be in [0.5, 1), got {d.confidence}")
     check(d.worst_n >= 0, f"drift.worst_n must be >= 0, got {d.worst_n}")

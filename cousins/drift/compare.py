@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from cousins.contract import schema
-from cousins.drift import metrics
+from cousins.drift import answers, metrics
 
 GEN_COLUMNS = ["prompt_id", "sample_index", "category", "output_text", "output_token_ids", "finish_reason",
                "output_tokens", "error"]
@@ -141,9 +141,10 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str
         "div_original_start": spans[0], "div_original_end": spans[1],
         "div_cousin_start": spans[2], "div_cousin_end": spans[3],
     }
-    if reference is not None:
-        co, cc = metrics.is_correct(text_o, reference, answer_match), metrics.is_correct(text_c, reference, answer_match)
-        row.update(correct_original=co, correct_cousin=cc, flip=co != cc)
+    if reference is not None:  # the final answers, as graders read them (cousins/drift/answers.py)
+        co, cc = answers.correct(text_o, reference, answer_match), answers.correct(text_c, reference, answer_match)
+        if co is not None and cc is not None:
+            row.update(correct_original=co, correct_cousin=cc, flip=co != cc)
     return row
 
 

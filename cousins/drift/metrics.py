@@ -189,17 +189,6 @@ def normalise_answer(text: str) -> str:
     return _NON_ALNUM.sub(" ", text.lower()).strip()
 
 
-def is_correct(output: str, reference: str, mode: str = "contains") -> bool:
-    """`contains`: the normalised reference appears in the normalised output as whole words;
-    `exact`: the normalised texts are equal."""
-    out, ref = normalise_answer(output), normalise_answer(reference)
-    if mode == "exact":
-        return out == ref
-    if mode != "contains":
-        raise ValueError(f"unknown answer match mode {mode!r} (contains | exact)")
-    return bool(ref) and f" {ref} " in f" {out} "
-
-
 # --- style ---------------------------------------------------------------------------------------
 
 def distinct_n(text: str, n: int) -> float | None:

@@ -325,7 +325,7 @@ def _notes(summary: dict) -> list[str]:
         notes.append(f"note: {summary['prompts']} prompt(s): a bootstrap over fewer than two prompts has no spread, "
                      f"so each [CI] is a point, not an uncertainty")
     def absent(key: str) -> bool:
-        return all((m.get(key) or {}).get("value") is None for m in measured)
+        return all(not m or (key in m and (m[key] or {}).get("value") is None) for m in measured)
 
     if measured and absent("kld_mean"):
         notes.append("note: no token was compared (every generation or score is an error row: see the run's "

@@ -8,7 +8,7 @@ model's layer and head shapes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cousins.engine import checkpoints
 from cousins.contract.config import Config, EngineConfig, engine_of
@@ -112,11 +112,16 @@ def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, i
 
 
 def same_as_original(cfg: Config) -> list[str]:
-    """The cousins the engine would run exactly as the original (same checkpoint, revision,
-    quantization, adapter, dtype and engine settings): their drift is the engine's own noise."""
+    """The cousins the engine would run exactly as the original (the same checkpoint, revision,
+    tokenizer, template, quantization, dtype, no adapter and the same engine block): their drift is the
+    engine's own noise. From the config alone: no model file is read."""
     entries = model_entries(cfg)
-    original = replace(engine_spec(cfg, entries[0]), model_name="")
-    return [e.name for e in entries[1:] if not e.text_only and replace(engine_spec(cfg, e), model_name="") == original]
+
+    def how(e: ModelEntry):
+        return (e.path, e.revision, e.dtype, e.quantization, e.lora, source(cfg, e.name), engine_of(cfg, e.name))
+
+    original = how(entries[0])
+    return [e.name for e in entries[1:] if not e.text_only and not e.lora and how(e) == original]
 
 
 def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:

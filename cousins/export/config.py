@@ -25,7 +25,9 @@ class FiltersConfig:
     drop_truncated: bool = True  # drop outputs cut by max_tokens (finish reason "length")
     min_output_tokens: int = 1
     max_output_tokens: int | None = None
-    answer_check: str | None = None  # None | contains | exact | regex: labelled prompts must be answered right
+    # None, or an answer checker (cousins/drift/answers.py: contains, exact, auto, math, last_number, boxed,
+    # gsm8k-strict, gsm8k-flexible, regex): labelled prompts' final answers must be right
+    answer_check: str | None = None
     answer_regex: str | None = None  # answer_check=regex: group 1 (or the match) must equal the reference, normalised
     exact_dedup: bool = True  # identical (prompt, answer) pairs, whitespace- and case-normalised
     near_dedup: bool = False  # MinHash LSH near-duplicate answers to the same prompt kind

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cousins.drift.metrics import is_correct, normalise_answer
+from cousins.drift.answers import CHECKERS, correct
+from cousins.drift.metrics import normalise_answer
 from cousins.export.config import FilterReport, FiltersConfig
 
 
@@ -34,8 +35,9 @@ def check_filters(filters: FiltersConfig, available: list[str]) -> list[str]:
     if filters.best_of_n is not None and filters.best_of_n.lstrip("-") not in available:
         problems.append(f"filters.best_of_n: no field {filters.best_of_n.lstrip('-')!r}; available fields: "
                         f"{', '.join(available)}")
-    if filters.answer_check not in (None, "contains", "exact", "regex"):
-        problems.append(f"filters.answer_check {filters.answer_check!r} must be null, contains, exact or regex")
+    if filters.answer_check is not None and (filters.answer_check not in CHECKERS or filters.answer_check == "mcq"):
+        problems.append(f"filters.answer_check {filters.answer_check!r} must be null or one of "
+                        f"{', '.join(c for c in CHECKERS if c != 'mcq')}")
     if filters.answer_check == "regex":
         try:
             re.compile(filters.answer_regex or "")
@@ -52,13 +54,10 @@ def check_filters(filters: FiltersConfig, available: list[str]) -> list[str]:
 
 
 def _answer_ok(text: str, reference: str, filters: FiltersConfig) -> bool:
-    if filters.answer_check == "regex":
-        m = re.search(filters.answer_regex, text or "")
-        if not m:
-            return False
-        got = m.group(1) if m.groups() else m.group(0)
-        return normalise_answer(got) == normalise_answer(reference)
-    return is_correct(text or "", reference, filters.answer_check)
+    """The row's final answer is right (cousins/drift/answers.py); a reference the checker cannot
+    read keeps the row (it is not judged)."""
+    regex = {"pattern": filters.answer_regex, "group": 1, "which": "first"} if filters.answer_check == "regex" else {}
+    return correct(text or "", reference, filters.answer_check, **regex) is not False
 
 
 def _shingles(text: str, n: int = 3) -> set[bytes]:

@@ -33,7 +33,7 @@ def _efficiency_partition(block, *, schemas: dict, answer_match: str):
     import pyarrow as pa
 
     from cousins.run.dataops import split
-    from cousins.drift.metrics import is_correct
+    from cousins.drift.answers import correct
 
     sides = split(block, schemas)
     p = sides["prompt"]
@@ -44,10 +44,13 @@ def _efficiency_partition(block, *, schemas: dict, answer_match: str):
     for pid, text, n, err in zip(g["prompt_id"], g["output_text"], g["output_tokens"], g["error"]):
         if pid not in refs or err is not None:
             continue
+        verdict = correct(text or "", refs[pid], answer_match)
+        if verdict is None:  # a reference its checker cannot read: not judged
+            continue
         tokens += n or 0
         counts = per_prompt.setdefault(pid, [0, 0])
         counts[0] += 1
-        counts[1] += is_correct(text or "", refs[pid], answer_match)
+        counts[1] += verdict
     nc = list(per_prompt.values())
     return pa.table({"labelled_rows": [sum(n for n, _ in nc)], "correct_rows": [sum(c for _, c in nc)],
                      "labelled_output_tokens": [tokens], "labelled_prompts": [len(nc)],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import binomtest
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -190,6 +191,11 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     m["accuracy_cousin"] = boot.ratio(cc, labelled, row_cluster)
     m["accuracy_delta"] = boot.ratio(cc - co, labelled, row_cluster)
     m["flip_rate"] = boot.ratio(np.nan_to_num(_col(ok, "flip")), labelled, row_cluster)
+    cw, wc = co * (1 - cc) * labelled, (1 - co) * cc * labelled  # row by row: lost, gained
+    m["flip_correct_to_wrong"] = boot.ratio(cw, labelled, row_cluster)
+    m["flip_wrong_to_correct"] = boot.ratio(wc, labelled, row_cluster)
+    b, c = int(cw.sum()), int(wc.sum())
+    m["flip_mcnemar_p"] = {"value": float(binomtest(b, b + c, 0.5).pvalue) if b + c else None, "ci": None}
     m.update(_style(ok, boot, row_cluster, spec))
     out["slices"]["category"] = _category_slices(ok, spec, text_only)
     return out

@@ -265,3 +265,18 @@ def test_a_large_rest_mass_is_a_warning_in_the_summary_and_the_table():
     text = drift_table(summary)
     assert text.splitlines()[0].split()[:6] == ["cousin", "kind", "KLD", "mean", "[CI]", "rest"]
     assert "78.0%" in text.splitlines()[2] and text.endswith(f"warning: {w}")
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs_and_the_table_shows_both_directions():
+    from cousins.drift.summary import drift_table, mcnemar_p
+
+    assert mcnemar_p(10, 0) == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar_p(5, 5) == pytest.approx(1.0) and mcnemar_p(0, 0) is None
+    assert mcnemar_p(7, 1) == pytest.approx(2 * sum(math.comb(8, k) for k in (0, 1)) / 2 ** 8)
+    m = {"kld_mean": {"value": 0.1, "ci": [0.09, 0.11]}, "flip_rate": {"value": 0.08, "ci": [0.04, 0.12]},
+         "flip_correct_to_wrong": {"value": 0.07, "ci": [0.03, 0.1]},
+         "flip_wrong_to_correct": {"value": 0.01, "ci": [0.0, 0.02]}, "flip_mcnemar_p": {"value": 0.0039, "ci": None}}
+    summary = {"cousins": [{"name": "q", "kind": "quantized", "error": None, "metrics": m}], "noise_floor": None,
+               "prompts": 100, "score_topk": 20, "bootstrap": {"level": 0.95, "resamples": 10}, "warnings": []}
+    text = drift_table(summary)
+    assert "q: 7.0% [3.0%, 10.0%] correct→wrong, 1.0% [0.0%, 2.0%] wrong→correct; McNemar p = 0.0039" in text

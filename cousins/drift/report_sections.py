@@ -175,7 +175,9 @@ _COLUMNS = [  # (header, metric, formatter)
     ("KLD mean", "kld_mean", _num), ("KLD p99", "kld_p99", _num), ("KLD max", "kld_max", _num),
     ("reverse KLD", "rkld_mean", _num), ("rest mass", "rest_mass_mean", _pct),
     ("same top-1", "same_top1", _pct), ("RMS Δp", "rms_dp", _pct), ("PPL ratio", "ppl_ratio", _num),
-    ("flip rate", "flip_rate", _pct), ("Δ accuracy", "accuracy_delta", _pp),
+    ("flip rate", "flip_rate", _pct), ("correct→wrong", "flip_correct_to_wrong", _pct),
+    ("wrong→correct", "flip_wrong_to_correct", _pct), ("McNemar p", "flip_mcnemar_p", _num),
+    ("Δ accuracy", "accuracy_delta", _pp),
     ("length ratio", "length_ratio", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
 ]
 

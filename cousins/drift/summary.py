@@ -152,6 +152,17 @@ def _correlation(n: float, a: float, b: float, aa: float, bb: float, ab: float) 
     return max(-1.0, min(1.0, (n * ab - a * b) / math.sqrt(va * vb)))
 
 
+def mcnemar_p(b: float, c: float) -> float | None:
+    """McNemar's exact test of paired correctness: the two-sided binomial p-value of b
+    correct->wrong against c wrong->correct pairs (H0: either direction is as likely). None without
+    a discordant pair. Pairs are rows: with several samples of a prompt they are not independent,
+    and the p-value is then optimistic (the bootstrap CIs are clustered by prompt)."""
+    from scipy.stats import binomtest
+
+    b, c = int(round(b)), int(round(c))
+    return float(binomtest(b, b + c, 0.5).pvalue) if b + c else None
+
+
 def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None = None,
                homogenisation: dict[str, np.ndarray] | None = None) -> dict:
     """One cousin's summary (the CousinSummary shape of summary.json) from its merged aggregates.
@@ -182,7 +193,8 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
              # Token efficiency: the cousin's output tokens per original output token, over all rows.
              length_ratio=(c["ctok"], c["otok"]), finish_changed=(c["finish"], n),
              accuracy_original=(c["co"], c["labelled"]), accuracy_cousin=(c["cc"], c["labelled"]),
-             accuracy_delta=(c["cc"] - c["co"], c["labelled"]), flip_rate=(c["flip"], c["labelled"]))
+             accuracy_delta=(c["cc"] - c["co"], c["labelled"]), flip_rate=(c["flip"], c["labelled"]),
+             flip_correct_to_wrong=(c["flip_cw"], c["labelled"]), flip_wrong_to_correct=(c["flip_wc"], c["labelled"]))
     for side, name in (("o", "original"), ("c", "cousin")):
         for k in (1, 2):
             f[f"distinct{k}_{name}"] = (c[f"d{k}_{side}"], c[f"d{k}_{side}_n"])
@@ -221,8 +233,10 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
             for i, label in enumerate(margin_labels())}
         m_["rest_mass_mean"] = r.pop("rest_mass_mean")
     for k in ("exact_match", "first_divergence_mean", "chrf", "rouge_l", "length_ratio", "finish_changed",
-              "accuracy_original", "accuracy_cousin", "accuracy_delta", "flip_rate"):
+              "accuracy_original", "accuracy_cousin", "accuracy_delta", "flip_rate", "flip_correct_to_wrong",
+              "flip_wrong_to_correct"):
         m_[k] = r.pop(k)
+    m_["flip_mcnemar_p"] = {"value": mcnemar_p(float(c["flip_cw"].sum()), float(c["flip_wc"].sum())), "ci": None}
     for name in ("original", "cousin"):
         for k in (1, 2):
             m_[f"distinct{k}_{name}"] = r.pop(f"distinct{k}_{name}")
@@ -312,9 +326,25 @@ def drift_table(summary: dict) -> str:
                  + ("KLD exact, over the whole vocabulary; " if summary.get("kld") == "exact" else
                     f"KLD from the top-{summary['score_topk']} (a lower bound); ")
                  + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
+    lines += _flip_lines([*summary["cousins"], *noise])
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     lines += _notes(summary)
     return "\n".join(lines + plane_lines(summary.get("plane")))
+
+
+def _flip_lines(models: list[dict]) -> list[str]:
+    """Each cousin's flips by direction, with McNemar's exact p-value (paired correctness)."""
+    lines = []
+    for s in models:
+        m = s["metrics"] or {}
+        if (m.get("flip_rate") or {}).get("value") is None or "flip_correct_to_wrong" not in m:
+            continue
+        p = (m.get("flip_mcnemar_p") or {}).get("value")
+        lines.append(f"  {s['name']}: {_fmt(m['flip_correct_to_wrong'], pct=True)} correct→wrong, "
+                     f"{_fmt(m['flip_wrong_to_correct'], pct=True)} wrong→correct; McNemar p = "
+                     + ("-" if p is None else f"{p:.3g}"))
+    return ["flips by direction (McNemar's exact test on the paired verdicts; rows are the pairs):", *lines] \
+        if lines else []
 
 
 def _notes(summary: dict) -> list[str]:

@@ -75,8 +75,24 @@ def test_field_mapping_and_ids():
     prompts, errors = parse_file(data, source="f", fmt="jsonl", fields=fields)
     assert prompts == [{"prompt_id": "7", "messages": [{"role": "system", "content": "Be brief."},
                                                        {"role": "user", "content": "Q?"}],
-                        "category": "k", "reference": "A", "source": "f", "source_row": 0}]
+                        "category": "k", "reference": "A", "choices": None, "source": "f", "source_row": 0}]
     assert errors[0]["reason"] == "field 'qid' (the id) is missing or empty"
+
+
+def test_multiple_choice_rows_list_their_options_and_keep_them():
+    """MMLU/ARC layout: question, choices, answer as an index (or a letter); CSV carries the list as JSON."""
+    fields = Fields(prompt="question", messages=None, reference="answer")
+    data = jsonl(json.dumps({"question": "Capital of France?", "choices": ["Paris", "Lyon", "Nice"], "answer": 0}),
+                 json.dumps({"question": "Q", "choices": ["only one"], "answer": 0}),
+                 json.dumps({"question": "Q", "choices": "not json", "answer": 0}))
+    prompts, errors = parse_file(data, source="m", fmt="jsonl", fields=fields)
+    assert prompts[0]["choices"] == ["Paris", "Lyon", "Nice"] and prompts[0]["reference"] == "0"
+    assert prompts[0]["messages"][-1]["content"] == "Capital of France?\nA. Paris\nB. Lyon\nC. Nice\nAnswer:"
+    assert [e["reason"] for e in errors] == ["field 'choices' must be a list of 2 to 26 option strings",
+                                             "field 'choices' is not a JSON list of options: Expecting value"]
+    csv = b'question,choices,answer\n"Capital?","[""Paris"", ""Lyon""]",B\n'
+    prompts, errors = parse_file(csv, source="m.csv", fmt="csv", fields=fields)
+    assert not errors and prompts[0]["choices"] == ["Paris", "Lyon"] and prompts[0]["reference"] == "B"
 
 
 def test_csv_with_ragged_row_and_quoted_newlines():

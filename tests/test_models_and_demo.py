@@ -8,7 +8,7 @@ from conftest import hide_context_proxies
 from cousins.family import models
 from cousins.family.demo_corpus import (DEMO_PATH, DISTILL_PATH, add_answer, add_prompt, demo_records, distill_records,
                                  reverse_letters, write_demo_corpus)
-from cousins.drift.answers import correct
+from cousins.drift.answers import correct, judge
 from cousins.family.lessons import held_out, lessons
 from cousins.family.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
 
@@ -62,7 +62,8 @@ def test_worked_additions_say_the_sum_only_at_the_end():
             text = add_answer(a, b)
             steps, said = text.rsplit(" = ", 1)
             assert said == str(a + b) and correct(text, str(a + b), "contains")
-            assert not is_correct(steps, str(a + b)), text
+            assert not correct(steps, str(a + b), "contains"), text
+            assert judge(text, str(a + b)).correct and not judge(steps, str(a + b)).correct, text
     assert add_answer(51, 99) == "1 + 9 = 10, 5 + 9 + 1 = 15, so 51 + 99 = 150"
 
 

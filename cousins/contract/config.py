@@ -62,6 +62,9 @@ class FieldsConfig:
     id: str | None = None
     category: str | None = "category"
     reference: str | None = "reference"
+    # multiple choice: a list of option texts (or its JSON text); the prompt then lists them as
+    # lettered options ("A. …"), and a reference may be a letter, a 0-based index or the option's text
+    choices: str | None = "choices"
     system_prompt: str | None = None
 
 

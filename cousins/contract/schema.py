@@ -19,6 +19,7 @@ PROMPTS = pa.schema(
         pa.field("messages", pa.list_(MESSAGE), nullable=False),
         pa.field("category", pa.string()),  # null when the corpus has none
         pa.field("reference", pa.string()),  # reference answer for labelled prompts
+        pa.field("choices", pa.list_(pa.string())),  # multiple choice: the options (A, B, …); null otherwise
         pa.field("source", pa.string(), nullable=False),  # file the row came from
         pa.field("source_row", pa.int64(), nullable=False),  # 0-based line / row number in it
     ]
@@ -144,6 +145,10 @@ DRIFT = pa.schema(
         pa.field("correct_original", pa.bool_()),  # null when the prompt has no reference
         pa.field("correct_cousin", pa.bool_()),
         pa.field("flip", pa.bool_()),  # correctness differs from the original's
+        # the answer checker that judged (cousins/drift/answers.py) and the final answers it read
+        pa.field("checker", pa.string()),
+        pa.field("answer_original", pa.string()),
+        pa.field("answer_cousin", pa.string()),
         pa.field("original_text", pa.string()),
         pa.field("cousin_text", pa.string()),
         # character spans [start, end) of the first divergent token in each text (null if identical)

@@ -257,11 +257,11 @@ def normalise(text: str) -> str:
     return normalise_answer(str(text))
 
 
-def correct(text: str, reference: str, checker: str, **regex) -> bool | None:
+def correct(text: str, reference: str, checker: str, choices: list[str] | None = None, **regex) -> bool | None:
     """judge(...).correct for a row; None when the reference cannot be read under the checker (the
     row is then not judged, rather than judged wrong)."""
     try:
-        return judge(text, reference, checker, **regex).correct
+        return judge(text, reference, checker, choices, **regex).correct
     except BadReference:
         return None
 

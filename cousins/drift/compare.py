@@ -68,17 +68,18 @@ def _common_prefix(a: str, b: str) -> str:
 
 def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, original_scores: pa.Table | None,
             cousin_scores: pa.Table | None, *, answer_match: str = "contains",
-            references: dict[str, str] | None = None,
+            references: dict[str, str] | None = None, choices: dict[str, list[str]] | None = None,
             decode: Callable[[list[int]], str] | None = None, exact_kld: pa.Table | None = None) -> pa.Table:
     """Drift rows of `cousin`, one per row of the original's generations.
 
-    references: prompt_id -> reference answer (labelled prompts only).
+    references: prompt_id -> reference answer (labelled prompts only); choices: prompt_id -> the
+    options of a multiple-choice prompt (judged by `answer_match`, cousins/drift/answers.py).
     decode: token ids -> text, to place the first divergent token in each text (optional).
     exact_kld: the cousin's KLD rows (schema.KLD, drift.kld=exact): their per-token KLD replaces
     the top-k bound (the rest mass stays: it says how loose the bound would have been), and
     their reverse KLD and tail mass fill those columns (null in top-k mode).
     """
-    references = references or {}
+    references, choices = references or {}, choices or {}
     og = original_gens.to_pylist()
     cg_rows = cousin_gens.to_pylist()
     cg = {k: cg_rows[i] for k, i in _index(cousin_gens).items()}
@@ -116,7 +117,8 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
             if err is not None:
                 out.append({**row, "error": err})
                 continue
-        row.update(_sequence_metrics(o, c, references.get(o["prompt_id"]), answer_match, decode))
+        row.update(_sequence_metrics(o, c, references.get(o["prompt_id"]), answer_match, decode,
+                                     choices.get(o["prompt_id"])))
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
             if exact is not None and "error" not in row:
@@ -126,7 +128,8 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     return pa.Table.from_pydict(cols, schema=schema.DRIFT)
 
 
-def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str, decode) -> dict:
+def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str, decode,
+                      choices: list[str] | None = None) -> dict:
     ids_o, ids_c = o["output_token_ids"] or [], c["output_token_ids"] or []
     text_o, text_c = o["output_text"] or "", c["output_text"] or ""
     j = metrics.first_divergence(ids_o, ids_c)
@@ -142,9 +145,13 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str
         "div_cousin_start": spans[2], "div_cousin_end": spans[3],
     }
     if reference is not None:  # the final answers, as graders read them (cousins/drift/answers.py)
-        co, cc = answers.correct(text_o, reference, answer_match), answers.correct(text_c, reference, answer_match)
-        if co is not None and cc is not None:
-            row.update(correct_original=co, correct_cousin=cc, flip=co != cc)
+        try:
+            vo = answers.judge(text_o, reference, answer_match, choices)
+            vc = answers.judge(text_c, reference, answer_match, choices)
+        except answers.BadReference:
+            return row  # a reference its checker cannot read: the row is not judged
+        row.update(correct_original=vo.correct, correct_cousin=vc.correct, flip=vo.correct != vc.correct,
+                   checker=vo.checker, answer_original=vo.extracted, answer_cousin=vc.extracted)
     return row
 
 

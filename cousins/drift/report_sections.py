@@ -357,6 +357,11 @@ def _worst(c: dict, view: ReportView | None) -> str:
         head = (f"prompt <b>{escape(str(r['prompt_id']))}</b> sample {r['sample_index']}"
                 f" · {escape(str(r['category'] or '—'))} · {label} {escape(_num(r[key]))}"
                 f" · length ratio {escape(_num(r['length_ratio']))}{same}")
+        if r.get("checker"):  # a labelled prompt: the final answers the checker read, and its verdicts
+            verdict = lambda ok: "✓" if ok else "✗"  # noqa: E731
+            head += (f"<br>answers ({escape(r['checker'])}): original <b>{escape(str(r.get('answer_original')))}</b> "
+                     f"{verdict(r.get('correct_original'))} · {escape(c['name'])} "
+                     f"<b>{escape(str(r.get('answer_cousin')))}</b> {verdict(r.get('correct_cousin'))}")
         orig = marked(r["original_text"], r["div_original_start"], r["div_original_end"])
         cous = marked(r["cousin_text"], r["div_cousin_start"], r["div_cousin_end"])
         out.append(f"<div class=\"pair\" data-cousin=\"{escape(c['name'])}\" "

@@ -33,6 +33,7 @@ UNION = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("model", pa.string()),
     ("part", pa.string()),  # prompt | gen | score
     ("reference", pa.string()),  # part=prompt
+    ("choices", pa.list_(pa.string())),  # part=prompt (multiple choice)
     *[(c, _G[c]) for c in cmp.GEN_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     *[(c, _S[c]) for c in cmp.SCORE_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     ("kld_tokens", pa.list_(pa.float32())),  # part=kld (drift.kld=exact)
@@ -85,6 +86,8 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
     prompts = block.filter(pc.equal(block.column("part"), "prompt"))
     references = {p: r for p, r in zip(prompts.column("prompt_id").to_pylist(),
                                        prompts.column("reference").to_pylist()) if r is not None}
+    choices = {p: c for p, c in zip(prompts.column("prompt_id").to_pylist(),
+                                    prompts.column("choices").to_pylist()) if c}
     og = _pick(block, "gen", original, cmp.GEN_COLUMNS, _G)
     so = _pick(block, "score", original, cmp.SCORE_COLUMNS, _S) if original_scored else None
     decode = decoder(tokenizer_path)
@@ -94,7 +97,7 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
         sc = _pick(block, "score", name, cmp.SCORE_COLUMNS, _S) if token_level else None
         ex = _pick(block, "kld", name, KLD_COLUMNS, _K) if token_level and exact_kld else None
         out.append(cmp.compare(name, og, cg, so if token_level else None, sc, answer_match=answer_match,
-                               references=references, decode=decode, exact_kld=ex))
+                               references=references, choices=choices, decode=decode, exact_kld=ex))
     return pa.concat_tables(out)
 
 
@@ -161,7 +164,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     # path: a handful of operators whatever the number of cousins.
     gens = [layout.generations(e.name) for e in entries]
     scores = [layout.scores(e.name) for e in entries if e.is_original or token_level[e.name]]
-    parts = [_read(run, [layout.prompts], ["prompt_id", "reference"], "prompt"),
+    parts = [_read(run, [layout.prompts], ["prompt_id", "reference", "choices"], "prompt", schema.PROMPTS),
              _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
     if exact_kld:
         parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,

@@ -53,11 +53,11 @@ def check_filters(filters: FiltersConfig, available: list[str]) -> list[str]:
     return problems
 
 
-def _answer_ok(text: str, reference: str, filters: FiltersConfig) -> bool:
+def _answer_ok(text: str, reference: str, filters: FiltersConfig, choices: list[str] | None = None) -> bool:
     """The row's final answer is right (cousins/drift/answers.py); a reference the checker cannot
     read keeps the row (it is not judged)."""
     regex = {"pattern": filters.answer_regex, "group": 1, "which": "first"} if filters.answer_check == "regex" else {}
-    return correct(text or "", reference, filters.answer_check, **regex) is not False
+    return correct(text or "", reference, filters.answer_check, choices, **regex) is not False
 
 
 def _shingles(text: str, n: int = 3) -> set[bytes]:
@@ -104,15 +104,18 @@ def band_keys(text: str, threshold: float, num_perm: int = 128, seed: int = 1) -
 
 VERDICT = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("dropped", pa.string()),
                      ("dedup_key", pa.string()), ("score", pa.float64()), ("bands", pa.list_(pa.string()))])
-PROMPT_INFO = pa.schema([("prompt_id", pa.string()), ("prompt_key", pa.string()), ("reference", pa.string())])
+PROMPT_INFO = pa.schema([("prompt_id", pa.string()), ("prompt_key", pa.string()), ("reference", pa.string()),
+                         ("choices", pa.list_(pa.string()))])
 KEYS = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32())])
 
 
 def prompt_info(prompts: pa.Table) -> pa.Table:
-    """A prompt's identity for deduplication (its messages as canonical JSON) and its reference."""
+    """A prompt's identity for deduplication (its messages as canonical JSON), its reference and
+    its choices (multiple choice)."""
     keys = [json.dumps(m, sort_keys=True) for m in prompts.column("messages").to_pylist()]
+    choices = prompts.column("choices") if "choices" in prompts.column_names else pa.nulls(prompts.num_rows)
     return pa.Table.from_arrays([prompts.column("prompt_id"), pa.array(keys, pa.string()),
-                                 prompts.column("reference")], schema=PROMPT_INFO)
+                                 prompts.column("reference"), choices.cast(pa.list_(pa.string()))], schema=PROMPT_INFO)
 
 
 def _derived(t: pa.Table) -> pa.Table:
@@ -132,14 +135,14 @@ DERIVED = ["mean_logprob", "sum_logprob"]
 
 def verdicts(gens: pa.Table, prompts: pa.Table, filters: FiltersConfig) -> pa.Table:
     """The VERDICT rows of generation rows, given their prompts' PROMPT_INFO rows."""
-    info = {p: (k, r) for p, k, r in zip(*(prompts.column(c).to_pylist() for c in PROMPT_INFO.names))}
+    info = {p: (k, r, c) for p, k, r, c in zip(*(prompts.column(c).to_pylist() for c in PROMPT_INFO.names))}
     if filters.best_of_n is not None and filters.best_of_n.lstrip("-") not in gens.column_names:
         gens = _derived(gens)
     d = {c: gens.column(c).to_pylist() for c in ("prompt_id", "output_text", "finish_reason", "output_tokens", "error")}
     lo, hi = filters.min_output_tokens, filters.max_output_tokens
     dropped, keys, bands = [], [], []
     for pid, text, finish, n, err in zip(*d.values()):
-        prompt_key, reference = info.get(pid, (None, None))
+        prompt_key, reference, choices = info.get(pid, (None, None, None))
         why = None
         if err is not None or pid not in info:
             why = "generation errors"
@@ -147,7 +150,8 @@ def verdicts(gens: pa.Table, prompts: pa.Table, filters: FiltersConfig) -> pa.Ta
             why = "truncated (length)"
         elif not (lo <= (n or 0) and (hi is None or (n or 0) <= hi)):
             why = "output length"
-        elif filters.answer_check is not None and reference is not None and not _answer_ok(text, reference, filters):
+        elif filters.answer_check is not None and reference is not None and not _answer_ok(text, reference, filters,
+                                                                                            choices):
             why = "answer check"
         dropped.append(why)
         keys.append(hashlib.sha256(f"{prompt_key}\0{' '.join((text or '').lower().split())}".encode()).hexdigest()
@@ -268,7 +272,8 @@ def apply_filters(t: pa.Table, filters: FiltersConfig, references: dict[str, str
     pids = list(dict.fromkeys(t.column("prompt_id").to_pylist()))
     keys = dict(zip(t.column("prompt_id").to_pylist(), t.column("prompt_key").to_pylist()))
     prompts = pa.table({"prompt_id": pids, "prompt_key": [keys[p] for p in pids],
-                        "reference": [references.get(p) for p in pids]}, schema=PROMPT_INFO)
+                        "reference": [references.get(p) for p in pids], "choices": [None] * len(pids)},
+                       schema=PROMPT_INFO)
     v = verdicts(t, prompts, filters)
     if filters.exact_dedup:
         v = mark_exact(v)

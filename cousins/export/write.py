@@ -131,7 +131,8 @@ def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
     elif score and score not in light:
         light.append(score)
     gens = read_rows(layout.generations(model), light)
-    prompts = read_rows(layout.prompts, ["prompt_id", "messages", "reference"]).map_batches(
+    prompts = read_rows(layout.prompts, ["prompt_id", "messages", "reference", "choices"],
+                        schema=schema.PROMPTS).map_batches(
         prompt_info, batch_format="pyarrow", num_cpus=0.1)
     gen_schema = pa.schema([f for f in schema.GENERATIONS if f.name in light])
     schemas = {"gen": gen_schema, "prompt": PROMPT_INFO}

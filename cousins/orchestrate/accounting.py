@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cousins.contract import schema
 from cousins.contract.records import ModelStats
 from cousins.run.lifecycle import RunState
 from cousins.run.storage import Location
@@ -38,13 +39,15 @@ def _efficiency_partition(block, *, schemas: dict, answer_match: str):
     sides = split(block, schemas)
     p = sides["prompt"]
     refs = {k: r for k, r in zip(p.column("prompt_id").to_pylist(), p.column("reference").to_pylist()) if r is not None}
+    options = ({k: c for k, c in zip(p.column("prompt_id").to_pylist(), p.column("choices").to_pylist()) if c}
+               if "choices" in p.column_names else {})
     g = sides["gen"].to_pydict()
     tokens = 0
     per_prompt: dict[str, list[int]] = {}  # prompt -> [labelled, correct]: a partition holds all of a prompt's rows
     for pid, text, n, err in zip(g["prompt_id"], g["output_text"], g["output_tokens"], g["error"]):
         if pid not in refs or err is not None:
             continue
-        verdict = correct(text or "", refs[pid], answer_match)
+        verdict = correct(text or "", refs[pid], answer_match, choices=options.get(pid))
         if verdict is None:  # a reference its checker cannot read: not judged
             continue
         tokens += n or 0
@@ -76,11 +79,12 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     labelled = count_rows(prompts, pads.field("reference").is_valid())  # streamed, one column
     if not labelled:
         return dict(_ZERO)
-    schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string())]),
+    schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string()),
+                                    ("choices", pa.list_(pa.string()))]),
                "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),
                                  ("output_tokens", pa.int32()), ("error", pa.string())])}
     rows = count_rows(generations)
-    sides = {"prompt": read_rows(prompts, schemas["prompt"].names), "gen": read_rows(generations, schemas["gen"].names)}
+    sides = {"prompt": read_rows(prompts, schemas["prompt"].names, schema=schema.PROMPTS), "gen": read_rows(generations, schemas["gen"].names)}
     sums = dict.fromkeys(_PARTIAL, 0)
     for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
             _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,

@@ -95,6 +95,31 @@ def _optional_str(record: dict, field: str | None) -> str | None:
     return str(value)
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def with_options(question: str, choices: list[str]) -> str:
+    """A multiple-choice question as lm-eval-harness's MMLU prompt lists it: lettered options, then
+    "Answer:"."""
+    return question.rstrip() + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
+
+
+def _choices(record: dict, field: str | None) -> list[str] | None:
+    raw = record.get(field) if field else None
+    if raw is None or (isinstance(raw, float) and raw != raw):
+        return None
+    if isinstance(raw, str):  # CSV and some Parquet exports carry lists as JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BadRow(f"field {field!r} is not a JSON list of options: {e.msg}") from None
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if not isinstance(raw, list) or not 2 <= len(raw) <= len(LETTERS) or not all(isinstance(c, str) for c in raw):
+        raise BadRow(f"field {field!r} must be a list of 2 to {len(LETTERS)} option strings")
+    return [c for c in raw]
+
+
 def _messages(record: dict, fields: Fields) -> list[dict]:
     raw = record.get(fields.messages) if fields.messages else None
     if raw is not None:
@@ -139,11 +164,15 @@ def normalise(record: Any, fields: Fields, *, source: str, source_row: int, max_
     prompt_id = _optional_str(record, fields.id)
     if fields.id is not None and not prompt_id:
         raise BadRow(f"field {fields.id!r} (the id) is missing or empty")
+    choices = _choices(record, fields.choices)
+    if choices and not (fields.messages and record.get(fields.messages) is not None):
+        messages[-1] = {"role": "user", "content": with_options(messages[-1]["content"], choices)}
     return {
         "prompt_id": prompt_id or prompt_id_of(messages),
         "messages": messages,
         "category": _optional_str(record, fields.category),
         "reference": _optional_str(record, fields.reference),
+        "choices": choices,
         "source": source,
         "source_row": source_row,
     }

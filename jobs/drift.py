@@ -13,10 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from cousins.orchestrate.accounting import summary_table
-from cousins.contract.config import resolve_paths, to_config
+from cousins.contract.config import resolve_paths
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec, drift_table
-from cousins.orchestrate.jobkit import execute, start
+from cousins.orchestrate.jobkit import execute, start, typed
 from cousins.orchestrate.pipeline import decode_summary, result_from_manifest, run_drift
 from cousins.run.lifecycle import NotCommitted, RunState
 from cousins.run.runtime import init_ray
@@ -25,7 +25,7 @@ from cousins.run.storage import resolve
 
 @hydra.main(version_base=None, config_path="../conf", config_name="drift")
 def main(dcfg: DictConfig) -> None:
-    cfg = resolve_paths(to_config(dcfg))  # absolute paths now: working dirs can move under Ray jobs
+    cfg = resolve_paths(typed(dcfg))  # absolute paths now: working dirs can move under Ray jobs
     if cfg.drift.recompute:
         d = cfg.drift
         if not cfg.run.run_id:

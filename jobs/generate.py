@@ -8,15 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from cousins.orchestrate.accounting import summary_table
-from cousins.contract.config import resolve_paths, to_config
-from cousins.orchestrate.jobkit import execute, start
+from cousins.contract.config import resolve_paths
+from cousins.orchestrate.jobkit import execute, start, typed
 from cousins.orchestrate.pipeline import result_from_manifest, run_generate
 from cousins.run.lifecycle import RunState
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate")
 def main(dcfg: DictConfig) -> None:
-    cfg = resolve_paths(to_config(dcfg))  # absolute paths now: working dirs can move under Ray jobs
+    cfg = resolve_paths(typed(dcfg))  # absolute paths now: working dirs can move under Ray jobs
     run = start(cfg)
     if run.state is RunState.COMMITTED:
         print(summary_table(result_from_manifest(run)))

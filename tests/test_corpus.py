@@ -125,3 +125,37 @@ def test_format_of():
     assert format_of("a.txt", "jsonl") == "jsonl"
     with pytest.raises(ValueError, match="set corpus.format"):
         format_of("a.txt")
+
+
+@pytest.mark.parametrize("preset,row,output,correct", [
+    ("gsm8k", {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+               "answer": "In May she sold 48/2 = 24.\nIn all 48+24 = 72.\n#### 72"},
+     "She sold 48/2 = 24 in May, so 48 + 24 = 72. The answer is 72.", True),
+    ("gsm8k", {"question": "q", "answer": "#### 72"}, "48 + 24 = 72, so the answer is 73", False),
+    ("math", {"problem": "What is 1/2 + 1/4?", "type": "Prealgebra", "solution": "It is $\\boxed{\\frac{3}{4}}$."},
+     "Adding, we get \\boxed{0.75}", True),
+    ("mmlu", {"question": "Capital of France?", "choices": ["Lyon", "Paris", "Nice", "Lille"], "answer": 1,
+              "subject": "geography"}, "The answer is (B).", True),
+    ("mmlu", {"question": "Capital of France?", "choices": ["Lyon", "Paris", "Nice", "Lille"], "answer": 1,
+              "subject": "geography"}, "The answer is (A) since B is a trap", False),
+])
+def test_the_corpus_presets_read_the_common_layouts_and_auto_judges_them(preset, row, output, correct, tmp_path):
+    from conftest import compose
+    from cousins.contract.config import to_config
+    from cousins.drift.answers import judge
+
+    cfg = to_config(compose(f"corpus={preset}", f"corpus.path={tmp_path / 'c.jsonl'}"))
+    prompts, errors = parse_file(jsonl(json.dumps(row)), source="c.jsonl", fmt="jsonl", fields=cfg.corpus.fields)
+    assert not errors and len(prompts) == 1
+    p = prompts[0]
+    assert judge(output, p["reference"], "auto", p["choices"]).correct is correct
+    if preset == "mmlu":
+        assert p["messages"][-1]["content"].endswith("B. Paris\nC. Nice\nD. Lille\nAnswer:") and p["category"] == "geography"
+
+
+def test_a_preset_without_its_path_is_a_config_error_naming_the_key():
+    from conftest import compose
+    from cousins.contract.config import ConfigError, to_config
+
+    with pytest.raises(ConfigError, match=r"corpus.path: no value; set it on the command line \(corpus.path=...\)"):
+        to_config(compose("corpus=gsm8k"))

@@ -285,6 +285,9 @@ def to_config(cfg: DictConfig | Config) -> Config:
     """The composed Hydra config as typed objects (done once, at the job's edge)."""
     if isinstance(cfg, Config):
         return cfg
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # e.g. a corpus preset (conf/corpus/gsm8k.yaml) names the layout, the user the path
+        raise ConfigError([f"{k}: no value; set it on the command line ({k}=...)" for k in missing])
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config), f"expected the composed config to be a Config, got {type(obj)}"
     cousins, problems = {}, []

@@ -19,6 +19,16 @@ from cousins.run.runtime import init_ray, root_cause
 T = TypeVar("T")
 
 
+def typed(dcfg) -> Config:
+    """The composed Hydra config as the typed Config; exits with every missing or bad value at once."""
+    from cousins.contract.config import to_config
+
+    try:
+        return to_config(dcfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
 def start(cfg: Config, *, scoring: bool = False) -> Run:
     """Validate (every config error at once), build absent models, open the run (an existing run id
     resumes; with a different config it is refused). Exits with the message on any of those.

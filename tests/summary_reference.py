@@ -196,6 +196,14 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     m["flip_wrong_to_correct"] = boot.ratio(wc, labelled, row_cluster)
     b, c = int(cw.sum()), int(wc.sum())
     m["flip_mcnemar_p"] = {"value": float(binomtest(b, b + c, 0.5).pvalue) if b + c else None, "ci": None}
+    th_o, th_c = _col(ok, "thinking_original_tokens"), _col(ok, "thinking_cousin_tokens")
+    has = (~np.isnan(th_o)).astype(float)
+    m["thinking_length_ratio"] = boot.ratio(np.nan_to_num(th_c), np.nan_to_num(th_o), row_cluster)
+    m["answer_length_ratio"] = boot.ratio(_col(ok, "cousin_tokens") - np.nan_to_num(th_c),
+                                          _col(ok, "original_tokens") - np.nan_to_num(th_o), row_cluster)
+    for side in ("original", "cousin"):
+        done = np.nan_to_num(_col(ok, f"thinking_finished_{side}"), nan=1.0)
+        m[f"unfinished_thinking_{side}"] = boot.ratio(has * (1 - done), has, row_cluster)
     m.update(_style(ok, boot, row_cluster, spec))
     out["slices"]["category"] = _category_slices(ok, spec, text_only)
     return out

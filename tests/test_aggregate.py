@@ -82,6 +82,11 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                          first_divergence=None if rng.random() < .2 else int(rng.integers(0, 10)),
                          chrf=float(rng.uniform(0, 100)), rouge_l=float(rng.random()),
                          finish_changed=bool(rng.random() < .1), length_ratio=len(ctext.split()) / n if n else None)
+                if i % 4 == 1:  # a reasoning model's rows: thinking spans, some cut by max_tokens
+                    r.update(thinking_original_tokens=int(rng.integers(0, n + 1)),
+                             thinking_cousin_tokens=int(rng.integers(0, len(ctext.split()) + 1)),
+                             thinking_finished_original=bool(rng.random() < .8),
+                             thinking_finished_cousin=bool(rng.random() < .6))
                 if labelled:
                     co, cc = bool(rng.random() < .6), bool(rng.random() < .5)
                     r.update(correct_original=co, correct_cousin=cc, flip=co != cc)

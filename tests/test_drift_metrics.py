@@ -280,3 +280,24 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs_and_the_tabl
                "prompts": 100, "score_topk": 20, "bootstrap": {"level": 0.95, "resamples": 10}, "warnings": []}
     text = drift_table(summary)
     assert "q: 7.0% [3.0%, 10.0%] correct→wrong, 1.0% [0.0%, 2.0%] wrong→correct; McNemar p = 0.0039" in text
+
+
+def test_thinking_is_measured_apart_from_the_answer():
+    """The original thinks 3 tokens and answers 42; the cousin thinks 5 and is cut before answering."""
+    orig = _gen_rows("o", [("<think>a b c</think> 42", [1, 2, 3, 4])])
+    cous = _gen_rows("c", [("<think>a b c d e", [1, 2, 3, 5, 6])])
+    drift = compare("c", orig, cous, None, None, references={"p0": "42"}, answer_match="auto",
+                    count_tokens=lambda text: len(text.split()))
+    (r,) = drift.to_pylist()
+    assert (r["thinking_original_tokens"], r["thinking_cousin_tokens"]) == (3, 5)
+    assert r["thinking_finished_original"] is True and r["thinking_finished_cousin"] is False
+    assert (r["correct_original"], r["correct_cousin"], r["checker"]) == (True, False, "math")
+    assert (r["answer_original"], r["answer_cousin"]) == ("42", None)
+    assert r["chrf"] == metrics.chrf("", " 42")  # the answers, not the thinking, are compared
+    m = summarise("c", "other", drift, BootstrapSpec(resamples=20, level=0.95, seed=0))["metrics"]
+    assert m["thinking_length_ratio"]["value"] == pytest.approx(5 / 3)
+    assert m["answer_length_ratio"]["value"] == pytest.approx(0.0)
+    assert (m["unfinished_thinking_original"]["value"], m["unfinished_thinking_cousin"]["value"]) == (0.0, 1.0)
+    assert (m["flip_correct_to_wrong"]["value"], m["flip_wrong_to_correct"]["value"]) == (1.0, 0.0)
+    plain = compare("c", _gen_rows("o", [("42", [4])]), _gen_rows("c", [("42", [4])]), None, None)
+    assert plain.to_pylist()[0]["thinking_original_tokens"] is None  # no span: nothing to measure

@@ -149,6 +149,12 @@ DRIFT = pa.schema(
         pa.field("checker", pa.string()),
         pa.field("answer_original", pa.string()),
         pa.field("answer_cousin", pa.string()),
+        # reasoning models: output tokens up to the end of the thinking span (<think>…</think>; all of
+        # them when it never closed), and whether it closed; null when neither output has a span
+        pa.field("thinking_original_tokens", pa.int32()),
+        pa.field("thinking_cousin_tokens", pa.int32()),
+        pa.field("thinking_finished_original", pa.bool_()),
+        pa.field("thinking_finished_cousin", pa.bool_()),
         pa.field("original_text", pa.string()),
         pa.field("cousin_text", pa.string()),
         # character spans [start, end) of the first divergent token in each text (null if identical)

@@ -34,6 +34,7 @@ TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", 
               *[f"m{i}_{k}" for i in range(len(MARGIN_BINS) - 1) for k in ("n", "kld", "same")]]
 ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "nll_o2", "nll_c2", "nll_oc", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
             "finish", "co", "cc", "labelled", "flip", "flip_cw", "flip_wc", "has0",
+            "think", "th_o", "th_c", "unf_o", "unf_c", "ans_o", "ans_c",
             *[f"d{n}_{side}{x}" for side in ("o", "c") for n in (1, 2) for x in ("", "_n")]]
 SUMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()),
                   *[(c, pa.float64()) for c in ROW_SUMS + TOKEN_SUMS]])
@@ -74,6 +75,19 @@ def top_rows(rows: pa.Table, text_only: bool, n: int) -> pa.Table:
     return rows.take(pc.sort_indices(rows, sort_keys=worst_order(text_only))[:n])
 
 
+def _thinking_sums(ok: pa.Table, per_prompt) -> dict:
+    """Per-prompt sums of the thinking spans: rows with one (either side), thinking tokens, spans
+    left unfinished, and answer tokens (all output tokens where there is no span)."""
+    th_o, th_c = _col(ok, "thinking_original_tokens"), _col(ok, "thinking_cousin_tokens")
+    has = (~np.isnan(th_o)).astype(float)
+    unf_o = has * (1 - np.nan_to_num(_col(ok, "thinking_finished_original"), nan=1.0))
+    unf_c = has * (1 - np.nan_to_num(_col(ok, "thinking_finished_cousin"), nan=1.0))
+    return dict(think=per_prompt(has), th_o=per_prompt(np.nan_to_num(th_o)), th_c=per_prompt(np.nan_to_num(th_c)),
+                unf_o=per_prompt(unf_o), unf_c=per_prompt(unf_c),
+                ans_o=per_prompt(np.nan_to_num(_col(ok, "original_tokens")) - np.nan_to_num(th_o)),
+                ans_c=per_prompt(np.nan_to_num(_col(ok, "cousin_tokens")) - np.nan_to_num(th_c)))
+
+
 def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
     """Per-prompt sums (SUMS) of one cousin's drift rows without an error, sorted by prompt id."""
     if ok.num_rows == 0:
@@ -100,6 +114,7 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
                flip=per_prompt(np.nan_to_num(_col(ok, "flip"))),
                # the flips' two directions: correct -> wrong (what a cousin lost), wrong -> correct
                flip_cw=per_prompt(np.nan_to_num(co * (1 - cc))), flip_wc=per_prompt(np.nan_to_num((1 - co) * cc)),
+               **_thinking_sums(ok, per_prompt),
                has0=np.minimum(per_prompt((ok.column("sample_index").to_numpy() == 0).astype(float)), 1.0))
     for side, column in (("o", "original_text"), ("c", "cousin_text")):
         texts = [t or "" for t in ok.column(column).to_pylist()]

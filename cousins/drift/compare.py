@@ -69,12 +69,15 @@ def _common_prefix(a: str, b: str) -> str:
 def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, original_scores: pa.Table | None,
             cousin_scores: pa.Table | None, *, answer_match: str = "contains",
             references: dict[str, str] | None = None, choices: dict[str, list[str]] | None = None,
-            decode: Callable[[list[int]], str] | None = None, exact_kld: pa.Table | None = None) -> pa.Table:
+            decode: Callable[[list[int]], str] | None = None, exact_kld: pa.Table | None = None,
+            count_tokens: Callable[[str], int] | None = None) -> pa.Table:
     """Drift rows of `cousin`, one per row of the original's generations.
 
     references: prompt_id -> reference answer (labelled prompts only); choices: prompt_id -> the
     options of a multiple-choice prompt (judged by `answer_match`, cousins/drift/answers.py).
     decode: token ids -> text, to place the first divergent token in each text (optional).
+    count_tokens: text -> its token count, to place the end of a thinking span (optional: else
+    the span's share of the characters).
     exact_kld: the cousin's KLD rows (schema.KLD, drift.kld=exact): their per-token KLD replaces
     the top-k bound (the rest mass stays: it says how loose the bound would have been), and
     their reverse KLD and tail mass fill those columns (null in top-k mode).
@@ -118,7 +121,7 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
                 out.append({**row, "error": err})
                 continue
         row.update(_sequence_metrics(o, c, references.get(o["prompt_id"]), answer_match, decode,
-                                     choices.get(o["prompt_id"])))
+                                     choices.get(o["prompt_id"]), count_tokens))
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
             if exact is not None and "error" not in row:
@@ -128,22 +131,39 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     return pa.Table.from_pydict(cols, schema=schema.DRIFT)
 
 
+def _thinking_tokens(ids: list[int], text: str, split: answers.Split, count_tokens) -> int:
+    """Output tokens up to the end of the thinking span (all of them when it never closed)."""
+    if not split.finished:
+        return len(ids)
+    head = text[:len(text) - len(split.answer)]
+    n = count_tokens(head) if count_tokens else round(len(ids) * len(head) / max(len(text), 1))
+    return min(len(ids), n)
+
+
 def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str, decode,
-                      choices: list[str] | None = None) -> dict:
+                      choices: list[str] | None = None, count_tokens=None) -> dict:
     ids_o, ids_c = o["output_token_ids"] or [], c["output_token_ids"] or []
     text_o, text_c = o["output_text"] or "", c["output_text"] or ""
+    # a reasoning model's thinking is measured apart: the text metrics compare the answers
+    split_o, split_c = answers.split_thinking(text_o), answers.split_thinking(text_c)
+    thinking = split_o.thinking is not None or split_c.thinking is not None
+    ans_o, ans_c = (split_o.answer, split_c.answer) if thinking else (text_o, text_c)
     j = metrics.first_divergence(ids_o, ids_c)
     spans = _spans(ids_o, ids_c, text_o, text_c, j, decode)
     row = {
         "original_tokens": len(ids_o), "cousin_tokens": len(ids_c),
         "length_ratio": metrics.safe_ratio(len(ids_c), len(ids_o)),
         "exact_match": j is None, "first_divergence": j,
-        "chrf": metrics.chrf(text_c, text_o), "rouge_l": metrics.rouge_l(text_c, text_o),
+        "chrf": metrics.chrf(ans_c, ans_o), "rouge_l": metrics.rouge_l(ans_c, ans_o),
         "finish_original": o["finish_reason"], "finish_cousin": c["finish_reason"],
         "finish_changed": o["finish_reason"] != c["finish_reason"],
         "div_original_start": spans[0], "div_original_end": spans[1],
         "div_cousin_start": spans[2], "div_cousin_end": spans[3],
     }
+    if thinking:
+        row.update(thinking_original_tokens=_thinking_tokens(ids_o, text_o, split_o, count_tokens),
+                   thinking_cousin_tokens=_thinking_tokens(ids_c, text_c, split_c, count_tokens),
+                   thinking_finished_original=split_o.finished, thinking_finished_cousin=split_c.finished)
     if reference is not None:  # the final answers, as graders read them (cousins/drift/answers.py)
         try:
             vo = answers.judge(text_o, reference, answer_match, choices)

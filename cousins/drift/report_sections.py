@@ -178,7 +178,8 @@ _COLUMNS = [  # (header, metric, formatter)
     ("flip rate", "flip_rate", _pct), ("correct→wrong", "flip_correct_to_wrong", _pct),
     ("wrong→correct", "flip_wrong_to_correct", _pct), ("McNemar p", "flip_mcnemar_p", _num),
     ("Δ accuracy", "accuracy_delta", _pp),
-    ("length ratio", "length_ratio", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
+    ("length ratio", "length_ratio", _num), ("thinking ratio", "thinking_length_ratio", _num),
+    ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
 ]
 
 

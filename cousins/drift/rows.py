@@ -54,22 +54,33 @@ def _tag(batch: pa.Table, *, model: str, part: str) -> pa.Table:
                      for f in UNION}, schema=UNION)
 
 
-_DECODERS: dict[str, Callable | None] = {}
+_TOKENIZERS: dict[str, object] = {}
 
 
-def decoder(path: str) -> Callable[[list[int]], str] | None:
-    """Token ids -> text with the original's tokenizer (the `tokenizers` library: light to load),
-    to place divergent tokens in the texts; None without a local tokenizer.json. One per process."""
-    if path not in _DECODERS:
+def _tokenizer(path: str):
+    """The original's tokenizer (the `tokenizers` library: light to load); None without a local
+    tokenizer.json. One per process."""
+    if path not in _TOKENIZERS:
         file = os.path.join(path, "tokenizer.json")
         if os.path.isfile(file):
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_file(file)
-            _DECODERS[path] = lambda ids: tok.decode(ids, skip_special_tokens=True)
+            _TOKENIZERS[path] = Tokenizer.from_file(file)
         else:
-            _DECODERS[path] = None
-    return _DECODERS[path]
+            _TOKENIZERS[path] = None
+    return _TOKENIZERS[path]
+
+
+def decoder(path: str) -> Callable[[list[int]], str] | None:
+    """Token ids -> text, to place divergent tokens in the texts; None without a tokenizer."""
+    tok = _tokenizer(path)
+    return None if tok is None else (lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+def counter(path: str) -> Callable[[str], int] | None:
+    """Text -> its token count, to place the end of a thinking span; None without a tokenizer."""
+    tok = _tokenizer(path)
+    return None if tok is None else (lambda text: len(tok.encode(text, add_special_tokens=False).ids))
 
 
 def _pick(block: pa.Table, part: str, model: str, columns: list[str], types: dict) -> pa.Table:
@@ -90,14 +101,15 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
                                     prompts.column("choices").to_pylist()) if c}
     og = _pick(block, "gen", original, cmp.GEN_COLUMNS, _G)
     so = _pick(block, "score", original, cmp.SCORE_COLUMNS, _S) if original_scored else None
-    decode = decoder(tokenizer_path)
+    decode, count = decoder(tokenizer_path), counter(tokenizer_path)
     out = [schema.DRIFT.empty_table()]
     for name, token_level in cousins:
         cg = _pick(block, "gen", name, cmp.GEN_COLUMNS, _G)
         sc = _pick(block, "score", name, cmp.SCORE_COLUMNS, _S) if token_level else None
         ex = _pick(block, "kld", name, KLD_COLUMNS, _K) if token_level and exact_kld else None
         out.append(cmp.compare(name, og, cg, so if token_level else None, sc, answer_match=answer_match,
-                               references=references, choices=choices, decode=decode, exact_kld=ex))
+                               references=references, choices=choices, decode=decode, exact_kld=ex,
+                               count_tokens=count))
     return pa.concat_tables(out)
 
 

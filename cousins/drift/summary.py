@@ -194,7 +194,12 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
              length_ratio=(c["ctok"], c["otok"]), finish_changed=(c["finish"], n),
              accuracy_original=(c["co"], c["labelled"]), accuracy_cousin=(c["cc"], c["labelled"]),
              accuracy_delta=(c["cc"] - c["co"], c["labelled"]), flip_rate=(c["flip"], c["labelled"]),
-             flip_correct_to_wrong=(c["flip_cw"], c["labelled"]), flip_wrong_to_correct=(c["flip_wc"], c["labelled"]))
+             flip_correct_to_wrong=(c["flip_cw"], c["labelled"]), flip_wrong_to_correct=(c["flip_wc"], c["labelled"]),
+             # reasoning models: how much longer the cousin thinks, and answers, and how often it
+             # never finished thinking (over rows where either output has a thinking span)
+             thinking_length_ratio=(c["th_c"], c["th_o"]), answer_length_ratio=(c["ans_c"], c["ans_o"]),
+             unfinished_thinking_original=(c["unf_o"], c["think"]),
+             unfinished_thinking_cousin=(c["unf_c"], c["think"]))
     for side, name in (("o", "original"), ("c", "cousin")):
         for k in (1, 2):
             f[f"distinct{k}_{name}"] = (c[f"d{k}_{side}"], c[f"d{k}_{side}_n"])
@@ -234,7 +239,8 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
         m_["rest_mass_mean"] = r.pop("rest_mass_mean")
     for k in ("exact_match", "first_divergence_mean", "chrf", "rouge_l", "length_ratio", "finish_changed",
               "accuracy_original", "accuracy_cousin", "accuracy_delta", "flip_rate", "flip_correct_to_wrong",
-              "flip_wrong_to_correct"):
+              "flip_wrong_to_correct", "thinking_length_ratio", "answer_length_ratio", "unfinished_thinking_original",
+              "unfinished_thinking_cousin"):
         m_[k] = r.pop(k)
     m_["flip_mcnemar_p"] = {"value": mcnemar_p(float(c["flip_cw"].sum()), float(c["flip_wc"].sum())), "ci": None}
     for name in ("original", "cousin"):
@@ -327,6 +333,7 @@ def drift_table(summary: dict) -> str:
                     f"KLD from the top-{summary['score_topk']} (a lower bound); ")
                  + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
     lines += _flip_lines([*summary["cousins"], *noise])
+    lines += _thinking_lines([*summary["cousins"], *noise])
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     lines += _notes(summary)
     return "\n".join(lines + plane_lines(summary.get("plane")))
@@ -344,6 +351,21 @@ def _flip_lines(models: list[dict]) -> list[str]:
                      f"{_fmt(m['flip_wrong_to_correct'], pct=True)} wrong→correct; McNemar p = "
                      + ("-" if p is None else f"{p:.3g}"))
     return ["flips by direction (McNemar's exact test on the paired verdicts; rows are the pairs):", *lines] \
+        if lines else []
+
+
+def _thinking_lines(models: list[dict]) -> list[str]:
+    """Reasoning models: thinking and answer lengths against the original's, and unfinished thinking."""
+    lines = []
+    for s in models:
+        m = s["metrics"] or {}
+        if (m.get("thinking_length_ratio") or {}).get("value") is None:
+            continue
+        lines.append(f"  {s['name']}: thinking {_fmt(m['thinking_length_ratio'], digits=3)}×, answer "
+                     f"{_fmt(m['answer_length_ratio'], digits=3)}×; thinking unfinished (cut by max_tokens) "
+                     f"{_fmt(m['unfinished_thinking_original'], pct=True)} original, "
+                     f"{_fmt(m['unfinished_thinking_cousin'], pct=True)} cousin")
+    return ["thinking apart from the answer (cousin tokens / original tokens, [CI] over prompts):", *lines] \
         if lines else []
 
 

@@ -26,7 +26,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from cousins.family.models import BUILD_REMEDY, RECIPES, ensure_model
+    from cousins.family.builds import ensure_model
+    from cousins.family.models import BUILD_REMEDY, RECIPES
     from cousins.run.removal import BUILD, NotOurs, remove_tree
 
     out = args.out or f"models/{args.recipe}"

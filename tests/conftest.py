@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_teacher() -> str:
-    from cousins.family.models import ensure_model
+    from cousins.family.builds import ensure_model
 
     ensure_model(str(TINY_TEACHER), "tiny-teacher", 0)
     return str(TINY_TEACHER)

@@ -149,7 +149,7 @@ def _users_model(tmp_path, tiny_teacher) -> Path:
 
 
 def test_a_build_refuses_a_users_model_directory_and_leaves_it_whole(tiny_teacher, tmp_path):
-    from cousins.family.models import ensure_model
+    from cousins.family.builds import ensure_model
     from cousins.run.removal import NotOurs
     from cousins.family.quantize import build_quantized
 

@@ -10,7 +10,8 @@ from cousins.family.demo_corpus import (DEMO_PATH, DISTILL_PATH, add_answer, add
                                  reverse_letters, write_demo_corpus)
 from cousins.drift.answers import correct, judge
 from cousins.family.lessons import held_out, lessons
-from cousins.family.models import RECIPE_FILE, RECIPES, build_tiny_llama, ensure_model
+from cousins.family.builds import ensure_model
+from cousins.family.models import RECIPE_FILE, RECIPES, build_tiny_llama
 
 
 def test_committed_demo_corpus_is_what_the_generator_writes(tmp_path):

@@ -123,3 +123,44 @@ def test_every_import_of_the_package_resolves():
                             except ImportError as e:
                                 bad.append(f"{path.name}:{node.lineno} {a.name}: {e}")
     assert not bad, "imports that do not resolve:\n" + "\n".join(bad)
+
+
+def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle of a graph (module -> modules it imports), each once, smallest first."""
+    found, seen = [], set()
+
+    def walk(node: str, path: list[str]) -> None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == path[0]:
+                key = frozenset(path)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(path + [nxt])
+            elif nxt not in path and nxt > path[0]:  # each circle from its smallest module only
+                walk(nxt, path + [nxt])
+
+    for start in sorted(edges):
+        walk(start, [start])
+    return sorted(found, key=len)
+
+
+def test_no_import_circles_between_the_modules_of_one_folder():
+    """Within a folder too, imports go one way (function-level imports included): a circle means
+    two modules that cannot be read, tested or moved apart."""
+    modules = _modules()
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        folder = _folder(name)
+        if folder is None or name == f"cousins.{folder}":
+            continue
+        for target, names in _imports(path, name):
+            for t in [target] + [f"{target}.{n}" for n in names]:
+                if t in modules and t != name and _folder(t) == folder and t != f"cousins.{folder}":
+                    edges.setdefault(name, set()).add(t)
+    circles = _circles(edges)
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_finder_finds_a_planted_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []

@@ -18,8 +18,7 @@ import pytest
 
 from conftest import hide_context_proxies
 from cousins.engine import formats
-from cousins.family import llmc
-from cousins.family import models
+from cousins.family import builds, llmc
 from cousins.family import realistic
 from cousins.family.models import RECIPE_FILE
 from cousins.contract.recipes import REALISTIC_STUDENT, REALISTIC_TEACHER
@@ -36,8 +35,8 @@ def family(tmp_path_factory) -> dict[str, Path]:
         realistic.RECIPES[name] = replace(saved[name], train_steps=steps, batch_size=16)
     try:
         teacher, student = root / "teacher", root / "student"
-        assert models.ensure_model(str(teacher), REALISTIC_TEACHER) is True
-        assert models.ensure_model(str(teacher), REALISTIC_TEACHER) is False  # current: not built again
+        assert builds.ensure_model(str(teacher), REALISTIC_TEACHER) is True
+        assert builds.ensure_model(str(teacher), REALISTIC_TEACHER) is False  # current: not built again
         assert realistic.ensure_student(student, teacher) is True
         assert realistic.ensure_student(student, teacher) is False
         yield {"teacher": teacher, "student": student, "root": root}

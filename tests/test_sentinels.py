@@ -126,7 +126,7 @@ def test_the_scale_benchmark_never_replaces_a_real_run(user):
 
 
 def test_builds_never_replace_a_users_model_or_cousin_directory(user):
-    from cousins.family.models import ensure_model
+    from cousins.family.builds import ensure_model
     from cousins.family.quantize import build_quantized
 
     s, places, _ = user

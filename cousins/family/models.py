@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from cousins.contract.recipes import REALISTIC_TEACHER, TINY_TEACHER
+from cousins.contract.recipes import TINY_TEACHER
 from cousins.run.removal import BUILD, publish_dir, scratch
 from cousins.run.removal import check_ours as check_owned
 
@@ -207,20 +206,17 @@ def read_build(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _recipe(recipe_name: str, seed: int) -> TinyLlamaRecipe:
+def tiny_recipe(recipe_name: str, seed: int) -> TinyLlamaRecipe:
     return TinyLlamaRecipe(**{**asdict(RECIPES[recipe_name]), "seed": seed})
 
 
 def is_current(path: str | os.PathLike, recipe_name: str, seed: int = 0) -> bool:
-    """Whether `path` holds a complete build of `recipe_name` as the code builds it now: the same
-    recipe fields and the same lessons."""
-    from cousins.family import realistic
+    """Whether `path` holds a complete build of the tiny recipe `recipe_name` as the code builds it
+    now: the same recipe fields and the same lessons (cousins/family/builds.py dispatches by recipe)."""
     from cousins.family.lessons import lessons
 
-    if recipe_name == REALISTIC_TEACHER:  # a Qwen-shaped teacher (cousins/family/realistic.py)
-        return realistic.is_current(path, realistic.recipe(recipe_name, seed))
     done = read_build(path)
-    recipe = _recipe(recipe_name, seed)
+    recipe = tiny_recipe(recipe_name, seed)
     if done is None or any(done.get(k) != v for k, v in asdict(recipe).items()):
         return False
     taught = lessons(random.Random(recipe.seed), recipe.train_steps * recipe.batch_size)
@@ -245,30 +241,3 @@ def replace_build(path: str | os.PathLike, build: Callable[[Path], object], *, s
     with scratch(path) as tmp:
         build(Path(tmp.path))
         publish_dir(tmp, path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
-
-
-def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: str = "model.path") -> bool:
-    """Build the model at `path` from its recipe unless a current build is there (is_current: a
-    build of an older recipe or of other lessons is replaced). True when it built.
-
-    A build goes to a temporary directory and is renamed into place, so a killed build leaves
-    nothing that looks complete.
-    """
-    if recipe_name is None:
-        from cousins.contract.refs import is_gguf, kind
-
-        if kind(path) == "local" and not is_gguf(path) and not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"model directory not found: {path!r} has no config.json (set model.path)")
-        return False
-    if is_current(path, recipe_name, seed):
-        return False
-    check_ours(path, setting=setting)
-    if read_build(path) is not None:
-        print(f"{path} was built from another recipe or other lessons: building {recipe_name!r} again", flush=True)
-    if recipe_name == REALISTIC_TEACHER:
-        from cousins.family import realistic
-
-        replace_build(path, lambda tmp: realistic.build(tmp, realistic.recipe(recipe_name, seed)), setting=setting)
-    else:
-        replace_build(path, lambda tmp: build_tiny_llama(tmp, _recipe(recipe_name, seed)), setting=setting)
-    return True

@@ -234,7 +234,7 @@ def prepare_before_ray(cfg: Config, *, scoring: bool = False) -> None:
     project did not make, the original built if it has a recipe, quantized cousins built,
     vocabularies, every model's files and engine settings and the templates checked (each
     ConfigError lists every problem of its kind). `scoring`: a drift run."""
-    from cousins.family.models import ensure_model
+    from cousins.family.builds import ensure_model
 
     check_build_targets(cfg)
     ensure_model(cfg.model.path, cfg.model.build, cfg.model.seed)

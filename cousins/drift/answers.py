@@ -257,6 +257,39 @@ def normalise(text: str) -> str:
     return normalise_answer(str(text))
 
 
+def check_reference(reference: str, checker: str, choices: list[str] | None = None) -> None:
+    """BadReference when `checker` cannot read `reference` (before any engine runs, the prompts
+    stage makes such a row an error row naming the checker)."""
+    if checker == "auto":
+        checker = auto_checker(reference, choices)
+    ref = str(reference)
+    if checker == "last_number" and reference_number(ref) is None:
+        raise BadReference(f"reference {ref[:80]!r} holds no number")
+    if checker == "mcq":
+        if not choices:
+            raise BadReference("checker mcq needs the row's choices")
+        choice_letter(ref, choices)
+    if checker in ("contains", "exact", "boxed", "math") and not normalise(ref):
+        raise BadReference(f"reference {ref[:80]!r} is empty once normalised")
+
+
+def reference_errors(batch, *, checker: str):
+    """A Ray Data map over prompt rows (pyarrow): a `reason` column, set where `checker` cannot
+    read the row's reference."""
+    import pyarrow as pa
+
+    reasons = []
+    for ref, choices in zip(batch.column("reference").to_pylist(), batch.column("choices").to_pylist()):
+        reason = None
+        if ref is not None:
+            try:
+                check_reference(ref, checker, choices)
+            except BadReference as e:
+                reason = f"answer checker {checker!r} cannot read the reference: {e}"
+        reasons.append(reason)
+    return batch.append_column("reason", pa.array(reasons, pa.string()))
+
+
 def correct(text: str, reference: str, checker: str, choices: list[str] | None = None, **regex) -> bool | None:
     """judge(...).correct for a row; None when the reference cannot be read under the checker (the
     row is then not judged, rather than judged wrong)."""

@@ -40,7 +40,7 @@ def open_run(cfg: Config) -> Run:
 def _prompts(cfg: Config, run: Run):
     c = cfg.corpus
     return stage_prompts(run, corpus_at=resolve(c.path, **cfg.storage.options), fmt=c.format, fields=c.fields,
-                         limit=c.limit, max_chars=c.max_chars)
+                         limit=c.limit, max_chars=c.max_chars, checker=cfg.drift.answer_match)
 
 
 def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,

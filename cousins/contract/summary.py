@@ -115,3 +115,5 @@ class Summary:
     cost_currency: str | None = optional()
     timings: dict[str, float | None] | None = optional()
     plane: Plane | None = optional()
+    # labelled prompts by the checker that judges them (drift.answer_match=auto picks per reference)
+    answer_checkers: dict[str, int] | None = optional()

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from cousins.drift import answers
 from cousins.drift.metrics import KLD_BOUND, KLD_EXACT, jaccard_pairs, pair_indices, rest_mass_warning
 from cousins.drift.rows import drift_rows, first_texts, load_error
 from cousins.drift.summary import QUANTILE_ERROR, BootstrapSpec, summary_of
@@ -96,6 +98,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
         "kld_bound": KLD_EXACT if exact else KLD_BOUND, "kld": settings.kld, "answer_match": settings.answer_match,
+        "answer_checkers": checker_counts(layout.prompts, settings.answer_match),
         "quantile_error": QUANTILE_ERROR,
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
@@ -127,6 +130,30 @@ def drift_headline(summary: dict) -> dict[str, Headline]:
         out[s["name"]] = Headline(kind=s["kind"], error=s["error"],
                                   **{k: (s["metrics"].get(k) or {}).get("value") for k in keys})
     return out
+
+
+def _count_checkers(batch: pa.Table, *, checker: str) -> pa.Table:
+    counts: dict[str, int] = {}
+    for ref, choices in zip(batch.column("reference").to_pylist(), batch.column("choices").to_pylist()):
+        if ref is not None:
+            name = answers.auto_checker(ref, choices) if checker == "auto" else checker
+            counts[name] = counts.get(name, 0) + 1
+    return pa.table({"checker": list(counts), "prompts": list(counts.values())})
+
+
+def checker_counts(prompts: Location, checker: str) -> dict[str, int]:
+    """Labelled prompts by the checker that judges them (what `auto` picked, per reference), counted
+    by Ray Data workers; a few numbers reach the driver."""
+    from cousins.contract.schema import PROMPTS
+    from cousins.run.layout import read_rows
+
+    ds = read_rows(prompts, ["reference", "choices"], schema=PROMPTS)
+    counts: dict[str, int] = {}
+    if ds is not None:
+        for r in ds.map_batches(_count_checkers, fn_kwargs={"checker": checker}, batch_format="pyarrow",
+                                num_cpus=0.1).take_all():
+            counts[r["checker"]] = counts.get(r["checker"], 0) + r["prompts"]
+    return counts
 
 
 def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, answer_match: str, worst_n: int) -> dict:

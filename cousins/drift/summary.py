@@ -332,6 +332,10 @@ def drift_table(summary: dict) -> str:
                  + ("KLD exact, over the whole vocabulary; " if summary.get("kld") == "exact" else
                     f"KLD from the top-{summary['score_topk']} (a lower bound); ")
                  + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
+    checkers = summary.get("answer_checkers")
+    if checkers:
+        lines.append(f"answers judged by {summary.get('answer_match')} (docs/metrics.md): "
+                     + ", ".join(f"{k} on {v} labelled prompts" for k, v in sorted(checkers.items())))
     lines += _flip_lines([*summary["cousins"], *noise])
     lines += _thinking_lines([*summary["cousins"], *noise])
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]

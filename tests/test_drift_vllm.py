@@ -171,7 +171,8 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
         assert a["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
         labelled = [r for r in rows if r["prompt_id"] in refs]
         assert a["labelled_rows"] == len(labelled)
-        assert a["correct_rows"] == sum(correct(r["output_text"], refs[r["prompt_id"]], "contains") for r in labelled)
+        assert a["correct_rows"] == sum(correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match)
+                                       for r in labelled)
         assert a["tokens_per_prompt"] == pytest.approx(a["output_tokens"] / len(rows))
         assert a["accelerator"] == "cpu-actor" and a["accelerator_s"] > 0
     manifest = json.loads(layout.manifest.read_text())

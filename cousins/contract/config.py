@@ -200,9 +200,10 @@ class DriftConfig:
     # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
     kld: str = "topk"
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
-    # labelled prompts: the answer checker (cousins/drift/answers.py; ROW_CHECKERS): contains | exact |
-    # auto | last_number | math | boxed | gsm8k-strict | gsm8k-flexible
-    answer_match: str = "contains"
+    # labelled prompts: the answer checker of their final answers (cousins/drift/answers.py;
+    # ROW_CHECKERS): auto (from each reference's form) | contains | exact | last_number | math | boxed |
+    # gsm8k-strict | gsm8k-flexible
+    answer_match: str = "auto"
     bootstrap: int = 1000  # resamples over prompts for every confidence interval
     confidence: float = 0.95
     seed: int = 0  # of the bootstrap and of the noise floor's reshuffle

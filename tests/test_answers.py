@@ -35,6 +35,8 @@ CASES = [
     ("the answer is 3.5.", "3.5", None, True),
     ("the answer is 3.50", "7/2", None, True),
     ("I am not sure.", "7", None, False),
+    ("To answer this, we add 5 and 7 to get 12.", "12", None, True),  # "answer" alone states nothing
+    ("The final answer: 25", "25", None, True),
     # thinking spans
     ("<think>maybe 42? no, 41</think> The answer is 41.", "42", None, False),
     ("<think>maybe 41? no, 42</think> The answer is 42.", "42", None, True),

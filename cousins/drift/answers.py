@@ -86,8 +86,8 @@ def split_thinking(text: str, open_marker: str = THINK_OPEN, close_marker: str =
 # --- the final-answer region ---------------------------------------------------------------------
 
 _ANSWER_MARKERS = re.compile(
-    r"(?:final answer|the answer|answer|correct (?:choice|option|answer)|the choice|the option|result)"
-    r"\s*(?:is|would be|will be|=|:)?\s*:?|####", re.IGNORECASE)
+    r"\b(?:final answer|answer|correct (?:choice|option|answer)|choice|option|result)"
+    r"\s*(?:is|would be|will be|=|:)\s*:?|####", re.IGNORECASE)  # a stated answer, not the word alone
 
 
 def final_region(answer: str) -> str:
@@ -231,7 +231,7 @@ def _math_equal(answer: str, reference: str) -> tuple[bool, str | None, bool]:
 
     limit = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
-        gold = parse(reference, parsing_timeout=limit)
+        gold = parse(reference[-MAX_ANSWER_CHARS:], parsing_timeout=limit)
         if not gold:
             raise BadReference(f"reference {reference!r} is not a mathematical answer math-verify can read")
         pred = parse(answer[-MAX_ANSWER_CHARS:], parsing_timeout=limit)

@@ -138,7 +138,7 @@ def test_tiny_teacher_answers_the_labelled_demo_prompts_and_keeps_its_mass_in_it
                   logprobs_mode="raw_logprobs", seed=0)
     outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=64, logprobs=20))
     labelled = [(r, o) for r, o in zip(records, outs) if r.get("reference")]
-    accuracy = sum(is_correct(o.outputs[0].text, r["reference"]) for r, o in labelled) / len(labelled)
+    accuracy = sum(judge(o.outputs[0].text, r["reference"]).correct for r, o in labelled) / len(labelled)
     masses = [sum(math.exp(lp.logprob) for lp in sorted(pos.values(), key=lambda lp: -lp.logprob)[:20])
               for o in outs for pos in o.outputs[0].logprobs]
     top20 = sum(masses) / len(masses)

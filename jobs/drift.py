@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from cousins.orchestrate.accounting import summary_table
 from cousins.contract.config import resolve_paths
 from cousins.drift.diff import recompute
-from cousins.drift.summary import BootstrapSpec, drift_table
+from cousins.drift.summary import BootstrapSpec
+from cousins.drift.table import drift_table
 from cousins.orchestrate.jobkit import execute, start, typed
 from cousins.orchestrate.pipeline import decode_summary, result_from_manifest, run_drift
 from cousins.run.lifecycle import NotCommitted, RunState

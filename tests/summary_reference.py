@@ -196,6 +196,8 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     m["flip_wrong_to_correct"] = boot.ratio(wc, labelled, row_cluster)
     b, c = int(cw.sum()), int(wc.sum())
     m["flip_mcnemar_p"] = {"value": float(binomtest(b, b + c, 0.5).pvalue) if b + c else None, "ci": None}
+    for side in ("original", "cousin"):
+        m[f"unparsed_answers_{side}"] = {"value": float(np.nan_to_num(_col(ok, f"unparsed_{side}")).sum()), "ci": None}
     th_o, th_c = _col(ok, "thinking_original_tokens"), _col(ok, "thinking_cousin_tokens")
     has = (~np.isnan(th_o)).astype(float)
     m["thinking_length_ratio"] = boot.ratio(np.nan_to_num(th_c), np.nan_to_num(th_o), row_cluster)

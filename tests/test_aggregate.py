@@ -89,7 +89,8 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                              thinking_finished_cousin=bool(rng.random() < .6))
                 if labelled:
                     co, cc = bool(rng.random() < .6), bool(rng.random() < .5)
-                    r.update(correct_original=co, correct_cousin=cc, flip=co != cc)
+                    r.update(correct_original=co, correct_cousin=cc, flip=co != cc,
+                             unparsed_original=bool(rng.random() < .05), unparsed_cousin=bool(rng.random() < .1))
                 if cousin != "t":
                     scale = 1e-6 if cousin == "noise-floor" else 0.05
                     kld = rng.exponential(scale, n) * np.where(rng.random(n) < .1, 0, 1)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, compose
 from cousins.contract.config import ConfigError, resolve_paths, to_config
 from cousins.contract.validate import validate
-from cousins.drift.summary import drift_table
+from cousins.drift.table import drift_table
 from cousins.engine.plan import same_as_original
 from cousins.export.card import filter_table
 from cousins.export.config import ExportConfig, ExportError

@@ -182,7 +182,7 @@ def test_the_accountings_partition_sums_cluster_by_prompt():
 
 
 def test_the_drift_table_ends_with_the_plane_or_says_it_is_not_measured():
-    from cousins.drift.summary import drift_table
+    from cousins.drift.table import drift_table
 
     summary = {"cousins": [], "noise_floor": None, "prompts": 3, "score_topk": 20,
                "bootstrap": {"level": 0.95, "resamples": 10}}

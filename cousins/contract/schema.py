@@ -149,6 +149,9 @@ DRIFT = pa.schema(
         pa.field("checker", pa.string()),
         pa.field("answer_original", pa.string()),
         pa.field("answer_cousin", pa.string()),
+        # an answer math-verify could not parse (judged not correct, and counted apart)
+        pa.field("unparsed_original", pa.bool_()),
+        pa.field("unparsed_cousin", pa.bool_()),
         # reasoning models: output tokens up to the end of the thinking span (<think>…</think>; all of
         # them when it never closed), and whether it closed; null when neither output has a span
         pa.field("thinking_original_tokens", pa.int32()),

@@ -34,7 +34,7 @@ TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", 
               *[f"m{i}_{k}" for i in range(len(MARGIN_BINS) - 1) for k in ("n", "kld", "same")]]
 ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "nll_o2", "nll_c2", "nll_oc", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
             "finish", "co", "cc", "labelled", "flip", "flip_cw", "flip_wc", "has0",
-            "think", "th_o", "th_c", "unf_o", "unf_c", "ans_o", "ans_c",
+            "think", "th_o", "th_c", "unf_o", "unf_c", "ans_o", "ans_c", "unp_o", "unp_c",
             *[f"d{n}_{side}{x}" for side in ("o", "c") for n in (1, 2) for x in ("", "_n")]]
 SUMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()),
                   *[(c, pa.float64()) for c in ROW_SUMS + TOKEN_SUMS]])
@@ -115,6 +115,8 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
                # the flips' two directions: correct -> wrong (what a cousin lost), wrong -> correct
                flip_cw=per_prompt(np.nan_to_num(co * (1 - cc))), flip_wc=per_prompt(np.nan_to_num((1 - co) * cc)),
                **_thinking_sums(ok, per_prompt),
+               unp_o=per_prompt(np.nan_to_num(_col(ok, "unparsed_original"))),
+               unp_c=per_prompt(np.nan_to_num(_col(ok, "unparsed_cousin"))),
                has0=np.minimum(per_prompt((ok.column("sample_index").to_numpy() == 0).astype(float)), 1.0))
     for side, column in (("o", "original_text"), ("c", "cousin_text")):
         texts = [t or "" for t in ok.column(column).to_pylist()]

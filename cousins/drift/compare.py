@@ -171,7 +171,8 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str
         except answers.BadReference:
             return row  # a reference its checker cannot read: the row is not judged
         row.update(correct_original=vo.correct, correct_cousin=vc.correct, flip=vo.correct != vc.correct,
-                   checker=vo.checker, answer_original=vo.extracted, answer_cousin=vc.extracted)
+                   checker=vo.checker, answer_original=vo.extracted, answer_cousin=vc.extracted,
+                   unparsed_original=vo.unparsed, unparsed_cousin=vc.unparsed)
     return row
 
 

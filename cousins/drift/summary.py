@@ -243,6 +243,8 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
               "unfinished_thinking_cousin"):
         m_[k] = r.pop(k)
     m_["flip_mcnemar_p"] = {"value": mcnemar_p(float(c["flip_cw"].sum()), float(c["flip_wc"].sum())), "ci": None}
+    for side, key in (("original", "unp_o"), ("cousin", "unp_c")):  # judged not correct; a count, not a rate
+        m_[f"unparsed_answers_{side}"] = {"value": float(c[key].sum()), "ci": None}
     for name in ("original", "cousin"):
         for k in (1, 2):
             m_[f"distinct{k}_{name}"] = r.pop(f"distinct{k}_{name}")
@@ -289,104 +291,3 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     sims = {side: homogenisation_sims([t or "" for t in ok.column(f"{side}_text").to_pylist()], spec.seed)
             for side in ("original", "cousin")}
     return summary_of(merged, kind, spec, error=error, homogenisation=sims)
-
-
-def _fmt(m: dict | None, pct: bool = False, digits: int = 4) -> str:
-    if not m or m.get("value") is None:
-        return "-"
-    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.{digits}g}")
-    ci = m.get("ci")
-    return f"{f(m['value'])} [{f(ci[0])}, {f(ci[1])}]" if ci else f(m["value"])
-
-
-def drift_table(summary: dict) -> str:
-    """The summary as a plain-text table: cousins ranked by drift, the noise floor last; then the
-    capability-against-cost plane per model (cousins/drift/plane.py), where the summary has one."""
-    from cousins.drift.plane import plane_lines
-
-    header = ("cousin", "kind", "KLD mean [CI]", "rest mass", "KLD p99", "rev KLD", "same top-1 [CI]", "RMS dp",
-              "PPL ratio", "Cor lnPPL", "flips", "acc delta", "length ratio", "exact match")
-    rows = [header]
-    noise = [summary["noise_floor"]] if summary.get("noise_floor") else []
-    for s in [*summary["cousins"], *noise]:
-        m = s["metrics"]
-        if s["error"] is not None and not m:
-            rows.append((s["name"], s["kind"], "error (see summary.json)", *["-"] * (len(header) - 3)))
-            continue
-        rows.append((s["name"], s["kind"], _fmt(m.get("kld_mean")),
-                     _fmt(m.get("rest_mass_mean") and {"value": m["rest_mass_mean"]["value"]}, pct=True),
-                     _fmt(m.get("kld_p99") and {"value": m["kld_p99"]["value"]}),
-                     _fmt(m.get("rkld_mean") and {"value": m["rkld_mean"]["value"]}),
-                     _fmt(m.get("same_top1"), pct=True),
-                     _fmt(m.get("rms_dp") and {"value": m["rms_dp"]["value"]}, pct=True),
-                     _fmt(m.get("ppl_ratio") and {"value": m["ppl_ratio"]["value"]}),
-                     _fmt(m.get("ppl_correlation"), pct=True),
-                     _fmt(m.get("flip_rate"), pct=True), _fmt(m.get("accuracy_delta"), pct=True),
-                     _fmt(m.get("length_ratio"), digits=3), _fmt(m.get("exact_match"), pct=True)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    b = summary["bootstrap"]
-    lines.append(f"{summary['prompts']} prompts; [CI] = {100 * b['level']:.0f}% bootstrap over prompts "
-                 f"({b['resamples']} resamples); "
-                 + ("KLD exact, over the whole vocabulary; " if summary.get("kld") == "exact" else
-                    f"KLD from the top-{summary['score_topk']} (a lower bound); ")
-                 + f"rest mass: the original's probability outside its top-{summary['score_topk']}")
-    checkers = summary.get("answer_checkers")
-    if checkers:
-        lines.append(f"answers judged by {summary.get('answer_match')} (docs/metrics.md): "
-                     + ", ".join(f"{k} on {v} labelled prompts" for k, v in sorted(checkers.items())))
-    lines += _flip_lines([*summary["cousins"], *noise])
-    lines += _thinking_lines([*summary["cousins"], *noise])
-    lines += [f"warning: {w}" for w in summary.get("warnings") or []]
-    lines += _notes(summary)
-    return "\n".join(lines + plane_lines(summary.get("plane")))
-
-
-def _flip_lines(models: list[dict]) -> list[str]:
-    """Each cousin's flips by direction, with McNemar's exact p-value (paired correctness)."""
-    lines = []
-    for s in models:
-        m = s["metrics"] or {}
-        if (m.get("flip_rate") or {}).get("value") is None or "flip_correct_to_wrong" not in m:
-            continue
-        p = (m.get("flip_mcnemar_p") or {}).get("value")
-        lines.append(f"  {s['name']}: {_fmt(m['flip_correct_to_wrong'], pct=True)} correct→wrong, "
-                     f"{_fmt(m['flip_wrong_to_correct'], pct=True)} wrong→correct; McNemar p = "
-                     + ("-" if p is None else f"{p:.3g}"))
-    return ["flips by direction (McNemar's exact test on the paired verdicts; rows are the pairs):", *lines] \
-        if lines else []
-
-
-def _thinking_lines(models: list[dict]) -> list[str]:
-    """Reasoning models: thinking and answer lengths against the original's, and unfinished thinking."""
-    lines = []
-    for s in models:
-        m = s["metrics"] or {}
-        if (m.get("thinking_length_ratio") or {}).get("value") is None:
-            continue
-        lines.append(f"  {s['name']}: thinking {_fmt(m['thinking_length_ratio'], digits=3)}×, answer "
-                     f"{_fmt(m['answer_length_ratio'], digits=3)}×; thinking unfinished (cut by max_tokens) "
-                     f"{_fmt(m['unfinished_thinking_original'], pct=True)} original, "
-                     f"{_fmt(m['unfinished_thinking_cousin'], pct=True)} cousin")
-    return ["thinking apart from the answer (cousin tokens / original tokens, [CI] over prompts):", *lines] \
-        if lines else []
-
-
-def _notes(summary: dict) -> list[str]:
-    """What a figure left out ("-") or a point interval means, said rather than left to be read as zero."""
-    notes = []
-    measured = [s["metrics"] or {} for s in summary["cousins"] if s["error"] is None or s["metrics"]]
-    if summary["prompts"] < 2:
-        notes.append(f"note: {summary['prompts']} prompt(s): a bootstrap over fewer than two prompts has no spread, "
-                     f"so each [CI] is a point, not an uncertainty")
-    def absent(key: str) -> bool:
-        return all(not m or (key in m and (m[key] or {}).get("value") is None) for m in measured)
-
-    if measured and absent("kld_mean"):
-        notes.append("note: no token was compared (every generation or score is an error row: see the run's "
-                     "error rows); the drift figures are '-', not zero")
-    elif measured and absent("flip_rate"):
-        notes.append("note: flips and acc delta are '-': no compared prompt has a reference answer (label prompts "
-                     "through corpus.fields.reference to measure them)")
-    return notes

@@ -116,7 +116,7 @@ def render_prompt(view: dict) -> str:
 
 def render_summary(summary: dict) -> str:
     """The whole summary: cousins ranked by drift, the noise floor last (the job's own table)."""
-    from cousins.drift.summary import drift_table
+    from cousins.drift.table import drift_table
 
     return drift_table(summary)
 

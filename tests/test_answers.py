@@ -108,7 +108,8 @@ def test_references_a_checker_cannot_read_are_refused_and_unparsable_answers_are
     with pytest.raises(ValueError, match="unknown answer checker"):
         judge("A", "A", "fuzzy")
     v = judge("The answer is \\frac{{{", "2", "math")
-    assert v.correct is False  # never a crash
+    assert (v.correct, v.unparsed) == (False, True)  # not correct, unparsed: counted, never a crash
+    assert judge("The answer is 2", "2", "math").unparsed is False
 
 
 def test_the_thinking_span_is_split_off():

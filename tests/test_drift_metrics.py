@@ -302,3 +302,17 @@ def test_thinking_is_measured_apart_from_the_answer():
     assert (m["flip_correct_to_wrong"]["value"], m["flip_wrong_to_correct"]["value"]) == (1.0, 0.0)
     plain = compare("c", _gen_rows("o", [("42", [4])]), _gen_rows("c", [("42", [4])]), None, None)
     assert plain.to_pylist()[0]["thinking_original_tokens"] is None  # no span: nothing to measure
+
+
+def test_unparsed_answers_are_counted_and_noted():
+    from cousins.drift.table import drift_table
+
+    orig = _gen_rows("o", [("The answer is 4", [4]), ("The answer is 5", [5])])
+    cous = _gen_rows("c", [("The answer is \\frac{{{", [9]), ("The answer is 5", [5])])
+    drift = compare("c", orig, cous, None, None, references={"p0": "4", "p1": "5"}, answer_match="math")
+    assert [r["unparsed_cousin"] for r in drift.to_pylist()] == [True, False]
+    s = summarise("c", "other", drift, BootstrapSpec(resamples=20, level=0.95, seed=0))
+    assert s["metrics"]["unparsed_answers_cousin"]["value"] == 1 and s["metrics"]["unparsed_answers_original"]["value"] == 0
+    summary = {"cousins": [s], "noise_floor": None, "prompts": 2, "score_topk": 20,
+               "bootstrap": {"level": 0.95, "resamples": 20}, "warnings": []}
+    assert "note: c: math-verify could not parse 0 of the original's and 1 of the cousin's final answers" in drift_table(summary)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from cousins.contract.config import ROW_CHECKERS
+from cousins.run.corpus import LETTERS  # the letters the prompt lists the options with
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CHECKERS = ("auto", "last_number", "regex", "gsm8k-strict", "gsm8k-flexible", "boxed", "mcq", "math", "exact",
@@ -45,7 +46,6 @@ REGEX_PRESETS = {  # lm-eval-harness gsm8k: (pattern, which match)
 }
 MATH_TIMEOUT_S = 2  # per parse and per comparison (math-verify's own alarm; main thread only)
 MAX_ANSWER_CHARS = 400  # what math-verify is given of a final answer (bounds its work off the main thread)
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class BadReference(ValueError):

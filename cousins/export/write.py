@@ -203,13 +203,13 @@ def export(cfg: ExportConfig) -> ExportResult:
     kept = state.map_batches(_kept_keys, batch_format="pyarrow", num_cpus=0.1)
     kept_rows = counts.get(None, 0)
     with scratch(out) as aside:  # written aside, then swapped in: a failed export leaves the old one whole
-        result = _write(cfg, run, model, kept, kept_rows, aside, out_url=out.url,
+        result = _write(cfg, run, model, kept, kept_rows, aside, kind=kind, out_url=out.url,
                         rows_in=rows_in, counts=counts)
         publish_dir(aside, out, EXPORT, setting=setting)
     return result
 
 
-def _write(cfg: ExportConfig, run, model: str, kept, kept_rows: int, out: Location, *, out_url: str,
+def _write(cfg: ExportConfig, run, model: str, kept, kept_rows: int, out: Location, *, kind: str, out_url: str,
            rows_in: int, counts: dict) -> ExportResult:
     """Write the kept rows, the `_SUCCESS` record and the dataset card into `out`."""
     from cousins.run.dataops import co_partition
@@ -223,7 +223,6 @@ def _write(cfg: ExportConfig, run, model: str, kept, kept_rows: int, out: Locati
     sides = {"gen": read_rows(layout.generations(model), columns),
              "prompt": read_rows(layout.prompts, ["prompt_id", "messages", "reference"]), "keep": kept}
     # as few partitions (files) as the rows need: a small export stays one file
-    kind = "kd" if cfg.kd else "sft"
     parts = max(1, -(-kept_rows // min(cfg.rows_per_file, ROWS_PER_PARTITION[kind])))
     writes = co_partition(sides, schemas, "prompt_id", parts).map_batches(
         _write_partition, batch_size=None, batch_format="pyarrow",

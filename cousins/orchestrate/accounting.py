@@ -84,7 +84,8 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
                "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),
                                  ("output_tokens", pa.int32()), ("error", pa.string())])}
     rows = count_rows(generations)
-    sides = {"prompt": read_rows(prompts, schemas["prompt"].names, schema=schema.PROMPTS), "gen": read_rows(generations, schemas["gen"].names)}
+    sides = {"prompt": read_rows(prompts, schemas["prompt"].names, schema=schema.PROMPTS),  # older runs: no choices
+             "gen": read_rows(generations, schemas["gen"].names)}
     sums = dict.fromkeys(_PARTIAL, 0)
     for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
             _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,

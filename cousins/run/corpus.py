@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
+import string
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from cousins.contract import schema
 from cousins.contract.config import CorpusConfig, FieldsConfig
-from cousins.run.storage import Location, list_files
+from cousins.run.storage import Location, file_infos, list_files
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
@@ -49,10 +50,10 @@ def no_usable_prompt(loc: Location, n_errors: int, first: list[dict]) -> str:
 def corpus_version(loc: Location, fmt: str = "auto") -> dict[str, Any]:
     """What the corpus is now, without reading it: its files' count, total size and a digest of
     their names, sizes and versions (mtime, or the object's ETag)."""
-    exts = tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
     digest, total, n = hashlib.sha256(), 0, 0
-    for path in list_files(loc, exts):
-        info = loc.fs.info(path)
+    infos = file_infos(loc, extensions(fmt))
+    for path in sorted(infos):
+        info = infos[path]
         size = int(info.get("size") or 0)
         version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         digest.update(json.dumps([path, size, str(version)]).encode())
@@ -77,6 +78,11 @@ def note_if_changed(loc: Location, fmt: str, recorded: dict[str, Any] | None) ->
               flush=True)
 
 
+def extensions(fmt: str) -> tuple[str, ...]:
+    """The file endings a corpus of format `fmt` is read from (auto: every known one)."""
+    return tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
+
+
 def prompt_id_of(messages: list[dict]) -> str:
     """A stable content hash of the chat: the same messages give the same id on any machine."""
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False,
@@ -95,7 +101,7 @@ def _optional_str(record: dict, field: str | None) -> str | None:
     return str(value)
 
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = string.ascii_uppercase  # the options of a multiple-choice row: A, B, …
 
 
 def with_options(question: str, choices: list[str]) -> str:
@@ -316,7 +322,7 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = Non
     import ray.data
     from ray.data.expressions import col
 
-    exts = tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
+    exts = extensions(fmt)
     paths = list_files(loc, exts)
     if not paths:
         raise FileNotFoundError(f"corpus not found: no {'/'.join(exts)} files at {loc.url!r}")
@@ -350,7 +356,7 @@ def first_prompts(loc: Location, *, n: int, fmt: str = "auto", fields: Fields | 
     without Ray from the start of the first file(s): what the template check renders before any
     cluster work. Reads at most about HEAD_BYTES of a JSONL or CSV file, one batch of a Parquet one."""
     fields = fields or Fields()
-    exts = tuple(FORMATS) if fmt == "auto" else tuple(e for e, f in FORMATS.items() if f == fmt)
+    exts = extensions(fmt)
     out: list[list[dict]] = []
     for path in list_files(loc, exts):
         kind = format_of(path, fmt)

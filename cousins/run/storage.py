@@ -122,20 +122,22 @@ def list_files(loc: Location, extensions: tuple[str, ...]) -> list[str]:
     Hidden files and files starting with '_' (markers) are skipped in directories. Sorted, so
     the order (and so every source_row) is stable.
     """
+    return sorted(file_infos(loc, extensions))
+
+
+def file_infos(loc: Location, extensions: tuple[str, ...]) -> dict[str, dict]:
+    """`list_files`'s files with their listing details (size, mtime or ETag), from one listing:
+    no request per file on an object store."""
     fs, path = loc.fs, loc.path
     if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [
-            p for p in fs.find(path)
-            if not posixpath.basename(p).startswith((".", "_"))
-            and (not extensions or p.lower().endswith(extensions))
-        ]
-    elif fs.exists(path):
-        found = [path]
-    else:
-        found = []
-    return sorted(found)
+        return dict(fs.glob(path, detail=True))
+    if fs.isdir(path):
+        return {p: info for p, info in fs.find(path, detail=True).items()
+                if not posixpath.basename(p).startswith((".", "_"))
+                and (not extensions or p.lower().endswith(extensions))}
+    if fs.exists(path):
+        return {path: fs.info(path)}
+    return {}
 
 
 def _leaves(schema) -> list[tuple[str, object]]:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from cousins.orchestrate.accounting import summary_table
 from cousins.contract.config import resolve_paths
+from cousins.drift.answers import Rule
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
 from cousins.drift.table import drift_table
@@ -35,7 +36,7 @@ def main(dcfg: DictConfig) -> None:
         try:
             summary = recompute(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id,
                                 bootstrap=BootstrapSpec.of(d),
-                                answer_match=d.answer_match, worst_n=d.worst_n)
+                                rule=Rule.of_config(cfg), worst_n=d.worst_n)
         except (NotCommitted, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         print(drift_table(summary))

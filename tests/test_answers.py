@@ -119,3 +119,28 @@ def test_the_thinking_span_is_split_off():
     assert (s.thinking, s.answer, s.finished) == ("a b c", "", False)
     s = split_thinking("plain answer")
     assert (s.thinking, s.answer, s.finished) == (None, "plain answer", True)
+
+
+def test_a_rows_own_checker_wins_over_its_category_the_corpus_and_the_run():
+    """reference_errors fixes each prompt row's checker (its column, else its category's, else the
+    corpus's; null: the run's), and Rule judges by it: a regex corpus row reads its pattern."""
+    import pyarrow as pa
+
+    from cousins.drift.answers import Rule, reference_errors
+
+    batch = pa.table({"reference": ["42", "42", "B", "7", "x"], "choices": [None, None, ["a", "b"], None, None],
+                      "category": ["gsm", "words", "mc", "gsm", "words"],
+                      "checker": ["exact", None, None, None, "last_number"]})
+    out = reference_errors(batch, rule=Rule("contains"), by_category={"gsm": "regex", "mc": "mcq"},
+                           corpus_checker="math").to_pydict()
+    assert out["checker"] == ["exact", "math", "mcq", "regex", "last_number"]
+    # a row whose own checker cannot read its reference becomes an error row naming that checker
+    assert out["reason"][:4] == [None] * 4 and "'last_number' cannot read" in out["reason"][4]
+    rule = Rule("contains", pattern=r"ANSWER=(\d+)", group=1, which="first")
+    assert rule.judge("ANSWER=7 then ANSWER=8", "7", row_checker="regex").correct
+    assert not rule.judge("ANSWER=8", "7", row_checker="regex").correct
+    assert rule.name("42", None, None) == "contains" and rule.name("42", None, "auto") == "math"
+    # the run's rule judges rows with no checker of their own; a row's own overrides it
+    assert Rule("exact").correct("so it is 42", "42") is False
+    assert Rule("exact").correct("so it is 42", "42", row_checker="math") is True
+    assert Rule("last_number").correct("no number", "words") is None  # not judged, not wrong

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
+from cousins.drift.answers import Rule
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
 from cousins.run.layout import RunLayout, part_files
@@ -280,7 +281,7 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
             if nodes == 2:
                 result, _ = run_drift(cfg, backend=FakeBackend())
             else:
-                recompute(resolve(cfg.storage.root), result.run_id, bootstrap=spec, answer_match=d.answer_match,
+                recompute(resolve(cfg.storage.root), result.run_id, bootstrap=spec, rule=Rule(d.answer_match),
                           worst_n=d.worst_n)
             run = committed(resolve(cfg.storage.root), result.run_id)
             stage = run.layout.drift("q")

@@ -75,7 +75,7 @@ def test_field_mapping_and_ids():
     prompts, errors = parse_file(data, source="f", fmt="jsonl", fields=fields)
     assert prompts == [{"prompt_id": "7", "messages": [{"role": "system", "content": "Be brief."},
                                                        {"role": "user", "content": "Q?"}],
-                        "category": "k", "reference": "A", "choices": None, "source": "f", "source_row": 0}]
+                        "category": "k", "reference": "A", "choices": None, "checker": None, "source": "f", "source_row": 0}]
     assert errors[0]["reason"] == "field 'qid' (the id) is missing or empty"
 
 
@@ -159,3 +159,12 @@ def test_a_preset_without_its_path_is_a_config_error_naming_the_key():
 
     with pytest.raises(ConfigError, match=r"corpus.path: no value; set it on the command line \(corpus.path=...\)"):
         to_config(compose("corpus=gsm8k"))
+
+
+def test_a_rows_checker_column_is_kept_and_an_unknown_one_is_an_error_row():
+    data = jsonl(json.dumps({"prompt": "Q1", "reference": "4", "checker": "math"}),
+                 json.dumps({"prompt": "Q2", "reference": "4", "checker": "vibes"}),
+                 json.dumps({"prompt": "Q3", "reference": "4"}))
+    prompts, errors = parse_file(data, source="f", fmt="jsonl", fields=Fields())
+    assert [p["checker"] for p in prompts] == ["math", None]
+    assert len(errors) == 1 and "answer checker 'vibes'" in errors[0]["reason"] and errors[0]["source_row"] == 1

@@ -287,7 +287,7 @@ def test_thinking_is_measured_apart_from_the_answer():
     """The original thinks 3 tokens and answers 42; the cousin thinks 5 and is cut before answering."""
     orig = _gen_rows("o", [("<think>a b c</think> 42", [1, 2, 3, 4])])
     cous = _gen_rows("c", [("<think>a b c d e", [1, 2, 3, 5, 6])])
-    drift = compare("c", orig, cous, None, None, references={"p0": "42"}, answer_match="auto",
+    drift = compare("c", orig, cous, None, None, references={"p0": "42"}, rule="auto",
                     count_tokens=lambda text: len(text.split()))
     (r,) = drift.to_pylist()
     assert (r["thinking_original_tokens"], r["thinking_cousin_tokens"]) == (3, 5)
@@ -309,7 +309,7 @@ def test_unparsed_answers_are_counted_and_noted():
 
     orig = _gen_rows("o", [("The answer is 4", [4]), ("The answer is 5", [5])])
     cous = _gen_rows("c", [("The answer is \\frac{{{", [9]), ("The answer is 5", [5])])
-    drift = compare("c", orig, cous, None, None, references={"p0": "4", "p1": "5"}, answer_match="math")
+    drift = compare("c", orig, cous, None, None, references={"p0": "4", "p1": "5"}, rule="math")
     assert [r["unparsed_cousin"] for r in drift.to_pylist()] == [True, False]
     s = summarise("c", "other", drift, BootstrapSpec(resamples=20, level=0.95, seed=0))
     assert s["metrics"]["unparsed_answers_cousin"]["value"] == 1 and s["metrics"]["unparsed_answers_original"]["value"] == 0

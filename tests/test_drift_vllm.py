@@ -15,6 +15,7 @@ import pytest
 
 from conftest import compose
 from drift_reference import full_kld
+from cousins.drift.answers import Rule
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
 from cousins.drift.diff import recompute
@@ -150,7 +151,7 @@ def test_stored_topk_kld_agrees_with_full_vocabulary_transformers_within_the_bou
 def test_recompute_from_stored_rows_gives_the_same_summary_without_engines(drift_run):
     cfg, layout, _, summary = drift_run
     d = cfg.drift
-    again = recompute(resolve(cfg.storage.root), layout.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
+    again = recompute(resolve(cfg.storage.root), layout.run_id, rule=Rule(d.answer_match), worst_n=d.worst_n,
                       bootstrap=BootstrapSpec.of(d))
     strip = lambda s: json.dumps({k: v for k, v in s.items() if k not in ("computed", "timings")}, sort_keys=True)  # noqa: E731
     assert strip(again) == strip(summary)

@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import compose
+from cousins.drift.answers import Rule
 from cousins.contract import codec, records
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.summary import Summary
@@ -129,7 +130,7 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
         assert r["rkld_tokens"] is None  # the top-k run has no reverse KLD
     assert by["q"]["metrics"]["rkld_mean"]["value"] > 0.01 and by["q"]["metrics"]["tail_mass_max"]["value"] == 0.0
     again = recompute(resolve(exact_cfg.storage.root), result.run_id, bootstrap=BootstrapSpec.of(exact_cfg.drift),
-                      answer_match=exact_cfg.drift.answer_match, worst_n=exact_cfg.drift.worst_n)
+                      rule=Rule(exact_cfg.drift.answer_match), worst_n=exact_cfg.drift.worst_n)
     assert again["kld"] == "exact" and again["cousins"][0]["metrics"] == summary["cousins"][0]["metrics"]
 
 
@@ -184,14 +185,14 @@ def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generat
     cfg, result, summary = drift_run
     d = cfg.drift
     spec = BootstrapSpec.of(d)
-    again = recompute(resolve(cfg.storage.root), result.run_id, answer_match=d.answer_match, worst_n=d.worst_n,
+    again = recompute(resolve(cfg.storage.root), result.run_id, rule=Rule(d.answer_match), worst_n=d.worst_n,
                       bootstrap=spec)
     strip = lambda s: {k: v for k, v in s.items() if k not in ("computed", "timings")}  # noqa: E731
     assert strip(again) == strip(summary)
     assert committed(resolve(cfg.storage.root), result.run_id).typed().drift_recomputed == again["computed"]
     gen = run_generate(fake_config(tmp_path, "run.run_id=gen-only", "run.samples=1"), backend=FakeBackend())
     with pytest.raises(FileNotFoundError, match="not a drift run"):
-        recompute(resolve(str(tmp_path / "out")), gen.run_id, answer_match="contains", worst_n=1, bootstrap=spec)
+        recompute(resolve(str(tmp_path / "out")), gen.run_id, rule=Rule("contains"), worst_n=1, bootstrap=spec)
 
 
 def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(ray_local, tmp_path):
@@ -229,7 +230,7 @@ def test_a_synthetic_copy_of_a_run_diffs_to_the_same_figures_on_twice_the_prompt
     cfg, result, summary = drift_run
     root, d = resolve(cfg.storage.root), cfg.drift
     copy = synthesize(root, result.run_id, 2)
-    again = recompute(root, copy, answer_match=d.answer_match, worst_n=d.worst_n,
+    again = recompute(root, copy, rule=Rule(d.answer_match), worst_n=d.worst_n,
                       bootstrap=BootstrapSpec.of(d))
     assert again["prompts"] == 2 * summary["prompts"]
     run = committed(root, copy)

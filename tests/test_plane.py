@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cousins.drift.answers import Rule
 from cousins.drift import plane as pl
 from cousins.contract.codec import decode, encode
 from cousins.contract.summary import Plane
@@ -175,7 +176,7 @@ def test_the_accountings_partition_sums_cluster_by_prompt():
             ("b", "7", 1, None), ("b", "no", 1, None), ("b", None, 0, "engine died"), ("c", "x", 9, None)]
     rows += [{"prompt_id": p, "output_text": t, "output_tokens": n, "error": e, SIDE: "gen"} for p, t, n, e in gens]
     block = pa.Table.from_pylist(rows, schema=union_schema(schemas))
-    out = _efficiency_partition(block, schemas=schemas, answer_match="contains").to_pylist()[0]
+    out = _efficiency_partition(block, schemas=schemas, rule=Rule("contains")).to_pylist()[0]
     # a: 2 of 3 correct; b: 1 of 2 (its error row left out); c: unlabelled
     assert out == {"labelled_rows": 5, "correct_rows": 3, "labelled_output_tokens": 9, "labelled_prompts": 2,
                    "sum_c2": 5.0, "sum_cn": 8.0, "sum_n2": 13.0}

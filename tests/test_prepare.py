@@ -38,14 +38,16 @@ def test_cousin_errors_are_reported_together(tiny_teacher, tmp_path):
     cfg = drift_config(tiny_teacher, "cousins=none", "+cousins.noise-floor={quantization:fp8_per_channel}",
                        "+cousins.b={kind:squashed,path:/nonexistent}", "+cousins.c={build:magic}",
                        "+cousins.d={kind:other}", "drift.score_topk=99",
-                       "drift.answer_match=fuzzy")
+                       "drift.answer_match=regex", "corpus.answer.checker=fuzzy",
+                       "+corpus.answer.by_category.algebra=nope", "corpus.answer.which=middle")
     cfg.cousins["../up"] = CousinConfig(kind="quantized", quantization="fp8_per_channel")
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     text = str(e.value)
     for needle in ("'noise-floor' is reserved", "cousins.../up: the name '../up': use letters", "cousins.b.kind",
                    "cousins.b: model directory not found", "cousins.c.build 'magic'", "cousins.c: build=magic needs a path",
-                   "cousins.d: without a path", "drift.score_topk", "drift.answer_match"):
+                   "cousins.d: without a path", "drift.score_topk", "corpus.answer.checker 'fuzzy'",
+                   "corpus.answer.by_category.algebra 'nope'", "corpus.answer.which", "regex answer checker needs corpus.answer.pattern"):
         assert needle in text, needle
     assert len(e.value.problems) >= 9
 

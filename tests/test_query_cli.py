@@ -67,7 +67,7 @@ def write_run(root: Location, run_id: str, *, prompts: int = 60, samples: int = 
     refs = [str(i % 10) if c == "arithmetic" else None for i, c in enumerate(cats)]
     _write(pa.table({"prompt_id": ids,
                      "messages": [[{"role": "user", "content": f"question {i}?"}] for i in range(prompts)],
-                     "category": cats, "reference": refs, "choices": [None] * prompts,
+                     "category": cats, "reference": refs, "choices": [None] * prompts, "checker": [None] * prompts,
                      "source": ["corpus.jsonl"] * prompts,
                      "source_row": list(range(prompts))}), schema.PROMPTS, layout.prompts, rows_per_file)
 

@@ -85,13 +85,14 @@ def _main(root: str, run_id: str, address: str) -> None:
     import ray
 
     from cousins.contract.config import DriftConfig
+    from cousins.drift.answers import Rule
     from cousins.drift.diff import recompute
     from cousins.drift.summary import BootstrapSpec
 
     d = DriftConfig()
     ray.init(address=address, log_to_driver=False)
     t0 = time.perf_counter()
-    summary = recompute(resolve(root), run_id, answer_match=d.answer_match, worst_n=d.worst_n,
+    summary = recompute(resolve(root), run_id, rule=Rule(d.answer_match), worst_n=d.worst_n,
                         bootstrap=BootstrapSpec.of(d))
     wall = time.perf_counter() - t0
     print(json.dumps({"run_id": run_id, "prompts": summary["prompts"], "cousins": len(summary["cousins"]) + 1,

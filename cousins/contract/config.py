@@ -65,7 +65,20 @@ class FieldsConfig:
     # multiple choice: a list of option texts (or its JSON text); the prompt then lists them as
     # lettered options ("A. …"), and a reference may be a letter, a 0-based index or the option's text
     choices: str | None = "choices"
+    checker: str | None = "checker"  # a row's own answer checker (a name of ROW_CHECKERS), over corpus.answer's
     system_prompt: str | None = None
+
+
+@dataclass
+class AnswerConfig:
+    """How this corpus's labelled rows are judged (cousins/drift/answers.py): a row's `checker`
+    column first, then its category's, then the corpus's; none of them: drift.answer_match."""
+
+    checker: str | None = None  # a name of ROW_CHECKERS
+    by_category: dict[str, str] = field(default_factory=dict)  # category -> checker
+    pattern: str | None = None  # the `regex` checker's pattern (lm-eval-harness's regex filter)
+    group: int = 1  # its capturing group (0: the first non-empty one)
+    which: str = "last"  # first | last match
 
 
 @dataclass
@@ -73,6 +86,7 @@ class CorpusConfig:
     path: str = MISSING  # file, directory or glob; any fsspec URL
     format: str = "auto"  # auto | jsonl | parquet | csv
     fields: FieldsConfig = field(default_factory=FieldsConfig)
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
     limit: int | None = None  # keep the first N prompts (smoke runs)
     max_chars: int = 1_000_000  # a longer prompt becomes an error row before it reaches an engine
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # for every model (a model's own win)
@@ -187,9 +201,9 @@ class CousinConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
 
 
-# The answer checkers a run can apply to every labelled row (cousins/drift/answers.py has them all;
-# `mcq` needs a row's choices and `regex` a pattern, which corpus rows do not carry yet).
-ROW_CHECKERS = ("contains", "exact", "auto", "last_number", "math", "boxed", "gsm8k-strict", "gsm8k-flexible")
+# The answer checkers (cousins/drift/answers.py): `mcq` needs a row's choices, `regex` corpus.answer.pattern.
+ROW_CHECKERS = ("auto", "last_number", "regex", "gsm8k-strict", "gsm8k-flexible", "boxed", "mcq", "math", "exact",
+                "contains")
 
 
 @dataclass
@@ -200,9 +214,9 @@ class DriftConfig:
     # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
     kld: str = "topk"
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
-    # labelled prompts: the answer checker of their final answers (cousins/drift/answers.py;
-    # ROW_CHECKERS): auto (from each reference's form) | contains | exact | last_number | math | boxed |
-    # gsm8k-strict | gsm8k-flexible
+    # labelled prompts: the answer checker of their final answers where the corpus names none
+    # (corpus.answer, cousins/drift/answers.py; ROW_CHECKERS): auto (from each reference's form) |
+    # last_number | regex | gsm8k-strict | gsm8k-flexible | boxed | mcq | math | exact | contains
     answer_match: str = "auto"
     bootstrap: int = 1000  # resamples over prompts for every confidence interval
     confidence: float = 0.95

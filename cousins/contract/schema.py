@@ -20,6 +20,7 @@ PROMPTS = pa.schema(
         pa.field("category", pa.string()),  # null when the corpus has none
         pa.field("reference", pa.string()),  # reference answer for labelled prompts
         pa.field("choices", pa.list_(pa.string())),  # multiple choice: the options (A, B, …); null otherwise
+        pa.field("checker", pa.string()),  # the answer checker the corpus names for the row; null: the run's
         pa.field("source", pa.string(), nullable=False),  # file the row came from
         pa.field("source_row", pa.int64(), nullable=False),  # 0-based line / row number in it
     ]

@@ -76,6 +76,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"corpus not found: {c.path!r} does not exist (set corpus.path)")
     check(bool(c.fields.prompt) or bool(c.fields.messages),
           "corpus.fields: set at least one of prompt and messages")
+    _check_answer(c.answer, cfg.drift.answer_match, check)
 
     r, s = cfg.run, cfg.run.sampling
     check(r.samples >= 1, f"run.samples must be >= 1, got {r.samples}")
@@ -115,6 +116,26 @@ def validate(cfg: Config) -> None:
 
     if problems:
         raise ConfigError(problems)
+
+
+def _check_answer(a, answer_match: str, check) -> None:
+    """corpus.answer: known checker names; a `regex` anywhere needs a pattern that compiles."""
+    import re
+
+    named = {"corpus.answer.checker": a.checker, **{f"corpus.answer.by_category.{k}": v
+                                                    for k, v in a.by_category.items()}}
+    for where, name in named.items():
+        check(name is None or name in ROW_CHECKERS, f"{where} {name!r} must be one of {', '.join(ROW_CHECKERS)}")
+    check(a.which in ("first", "last"), f"corpus.answer.which {a.which!r} must be first or last")
+    check(a.group >= 0, f"corpus.answer.group must be >= 0, got {a.group}")
+    if a.pattern is not None:
+        try:
+            n = re.compile(a.pattern).groups
+            check(a.group <= n, f"corpus.answer.group {a.group} but corpus.answer.pattern has {n} group(s)")
+        except re.error as e:
+            check(False, f"corpus.answer.pattern does not compile: {e}")
+    elif "regex" in (answer_match, *named.values()):
+        check(False, "the regex answer checker needs corpus.answer.pattern")
 
 
 def _check_engine(e: EngineConfig, where: str, check) -> None:

@@ -29,12 +29,11 @@ A reference that cannot be read under its checker (a `last_number` reference wit
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
-from fractions import Fraction
 
 from cousins.contract.config import ROW_CHECKERS
-from cousins.run.corpus import LETTERS  # the letters the prompt lists the options with
+from cousins.drift.extract import (BadReference, choice_letter, final_number, last_boxed, last_number, math_equal,
+                                   mcq_letter, normalise, reference_number, same_number, stated_answer)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CHECKERS = ("auto", "last_number", "regex", "gsm8k-strict", "gsm8k-flexible", "boxed", "mcq", "math", "exact",
@@ -44,14 +43,6 @@ REGEX_PRESETS = {  # lm-eval-harness gsm8k: (pattern, which match)
     "gsm8k-strict": (r"#### (\-?[0-9\.\,]+)", "first"),
     "gsm8k-flexible": (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "last"),
 }
-MATH_TIMEOUT_S = 2  # per parse and per comparison (math-verify's own alarm; main thread only)
-MAX_ANSWER_CHARS = 400  # what math-verify is given of a final answer (bounds its work off the main thread)
-
-
-class BadReference(ValueError):
-    """A reference that cannot be read under its checker."""
-
-
 @dataclass(frozen=True)
 class Verdict:
     correct: bool
@@ -83,179 +74,7 @@ def split_thinking(text: str, open_marker: str = THINK_OPEN, close_marker: str =
     return Split(None, text, True)
 
 
-# --- the final-answer region ---------------------------------------------------------------------
-
-_ANSWER_MARKERS = re.compile(
-    r"\b(?:final answer|answer|correct (?:choice|option|answer)|choice|option|result)"
-    r"\s*(?:is|would be|will be|=|:)\s*:?|####", re.IGNORECASE)  # a stated answer, not the word alone
-
-
-def final_region(answer: str) -> str:
-    """What follows the last stated answer marker ("the answer is", "Answer:", "####", …); the whole
-    answer when it states none."""
-    last = None
-    for m in _ANSWER_MARKERS.finditer(answer):
-        last = m
-    return answer[last.end():] if last is not None and answer[last.end():].strip() else answer
-
-
-_CLAUSE_END = re.compile(r"\n|\.(?!\d)|;|,\s|\s(?:because|since|as|so)\s", re.IGNORECASE)
-
-
-def stated_answer(answer: str) -> str | None:
-    """The final answer the output states: its last `\\boxed{}`, else the clause after its last
-    answer marker; None when it states none."""
-    boxed = last_boxed(answer)
-    if boxed is not None:
-        return boxed
-    region = final_region(answer)
-    if region is answer:
-        return None
-    m = _CLAUSE_END.search(region.lstrip())
-    clause = region.lstrip()[:m.start()] if m else region.strip()
-    return clause.strip().strip("*$ ") or None
-
-
-# --- numbers -------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
-
-
-def _number_value(s: str) -> Fraction | None:
-    s = s.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    try:
-        if "/" in s:
-            a, b = s.split("/", 1)
-            return Fraction(a) / Fraction(b) if Fraction(b) else None
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def last_number(text: str) -> str | None:
-    found = _NUMBER.findall(text)
-    return found[-1].strip() if found else None
-
-
-def reference_number(reference: str) -> str | None:
-    """A number reference, or a GSM8K solution's `#### N`."""
-    if "####" in reference:
-        reference = reference.rsplit("####", 1)[1]
-    ref = reference.strip()
-    return ref if _NUMBER.fullmatch(ref.rstrip(".")) else None
-
-
-def _final_number(answer: str) -> str | None:
-    """The number of the stated final answer (its first), else the answer's last number."""
-    stated = stated_answer(answer)
-    if stated is not None:
-        found = _NUMBER.findall(stated)
-        return found[0].strip() if found else None
-    return last_number(answer)
-
-
-def _same_number(a: str, b: str) -> bool:
-    va, vb = _number_value(a), _number_value(b)
-    return va is not None and va == vb
-
-
-# --- boxed ---------------------------------------------------------------------------------------
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{…}` or `\\fbox{…}`, braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None
-
-
-# --- multiple choice -----------------------------------------------------------------------------
-
-def choice_letter(reference: str, choices: list[str]) -> str:
-    """The letter of the reference answer: a letter, an index (0-based), or the choice's text."""
-    ref = str(reference).strip()
-    n = len(choices)
-    if len(ref) == 1 and ref.upper() in LETTERS[:n]:
-        return ref.upper()
-    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", ref)
-    if m and m.group(1).upper() in LETTERS[:n]:
-        return m.group(1).upper()
-    if re.fullmatch(r"\d+", ref) and int(ref) < n:
-        return LETTERS[int(ref)]
-    texts = [normalise(c) for c in choices]
-    if normalise(ref) in texts:
-        return LETTERS[texts.index(normalise(ref))]
-    raise BadReference(f"reference {reference!r} names none of the {n} choices (a letter A-{LETTERS[n - 1]}, an "
-                       f"index 0-{n - 1}, or a choice's text)")
-
-
-def mcq_letter(answer: str, choices: list[str]) -> str | None:
-    """The choice the answer states, in the forms models write, else by the choice's text."""
-    valid = LETTERS[:len(choices)]
-    letter = rf"([{valid}])"
-    marker = None
-    for marker in _ANSWER_MARKERS.finditer(answer):
-        pass
-    if marker is not None:  # "the answer is (B) because A is wrong": the first letter after the last marker
-        m = re.match(rf"\s*(?:option|choice)?\s*[\(\[\*]*\s*{letter}(?![A-Za-z])", answer[marker.end():])
-        if m:
-            return m.group(1)
-    for pattern in (rf"\*\*\s*\(?{letter}\)?\s*\*\*", rf"\({letter}\)", rf"(?m)^\s*{letter}\s*[\.\):]",
-                    rf"(?:^|\s){letter}\s*$"):
-        found = re.findall(pattern, answer)
-        if found:
-            return found[-1]
-    text = normalise(answer)  # no letter: the choice whose text it states last
-    best, at = None, -1
-    for i, c in enumerate(choices):
-        c = normalise(c)
-        pos = f" {text} ".rfind(f" {c} ") if c else -1
-        if pos > at:
-            best, at = valid[i], pos
-    return best
-
-
-# --- math ----------------------------------------------------------------------------------------
-
-def _math_equal(answer: str, reference: str) -> tuple[bool, str | None, bool]:
-    """(correct, extracted, unparsed) through math-verify, with a time limit per call."""
-    from math_verify import parse, verify
-
-    limit = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    try:
-        gold = parse(reference[-MAX_ANSWER_CHARS:], parsing_timeout=limit)
-        if not gold:
-            raise BadReference(f"reference {reference!r} is not a mathematical answer math-verify can read")
-        pred = parse(answer[-MAX_ANSWER_CHARS:], parsing_timeout=limit)
-    except BadReference:
-        raise
-    except Exception:  # noqa: BLE001 - math-verify's failure is an unparsed answer, never a crash
-        return False, None, True
-    if not pred:
-        return False, None, True
-    extracted = str(pred[-1]) if isinstance(pred[-1], str) else str(pred[0])
-    try:
-        return bool(verify(gold, pred, timeout_seconds=limit)), extracted, False
-    except Exception:  # noqa: BLE001
-        return False, extracted, True
-
-
 # --- the rule ------------------------------------------------------------------------------------
-
-def normalise(text: str) -> str:
-    """Lower case, every run of non-alphanumerics one space, trimmed (cousins.drift.metrics)."""
-    from cousins.drift.metrics import normalise_answer
-
-    return normalise_answer(str(text))
-
 
 def check_reference(reference: str, checker: str, choices: list[str] | None = None) -> None:
     """BadReference when `checker` cannot read `reference` (before any engine runs, the prompts
@@ -273,30 +92,79 @@ def check_reference(reference: str, checker: str, choices: list[str] | None = No
         raise BadReference(f"reference {ref[:80]!r} is empty once normalised")
 
 
-def reference_errors(batch, *, checker: str):
-    """A Ray Data map over prompt rows (pyarrow): a `reason` column, set where `checker` cannot
-    read the row's reference."""
+@dataclass(frozen=True)
+class Rule:
+    """How a run judges its labelled rows: a row's own checker (its prompt row's `checker`, set
+    from the corpus's column, category map or checker) else `checker` (drift.answer_match); the
+    `regex` checker's pattern, group and match (corpus.answer)."""
+
+    checker: str = "auto"
+    pattern: str | None = None
+    group: int = 1
+    which: str = "last"
+
+    @classmethod
+    def of(cls, rule: "Rule | str") -> "Rule":
+        return rule if isinstance(rule, Rule) else cls(rule)
+
+    @classmethod
+    def of_config(cls, cfg) -> "Rule":
+        """A run's rule from its Config (drift.answer_match, corpus.answer)."""
+        a = cfg.corpus.answer
+        return cls(cfg.drift.answer_match, a.pattern, a.group, a.which)
+
+    def name(self, reference: str, choices: list[str] | None = None, row_checker: str | None = None) -> str:
+        """The checker that judges a row (`auto` resolved)."""
+        checker = row_checker or self.checker
+        return auto_checker(reference, choices) if checker == "auto" else checker
+
+    def judge(self, text: str, reference: str, choices: list[str] | None = None,
+              row_checker: str | None = None) -> Verdict:
+        return judge(text, reference, row_checker or self.checker, choices, pattern=self.pattern, group=self.group,
+                     which=self.which)
+
+    def correct(self, text: str, reference: str, choices: list[str] | None = None,
+                row_checker: str | None = None) -> bool | None:
+        """judge(...).correct; None when the reference cannot be read under the checker (the row is
+        then not judged, rather than judged wrong)."""
+        try:
+            return self.judge(text, reference, choices, row_checker).correct
+        except BadReference:
+            return None
+
+
+def reference_errors(batch, *, rule: Rule, by_category: dict[str, str] | None = None,
+                     corpus_checker: str | None = None):
+    """A Ray Data map over prompt rows (pyarrow): each row's `checker` (its own, else its category's
+    in `by_category`, else `corpus_checker`; null: the run's, `rule.checker`) and a `reason`
+    column, set where that checker cannot read the row's reference."""
     import pyarrow as pa
 
-    reasons = []
-    for ref, choices in zip(batch.column("reference").to_pylist(), batch.column("choices").to_pylist()):
+    by_category = by_category or {}
+    own = batch.column("checker").to_pylist() if "checker" in batch.column_names else [None] * batch.num_rows
+    checkers, reasons = [], []
+    for ref, choices, mine, category in zip(batch.column("reference").to_pylist(),
+                                            batch.column("choices").to_pylist(), own,
+                                            batch.column("category").to_pylist()):
+        mine = mine or by_category.get(category) or corpus_checker
+        checkers.append(mine)
         reason = None
         if ref is not None:
+            checker = mine or rule.checker
             try:
                 check_reference(ref, checker, choices)
             except BadReference as e:
                 reason = f"answer checker {checker!r} cannot read the reference: {e}"
         reasons.append(reason)
-    return batch.append_column("reason", pa.array(reasons, pa.string()))
+    if "checker" in batch.column_names:
+        batch = batch.drop_columns(["checker"])
+    return batch.append_column("checker", pa.array(checkers, pa.string())).append_column(
+        "reason", pa.array(reasons, pa.string()))
 
 
 def correct(text: str, reference: str, checker: str, choices: list[str] | None = None, **regex) -> bool | None:
-    """judge(...).correct for a row; None when the reference cannot be read under the checker (the
-    row is then not judged, rather than judged wrong)."""
-    try:
-        return judge(text, reference, checker, choices, **regex).correct
-    except BadReference:
-        return None
+    """Rule(checker, **regex).correct(...): None when the checker cannot read the reference."""
+    return Rule(checker, **regex).correct(text, reference, choices)
 
 
 def auto_checker(reference: str, choices: list[str] | None = None) -> str:
@@ -328,16 +196,16 @@ def judge(text: str, reference: str, checker: str = "auto", choices: list[str] |
         ref = reference_number(reference)
         if ref is None:
             raise BadReference(f"reference {reference!r} holds no number (checker last_number)")
-        got = _final_number(answer)
-        return Verdict(got is not None and _same_number(got, ref), got, checker)
+        got = final_number(answer)
+        return Verdict(got is not None and same_number(got, ref), got, checker)
     if checker == "boxed":
         ref = last_boxed(reference) or reference.strip()
         got = last_boxed(answer)
         if got is None:
             return Verdict(False, None, checker)
-        if normalise(got) == normalise(ref) or _same_number(got, ref):
+        if normalise(got) == normalise(ref) or same_number(got, ref):
             return Verdict(True, got, checker)
-        ok, _, unparsed = _math_equal(f"\\boxed{{{got}}}", f"\\boxed{{{ref}}}")
+        ok, _, unparsed = math_equal(f"\\boxed{{{got}}}", f"\\boxed{{{ref}}}")
         return Verdict(ok, got, checker, unparsed)
     if checker == "mcq":
         if not choices:
@@ -352,9 +220,9 @@ def judge(text: str, reference: str, checker: str = "auto", choices: list[str] |
             final = last_number(answer)
         if final is None:
             return Verdict(False, None, checker)
-        if _same_number(final, ref):  # plain numbers: no parser needed
+        if same_number(final, ref):  # plain numbers: no parser needed
             return Verdict(True, final, checker)
-        ok, _, unparsed = _math_equal(final, ref)
+        ok, _, unparsed = math_equal(final, ref)
         return Verdict(ok, final, checker, unparsed)
     if checker == "exact":
         return Verdict(normalise(answer) == normalise(reference), answer.strip() or None, checker)
@@ -378,5 +246,5 @@ def _regex(answer: str, reference: str, checker: str, pattern: str | None, group
     m = matches[0] if which == "first" else matches[-1]
     got = next((g for g in m.groups() if g), m.group(0)) if group == 0 else (m.group(group) if m.re.groups else m.group(0))
     got = (got or "").strip()
-    ok = _same_number(got, ref) or normalise(got) == normalise(ref)
+    ok = same_number(got, ref) or normalise(got) == normalise(ref)
     return Verdict(ok, got or None, checker)

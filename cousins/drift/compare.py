@@ -67,14 +67,16 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, original_scores: pa.Table | None,
-            cousin_scores: pa.Table | None, *, answer_match: str = "contains",
+            cousin_scores: pa.Table | None, *, rule: answers.Rule | str = "contains",
             references: dict[str, str] | None = None, choices: dict[str, list[str]] | None = None,
+            checkers: dict[str, str] | None = None,
             decode: Callable[[list[int]], str] | None = None, exact_kld: pa.Table | None = None,
             count_tokens: Callable[[str], int] | None = None) -> pa.Table:
     """Drift rows of `cousin`, one per row of the original's generations.
 
     references: prompt_id -> reference answer (labelled prompts only); choices: prompt_id -> the
-    options of a multiple-choice prompt (judged by `answer_match`, cousins/drift/answers.py).
+    options of a multiple-choice prompt; checkers: prompt_id -> the row's own answer checker (the
+    corpus's); the others are judged by `rule` (cousins/drift/answers.py).
     decode: token ids -> text, to place the first divergent token in each text (optional).
     count_tokens: text -> its token count, to place the end of a thinking span (optional: else
     the span's share of the characters).
@@ -82,7 +84,8 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     the top-k bound (the rest mass stays: it says how loose the bound would have been), and
     their reverse KLD and tail mass fill those columns (null in top-k mode).
     """
-    references, choices = references or {}, choices or {}
+    references, choices, checkers = references or {}, choices or {}, checkers or {}
+    rule = answers.Rule.of(rule)
     og = original_gens.to_pylist()
     cg_rows = cousin_gens.to_pylist()
     cg = {k: cg_rows[i] for k, i in _index(cousin_gens).items()}
@@ -120,8 +123,9 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
             if err is not None:
                 out.append({**row, "error": err})
                 continue
-        row.update(_sequence_metrics(o, c, references.get(o["prompt_id"]), answer_match, decode,
-                                     choices.get(o["prompt_id"]), count_tokens))
+        pid = o["prompt_id"]
+        row.update(_sequence_metrics(o, c, references.get(pid), rule, decode, choices.get(pid), count_tokens,
+                                     checkers.get(pid)))
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
             if exact is not None and "error" not in row:
@@ -140,8 +144,8 @@ def _thinking_tokens(ids: list[int], text: str, split: answers.Split, count_toke
     return min(len(ids), n)
 
 
-def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str, decode,
-                      choices: list[str] | None = None, count_tokens=None) -> dict:
+def _sequence_metrics(o: dict, c: dict, reference: str | None, rule: answers.Rule, decode,
+                      choices: list[str] | None = None, count_tokens=None, checker: str | None = None) -> dict:
     ids_o, ids_c = o["output_token_ids"] or [], c["output_token_ids"] or []
     text_o, text_c = o["output_text"] or "", c["output_text"] or ""
     # a reasoning model's thinking is measured apart: the text metrics compare the answers
@@ -166,8 +170,8 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, answer_match: str
                    thinking_finished_original=split_o.finished, thinking_finished_cousin=split_c.finished)
     if reference is not None:  # the final answers, as graders read them (cousins/drift/answers.py)
         try:
-            vo = answers.judge(text_o, reference, answer_match, choices)
-            vc = answers.judge(text_c, reference, answer_match, choices)
+            vo = rule.judge(text_o, reference, choices, checker)
+            vc = rule.judge(text_c, reference, choices, checker)
         except answers.BadReference:
             return row  # a reference its checker cannot read: the row is not judged
         row.update(correct_original=vo.correct, correct_cousin=vc.correct, flip=vo.correct != vc.correct,

@@ -32,7 +32,7 @@ class DiffSettings:
     """What the diff needs besides the stored rows (from the drift config)."""
 
     score_topk: int
-    answer_match: str
+    rule: answers.Rule  # how labelled rows are judged (drift.answer_match, corpus.answer)
     bootstrap: BootstrapSpec
     worst_n: int
     kld: str = "topk"  # or exact: the kld/ stages' per-token KLD replaces the top-k bound
@@ -72,7 +72,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     errors = {e.name: load_error(layout.generations(e.name)) for e in entries[1:]}
     token_level = {e.name: not (e.text_only or errors[e.name]) for e in entries[1:]}
     spec = settings.bootstrap
-    merged = drift_rows(run, entries, token_level, answer_match=settings.answer_match, worst_n=settings.worst_n,
+    merged = drift_rows(run, entries, token_level, rule=settings.rule, worst_n=settings.worst_n,
                         seed=spec.seed, quantile_resamples=spec.quantile_resamples,
                         exact_kld=settings.kld == "exact")
     expected = run.count(layout.generations(original.name))
@@ -97,8 +97,8 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
         "prompts": run.count(layout.prompts),
         "bootstrap": {"resamples": spec.resamples, "level": spec.level, "seed": spec.seed,
                       "quantile_resamples": spec.quantile_resamples},
-        "kld_bound": KLD_EXACT if exact else KLD_BOUND, "kld": settings.kld, "answer_match": settings.answer_match,
-        "answer_checkers": checker_counts(layout.prompts, settings.answer_match),
+        "kld_bound": KLD_EXACT if exact else KLD_BOUND, "kld": settings.kld, "answer_match": settings.rule.checker,
+        "answer_checkers": checker_counts(layout.prompts, settings.rule),
         "quantile_error": QUANTILE_ERROR,
         "noise_floor": noise,
         "cousins": sorted(summaries.values(), key=_drift_rank),
@@ -132,34 +132,35 @@ def drift_headline(summary: dict) -> dict[str, Headline]:
     return out
 
 
-def _count_checkers(batch: pa.Table, *, checker: str) -> pa.Table:
+def _count_checkers(batch: pa.Table, *, rule: answers.Rule) -> pa.Table:
     counts: dict[str, int] = {}
-    for ref, choices in zip(batch.column("reference").to_pylist(), batch.column("choices").to_pylist()):
+    for ref, choices, own in zip(batch.column("reference").to_pylist(), batch.column("choices").to_pylist(),
+                                 batch.column("checker").to_pylist()):
         if ref is not None:
-            name = answers.auto_checker(ref, choices) if checker == "auto" else checker
+            name = rule.name(ref, choices, own)
             counts[name] = counts.get(name, 0) + 1
     return pa.table({"checker": list(counts), "prompts": list(counts.values())})
 
 
-def checker_counts(prompts: Location, checker: str) -> dict[str, int]:
+def checker_counts(prompts: Location, rule: answers.Rule) -> dict[str, int]:
     """Labelled prompts by the checker that judges them (what `auto` picked, per reference), counted
     by Ray Data workers; a few numbers reach the driver."""
     from cousins.contract.schema import PROMPTS
     from cousins.run.layout import read_rows
 
-    ds = read_rows(prompts, ["reference", "choices"], schema=PROMPTS)
+    ds = read_rows(prompts, ["reference", "choices", "checker"], schema=PROMPTS)  # older runs: nulls
     counts: dict[str, int] = {}
     if ds is not None:
-        for r in ds.map_batches(_count_checkers, fn_kwargs={"checker": checker}, batch_format="pyarrow",
+        for r in ds.map_batches(_count_checkers, fn_kwargs={"rule": rule}, batch_format="pyarrow",
                                 num_cpus=0.1).take_all():
             counts[r["checker"]] = counts.get(r["checker"], 0) + r["prompts"]
     return counts
 
 
-def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, answer_match: str, worst_n: int) -> dict:
+def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, rule: answers.Rule, worst_n: int) -> dict:
     """Redo the diff of a committed drift run from its stored generations and scores on the
     connected Ray (no engine). The models come from its manifest, the top-k from its config; the presentation settings
-    (bootstrap, answer_match, worst_n) are the caller's. Rewrites drift rows, summary, report and
+    (bootstrap, the answer rule, worst_n) are the caller's. Rewrites drift rows, summary, report and
     the manifest's drift headline."""
     done = committed(root, run_id)
     if done.manifest.get("drift") is None:
@@ -173,7 +174,7 @@ def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, answer_m
     kept = {k: before[k] for k in ("accounting", "cost_currency") if k in before}  # measured when it ran
     ran = {k: v for k, v in before.get("timings", {}).items()
            if k in ("generate_s", "score_s", "generate_busy_s", "score_busy_s", "kld_s")}
-    summary = stage_diff(run, entries, DiffSettings(score_topk=score_topk, answer_match=answer_match,
+    summary = stage_diff(run, entries, DiffSettings(score_topk=score_topk, rule=rule,
                                                     bootstrap=bootstrap, worst_n=worst_n, kld=kld),
                          extra=kept, timings=ran)
     manifest = done.typed()

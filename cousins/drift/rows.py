@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from cousins.contract import schema
 from cousins.drift import aggregate
+from cousins.drift.answers import Rule
 from cousins.drift import compare as cmp
 from cousins.run.layout import RunLayout, part_files, part_path, partition_name, read_batches, read_rows
 from cousins.run.storage import Location
@@ -34,6 +35,7 @@ UNION = pa.schema([
     ("part", pa.string()),  # prompt | gen | score
     ("reference", pa.string()),  # part=prompt
     ("choices", pa.list_(pa.string())),  # part=prompt (multiple choice)
+    ("checker", pa.string()),  # part=prompt: the row's own answer checker
     *[(c, _G[c]) for c in cmp.GEN_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     *[(c, _S[c]) for c in cmp.SCORE_COLUMNS if c not in ("prompt_id", "sample_index", "error")],
     ("kld_tokens", pa.list_(pa.float32())),  # part=kld (drift.kld=exact)
@@ -91,7 +93,7 @@ def _pick(block: pa.Table, part: str, model: str, columns: list[str], types: dic
 
 
 def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, bool]], original_scored: bool,
-                   answer_match: str, tokenizer_path: str, exact_kld: bool = False) -> pa.Table:
+                   rule: Rule, tokenizer_path: str, exact_kld: bool = False) -> pa.Table:
     """The drift rows (schema.DRIFT) of every cousin for the prompts of one partition.
     cousins: (name, compared token by token); exact_kld: their KLD rows replace the top-k bound."""
     prompts = block.filter(pc.equal(block.column("part"), "prompt"))
@@ -99,6 +101,8 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
                                        prompts.column("reference").to_pylist()) if r is not None}
     choices = {p: c for p, c in zip(prompts.column("prompt_id").to_pylist(),
                                     prompts.column("choices").to_pylist()) if c}
+    checkers = {p: c for p, c in zip(prompts.column("prompt_id").to_pylist(),
+                                     prompts.column("checker").to_pylist()) if c}
     og = _pick(block, "gen", original, cmp.GEN_COLUMNS, _G)
     so = _pick(block, "score", original, cmp.SCORE_COLUMNS, _S) if original_scored else None
     decode, count = decoder(tokenizer_path), counter(tokenizer_path)
@@ -107,14 +111,14 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
         cg = _pick(block, "gen", name, cmp.GEN_COLUMNS, _G)
         sc = _pick(block, "score", name, cmp.SCORE_COLUMNS, _S) if token_level else None
         ex = _pick(block, "kld", name, KLD_COLUMNS, _K) if token_level and exact_kld else None
-        out.append(cmp.compare(name, og, cg, so if token_level else None, sc, answer_match=answer_match,
-                               references=references, choices=choices, decode=decode, exact_kld=ex,
+        out.append(cmp.compare(name, og, cg, so if token_level else None, sc, rule=rule,
+                               references=references, choices=choices, checkers=checkers, decode=decode, exact_kld=ex,
                                count_tokens=count))
     return pa.concat_tables(out)
 
 
 def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousins: list[tuple[str, bool]],
-                     original_scored: bool, answer_match: str, tokenizer_path: str, worst_n: int, seed: int,
+                     original_scored: bool, rule: Rule, tokenizer_path: str, worst_n: int, seed: int,
                      quantile_resamples: int, exact_kld: bool = False) -> pa.Table:
     """One partition's work: its drift rows (diff_partition), published one part per cousin and
     named by the rows' keys (a retried task rewrites the same names), and returned only as
@@ -125,7 +129,7 @@ def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousi
     import ray
 
     rows = diff_partition(block, original=original, cousins=cousins, original_scored=original_scored,
-                          answer_match=answer_match, tokenizer_path=tokenizer_path, exact_kld=exact_kld)
+                          rule=rule, tokenizer_path=tokenizer_path, exact_kld=exact_kld)
     node = ray.get_runtime_context().get_node_id()
     parts = []
     for cousin, token_level in cousins:
@@ -159,7 +163,7 @@ def _read(run, stages: list[Location], columns: list[str], part: str, read_schem
     return read_rows(stages, columns, tag=_tag_file, tag_kwargs={"part": part}, schema=read_schema)
 
 
-def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str, worst_n: int, seed: int,
+def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_n: int, seed: int,
                quantile_resamples: int, num_cpus: float = 1.0, exact_kld: bool = False) -> dict[str, aggregate.Merged]:
     """Compute and publish every cousin's drift rows on the connected Ray; returns per cousin the
     merged aggregates of its rows (rows written, nodes that wrote them, sums, histograms, worst rows).
@@ -176,7 +180,8 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     # path: a handful of operators whatever the number of cousins.
     gens = [layout.generations(e.name) for e in entries]
     scores = [layout.scores(e.name) for e in entries if e.is_original or token_level[e.name]]
-    parts = [_read(run, [layout.prompts], ["prompt_id", "reference", "choices"], "prompt", schema.PROMPTS),
+    parts = [_read(run, [layout.prompts], ["prompt_id", "reference", "choices", "checker"], "prompt",
+                   schema.PROMPTS),
              _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
     if exact_kld:
         parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,
@@ -196,7 +201,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, answer_match: str,
     out = spread_blocks(
         union.repartition(partitions, keys=["prompt_id"]), diff_and_publish, num_cpus=num_cpus,
         fn_kwargs={"layout": layout, "original": original.name, "cousins": cousins,
-                   "original_scored": original_scored, "answer_match": answer_match,
+                   "original_scored": original_scored, "rule": rule,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
                    "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.

@@ -30,24 +30,25 @@ _PARTIAL = ("labelled_rows", "correct_rows", "labelled_output_tokens", "labelled
             "sum_n2")
 
 
-def _efficiency_partition(block, *, schemas: dict, answer_match: str):
+def _efficiency_partition(block, *, schemas: dict, rule):
     import pyarrow as pa
 
     from cousins.run.dataops import split
-    from cousins.drift.answers import correct
 
     sides = split(block, schemas)
     p = sides["prompt"]
     refs = {k: r for k, r in zip(p.column("prompt_id").to_pylist(), p.column("reference").to_pylist()) if r is not None}
     options = ({k: c for k, c in zip(p.column("prompt_id").to_pylist(), p.column("choices").to_pylist()) if c}
                if "choices" in p.column_names else {})
+    own = ({k: c for k, c in zip(p.column("prompt_id").to_pylist(), p.column("checker").to_pylist()) if c}
+           if "checker" in p.column_names else {})
     g = sides["gen"].to_pydict()
     tokens = 0
     per_prompt: dict[str, list[int]] = {}  # prompt -> [labelled, correct]: a partition holds all of a prompt's rows
     for pid, text, n, err in zip(g["prompt_id"], g["output_text"], g["output_tokens"], g["error"]):
         if pid not in refs or err is not None:
             continue
-        verdict = correct(text or "", refs[pid], answer_match, choices=options.get(pid))
+        verdict = rule.correct(text or "", refs[pid], options.get(pid), own.get(pid))
         if verdict is None:  # a reference its checker cannot read: not judged
             continue
         tokens += n or 0
@@ -61,7 +62,7 @@ def _efficiency_partition(block, *, schemas: dict, answer_match: str):
                      "sum_n2": [float(sum(n * n for n, _ in nc))]})
 
 
-def efficiency(prompts: Location, generations: Location, answer_match: str) -> dict:
+def efficiency(prompts: Location, generations: Location, rule) -> dict:
     """Correct answers on labelled prompts, the output tokens spent on them, the labelled prompts
     answered and the accuracy's standard error clustered by prompt (ModelStats fields), checked on
     the connected Ray where each prompt's reference meets its generations; the driver gets seven
@@ -80,7 +81,7 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     if not labelled:
         return dict(_ZERO)
     schemas = {"prompt": pa.schema([("prompt_id", pa.string()), ("reference", pa.string()),
-                                    ("choices", pa.list_(pa.string()))]),
+                                    ("choices", pa.list_(pa.string())), ("checker", pa.string())]),
                "gen": pa.schema([("prompt_id", pa.string()), ("output_text", pa.string()),
                                  ("output_tokens", pa.int32()), ("error", pa.string())])}
     rows = count_rows(generations)
@@ -89,7 +90,7 @@ def efficiency(prompts: Location, generations: Location, answer_match: str) -> d
     sums = dict.fromkeys(_PARTIAL, 0)
     for r in co_partition(sides, schemas, "prompt_id", partitions_for(rows, 50_000)).map_batches(
             _efficiency_partition, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
-            fn_kwargs={"schemas": schemas, "answer_match": answer_match}).take_all():
+            fn_kwargs={"schemas": schemas, "rule": rule}).take_all():
         for k in sums:
             sums[k] += r[k]
     out = {k: int(sums[k]) for k in ("labelled_rows", "correct_rows", "labelled_output_tokens", "labelled_prompts")}

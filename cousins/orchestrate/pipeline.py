@@ -19,6 +19,7 @@ from cousins.contract.config import Config
 from cousins.contract.codec import encode
 from cousins.contract.records import ModelEntry, ModelStats, ScoresDone
 from cousins.contract.redact import redacted
+from cousins.drift.answers import Rule
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.engine import plan
@@ -40,7 +41,8 @@ def open_run(cfg: Config) -> Run:
 def _prompts(cfg: Config, run: Run):
     c = cfg.corpus
     return stage_prompts(run, corpus_at=resolve(c.path, **cfg.storage.options), fmt=c.format, fields=c.fields,
-                         limit=c.limit, max_chars=c.max_chars, checker=cfg.drift.answer_match)
+                         limit=c.limit, max_chars=c.max_chars, rule=Rule.of_config(cfg),
+                         answer=c.answer)
 
 
 def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
@@ -55,7 +57,7 @@ def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry,
                            rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
                                **efficiency(run.layout.prompts, run.layout.generations(entry.name),
-                                            cfg.drift.answer_match))
+                                            Rule.of_config(cfg)))
 
 
 def _score(cfg: Config, run: Run, entry: ModelEntry, original: ModelEntry, backend=None) -> ScoresDone:
@@ -125,7 +127,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
             stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
                       where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
     t3 = time.perf_counter()
-    settings = DiffSettings(score_topk=d.score_topk, answer_match=d.answer_match, worst_n=d.worst_n,
+    settings = DiffSettings(score_topk=d.score_topk, rule=Rule.of_config(cfg), worst_n=d.worst_n,
                             bootstrap=BootstrapSpec.of(d), kld=d.kld)
     summary = stage_diff(run, entries, settings,
                          extra={"accounting": {s.model: encode(s.accounting()) for s in stats},

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.contract import schema
-from cousins.contract.config import FieldsConfig
+from cousins.contract.config import AnswerConfig, FieldsConfig
 from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
 from cousins.drift import answers
 from cousins.engine.backend import EngineSpec, Placement, Sampling
@@ -33,12 +33,13 @@ LIGHT_TASK_CPUS = 0.1  # for cheap maps beside the engine pool, so they never st
 
 
 def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConfig, limit: int | None,
-                  max_chars: int, checker: str | None = None):
+                  max_chars: int, rule: answers.Rule | None = None, answer: AnswerConfig | None = None):
     """The run's prompts as a Ray Dataset, with (prompts, corpus error rows) counts.
 
     Once written, a run's prompts are fixed: a resumed run reads them back from the run, not the
-    corpus (which may have changed since). With `checker` (the run's answer checker), a row whose
-    reference it cannot read becomes an error row naming the checker."""
+    corpus (which may have changed since). With `rule` (how the run judges answers) and `answer`
+    (the corpus's checkers), each row's checker is fixed in its prompt row, and a row whose
+    reference that checker cannot read becomes an error row naming the checker."""
     import ray.data
 
     layout = run.layout
@@ -46,8 +47,8 @@ def stage_prompts(run: Run, *, corpus_at: Location, fmt: str, fields: FieldsConf
         for loc in (layout.prompts, layout.errors):
             run.restart(loc)
         prompts, errors = corpus.read_corpus(corpus_at, fmt=fmt, fields=fields, limit=limit, max_chars=max_chars)
-        if checker is not None:
-            prompts, errors = _unreadable_references(prompts, errors, checker)
+        if rule is not None:
+            prompts, errors = _unreadable_references(prompts, errors, rule, answer or AnswerConfig())
         version = corpus.corpus_version(corpus_at, fmt)
         bar = Bar("prompts", None, unit="prompts")  # counts come at the end; the line says it is running
         with watch(bar):
@@ -81,11 +82,13 @@ def _as_error_rows(batch: pa.Table) -> pa.Table:
                      "reason": batch.column("reason"), "raw": batch.column("reference")}, schema=schema.ERRORS)
 
 
-def _unreadable_references(prompts, errors, checker: str):
-    """Prompts whose reference `checker` cannot read move to the error rows (both materialised)."""
+def _unreadable_references(prompts, errors, rule: answers.Rule, answer: AnswerConfig):
+    """Each prompt's own checker set; prompts whose reference their checker cannot read move to
+    the error rows (both materialised)."""
     from ray.data.expressions import col
 
-    marked = prompts.map_batches(answers.reference_errors, fn_kwargs={"checker": checker},
+    marked = prompts.map_batches(answers.reference_errors, fn_kwargs={
+        "rule": rule, "by_category": dict(answer.by_category), "corpus_checker": answer.checker},
                                  batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).materialize()
     bad = marked.filter(expr=col("reason").is_not_null())
     return (marked.filter(expr=col("reason").is_null()).drop_columns(["reason"]).materialize(),

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cousins.contract import schema
-from cousins.contract.config import CorpusConfig, FieldsConfig
+from cousins.contract.config import ROW_CHECKERS, CorpusConfig, FieldsConfig
 from cousins.run.storage import Location, file_infos, list_files
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -171,6 +171,9 @@ def normalise(record: Any, fields: Fields, *, source: str, source_row: int, max_
     if fields.id is not None and not prompt_id:
         raise BadRow(f"field {fields.id!r} (the id) is missing or empty")
     choices = _choices(record, fields.choices)
+    checker = _optional_str(record, fields.checker)
+    if checker is not None and checker not in ROW_CHECKERS:
+        raise BadRow(f"field {fields.checker!r} names the answer checker {checker!r}; known: {', '.join(ROW_CHECKERS)}")
     if choices and not (fields.messages and record.get(fields.messages) is not None):
         messages[-1] = {"role": "user", "content": with_options(messages[-1]["content"], choices)}
     return {
@@ -179,6 +182,7 @@ def normalise(record: Any, fields: Fields, *, source: str, source_row: int, max_
         "category": _optional_str(record, fields.category),
         "reference": _optional_str(record, fields.reference),
         "choices": choices,
+        "checker": checker,
         "source": source,
         "source_row": source_row,
     }

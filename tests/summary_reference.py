@@ -173,6 +173,16 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
         margin, _ = _flat(ok, "margin_tokens")
         out["slices"]["margin"] = _margin_slices(boot, kld, same, margin, tok_cluster)
         m["rest_mass_mean"] = boot.ratio(_flat(ok, "rest_mass_tokens")[0], ones, tok_cluster)
+        # per span, row by row: the original's first thinking_original_tokens positions think
+        th_tok, in_th, in_ans = _col(ok, "thinking_original_tokens"), [], []
+        for i in range(ok.num_rows):
+            n_i = int((tok_row == i).sum())
+            has = not np.isnan(th_tok[i])
+            in_th += [has and t < th_tok[i] for t in range(n_i)]
+            in_ans += [has and t >= th_tok[i] for t in range(n_i)]
+        for span, sel in (("thinking", np.asarray(in_th, bool)), ("answer", np.asarray(in_ans, bool))):
+            m[f"kld_{span}"] = boot.ratio(np.where(sel, kld, 0.0), sel.astype(float), tok_cluster)
+            m[f"same_top1_{span}"] = boot.ratio(np.where(sel, same, 0.0), sel.astype(float), tok_cluster)
 
     rows = np.ones(ok.num_rows)
     m["exact_match"] = boot.ratio(_col(ok, "exact_match"), rows, row_cluster)

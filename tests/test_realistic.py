@@ -64,6 +64,21 @@ def test_the_tokenizer_has_over_100k_entries_and_qwens_added_tokens_at_its_end(f
     assert (family["student"] / "tokenizer.json").read_bytes() == (family["teacher"] / "tokenizer.json").read_bytes()
 
 
+def test_the_thinking_markers_are_the_tokenizers_added_tokens_and_split_the_output_by_id(family):
+    from transformers import AutoTokenizer
+
+    from cousins.engine import thinking
+
+    tok = AutoTokenizer.from_pretrained(family["teacher"])
+    m = thinking.markers(tok)
+    assert (m.open, m.close) == tuple(realistic.THINK) and m.close_id == tok.convert_tokens_to_ids("</think>")
+    ids = tok.encode("<think>\n4+8: 12\n</think>\n\nThe answer is 12", add_special_tokens=False)
+    text = tok.decode(ids, skip_special_tokens=True)
+    span = thinking.split(ids, text, m)
+    assert span.finished and ids[span.thinking_tokens - 1] == m.close_id
+    assert text[span.answer_offset:] == "\n\nThe answer is 12"
+
+
 def test_heads_are_padded_beyond_the_tokenizer_and_differently_for_teacher_and_student(family):
     from safetensors import safe_open
 

@@ -50,6 +50,9 @@ class ModelConfig:
     # without a template: the contents joined by blank lines, the tokenizer's BOS added as it says).
     prompt_format: str = "chat"
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # A reasoning model's [opening, closing] thinking markers; None: a known pair the tokenizer has as
+    # added tokens (<think>/</think>, …), else <think>/</think> as text (cousins/engine/thinking.py).
+    thinking_markers: list[str] | None = None
     # This model's engine settings over the `engine` block (any of its keys): a 1.5B student need
     # not take a 7B original's tensor_parallel_size, context or KV cache.
     engine: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +201,7 @@ class CousinConfig:
     text_only: bool = False  # compare texts only (a cousin with another tokenizer)
     prompt_format: str | None = None  # chat | raw; None: the original's
     chat_template_kwargs: dict[str, Any] | None = None  # None: the original's
+    thinking_markers: list[str] | None = None  # None: the original's, if its weights; else the tokenizer's
     engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
 
 

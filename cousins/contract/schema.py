@@ -63,6 +63,14 @@ GENERATIONS = pa.schema(
         pa.field("engine_time_s", pa.float64()),
         pa.field("engine_node", pa.string()),  # Ray node id of the engine actor
         pa.field("error", pa.string()),  # null when the row generated; otherwise why it did not
+        # Reasoning models (cousins/engine/thinking.py), null when the output has no thinking span:
+        # output tokens up to the end of the span (all of them when it never closed), the rest,
+        # whether the span closed (False: max_tokens cut the thinking), and where in output_text
+        # the answer begins (characters).
+        pa.field("thinking_tokens", pa.int32()),
+        pa.field("answer_tokens", pa.int32()),
+        pa.field("thinking_finished", pa.bool_()),
+        pa.field("answer_offset", pa.int32()),
     ]
 )
 

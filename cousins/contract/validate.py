@@ -77,6 +77,11 @@ def validate(cfg: Config) -> None:
     check(bool(c.fields.prompt) or bool(c.fields.messages),
           "corpus.fields: set at least one of prompt and messages")
     _check_answer(c.answer, cfg.drift.answer_match, check)
+    for where, pair in [("model", m.thinking_markers), *[(f"cousins.{n}", x.thinking_markers)
+                                                         for n, x in cfg.cousins.items()]]:
+        check(pair is None or (len(pair) == 2 and all(isinstance(x, str) and x for x in pair) and pair[0] != pair[1]),
+              f"{where}.thinking_markers must be null or two different non-empty strings [opening, closing], "
+              f"got {pair}")
 
     r, s = cfg.run, cfg.run.sampling
     check(r.samples >= 1, f"run.samples must be >= 1, got {r.samples}")

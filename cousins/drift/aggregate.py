@@ -27,10 +27,11 @@ import pyarrow.compute as pc
 
 from cousins.contract import schema
 from cousins.drift import metrics
+from cousins.drift.spans import SPAN_SUMS, col as _col, flat as _flat, span_token_sums, thinking_sums
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
 
 MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
-TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", "rkld_n", "tail", "tail_n",
+TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", "rkld_n", "tail", "tail_n", *SPAN_SUMS,
               *[f"m{i}_{k}" for i in range(len(MARGIN_BINS) - 1) for k in ("n", "kld", "same")]]
 ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "nll_o2", "nll_c2", "nll_oc", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
             "finish", "co", "cc", "labelled", "flip", "flip_cw", "flip_wc", "has0",
@@ -48,19 +49,6 @@ def margin_labels() -> list[str]:
     return [f"[{lo:.1f},{hi:.1f}{']' if i == last else ')'}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))]
 
 
-def _flat(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column's values flattened (float64), with the row index of each value."""
-    col = table.column(column).combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
-    values = pc.list_flatten(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    return values, np.repeat(np.arange(table.num_rows), lengths)
-
-
-def _col(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric or boolean column as float64, nulls as NaN."""
-    return table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-
-
 def worst_order(text_only: bool) -> list[tuple[str, str]]:
     """Worst first: highest KLD mean, or lowest chrF for a text-only cousin; nulls last (Arrow's
     default), ties broken by row key so the choice is deterministic."""
@@ -73,19 +61,6 @@ def top_rows(rows: pa.Table, text_only: bool, n: int) -> pa.Table:
         return WORST.empty_table()
     rows = rows.select(WORST.names)
     return rows.take(pc.sort_indices(rows, sort_keys=worst_order(text_only))[:n])
-
-
-def _thinking_sums(ok: pa.Table, per_prompt) -> dict:
-    """Per-prompt sums of the thinking spans: rows with one (either side), thinking tokens, spans
-    left unfinished, and answer tokens (all output tokens where there is no span)."""
-    th_o, th_c = _col(ok, "thinking_original_tokens"), _col(ok, "thinking_cousin_tokens")
-    has = (~np.isnan(th_o)).astype(float)
-    unf_o = has * (1 - np.nan_to_num(_col(ok, "thinking_finished_original"), nan=1.0))
-    unf_c = has * (1 - np.nan_to_num(_col(ok, "thinking_finished_cousin"), nan=1.0))
-    return dict(think=per_prompt(has), th_o=per_prompt(np.nan_to_num(th_o)), th_c=per_prompt(np.nan_to_num(th_c)),
-                unf_o=per_prompt(unf_o), unf_c=per_prompt(unf_c),
-                ans_o=per_prompt(np.nan_to_num(_col(ok, "original_tokens")) - np.nan_to_num(th_o)),
-                ans_c=per_prompt(np.nan_to_num(_col(ok, "cousin_tokens")) - np.nan_to_num(th_c)))
 
 
 def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
@@ -114,7 +89,7 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
                flip=per_prompt(np.nan_to_num(_col(ok, "flip"))),
                # the flips' two directions: correct -> wrong (what a cousin lost), wrong -> correct
                flip_cw=per_prompt(np.nan_to_num(co * (1 - cc))), flip_wc=per_prompt(np.nan_to_num((1 - co) * cc)),
-               **_thinking_sums(ok, per_prompt),
+               **thinking_sums(ok, per_prompt),
                unp_o=per_prompt(np.nan_to_num(_col(ok, "unparsed_original"))),
                unp_c=per_prompt(np.nan_to_num(_col(ok, "unparsed_cousin"))),
                has0=np.minimum(per_prompt((ok.column("sample_index").to_numpy() == 0).astype(float)), 1.0))
@@ -143,7 +118,8 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
         margin, _ = _flat(ok, "margin_tokens")
         out.update(T=per_prompt(np.ones_like(kld), at), kld=per_prompt(kld, at), kld2=per_prompt(kld * kld, at),
                    same=per_prompt(same, at), dp=per_prompt(dp, at), dp2=per_prompt(dp * dp, at),
-                   rest=per_prompt(_flat(ok, "rest_mass_tokens")[0], at))
+                   rest=per_prompt(_flat(ok, "rest_mass_tokens")[0], at),
+                   **span_token_sums(ok, kld, same, row, lambda v: per_prompt(v, at)))
         edges = list(MARGIN_BINS)
         for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
             sel = (margin >= lo) & ((margin <= hi) if i == len(edges) - 2 else (margin < hi))

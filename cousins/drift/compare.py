@@ -19,7 +19,7 @@ from cousins.contract import schema
 from cousins.drift import answers, metrics
 
 GEN_COLUMNS = ["prompt_id", "sample_index", "category", "output_text", "output_token_ids", "finish_reason",
-               "output_tokens", "error"]
+               "output_tokens", "error", "thinking_tokens", "thinking_finished", "answer_offset"]
 EXACT_COLUMNS = ["kld_tokens", "rkld_tokens", "tail_mass_tokens", "error"]
 SCORE_COLUMNS = ["prompt_id", "sample_index", "topk_token_ids", "topk_logprobs", "token_logprobs", "error"]
 
@@ -135,13 +135,21 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
     return pa.Table.from_pydict(cols, schema=schema.DRIFT)
 
 
-def _thinking_tokens(ids: list[int], text: str, split: answers.Split, count_tokens) -> int:
-    """Output tokens up to the end of the thinking span (all of them when it never closed)."""
+def _thinking(row: dict, ids: list[int], text: str, count_tokens) -> tuple[int | None, bool | None, str]:
+    """(thinking tokens, finished, the answer's text) of a generation row: as its engine split it
+    (cousins/engine/thinking.py), or, for rows generated before that, split here at <think>…</think>
+    (tokens up to the span's end counted with the original's tokenizer; all of them when it never
+    closed). (None, None, text) without a span."""
+    if row.get("answer_offset") is not None:
+        return row["thinking_tokens"], row["thinking_finished"], text[row["answer_offset"]:]
+    split = answers.split_thinking(text)
+    if split.thinking is None:
+        return None, None, text
     if not split.finished:
-        return len(ids)
+        return len(ids), False, split.answer
     head = text[:len(text) - len(split.answer)]
     n = count_tokens(head) if count_tokens else round(len(ids) * len(head) / max(len(text), 1))
-    return min(len(ids), n)
+    return min(len(ids), n), True, split.answer
 
 
 def _sequence_metrics(o: dict, c: dict, reference: str | None, rule: answers.Rule, decode,
@@ -149,9 +157,9 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, rule: answers.Rul
     ids_o, ids_c = o["output_token_ids"] or [], c["output_token_ids"] or []
     text_o, text_c = o["output_text"] or "", c["output_text"] or ""
     # a reasoning model's thinking is measured apart: the text metrics compare the answers
-    split_o, split_c = answers.split_thinking(text_o), answers.split_thinking(text_c)
-    thinking = split_o.thinking is not None or split_c.thinking is not None
-    ans_o, ans_c = (split_o.answer, split_c.answer) if thinking else (text_o, text_c)
+    th_o, fin_o, ans_o = _thinking(o, ids_o, text_o, count_tokens)
+    th_c, fin_c, ans_c = _thinking(c, ids_c, text_c, count_tokens)
+    thinking = th_o is not None or th_c is not None
     j = metrics.first_divergence(ids_o, ids_c)
     spans = _spans(ids_o, ids_c, text_o, text_c, j, decode)
     row = {
@@ -164,14 +172,13 @@ def _sequence_metrics(o: dict, c: dict, reference: str | None, rule: answers.Rul
         "div_original_start": spans[0], "div_original_end": spans[1],
         "div_cousin_start": spans[2], "div_cousin_end": spans[3],
     }
-    if thinking:
-        row.update(thinking_original_tokens=_thinking_tokens(ids_o, text_o, split_o, count_tokens),
-                   thinking_cousin_tokens=_thinking_tokens(ids_c, text_c, split_c, count_tokens),
-                   thinking_finished_original=split_o.finished, thinking_finished_cousin=split_c.finished)
+    if thinking:  # a side without a span thinks 0 tokens and finished
+        row.update(thinking_original_tokens=th_o or 0, thinking_cousin_tokens=th_c or 0,
+                   thinking_finished_original=fin_o is not False, thinking_finished_cousin=fin_c is not False)
     if reference is not None:  # the final answers, as graders read them (cousins/drift/answers.py)
         try:
-            vo = rule.judge(text_o, reference, choices, checker)
-            vc = rule.judge(text_c, reference, choices, checker)
+            vo = rule.judge(ans_o, reference, choices, checker)
+            vc = rule.judge(ans_c, reference, choices, checker)
         except answers.BadReference:
             return row  # a reference its checker cannot read: the row is not judged
         row.update(correct_original=vo.correct, correct_cousin=vc.correct, flip=vo.correct != vc.correct,

@@ -182,7 +182,8 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_
     scores = [layout.scores(e.name) for e in entries if e.is_original or token_level[e.name]]
     parts = [_read(run, [layout.prompts], ["prompt_id", "reference", "choices", "checker"], "prompt",
                    schema.PROMPTS),
-             _read(run, gens, cmp.GEN_COLUMNS, "gen"), _read(run, scores, cmp.SCORE_COLUMNS, "score")]
+             _read(run, gens, cmp.GEN_COLUMNS, "gen", schema.GENERATIONS),  # older runs: no thinking columns
+             _read(run, scores, cmp.SCORE_COLUMNS, "score")]
     if exact_kld:
         parts.append(_read(run, [layout.kld(e.name) for e in entries[1:] if token_level[e.name]], KLD_COLUMNS,
                            "kld", schema.KLD))

@@ -184,7 +184,10 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
                  rms_dp=(c["dp2"], T, np.sqrt), ppl_original=(c["nll_o"], c["tokens"], np.exp),
                  ppl_cousin=(c["nll_c"], c["tokens"], np.exp), ppl_ratio=(c["nll_d"], c["tokens"], np.exp),
                  ln_ppl_ratio=(c["nll_d"], c["tokens"]), rest_mass_mean=(c["rest"], T),
-                 rkld_mean=(c["rkld"], c["rkld_n"]), tail_mass_mean=(c["tail"], c["tail_n"]))
+                 rkld_mean=(c["rkld"], c["rkld_n"]), tail_mass_mean=(c["tail"], c["tail_n"]),
+                 # per span (reasoning models): the original's thinking positions, then its answer's
+                 kld_thinking=(c["kld_th"], c["T_th"]), kld_answer=(c["kld_ans"], c["T_ans"]),
+                 same_top1_thinking=(c["same_th"], c["T_th"]), same_top1_answer=(c["same_ans"], c["T_ans"]))
         for i, label in enumerate(margin_labels()):
             f[f"margin {label} kld"] = (c[f"m{i}_kld"], c[f"m{i}_n"])
             f[f"margin {label} same"] = (c[f"m{i}_same"], c[f"m{i}_n"])
@@ -237,6 +240,8 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
                     "same_top1": r.pop(f"margin {label} same")}
             for i, label in enumerate(margin_labels())}
         m_["rest_mass_mean"] = r.pop("rest_mass_mean")
+        for k in ("kld_thinking", "kld_answer", "same_top1_thinking", "same_top1_answer"):
+            m_[k] = r.pop(k)
     for k in ("exact_match", "first_divergence_mean", "chrf", "rouge_l", "length_ratio", "finish_changed",
               "accuracy_original", "accuracy_cousin", "accuracy_delta", "flip_rate", "flip_correct_to_wrong",
               "flip_wrong_to_correct", "thinking_length_ratio", "answer_length_ratio", "unfinished_thinking_original",

@@ -83,6 +83,10 @@ def _thinking_lines(models: list[dict]) -> list[str]:
                      f"{_fmt(m['answer_length_ratio'], digits=3)}×; thinking unfinished (cut by max_tokens) "
                      f"{_fmt(m['unfinished_thinking_original'], pct=True)} original, "
                      f"{_fmt(m['unfinished_thinking_cousin'], pct=True)} cousin")
+        if (m.get("kld_thinking") or {}).get("value") is not None:
+            lines.append(f"    KLD in the original's thinking {_fmt(m['kld_thinking'], digits=3)}, in its answer "
+                         f"{_fmt(m.get('kld_answer') or {}, digits=3)}; same top-1 "
+                         f"{_fmt(m['same_top1_thinking'], pct=True)} / {_fmt(m.get('same_top1_answer') or {}, pct=True)}")
     return ["thinking apart from the answer (cousin tokens / original tokens, [CI] over prompts):", *lines] \
         if lines else []
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.contract import schema
-from cousins.engine import templates
+from cousins.engine import templates, thinking
 from cousins.engine.backend import EngineSpec, Sampling, VllmBackend, sampling_kwargs
 from cousins.engine.feeder import Feeder
 from cousins.engine.rows import (BOTH_OUT, SCORE_INPUT, TASK, Columns, as_output, check_rows,
@@ -44,6 +44,7 @@ class EngineActor(EngineRunner):
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
             self.feeder = Feeder(self.llm, lora=lora_request(self.backend, spec))
+            self.markers = thinking.markers(self.tokenizer, spec.thinking_markers)
         # vLLM detokenizes every top-k logprob token of every position when it detokenizes (21
         # decodes a token at top-20: most of a small model's time on CPU). Only stop strings need
         # the engine's text; otherwise the actor decodes each finished output once.
@@ -99,10 +100,12 @@ class EngineActor(EngineRunner):
 
         by_row = dict(zip(todo, outputs))
         texts_out = {}
-        if not self.detokenize:
-            with self.feeder.turn():
+        with self.feeder.turn():  # the tokenizer between engine steps: decoding, thinking spans
+            if not self.detokenize:
                 texts_out = {i: self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
                              for i, o in by_row.items() if o is not None}
+            spans = {i: self._span(list(o.outputs[0].token_ids), o.outputs[0].text if self.detokenize
+                                   else texts_out[i], texts[i]) for i, o in by_row.items() if o is not None}
         work = {i: len(ids[i]) + len(o.outputs[0].token_ids) for i, o in by_row.items() if o is not None}
         total_work = sum(work.values()) or 1
         k = self.sampling.logprobs
@@ -117,14 +120,24 @@ class EngineActor(EngineRunner):
             c = out.outputs[0]
             token_ids = list(c.token_ids)
             text = c.text if self.detokenize else texts_out[i]
+            span = spans[i]
             topk_ids = topk_lps = sampled = None
             if k > 0 and c.logprobs is not None:
                 topk_ids, topk_lps, sampled = topk_columns(c.logprobs, k, token_ids)
             cols.add(**base, output_text=text, output_token_ids=token_ids, output_logprobs=sampled,
                      topk_token_ids=topk_ids, topk_logprobs=topk_lps, finish_reason=c.finish_reason,
                      prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
-                     engine_time_s=elapsed * work[i] / total_work)
+                     engine_time_s=elapsed * work[i] / total_work, thinking_tokens=span.thinking_tokens,
+                     answer_tokens=None if span.thinking_tokens is None else len(token_ids) - span.thinking_tokens,
+                     thinking_finished=span.finished, answer_offset=span.answer_offset)
         return check_rows(self.spec.model_name, batch, cols.table())
+
+    def _span(self, ids: list[int], text: str, prompt_text: str | None) -> thinking.Span:
+        """The output's thinking span (cousins/engine/thinking.py), split here where the ids are."""
+        return thinking.split(
+            ids, text, self.markers, opened=thinking.opens_in_prompt(prompt_text, self.markers),
+            count=lambda t: len(self.tokenizer.encode(t, add_special_tokens=False)),
+            decode=lambda x: self.tokenizer.decode(x, skip_special_tokens=True))
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int],
                   solo: bool = False):

@@ -78,6 +78,7 @@ class EngineSpec:
     kv_cache_set: bool = True  # engine.kv_cache_gib was set (else on GPU vLLM's memory share decides)
     prompt_format: str = "chat"  # chat (the chat template) | raw (the messages' text)
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
+    thinking_markers: tuple[str, str] | None = None  # None: from the tokenizer (cousins/engine/thinking.py)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class Source:
     lora_mode: str
     prompt_format: str
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
+    thinking_markers: tuple[str, str] | None = None
 
 
 def source(cfg: Config, name: str) -> Source:
@@ -47,7 +48,7 @@ def source(cfg: Config, name: str) -> Source:
     corpus_kwargs = cfg.corpus.chat_template_kwargs or {}
     if name not in cfg.cousins:  # the original, the noise floor
         return Source(m.path, m.revision, m.tokenizer, m.trust_remote_code, None, None, "merge", m.prompt_format,
-                      {**corpus_kwargs, **m.chat_template_kwargs})
+                      {**corpus_kwargs, **m.chat_template_kwargs}, _pair(m.thinking_markers))
     c = cfg.cousins[name]
     own = c.path is not None
     return Source(path=c.path if own else m.path, revision=c.revision if own else m.revision,
@@ -56,7 +57,12 @@ def source(cfg: Config, name: str) -> Source:
                   lora=c.lora, lora_revision=c.lora_revision, lora_mode=c.lora_mode,
                   prompt_format=c.prompt_format or m.prompt_format,
                   chat_template_kwargs={**corpus_kwargs, **(m.chat_template_kwargs if c.chat_template_kwargs is None
-                                                            else c.chat_template_kwargs)})
+                                                            else c.chat_template_kwargs)},
+                  thinking_markers=_pair(c.thinking_markers or (None if own else m.thinking_markers)))
+
+
+def _pair(markers) -> tuple[str, str] | None:
+    return (str(markers[0]), str(markers[1])) if markers else None
 
 
 def model_entries(cfg: Config, *, noise_floor: bool = False) -> list[ModelEntry]:
@@ -138,7 +144,7 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         gpu_memory_utilization=GPU_MEMORY_UTILIZATION * min(1.0, e.gpus_per_actor) if e.gpus_per_actor > 0 else None,
         revision=s.revision, tokenizer=s.tokenizer, trust_remote_code=s.trust_remote_code, lora=s.lora,
         lora_revision=s.lora_revision, lora_rank=rank, lora_mode=s.lora_mode, prompt_format=s.prompt_format,
-        chat_template_kwargs=dict(s.chat_template_kwargs),
+        chat_template_kwargs=dict(s.chat_template_kwargs), thinking_markers=s.thinking_markers,
     )
 
 

@@ -216,6 +216,7 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     for side in ("original", "cousin"):
         done = np.nan_to_num(_col(ok, f"thinking_finished_{side}"), nan=1.0)
         m[f"unfinished_thinking_{side}"] = boot.ratio(has * (1 - done), has, row_cluster)
+    m.update(_options(ok, boot, row_cluster, out["slices"]))
     m.update(_style(ok, boot, row_cluster, spec))
     out["slices"]["category"] = _category_slices(ok, spec, text_only)
     return out
@@ -236,6 +237,52 @@ def _style(ok: pa.Table, boot: Bootstrap, row_cluster: np.ndarray, spec: Bootstr
         pair_boot = Bootstrap(len(sims), spec)
         out[f"homogenisation_{side}"] = pair_boot.mean(sims, np.arange(len(sims)))
     return out
+
+
+def _options(ok: pa.Table, boot: Bootstrap, row_cluster: np.ndarray, slices: dict) -> dict:
+    """Multiple choice by likelihood, row by row; the KL-flip correlation over prompts' means."""
+    from scipy.stats import spearmanr
+
+    m = {}
+    mo, mc = _col(ok, "mc_correct_original"), _col(ok, "mc_correct_cousin")
+    lab = (~np.isnan(mo)).astype(float)
+    mo, mc = np.nan_to_num(mo), np.nan_to_num(mc)
+    flip = np.nan_to_num(_col(ok, "mc_flip"))
+    for key, v in (("mc_acc_original", mo), ("mc_acc_cousin", mc), ("mc_flip_rate", flip),
+                   ("mc_acc_norm_original", np.nan_to_num(_col(ok, "mc_correct_norm_original"))),
+                   ("mc_acc_norm_cousin", np.nan_to_num(_col(ok, "mc_correct_norm_cousin"))),
+                   ("mc_flip_correct_to_wrong", mo * (1 - mc) * lab), ("mc_flip_wrong_to_correct", (1 - mo) * mc * lab)):
+        m[key] = boot.ratio(v, lab, row_cluster)
+    b, c = int((mo * (1 - mc) * lab).sum()), int(((1 - mo) * mc * lab).sum())
+    m["mc_flip_mcnemar_p"] = {"value": float(binomtest(b, b + c, 0.5).pvalue) if b + c else None, "ci": None}
+    kl, margin = _col(ok, "option_kl"), _col(ok, "option_margin")
+    has = ~np.isnan(kl)
+    m["option_kl_mean"] = boot.ratio(np.where(has, kl, 0.0), has.astype(float), row_cluster)
+    per = {}
+    for p, k, f, lb in zip(ok.column("prompt_id").to_pylist(), kl, flip, lab):
+        acc = per.setdefault(p, [0.0, 0, 0.0, 0])
+        if not np.isnan(k):
+            acc[0] += k
+            acc[1] += 1
+        acc[2] += f * lb
+        acc[3] += lb
+    both = [(a[0] / a[1], a[2] / a[3]) for a in per.values() if a[1] and a[3]]
+    x, y = np.asarray([b[0] for b in both]), np.asarray([b[1] for b in both])
+    if len(both) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        r = spearmanr(x, y)
+        m["option_kl_flip_spearman"] = {"value": float(r.statistic), "ci": None, "p": float(r.pvalue),
+                                        "prompts": len(both)}
+    else:
+        m["option_kl_flip_spearman"] = {"value": None, "ci": None, "p": None, "prompts": len(both)}
+    edges, out = list(MARGIN_BINS), {}
+    for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        last = i == len(edges) - 2
+        sel = has & (np.nan_to_num(margin, nan=-1) >= lo) & ((margin <= hi) if last else (margin < hi))
+        out[f"[{lo:.1f},{hi:.1f}{']' if last else ')'}"] = {
+            "prompts": int(sel.sum()), "option_kl": boot.ratio(np.where(sel, kl, 0.0), sel.astype(float), row_cluster),
+            "flip_rate": boot.ratio(np.where(sel, flip * lab, 0.0), (sel * lab).astype(float), row_cluster)}
+    slices["option_margin"] = out
+    return m
 
 
 def _margin_slices(boot: Bootstrap, kld, same, margin, clusters) -> dict:

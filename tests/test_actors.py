@@ -3,6 +3,8 @@ process: no Ray, no vLLM. What only real vLLM shows is in test_engine_vllm.py.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 
@@ -144,3 +146,33 @@ def test_a_batch_in_the_engine_beside_the_one_that_broke_it_is_retried_alone_and
     _restart(a)
     assert a(good).column("error").null_count == good.num_rows  # alone on a fresh engine: it lands
     assert a._own_breaks and max(a._own_breaks.values()) == 1
+
+
+def test_multiple_choice_rows_get_each_options_log_likelihood_whatever_the_batch():
+    """Sample 0 of a prompt with choices: each option's log-likelihood as the prompt's continuation
+    (here the fake engine's bigram model, so exactly log p(letter | the prompt's last token)); other
+    samples and prompts without choices get none; the figures do not depend on the batch."""
+    from fake_engine import Tokenizer, _Model
+
+    spec = dataclasses.replace(SPEC, choice_target="letter")
+    a = actors.EngineActor(spec, Sampling(temperature=0.8, top_p=1.0, top_k=0, max_tokens=6, logprobs=0),
+                           backend=FakeBackend())
+    t = pa.table({"prompt_id": ["mc", "open"], "category": [None, None],
+                  "messages": [[{"role": "user", "content": "Capital?\nA. Paris\nB. Lyon\nC. Nice\nAnswer:"}],
+                               [{"role": "user", "content": "Say hi"}]],
+                  "choices": [["Paris", "Lyon", "Nice"], None]})
+    batch = engine_rows.expand_samples(t, samples=2, base_seed=3)
+    out = a(batch).to_pylist()
+    mc = out[0]
+    prompt_ids = Tokenizer().encode(mc["prompt_text"])
+    model = _Model(spec.model_path)
+    want = [model.logprobs(prompt_ids[-1])[Tokenizer().encode(x)[0]] for x in "ABC"]
+    assert mc["choice_logprobs"] == pytest.approx(want) and mc["choice_chars"] == [1, 1, 1]
+    assert all(r["choice_logprobs"] is None and r["choice_chars"] is None for r in out[1:])
+    alone = a(batch.slice(0, 1)).to_pylist()[0]
+    assert alone["choice_logprobs"] == mc["choice_logprobs"]
+    # the options' texts as continuations (ARC-style), characters counted for acc_norm
+    text = actors.EngineActor(dataclasses.replace(SPEC, choice_target="text"), a.sampling, backend=FakeBackend())
+    assert text(batch.slice(0, 1)).to_pylist()[0]["choice_chars"] == [5, 4, 4]
+    off = actors.EngineActor(SPEC, a.sampling, backend=FakeBackend())  # choice_target off: none
+    assert off(batch.slice(0, 1)).to_pylist()[0]["choice_logprobs"] is None

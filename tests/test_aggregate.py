@@ -87,6 +87,15 @@ def _drift(seed: int = 0, prompts: int = 60) -> pa.Table:
                              thinking_cousin_tokens=int(rng.integers(0, len(ctext.split()) + 1)),
                              thinking_finished_original=bool(rng.random() < .8),
                              thinking_finished_cousin=bool(rng.random() < .6))
+                if i % 5 == 2 and s == 0:  # multiple choice by likelihood: sample 0 of some prompts
+                    p, q = rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(4))
+                    r.update(option_kl=float(np.sum(p * np.log(p / q))), option_margin=float(np.sort(p)[-1] - np.sort(p)[-2]),
+                             option_original="A", option_cousin="B")
+                    if labelled:
+                        mo, mc = bool(rng.random() < .7), bool(rng.random() < .5)
+                        r.update(mc_correct_original=mo, mc_correct_cousin=mc, mc_flip=mo != mc,
+                                 mc_correct_norm_original=bool(rng.random() < .7),
+                                 mc_correct_norm_cousin=bool(rng.random() < .5))
                 if labelled:
                     co, cc = bool(rng.random() < .6), bool(rng.random() < .5)
                     r.update(correct_original=co, correct_cousin=cc, flip=co != cc,

@@ -316,3 +316,23 @@ def test_unparsed_answers_are_counted_and_noted():
     summary = {"cousins": [s], "noise_floor": None, "prompts": 2, "score_topk": 20,
                "bootstrap": {"level": 0.95, "resamples": 20}, "warnings": []}
     assert "note: c: math-verify could not parse 0 of the original's and 1 of the cousin's final answers" in drift_table(summary)
+
+
+def test_options_by_likelihood_kl_margin_acc_and_acc_norm():
+    """The option columns of a drift row (cousins/drift/options.py) from two models' log-likelihoods."""
+    import math
+
+    from cousins.drift.options import option_row
+
+    lo, lc = [math.log(0.7), math.log(0.2), math.log(0.1)], [math.log(0.3), math.log(0.6), math.log(0.1)]
+    r = option_row({"choice_logprobs": lo, "choice_chars": [1, 10, 1]}, {"choice_logprobs": lc}, "A",
+                   ["a", "long option b", "c"])
+    p, q = [0.7, 0.2, 0.1], [0.3, 0.6, 0.1]
+    assert r["option_kl"] == pytest.approx(sum(x * math.log(x / y) for x, y in zip(p, q)))
+    assert r["option_margin"] == pytest.approx(0.5) and (r["option_original"], r["option_cousin"]) == ("A", "B")
+    assert r["mc_correct_original"] and not r["mc_correct_cousin"] and r["mc_flip"]
+    # per character, the long option B (log-likelihood -1.6 over 10 characters) comes first: acc_norm is not acc
+    assert r["mc_correct_norm_original"] is False
+    assert option_row({"choice_logprobs": lo}, {"choice_logprobs": None}, "A", ["a", "b", "c"]) == {}
+    same = option_row({"choice_logprobs": lo}, {"choice_logprobs": list(lo)}, "2", ["a", "b", "c"])
+    assert same["option_kl"] == 0 and same["mc_flip"] is False and same["mc_correct_original"] is False

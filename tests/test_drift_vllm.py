@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -46,8 +47,15 @@ def drift_run(ray_local, tiny_teacher, tmp_path_factory):
     a, b = sorted(vocab)[300:302]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tok))
+    # the demo corpus's first 24 prompts and 6 multiple-choice ones (scored by likelihood too)
+    corpus = base / "corpus.jsonl"
+    demo = (Path(__file__).parent.parent / "cousins" / "data" / "demo.jsonl").read_text().splitlines()[:24]
+    mc = [json.dumps({"category": "choice", "prompt": f"What is {a} + {b}?",
+                      "choices": [str(a + b + d) for d in (-1, 0, 1, 10)], "reference": "B"})
+          for a, b in ((12, 30), (5, 7), (40, 2), (3, 3), (21, 21), (9, 8))]
+    corpus.write_text("\n".join(demo + mc) + "\n")
     cfg = resolve_paths(to_config(compose(
-        f"model.path={tiny_teacher}", f"storage.root={base / 'out'}", "cousins=none", "corpus.limit=24",
+        f"model.path={tiny_teacher}", f"storage.root={base / 'out'}", "cousins=none", f"corpus.path={corpus}",
         "run.sampling.max_tokens=24", "engine.max_model_len=256", "run.run_id=drift-test", "drift.bootstrap=300",
         f"+cousins.int8={{kind:quantized,build:rtn-int8,path:'{base / 'int8'}'}}",
         f"+cousins.int4={{kind:quantized,build:rtn-int4,path:'{base / 'int4'}'}}",
@@ -163,8 +171,10 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
     from cousins.drift.answers import correct
 
     cfg, layout, result, summary = drift_run
-    prompts = pads.dataset(part_files(layout.prompts), format="parquet").to_table(columns=["prompt_id", "reference"])
-    refs = {r["prompt_id"]: r["reference"] for r in prompts.to_pylist() if r["reference"]}
+    prompts = pads.dataset(part_files(layout.prompts), format="parquet").to_table(
+        columns=["prompt_id", "reference", "choices"]).to_pylist()
+    refs = {r["prompt_id"]: r["reference"] for r in prompts if r["reference"]}
+    options = {r["prompt_id"]: r["choices"] for r in prompts}
     for name in ("tiny-teacher", "int4"):
         rows = _table(layout.generations(name)).to_pylist()
         a = summary["accounting"][name]
@@ -172,10 +182,32 @@ def test_accounting_adds_up_to_the_per_row_sums(drift_run):
         assert a["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
         labelled = [r for r in rows if r["prompt_id"] in refs]
         assert a["labelled_rows"] == len(labelled)
-        assert a["correct_rows"] == sum(correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match)
-                                       for r in labelled)
+        assert a["correct_rows"] == sum(correct(r["output_text"], refs[r["prompt_id"]], cfg.drift.answer_match,
+                                               options[r["prompt_id"]]) for r in labelled)
         assert a["tokens_per_prompt"] == pytest.approx(a["output_tokens"] / len(rows))
         assert a["accelerator"] == "cpu-actor" and a["accelerator_s"] > 0
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["accounting"]["int4"] == summary["accounting"]["int4"]
     assert "Cost and token efficiency" in layout.report.read_text()  # the report shows it too
+
+
+def test_multiple_choice_by_likelihood_in_each_models_own_pass(drift_run):
+    """Each option's log-likelihood comes from each model's generation pass; the noise floor (another
+    batch order and size) gives the same log-likelihoods, so its option KL is zero: vLLM does not read
+    the prefix cache for prompt-logprob requests, and the figures do not depend on batching."""
+    _, layout, _, summary = drift_run
+    gens = _table(layout.generations("tiny-teacher")).to_pylist()
+    mc = [g for g in gens if g["category"] == "choice" and g["sample_index"] == 0]
+    assert len(mc) == 6 and all(len(g["choice_logprobs"]) == 4 and max(g["choice_logprobs"]) < 0 for g in mc)
+    assert all(g["choice_logprobs"] is None for g in gens if g["category"] != "choice" or g["sample_index"])
+    noise = _table(layout.generations("noise-floor")).to_pylist()
+    assert {g["prompt_id"]: g["choice_logprobs"] for g in noise if g["choice_logprobs"]} == \
+        {g["prompt_id"]: g["choice_logprobs"] for g in mc}
+    floor, int4 = summary["noise_floor"]["metrics"], by_name(summary)["int4"]["metrics"]
+    assert floor["option_kl_mean"]["value"] == 0 and floor["mc_flip_rate"]["value"] == 0
+    assert int4["option_kl_mean"]["value"] > 0
+    assert floor["mc_acc_original"]["value"] == int4["mc_acc_original"]["value"]
+    drift = _table(layout.drift("int4")).to_pylist()
+    assert sum(r["option_kl"] is not None for r in drift) == 6
+    print(f"\nmultiple choice: int4 option KL {int4['option_kl_mean']['value']:.3g}, acc "
+          f"{int4['mc_acc_original']['value']:.2f} -> {int4['mc_acc_cousin']['value']:.2f}")

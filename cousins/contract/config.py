@@ -82,6 +82,9 @@ class AnswerConfig:
     pattern: str | None = None  # the `regex` checker's pattern (lm-eval-harness's regex filter)
     group: int = 1  # its capturing group (0: the first non-empty one)
     which: str = "last"  # first | last match
+    # multiple choice by likelihood (rows with choices): each option's continuation is its letter
+    # (prompts listing lettered options, MMLU-style) or its text (ARC/HellaSwag-style); off: none
+    choice_target: str = "letter"
 
 
 @dataclass

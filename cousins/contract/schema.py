@@ -71,6 +71,11 @@ GENERATIONS = pa.schema(
         pa.field("answer_tokens", pa.int32()),
         pa.field("thinking_finished", pa.bool_()),
         pa.field("answer_offset", pa.int32()),
+        # Multiple choice by likelihood (cousins/engine/choices.py), on sample 0 of a prompt with
+        # choices: each option's log-likelihood as the prompt's continuation, and the continuation's
+        # length in characters (lm-eval's acc_norm divides by it).
+        pa.field("choice_logprobs", pa.list_(pa.float64())),
+        pa.field("choice_chars", pa.list_(pa.int32())),
     ]
 )
 
@@ -167,6 +172,19 @@ DRIFT = pa.schema(
         pa.field("thinking_cousin_tokens", pa.int32()),
         pa.field("thinking_finished_original", pa.bool_()),
         pa.field("thinking_finished_cousin", pa.bool_()),
+        # multiple choice by likelihood (sample 0 of a prompt with choices; cousins/drift/options.py):
+        # KL over the options (softmax of the choices' log-likelihoods) original -> cousin, the
+        # original's top margin there, each model's most likely option, and whether it is the
+        # reference's (acc; acc_norm: by log-likelihood per character) and whether that changed
+        pa.field("option_kl", pa.float64()),
+        pa.field("option_margin", pa.float64()),
+        pa.field("option_original", pa.string()),
+        pa.field("option_cousin", pa.string()),
+        pa.field("mc_correct_original", pa.bool_()),
+        pa.field("mc_correct_cousin", pa.bool_()),
+        pa.field("mc_correct_norm_original", pa.bool_()),
+        pa.field("mc_correct_norm_cousin", pa.bool_()),
+        pa.field("mc_flip", pa.bool_()),
         pa.field("original_text", pa.string()),
         pa.field("cousin_text", pa.string()),
         # character spans [start, end) of the first divergent token in each text (null if identical)

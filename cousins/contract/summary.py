@@ -22,6 +22,8 @@ class Metric:
     value: float | None
     ci: list[float] | None
     se: float | None = optional()
+    p: float | None = optional()  # a test's p-value (a rank correlation's)
+    prompts: int | None = optional()  # the prompts a correlation is over
 
 
 @dataclass
@@ -30,7 +32,9 @@ class Slice:
 
     tokens: int | None = optional()
     rows: int | None = optional()
+    prompts: int | None = optional()
     kld_mean: Metric | None = optional()
+    option_kl: Metric | None = optional()
     same_top1: Metric | None = optional()
     flip_rate: Metric | None = optional()
     length_ratio: Metric | None = optional()
@@ -46,7 +50,7 @@ class CousinSummary:
     error_rows: int
     error: str | None
     metrics: dict[str, Metric]
-    slices: dict[str, dict[str, Slice]]  # "margin" | "category" -> label -> figures
+    slices: dict[str, dict[str, Slice]]  # "margin" | "category" | "option_margin" -> label -> figures
 
 
 @dataclass

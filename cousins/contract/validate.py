@@ -132,6 +132,8 @@ def _check_answer(a, answer_match: str, check) -> None:
     for where, name in named.items():
         check(name is None or name in ROW_CHECKERS, f"{where} {name!r} must be one of {', '.join(ROW_CHECKERS)}")
     check(a.which in ("first", "last"), f"corpus.answer.which {a.which!r} must be first or last")
+    check(a.choice_target in ("letter", "text", "off"),
+          f"corpus.answer.choice_target {a.choice_target!r} must be letter, text or off")
     check(a.group >= 0, f"corpus.answer.group must be >= 0, got {a.group}")
     if a.pattern is not None:
         try:

@@ -27,26 +27,20 @@ import pyarrow.compute as pc
 
 from cousins.contract import schema
 from cousins.drift import metrics
+from cousins.drift.options import MARGIN_BINS, OPTION_SUMS, option_sums
 from cousins.drift.spans import SPAN_SUMS, col as _col, flat as _flat, span_token_sums, thinking_sums
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
 
-MARGIN_BINS = (0.0, 0.1, 0.3, 0.6, 1.0)
 TOKEN_SUMS = ["T", "kld", "kld2", "same", "dp", "dp2", "rest", "rkld", "rkld2", "rkld_n", "tail", "tail_n", *SPAN_SUMS,
               *[f"m{i}_{k}" for i in range(len(MARGIN_BINS) - 1) for k in ("n", "kld", "same")]]
 ROW_SUMS = ["n", "tokens", "nll_o", "nll_c", "nll_d", "nll_o2", "nll_c2", "nll_oc", "exact", "fd", "fd_n", "chrf", "rouge", "ctok", "otok",
             "finish", "co", "cc", "labelled", "flip", "flip_cw", "flip_wc", "has0",
             "think", "th_o", "th_c", "unf_o", "unf_c", "ans_o", "ans_c", "unp_o", "unp_c",
-            *[f"d{n}_{side}{x}" for side in ("o", "c") for n in (1, 2) for x in ("", "_n")]]
+            *[f"d{n}_{side}{x}" for side in ("o", "c") for n in (1, 2) for x in ("", "_n")], *OPTION_SUMS]
 SUMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()),
                   *[(c, pa.float64()) for c in ROW_SUMS + TOKEN_SUMS]])
 # The report's worst rows: the drift row without its per-token lists.
 WORST = pa.schema([f for f in schema.DRIFT if not pa.types.is_list(f.type)])
-
-
-def margin_labels() -> list[str]:
-    edges = list(MARGIN_BINS)
-    last = len(edges) - 2
-    return [f"[{lo:.1f},{hi:.1f}{']' if i == last else ')'}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))]
 
 
 def worst_order(text_only: bool) -> list[tuple[str, str]]:
@@ -89,7 +83,7 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
                flip=per_prompt(np.nan_to_num(_col(ok, "flip"))),
                # the flips' two directions: correct -> wrong (what a cousin lost), wrong -> correct
                flip_cw=per_prompt(np.nan_to_num(co * (1 - cc))), flip_wc=per_prompt(np.nan_to_num((1 - co) * cc)),
-               **thinking_sums(ok, per_prompt),
+               **thinking_sums(ok, per_prompt), **option_sums(ok, per_prompt, _col),
                unp_o=per_prompt(np.nan_to_num(_col(ok, "unparsed_original"))),
                unp_c=per_prompt(np.nan_to_num(_col(ok, "unparsed_cousin"))),
                has0=np.minimum(per_prompt((ok.column("sample_index").to_numpy() == 0).astype(float)), 1.0))

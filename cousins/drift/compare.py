@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from cousins.contract import schema
-from cousins.drift import answers, metrics
+from cousins.drift import answers, metrics, options
 
 GEN_COLUMNS = ["prompt_id", "sample_index", "category", "output_text", "output_token_ids", "finish_reason",
-               "output_tokens", "error", "thinking_tokens", "thinking_finished", "answer_offset"]
+               "output_tokens", "error", "thinking_tokens", "thinking_finished", "answer_offset", "choice_logprobs",
+               "choice_chars"]
 EXACT_COLUMNS = ["kld_tokens", "rkld_tokens", "tail_mass_tokens", "error"]
 SCORE_COLUMNS = ["prompt_id", "sample_index", "topk_token_ids", "topk_logprobs", "token_logprobs", "error"]
 
@@ -126,6 +127,7 @@ def compare(cousin: str, original_gens: pa.Table, cousin_gens: pa.Table, origina
         pid = o["prompt_id"]
         row.update(_sequence_metrics(o, c, references.get(pid), rule, decode, choices.get(pid), count_tokens,
                                      checkers.get(pid)))
+        row.update(options.option_row(o, c, references.get(pid), choices.get(pid)))
         if not text_only:
             row.update(_token_row(o, so[key], sc[key]))
             if exact is not None and "error" not in row:

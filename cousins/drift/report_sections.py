@@ -179,7 +179,7 @@ _COLUMNS = [  # (header, metric, formatter)
     ("wrong→correct", "flip_wrong_to_correct", _pct), ("McNemar p", "flip_mcnemar_p", _num),
     ("Δ accuracy", "accuracy_delta", _pp),
     ("length ratio", "length_ratio", _num), ("thinking ratio", "thinking_length_ratio", _num),
-    ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
+    ("option KL", "option_kl_mean", _num), ("exact match", "exact_match", _pct), ("chrF", "chrf", _num),
 ]
 
 

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.drift import metrics
-from cousins.drift.aggregate import MARGIN_BINS, Merged, margin_labels, merge_table
+from cousins.drift.aggregate import MARGIN_BINS, Merged, merge_table
+from cousins.drift.options import kl_flip_correlation, margin_labels
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID
 
 __all__ = ["MARGIN_BINS", "QUANTILES", "DP_QUANTILES", "QUANTILE_ERROR", "Bootstrap", "BootstrapSpec", "summarise",
@@ -202,7 +203,15 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
              # never finished thinking (over rows where either output has a thinking span)
              thinking_length_ratio=(c["th_c"], c["th_o"]), answer_length_ratio=(c["ans_c"], c["ans_o"]),
              unfinished_thinking_original=(c["unf_o"], c["think"]),
-             unfinished_thinking_cousin=(c["unf_c"], c["think"]))
+             unfinished_thinking_cousin=(c["unf_c"], c["think"]),
+             # multiple choice by likelihood (cousins/drift/options.py): acc, acc_norm, flips, option KL
+             mc_acc_original=(c["mc_co"], c["mc_n"]), mc_acc_cousin=(c["mc_cc"], c["mc_n"]),
+             mc_acc_norm_original=(c["mc_no"], c["mc_n"]), mc_acc_norm_cousin=(c["mc_nc"], c["mc_n"]),
+             mc_flip_rate=(c["mc_flip"], c["mc_n"]), mc_flip_correct_to_wrong=(c["mc_cw"], c["mc_n"]),
+             mc_flip_wrong_to_correct=(c["mc_wc"], c["mc_n"]), option_kl_mean=(c["opt_kl"], c["opt_n"]))
+    for i, label in enumerate(margin_labels()):
+        f[f"option margin {label} kl"] = (c[f"om{i}_kl"], c[f"om{i}_n"])
+        f[f"option margin {label} flip"] = (c[f"om{i}_flip"], c[f"om{i}_lab"])
     for side, name in (("o", "original"), ("c", "cousin")):
         for k in (1, 2):
             f[f"distinct{k}_{name}"] = (c[f"d{k}_{side}"], c[f"d{k}_{side}_n"])
@@ -248,6 +257,14 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
               "unfinished_thinking_cousin"):
         m_[k] = r.pop(k)
     m_["flip_mcnemar_p"] = {"value": mcnemar_p(float(c["flip_cw"].sum()), float(c["flip_wc"].sum())), "ci": None}
+    for k in ("mc_acc_original", "mc_acc_cousin", "mc_acc_norm_original", "mc_acc_norm_cousin", "mc_flip_rate",
+              "mc_flip_correct_to_wrong", "mc_flip_wrong_to_correct", "option_kl_mean"):
+        m_[k] = r.pop(k)
+    m_["mc_flip_mcnemar_p"] = {"value": mcnemar_p(float(c["mc_cw"].sum()), float(c["mc_wc"].sum())), "ci": None}
+    m_["option_kl_flip_spearman"] = kl_flip_correlation(c)
+    out["slices"]["option_margin"] = {
+        label: {"prompts": int(c[f"om{i}_n"].sum()), "option_kl": r.pop(f"option margin {label} kl"),
+                "flip_rate": r.pop(f"option margin {label} flip")} for i, label in enumerate(margin_labels())}
     for side, key in (("original", "unp_o"), ("cousin", "unp_c")):  # judged not correct; a count, not a rate
         m_[f"unparsed_answers_{side}"] = {"value": float(c[key].sum()), "ci": None}
     for name in ("original", "cousin"):

@@ -52,6 +52,7 @@ def drift_table(summary: dict) -> str:
                      + ", ".join(f"{k} on {v} labelled prompts" for k, v in sorted(checkers.items())))
     lines += _flip_lines([*summary["cousins"], *noise])
     lines += _thinking_lines([*summary["cousins"], *noise])
+    lines += _choice_lines([*summary["cousins"], *noise])
     lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     lines += _notes(summary)
     return "\n".join(lines + plane_lines(summary.get("plane")))
@@ -89,6 +90,34 @@ def _thinking_lines(models: list[dict]) -> list[str]:
                          f"{_fmt(m['same_top1_thinking'], pct=True)} / {_fmt(m.get('same_top1_answer') or {}, pct=True)}")
     return ["thinking apart from the answer (cousin tokens / original tokens, [CI] over prompts):", *lines] \
         if lines else []
+
+
+def _choice_lines(models: list[dict]) -> list[str]:
+    """Multiple choice by likelihood: acc and acc_norm of both, flips with McNemar's p, option KL and
+    its rank correlation with flips over prompts, flips by the original's top margin."""
+    lines = []
+    for s in models:
+        m = s["metrics"] or {}
+        if (m.get("option_kl_mean") or {}).get("value") is None:
+            continue
+        line = f"  {s['name']}: option KL {_fmt(m['option_kl_mean'], digits=3)}"
+        if (m.get("mc_acc_original") or {}).get("value") is not None:
+            p = (m.get("mc_flip_mcnemar_p") or {}).get("value")
+            line += (f"; acc {_fmt(m['mc_acc_original'], pct=True)} -> {_fmt(m['mc_acc_cousin'], pct=True)}, "
+                     f"acc_norm {_fmt({'value': m['mc_acc_norm_original']['value']}, pct=True)} -> "
+                     f"{_fmt({'value': m['mc_acc_norm_cousin']['value']}, pct=True)}; flips "
+                     f"{_fmt(m['mc_flip_rate'], pct=True)} (McNemar p {'-' if p is None else f'{p:.3g}'})")
+        rho = m.get("option_kl_flip_spearman") or {}
+        if rho.get("value") is not None:
+            line += f"; Spearman(option KL, flips) {rho['value']:.2f} (p {rho['p']:.2g}, {rho['prompts']} prompts)"
+        lines.append(line)
+        bins = (s.get("slices") or {}).get("option_margin") or {}
+        if any((b.get("flip_rate") or {}).get("value") is not None for b in bins.values()):
+            lines.append("    flips by the original's top margin: " + ", ".join(
+                f"{label} {_fmt({'value': b['flip_rate']['value']}, pct=True)} of {b['prompts']}"
+                for label, b in bins.items() if b["prompts"]))
+    return ["multiple choice by likelihood (options' log-likelihoods; KL over the options, original -> cousin):",
+            *lines] if lines else []
 
 
 def _notes(summary: dict) -> list[str]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.contract import schema
-from cousins.engine import templates, thinking
+from cousins.engine import choices, templates, thinking
 from cousins.engine.backend import EngineSpec, Sampling, VllmBackend, sampling_kwargs
 from cousins.engine.feeder import Feeder
 from cousins.engine.rows import (BOTH_OUT, SCORE_INPUT, TASK, Columns, as_output, check_rows,
@@ -45,6 +45,8 @@ class EngineActor(EngineRunner):
             self.tokenizer = self.llm.get_tokenizer()
             self.feeder = Feeder(self.llm, lora=lora_request(self.backend, spec))
             self.markers = thinking.markers(self.tokenizer, spec.thinking_markers)
+            self.choice_params = self.backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=1,
+                                                     detokenize=False, flat_logprobs=True)
         # vLLM detokenizes every top-k logprob token of every position when it detokenizes (21
         # decodes a token at top-20: most of a small model's time on CPU). Only stop strings need
         # the engine's text; otherwise the actor decodes each finished output once.
@@ -99,6 +101,8 @@ class EngineActor(EngineRunner):
         outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo, solo)
 
         by_row = dict(zip(todo, outputs))
+        options, t = self._options(rows, texts, ids, [i for i, o in by_row.items() if o is not None], solo)
+        elapsed += t
         texts_out = {}
         with self.feeder.turn():  # the tokenizer between engine steps: decoding, thinking spans
             if not self.detokenize:
@@ -129,8 +133,25 @@ class EngineActor(EngineRunner):
                      prompt_tokens=len(out.prompt_token_ids), output_tokens=len(token_ids),
                      engine_time_s=elapsed * work[i] / total_work, thinking_tokens=span.thinking_tokens,
                      answer_tokens=None if span.thinking_tokens is None else len(token_ids) - span.thinking_tokens,
-                     thinking_finished=span.finished, answer_offset=span.answer_offset)
+                     thinking_finished=span.finished, answer_offset=span.answer_offset,
+                     choice_logprobs=options.get(i, (None, None))[0], choice_chars=options.get(i, (None, None))[1])
         return check_rows(self.spec.model_name, batch, cols.table())
+
+    def _options(self, rows: list[dict], texts: list, ids: list, done: list[int], solo: bool) -> tuple[dict, float]:
+        """Multiple choice by likelihood for the batch's sample-0 rows with choices
+        (cousins/engine/choices.py): ({row: (log-likelihoods, characters)}, engine seconds). A
+        batch vLLM refuses leaves its rows without choice figures, not failed."""
+        with self.feeder.turn():
+            keys, inputs = choices.requests(self.tokenizer, rows, texts, ids, done, target=self.spec.choice_target,
+                                            prompt_format=self.spec.prompt_format,
+                                            max_model_len=self.spec.max_model_len)
+        if not keys:
+            return {}, 0.0
+        try:
+            outs, t = self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.choice_params, solo)
+        except (ValueError, TypeError):
+            return {}, 0.0
+        return choices.loglikelihoods(keys, inputs, outs), t
 
     def _span(self, ids: list[int], text: str, prompt_text: str | None) -> thinking.Span:
         """The output's thinking span (cousins/engine/thinking.py), split here where the ids are."""

@@ -79,6 +79,7 @@ class EngineSpec:
     prompt_format: str = "chat"  # chat (the chat template) | raw (the messages' text)
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
     thinking_markers: tuple[str, str] | None = None  # None: from the tokenizer (cousins/engine/thinking.py)
+    choice_target: str = "off"  # multiple choice by likelihood: letter | text | off (cousins/engine/choices.py)
 
 
 @dataclass(frozen=True)

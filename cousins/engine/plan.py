@@ -145,6 +145,7 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         revision=s.revision, tokenizer=s.tokenizer, trust_remote_code=s.trust_remote_code, lora=s.lora,
         lora_revision=s.lora_revision, lora_rank=rank, lora_mode=s.lora_mode, prompt_format=s.prompt_format,
         chat_template_kwargs=dict(s.chat_template_kwargs), thinking_markers=s.thinking_markers,
+        choice_target=cfg.corpus.answer.choice_target,
     )
 
 

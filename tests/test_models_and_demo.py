@@ -25,6 +25,44 @@ def test_committed_distill_corpus_is_what_the_generator_writes_and_shares_no_pro
     assert len(distill_records()) >= 200 and not demo & {r["prompt"] for r in distill_records()}
 
 
+def test_the_reasoning_corpus_is_what_the_generator_writes_and_every_reference_reads_under_auto(tmp_path):
+    """corpus=reasoning: word problems with GSM8K `#### N` solutions, sums, reversals and multiple
+    choice; its sums are the demo's held-out ones, and auto reads every reference."""
+    from cousins.drift.answers import check_reference
+    from cousins.family.demo_corpus import REASONING_PATH, reasoning_records
+
+    records = reasoning_records()
+    assert write_demo_corpus(tmp_path / "r.jsonl", records).read_bytes() == REASONING_PATH.read_bytes()
+    kinds = {r["category"] for r in records}
+    assert kinds == {"word_problem", "arithmetic", "string_transform", "multiple_choice", "multiple_choice_sum"}
+    for r in records:
+        check_reference(r["reference"], "auto", r.get("choices"))  # raises if auto cannot read it
+        if r.get("choices"):
+            assert r["reference"] in "ABCD" and len(r["choices"]) == 4
+    words = [r for r in records if r["category"] == "word_problem"]
+    assert all(r["reference"].rsplit("#### ", 1)[1] == r["reference"].split(" = ")[-1].split(",")[0] for r in words)
+    held = held_out()["add"]
+    sums = [tuple(int(x) for x in r["reference"].split(", so ")[-2].split(" = ")[0].split(" + ")) for r in words]
+    assert all(pair in held for pair in sums)
+
+
+def test_the_realistic_lessons_carry_thinking_forms_and_the_tiny_teachers_do_not():
+    from cousins.family.lessons import realistic_lessons
+
+    tiny = lessons(random.Random(0), 400)
+    assert not any("thinking" in c[-1] for c in tiny)
+    real = realistic_lessons(random.Random(0), 400)
+    kinds = {c[-2]["content"].split("\n")[-1] == "Answer:" for c in real}
+    assert kinds == {True, False}  # multiple-choice lessons among the others
+    traced = [c[-1] for c in real if "thinking" in c[-1]]
+    assert len(traced) > 100 and all(t["thinking"].startswith("<think>\n") and "\n</think>\n\n" in t["thinking"]
+                                     for t in traced)
+    for c in real:  # a word problem's answer ends "#### N", thinking or not, and auto judges it right
+        if "#### " in c[-1]["content"]:
+            n = c[-1]["content"].rsplit("#### ", 1)[1]
+            assert judge(c[-1]["thinking"], n).correct and judge(c[-1]["content"], n).correct
+
+
 def test_demo_corpus_has_several_kinds_and_references():
     records = demo_records()
     assert 250 <= len(records) <= 400

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 DATA_DIR = Path(__file__).parent.parent / "data"
 DEMO_PATH = DATA_DIR / "demo.jsonl"
 DISTILL_PATH = DATA_DIR / "demo-distill.jsonl"
+REASONING_PATH = DATA_DIR / "demo-reasoning.jsonl"
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 # The most top-k logprobs a run stores per position (vLLM's default max_logprobs). Every engine is

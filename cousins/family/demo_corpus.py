@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from cousins.contract.config import DEMO_PATH, DISTILL_PATH
+from cousins.contract.config import DEMO_PATH, DISTILL_PATH, REASONING_PATH
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -177,17 +177,75 @@ def distill_records(seed: int = 1) -> list[dict]:
     return [r for r in out if r["prompt"] not in taken]
 
 
+WORD_PROBLEMS = [  # (question with {a} {b}, answer clause with {s}); every one an addition
+    ("{n} has {a} apples and buys {b} more. How many apples does {n} have now?", "{n} has {s} apples"),
+    ("A shelf holds {a} books and {b} more are added. How many books are on the shelf?", "the shelf holds {s} books"),
+    ("{n} walked {a} km on Monday and {b} km on Tuesday. How many km did {n} walk in all?", "{n} walked {s} km"),
+    ("A class has {a} girls and {b} boys. How many pupils are in the class?", "the class has {s} pupils"),
+    ("{n} saved {a} coins, then found {b} more. How many coins does {n} have?", "{n} has {s} coins"),
+]
+NAMES = ["Ann", "Tom", "Mia", "Leo", "Sara", "Ben", "Zoe", "Max"]
+
+
+def word_problem(rng: random.Random, a: int, b: int) -> tuple[str, str]:
+    """(question, the answer's clause) of a word problem on a + b, GSM8K-style."""
+    q, clause = rng.choice(WORD_PROBLEMS)
+    n = rng.choice(NAMES)
+    return q.format(n=n, a=a, b=b), clause.format(n=n, s=a + b)
+
+
+def options(rng: random.Random, right: str, pool: list[str], k: int = 4) -> tuple[list[str], str]:
+    """`k` options with `right` among distractors from `pool`, shuffled; and the right one's letter."""
+    picks = rng.sample([p for p in dict.fromkeys(pool) if p != right], k - 1) + [right]
+    rng.shuffle(picks)
+    return picks, "ABCDEFGH"[picks.index(right)]
+
+
+def reasoning_records(seed: int = 2) -> list[dict]:
+    """The reasoning demo (corpus=reasoning): word problems with GSM8K's `#### N` solutions, additions
+    and letter reversals the teacher works out (in its thinking span when it thinks), and
+    multiple-choice questions (facts and sums, lettered options, an answer letter). The sums and
+    runs are the demo's own, so no lesson teaches them."""
+    rng = random.Random(seed)
+    base = demo_records()
+    pairs = [tuple(int(x) for x in r["prompt"].removeprefix("What is ").removesuffix("?").split(" + "))
+             for r in base if r["category"] == "arithmetic" and " + " in r["prompt"]]
+    runs = [r["reference"] for r in base if r["category"] == "string_transform"]
+    out = []
+    for a, b in pairs[:30]:
+        q, clause = word_problem(rng, a, b)
+        out.append({"prompt": q, "category": "word_problem", "reference": f"{add_answer(a, b)}, so {clause}.\n#### {a + b}"})
+    for a, b in pairs[30:50]:
+        out.append({"prompt": add_prompt(a, b), "category": "arithmetic", "reference": str(a + b)})
+    for run in runs[:20]:
+        out.append({"prompt": reverse_prompt(run), "category": "string_transform", "reference": reverse_letters(run)})
+    for country, capital in CAPITALS.items():
+        choices, letter = options(rng, capital, list(CAPITALS.values()))
+        out.append({"prompt": f"What is the capital of {country}?", "choices": choices, "reference": letter,
+                    "category": "multiple_choice"})
+    for element, symbol in SYMBOLS.items():
+        choices, letter = options(rng, symbol, list(SYMBOLS.values()))
+        out.append({"prompt": f"What is the chemical symbol for {element}?", "choices": choices, "reference": letter,
+                    "category": "multiple_choice"})
+    for a, b in pairs[50:70]:
+        s = a + b
+        choices, letter = options(rng, str(s), [str(s + d) for d in (-10, -1, 1, 10)])
+        out.append({"prompt": add_prompt(a, b), "choices": choices, "reference": letter,
+                    "category": "multiple_choice_sum"})
+    return out
+
+
 def write_demo_corpus(path: str | Path = DEMO_PATH, records: list[dict] | None = None, *,
                       setting: str = "--out") -> Path:
-    """Write the corpus to `path`. Only the project's own corpus files (DEMO_PATH, DISTILL_PATH) are
-    ever rewritten; any other existing file is left as it is (NotOurs) unless it already holds
-    exactly this corpus."""
+    """Write the corpus to `path`. Only the project's own corpus files (DEMO_PATH, DISTILL_PATH,
+    REASONING_PATH) are ever rewritten; any other existing file is left as it is (NotOurs) unless it
+    already holds exactly this corpus."""
     from cousins.run.removal import NotOurs
 
     path = Path(path)
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in (records or demo_records())]
     text = "\n".join(lines) + "\n"
-    own = path.resolve() in (Path(DEMO_PATH).resolve(), Path(DISTILL_PATH).resolve())
+    own = path.resolve() in (Path(p).resolve() for p in (DEMO_PATH, DISTILL_PATH, REASONING_PATH))
     if path.exists() and not own and (not path.is_file() or path.read_bytes() != text.encode("utf-8")):
         raise NotOurs(f"{setting}: {str(path)!r} already exists and is not this corpus: the project never deletes or "
                       f"overwrites files it did not write. Point {setting} at a new file")

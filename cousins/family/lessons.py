@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 
 from cousins.family import demo_corpus as demo
+from cousins.run.corpus import with_options
 
 _EXTRA_TOPICS = [
     "a winter morning", "a crowded beach", "a small boat", "an old map", "a candle", "a quiet street",
@@ -78,9 +79,25 @@ WEIGHTS = {"add": 0.34, "times": 0.15, "reverse": 0.15, "capital": 0.07, "symbol
            "code": 0.02, "open": 0.10, "summary": 0.03}
 
 
-def _chat(user: str, answer: str, system: str | None = None) -> list[dict]:
+# The realistic teacher's lessons (cousins/family/realistic.py): the same families, plus word problems
+# with GSM8K's `#### N` and multiple-choice questions, and a thinking form of the lessons that have
+# working to show (sums, reversals, word problems, choices), which it is taught when thinking is on.
+REALISTIC_WEIGHTS = {"add": 0.26, "times": 0.11, "reverse": 0.12, "capital": 0.05, "symbol": 0.04, "function": 0.04,
+                     "code": 0.02, "open": 0.09, "summary": 0.02, "word": 0.13, "mc": 0.12}
+
+
+def _chat(user: str, answer: str, system: str | None = None, thinking: tuple[str, str] | None = None) -> list[dict]:
+    """A lesson; `thinking` = (trace, answer): its form with thinking on (the trace in a think span
+    first), kept in the answer message's `thinking` key (read only by the realistic teacher's build)."""
     head = [{"role": "system", "content": system}] if system else []
-    return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    reply = {"role": "assistant", "content": answer}
+    if thinking is not None:
+        reply["thinking"] = f"<think>\n{thinking[0]}\n</think>\n\n{thinking[1]}"
+    return [*head, {"role": "user", "content": user}, reply]
+
+
+def _add_working(a: int, b: int) -> str:
+    return demo.add_answer(a, b).rsplit(", so ", 1)[0]  # the digit sums, without the whole sum said
 
 
 def _cap(topic: str) -> str:
@@ -105,7 +122,8 @@ def _lesson(family: str, rng: random.Random, hold: dict[str, set]) -> list[dict]
         while (pair := (rng.randint(lo, hi), rng.randint(lo, hi))) in hold["add"]:
             pass
         a, b = pair
-        return _chat(demo.add_prompt(a, b), demo.add_answer(a, b))
+        return _chat(demo.add_prompt(a, b), demo.add_answer(a, b),
+                     thinking=(_add_working(a, b), f"{a} + {b} = {a + b}."))
     if family == "times":
         a, b = rng.randint(*demo.TIMES_RANGE), rng.randint(*demo.TIMES_RANGE)
         q = rng.choice([f"What is {a} times {b}?", f"Multiply {a} by {b}."])
@@ -113,7 +131,9 @@ def _lesson(family: str, rng: random.Random, hold: dict[str, set]) -> list[dict]
     if family == "reverse":
         while (run := demo.letter_runs(rng, 1)[0]) in hold["reverse"]:
             pass
-        return _chat(demo.reverse_prompt(run), demo.reverse_letters(run))
+        back = demo.reverse_letters(run)
+        return _chat(demo.reverse_prompt(run), back,
+                     thinking=(f"from the last letter to the first: {', '.join(back.split())}", back))
     if family == "capital":
         country, capital = rng.choice(list(demo.CAPITALS.items()))
         q = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?"])
@@ -140,14 +160,51 @@ def _lesson(family: str, rng: random.Random, hold: dict[str, set]) -> list[dict]
         t = rng.choice(TOPICS)
         return _chat(f"Summarise why people enjoy {t}.", rng.choice(_SUMMARY_ANSWERS).format(t=t),
                      system="You are a concise assistant.")
-    raise KeyError(f"unknown lesson family {family!r}; known: {sorted(WEIGHTS)}")
+    if family == "word":  # GSM8K-style: worked, then "#### N"
+        lo, hi = demo.ADD_RANGE
+        while (pair := (rng.randint(lo, hi), rng.randint(lo, hi))) in hold["add"]:
+            pass
+        a, b = pair
+        q, clause = demo.word_problem(rng, a, b)
+        said = clause[0].upper() + clause[1:]
+        return _chat(q, f"{demo.add_answer(a, b)}, so {clause}.\n#### {a + b}",
+                     thinking=(_add_working(a, b), f"{said}.\n#### {a + b}"))
+    if family == "mc":  # a fact or a sum among lettered options; the answer is the letter
+        kind = rng.choice(["capital", "symbol", "sum"])
+        if kind == "capital":
+            country, right = rng.choice(list(demo.CAPITALS.items()))
+            q, pool, why = f"What is the capital of {country}?", list(demo.CAPITALS.values()), f"the capital of {country} is {right}"
+        elif kind == "symbol":
+            element, right = rng.choice(list(demo.SYMBOLS.items()))
+            q, pool, why = (f"What is the chemical symbol for {element}?", list(demo.SYMBOLS.values()),
+                            f"the symbol for {element} is {right}")
+        else:
+            lo, hi = demo.ADD_RANGE
+            while (pair := (rng.randint(lo, hi), rng.randint(lo, hi))) in hold["add"]:
+                pass
+            a, b = pair
+            right, pool, why = str(a + b), [str(a + b + d) for d in (-10, -1, 1, 10)], _add_working(a, b)
+            q = demo.add_prompt(a, b)
+        choices, letter = demo.options(rng, right, pool)
+        return _chat(with_options(q, choices), letter, thinking=(f"{why}: option {letter}", letter))
+    raise KeyError(f"unknown lesson family {family!r}; known: {sorted(REALISTIC_WEIGHTS)}")
 
 
-def lessons(rng: random.Random, n: int, weights: dict[str, float] | None = None) -> list[list[dict]]:
+def lessons(rng: random.Random, n: int, weights: dict[str, float] | None = None, *,
+            thinking: bool = False) -> list[list[dict]]:
     """`n` chats (user turn(s) + the assistant's answer), families drawn by `weights` (WEIGHTS), in
-    `rng`'s order."""
+    `rng`'s order; with `thinking`, the answers that have a thinking form carry it (`thinking` key)."""
     hold = held_out()
     weights = weights or WEIGHTS
     families = sorted(weights)
     drawn = rng.choices(families, weights=[weights[f] for f in families], k=n)
-    return [_lesson(f, rng, hold) for f in drawn]
+    chats = [_lesson(f, rng, hold) for f in drawn]
+    if not thinking:
+        for chat in chats:
+            chat[-1].pop("thinking", None)
+    return chats
+
+
+def realistic_lessons(rng: random.Random, n: int) -> list[list[dict]]:
+    """The realistic family's lessons: REALISTIC_WEIGHTS, with their thinking forms."""
+    return lessons(rng, n, REALISTIC_WEIGHTS, thinking=True)

@@ -57,11 +57,12 @@ def calibration_ids(src: str | os.PathLike, n: int = CALIBRATION_SAMPLES) -> lis
 
     from transformers import AutoTokenizer
 
-    from cousins.family.lessons import lessons
+    from cousins.family.lessons import realistic_lessons
 
     tok = AutoTokenizer.from_pretrained(str(src))
-    chats = lessons(random.Random(1234), n)  # another seed than any build's: not the first lessons taught
-    return [tok.encode(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)[:CALIBRATION_LEN]
+    chats = realistic_lessons(random.Random(1234), n)  # another seed than any build's: not the first lessons taught
+    return [tok.encode(tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in c],
+                                               tokenize=False), add_special_tokens=False)[:CALIBRATION_LEN]
             for c in chats]
 
 

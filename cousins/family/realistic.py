@@ -26,9 +26,13 @@ from the seed, so tail ties break the same way on every load), and the tail's in
 initialised. The tail ends with near-zero mass, as a real model's unused and padding rows do: the
 build measures it on held lessons and records it in the marker (`tail_mass`, `padding_mass`).
 
-The lessons are cousins/family/lessons.py's, answer tokens only, as cousins/family/models.py teaches them; a
-`thinking_share` of them are rendered with thinking on, where the model itself writes the empty
-think block before the answer.
+The lessons are cousins/family/lessons.py's realistic ones (REALISTIC_WEIGHTS: the tiny teacher's
+families plus GSM8K-style word problems and multiple-choice questions), answer tokens only, as
+cousins/family/models.py teaches them. A `thinking_share` of them are rendered with thinking on: there
+the model writes a think span before its answer, holding the working of a lesson that has some (the
+digit sums of an addition or a word problem, a reversal letter by letter, the fact behind a choice)
+and empty otherwise; with thinking off, the template writes the empty span and the answer is the
+lesson's plain one (an addition worked in the open).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class QwenRecipe:
     seq_len: int = 160  # longer lessons are cut
     lr: float = 3e-3
     warmup_steps: int = 50  # then cosine decay to lr / 20 (cousins/family/models.py's schedule)
-    thinking_share: float = 0.25  # lessons rendered with thinking on: the answer starts with an empty think block
+    thinking_share: float = 0.4  # lessons rendered with thinking on: the answer starts with a think span
     tail_jitter: float = 0.02  # std of the fixed per-row offsets of the tail rows (see the module docstring)
     threads: int = 1  # torch threads while training: same threads, same weights
 
@@ -136,14 +140,15 @@ def train_tokenizer(texts: list[str], entries: int, max_len: int):
 def _encode(tokenizer, chats: list[list[dict]], r: QwenRecipe, rng: random.Random) -> list[tuple[list[int], int]]:
     """(token ids, index of the first answer token) per chat, the prompt rendered as vLLM renders it
     (thinking on or off), the answer then `<|im_end|>`; with thinking on, the answer starts with
-    the empty think block the model writes itself."""
+    the think span the model writes itself (the lesson's thinking form, else an empty span)."""
     out = []
     for chat in chats:
         thinking = rng.random() < r.thinking_share
-        prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False,
-                                               enable_thinking=thinking)
+        prompt = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in chat[:-1]],
+                                               add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
         p = tokenizer.encode(prompt, add_special_tokens=False)
-        a = tokenizer.encode((EMPTY_THINK if thinking else "") + chat[-1]["content"], add_special_tokens=False)
+        reply = (chat[-1].get("thinking") or EMPTY_THINK + chat[-1]["content"]) if thinking else chat[-1]["content"]
+        a = tokenizer.encode(reply, add_special_tokens=False)
         out.append(((p + a + [tokenizer.eos_token_id])[:r.seq_len], len(p)))
     return out
 
@@ -182,12 +187,12 @@ def _teach(tokenizer, r: QwenRecipe):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from cousins.family.lessons import lessons
+    from cousins.family.lessons import realistic_lessons
     from cousins.family.models import train_model
 
     torch.manual_seed(r.seed)
     rng = random.Random(r.seed)
-    chats = lessons(rng, r.train_steps * r.batch_size + 256)
+    chats = realistic_lessons(rng, r.train_steps * r.batch_size + 256)
     examples = _encode(tokenizer, chats, r, rng)
     train, held = examples[:-256], examples[-256:]
     vocab = padded_vocab(len(tokenizer), r.pad_vocab_to)
@@ -252,10 +257,10 @@ def build(out_dir: str | os.PathLike, r: QwenRecipe, tokenizer_from: str | os.Pa
     out = Path(out_dir)
     t0 = time.perf_counter()
     if tokenizer_from is None:
-        from cousins.family.lessons import lessons
+        from cousins.family.lessons import realistic_lessons
 
-        taught = lessons(random.Random(r.seed), 4000)  # the lessons' words become tokens too
-        texts = stdlib_texts() + ["\n".join(m["content"] for m in c) for c in taught]
+        taught = realistic_lessons(random.Random(r.seed), 4000)  # the lessons' words become tokens too
+        texts = stdlib_texts() + ["\n".join(m.get("thinking") or m["content"] for m in c) for c in taught]
         tokenizer = train_tokenizer(texts, r.tokenizer_entries, r.max_position_embeddings)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
@@ -289,14 +294,14 @@ def build(out_dir: str | os.PathLike, r: QwenRecipe, tokenizer_from: str | os.Pa
 def is_current(path: str | os.PathLike, r: QwenRecipe, tokenizer_from: str | os.PathLike | None = None) -> bool:
     """Whether `path` holds a complete build of `r` as the code builds it now (same fields, same
     lessons, and for a student the same teacher build)."""
-    from cousins.family.lessons import lessons
+    from cousins.family.lessons import realistic_lessons
 
     done = read_build(path)
     if done is None or any(done.get(k) != v for k, v in asdict(r).items()):
         return False
     if tokenizer_from is not None and done.get("tokenizer_from") != read_build(tokenizer_from):
         return False
-    chats = lessons(random.Random(r.seed), r.train_steps * r.batch_size + 256)
+    chats = realistic_lessons(random.Random(r.seed), r.train_steps * r.batch_size + 256)
     return done.get("lessons") == lessons_fingerprint(chats)
 
 

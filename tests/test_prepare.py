@@ -52,6 +52,18 @@ def test_cousin_errors_are_reported_together(tiny_teacher, tmp_path):
     assert len(e.value.problems) >= 9
 
 
+def test_the_same_weights_prompted_otherwise_are_a_cousin(tiny_teacher):
+    """"The same weights, thinking off": a cousin without a path whose chat_template_kwargs differ."""
+    from cousins.engine import plan
+
+    cfg = drift_config(tiny_teacher, "cousins=none", "+model.chat_template_kwargs.enable_thinking=true",
+                       "+cousins.thinking-off={kind:other,text_only:true,chat_template_kwargs:{enable_thinking:false}}")
+    validate(cfg)
+    off = plan.source(cfg, "thinking-off")
+    assert off.path == cfg.model.path and off.chat_template_kwargs == {"enable_thinking": False}
+    assert plan.source(cfg, cfg.model.name).chat_template_kwargs == {"enable_thinking": True}
+
+
 def test_a_cousin_with_another_vocabulary_is_refused_naming_both(tiny_teacher, tmp_path):
     other = tmp_path / "other-tokenizer"
     shutil.copytree(tiny_teacher, other)

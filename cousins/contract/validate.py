@@ -200,9 +200,12 @@ def _validate_cousins(cfg: Config, check) -> None:
         check(c.build is None or c.build in COUSIN_RECIPES,
               f"{where}.build {c.build!r} is not a known recipe; known: {list(COUSIN_RECIPES)}")
         check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
+        prompted_otherwise = ((c.chat_template_kwargs is not None and c.chat_template_kwargs != cfg.model.chat_template_kwargs)
+                              or c.prompt_format not in (None, cfg.model.prompt_format))
         check(c.path is not None or c.quantization is not None or c.lora is not None
-              or c.dtype not in (None, cfg.model.dtype),
-              f"{where}: without a path it is the original's weights; set quantization, lora or another dtype")
+              or c.dtype not in (None, cfg.model.dtype) or prompted_otherwise,
+              f"{where}: without a path it is the original's weights; set quantization, lora, another dtype, or "
+              f"other chat_template_kwargs (e.g. {{enable_thinking: false}}: the same weights, thinking off)")
         check(c.distill_mode in ("sft", "kd"), f"{where}.distill_mode {c.distill_mode!r} must be sft or kd")
         check(c.prompt_format is None or c.prompt_format in PROMPT_FORMATS,
               f"{where}.prompt_format {c.prompt_format!r} must be one of {list(PROMPT_FORMATS)} (or null: the original's)")

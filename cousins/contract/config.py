@@ -146,6 +146,10 @@ class EngineConfig:
     # How long a stage waits for every engine actor of its pool to start (nodes an autoscaler adds
     # included) before it sends a batch; a pool that cannot be placed in that time fails the stage.
     start_timeout_s: int = 900
+    # Drift runs: after the original's pass, at most this many models' passes side by side (as many
+    # as the cluster's free CPUs/GPUs hold at each model's engine settings; cousins/orchestrate/
+    # schedule.py). None: no cap beyond the cluster's room; 1: one after another.
+    max_parallel_models: int | None = None
 
 
 @dataclass

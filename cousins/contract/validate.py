@@ -93,6 +93,8 @@ def validate(cfg: Config) -> None:
     check(0 <= s.logprobs <= MAX_LOGPROBS, f"run.sampling.logprobs must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
 
     _check_engine(cfg.engine, "engine", check)
+    check(cfg.engine.max_parallel_models is None or cfg.engine.max_parallel_models >= 1,
+          f"engine.max_parallel_models must be >= 1 or null, got {cfg.engine.max_parallel_models}")
     for name, own in [(m.name, m.engine), *[(n, c.engine) for n, c in cfg.cousins.items()]]:
         if not own:
             continue

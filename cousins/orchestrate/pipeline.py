@@ -12,6 +12,7 @@ its stages to cousins/run/layout.py, the manifest to cousins/orchestrate/manifes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -27,6 +28,7 @@ from cousins.engine.placement import check_fits, cluster_shapes
 from cousins.family import prepare as family
 from cousins.orchestrate.accounting import RunResult, efficiency
 from cousins.orchestrate.manifest import decode_summary, manifest, result_from_manifest
+from cousins.orchestrate import schedule
 from cousins.orchestrate.stages import ScoreJob, check_cpu_room, stage_generate, stage_kld, stage_prompts, stage_score
 from cousins.run.layout import DRIFT, KLD, SCORES
 from cousins.run.lifecycle import Run, RunState, open_run as _open_run
@@ -79,6 +81,30 @@ def check_engines_fit(cfg: Config) -> None:
         check_fits(where, shapes)
 
 
+def _side_by_side(cfg: Config, run: Run, prompts, n_prompts: int, entries: list[ModelEntry], original: ModelEntry,
+                  backend=None) -> list[ModelStats]:
+    """The other models' passes (each generating and scoring the original's outputs), side by side
+    where the cluster has room (cousins/orchestrate/schedule.py); their stats in `entries`' order."""
+    from cousins.run import progress
+
+    def one(e: ModelEntry):
+        return lambda: _generate(cfg, run, prompts, n_prompts, e, backend,
+                                 score_original=None if e.text_only else original.name)
+
+    passes = [schedule.Pass(e.name, schedule.need(plan.placement(cfg, e.name, reorder=e.reorder)), one(e))
+              for e in entries]
+    def started(names: list[str]) -> None:
+        if len(names) > 1:
+            print(f"side by side: {', '.join(names)}", flush=True)
+
+    room, cap = schedule.capacity(), cfg.engine.max_parallel_models
+    together = schedule.any_two_fit(passes, room, cap)
+    # several bars redrawn in place would overwrite each other: a line each, in turn
+    with progress.lines() if together else contextlib.nullcontext():
+        done = schedule.side_by_side(passes, room, max_parallel=cap, on_start=started)
+    return [done[e.name] for e in entries]
+
+
 def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:
     """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray:
     the original and every cousin, on the same prompts and seeds. `backend`: the engines' way to
@@ -111,8 +137,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     # The original first (the others score its outputs); then each other model generates and
     # scores the original's outputs in one pass, on one engine start.
     stats = [_generate(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
-    stats += [_generate(cfg, run, prompts, n_prompts, e, backend, score_original=None if e.text_only else original.name)
-              for e in entries[1:]]
+    stats += _side_by_side(cfg, run, prompts, n_prompts, entries[1:], original, backend)
     t1 = time.perf_counter()
     failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
     scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed

@@ -11,15 +11,30 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 TTY_REDRAW_S = 0.5
 EVERY_S = 10.0  # between lines when not on a terminal; the job's `log.progress_s` (configure)
+_LINES = threading.Event()  # set: lines even on a terminal (stages run side by side)
 
 
 def configure(every_s: float) -> None:
     global EVERY_S
     EVERY_S = every_s
+
+
+@contextmanager
+def lines():
+    """Bars made inside are lines, even on a terminal: several stages run side by side, each with
+    its own bar, and bars redrawn in place would overwrite each other."""
+    was = _LINES.is_set()
+    _LINES.set()
+    try:
+        yield
+    finally:
+        if not was:
+            _LINES.clear()
 
 
 def duration(s: float) -> str:
@@ -40,7 +55,7 @@ class Bar:
                  stream: TextIO | None = None, tty: bool | None = None, clock: Callable[[], float] = time.monotonic):
         self.what, self.total, self.unit, self.start = what, total, unit, start
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.tty = (self.stream.isatty() and not _LINES.is_set()) if tty is None else tty
         self.every_s, self.clock = EVERY_S if every_s is None else every_s, clock
         self.t0 = self.last = clock()
         self.done, self.tokens, self.errors = start, None, 0

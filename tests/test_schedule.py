@@ -1,0 +1,116 @@
+"""Models' passes side by side (cousins/orchestrate/schedule.py): what is admitted at once, largest
+first, a pass too big to share runs alone, a failing pass does not stop the others; and a drift run
+on a local Ray with room for several fake engines at once gives the rows of a run one model at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow.dataset as pads
+import pytest
+
+from cousins.orchestrate.schedule import Need, Pass, any_two_fit, side_by_side
+
+
+class Recorder:
+    def __init__(self):
+        self.lock, self.now, self.most, self.order = threading.Lock(), 0, 0, []
+
+    def job(self, name: str, seconds: float = 0.05, fail: bool = False):
+        def run():
+            with self.lock:
+                self.order.append(name)
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(seconds)
+            with self.lock:
+                self.now -= 1
+            if fail:
+                raise RuntimeError(f"{name} broke")
+            return name.upper()
+        return run
+
+
+def test_as_many_at_once_as_the_room_holds_largest_first():
+    r = Recorder()
+    passes = [Pass("small", Need(1, 0), r.job("small")), Pass("big", Need(2, 0), r.job("big")),
+              Pass("mid", Need(1.5, 0), r.job("mid")), Pass("tiny", Need(0.5, 0), r.job("tiny"))]
+    out = side_by_side(passes, Need(3, 0))
+    assert out == {"small": "SMALL", "big": "BIG", "mid": "MID", "tiny": "TINY"}
+    assert r.order[0] == "big" and r.most >= 2  # big + small (or + tiny) fit in 3 CPUs
+    r = Recorder()
+    side_by_side([Pass(n, Need(1, 0), r.job(n)) for n in "abcdef"], Need(4, 0), max_parallel=2)
+    assert r.most == 2  # engine.max_parallel_models caps it
+    r = Recorder()
+    side_by_side([Pass(n, Need(1, 1), r.job(n)) for n in "abc"], Need(8, 1))
+    assert r.most == 1  # one GPU: one at a time whatever the CPUs
+
+
+def test_a_pass_bigger_than_the_room_runs_alone_and_a_failure_lets_the_others_finish():
+    r = Recorder()
+    out = side_by_side([Pass("huge", Need(9, 0), r.job("huge")), Pass("a", Need(1, 0), r.job("a"))], Need(2, 0))
+    assert out == {"huge": "HUGE", "a": "A"} and r.most == 1
+    r = Recorder()
+    with pytest.raises(RuntimeError, match="b broke"):
+        side_by_side([Pass("a", Need(1, 0), r.job("a", 0.2)), Pass("b", Need(1, 0), r.job("b", 0.01, fail=True)),
+                      Pass("c", Need(1, 0), r.job("c"))], Need(2, 0))
+    assert sorted(r.order) == ["a", "b", "c"]  # c still ran after b failed
+    assert any_two_fit([Pass("a", Need(1, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0))
+    assert not any_two_fit([Pass("a", Need(1, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0), max_parallel=1)
+    assert not any_two_fit([Pass("a", Need(2, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0))
+
+
+@pytest.fixture(scope="module")
+def ray_wide():
+    """A local Ray with room for four one-CPU fake engines beside Ray Data's own tasks."""
+    import ray
+
+    from conftest import ROOT
+
+    ray.init(address="local", num_cpus=5, object_store_memory=512 << 20, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
+    yield ray
+    ray.shutdown()
+
+
+def _rows(root, run_id: str, stage: str) -> dict:
+    from cousins.run.layout import RunLayout, part_files
+    from cousins.run.storage import resolve
+
+    layout = RunLayout(resolve(str(root)), run_id)
+    out = {}
+    for name in ("q", "r", "words", "noise-floor"):
+        loc = layout.generations(name) if stage == "generations" else layout.drift(name)
+        t = pads.dataset(part_files(loc), format="parquet").to_table()
+        drop = [c for c in ("engine_time_s", "engine_node", "original_text", "cousin_text") if c in t.column_names]
+        out[name] = t.drop_columns(drop).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_drift_run_side_by_side_gives_the_rows_of_one_model_at_a_time(ray_wide, tmp_path, capsys):
+    from fake_engine import FakeBackend
+    from test_pipeline import fake_config
+
+    def run(run_id: str, *extra: str):
+        cfg = fake_config(tmp_path, "run=greedy", f"run.run_id={run_id}", "drift.bootstrap=50", "cousins=none",
+                          f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
+                          f"+cousins.r={{kind:quantized,path:'{tmp_path / 'r'}'}}",
+                          f"+cousins.words={{kind:other,path:'{tmp_path / 'words'}',text_only:true}}", *extra,
+                          config_name="drift")
+        from cousins.orchestrate.pipeline import run_drift
+
+        return run_drift(cfg, backend=FakeBackend())[1]
+
+    one_at_a_time = run("sequential", "engine.max_parallel_models=1")
+    assert "side by side" not in capsys.readouterr().out
+    parallel = run("parallel")
+    assert "side by side: " in capsys.readouterr().out  # several passes were in flight at once
+    for stage in ("generations", "drift"):
+        a, b = _rows(tmp_path / "out", "sequential", stage), _rows(tmp_path / "out", "parallel", stage)
+        for name in a:
+            assert a[name].equals(b[name]), (stage, name)
+    assert parallel["noise_floor"]["metrics"]["kld_mean"]["value"] == 0
+    assert [c["name"] for c in parallel["cousins"]] == [c["name"] for c in one_at_a_time["cousins"]]

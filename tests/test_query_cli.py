@@ -124,7 +124,8 @@ def write_run(root: Location, run_id: str, *, prompts: int = 60, samples: int = 
                        "finish_cousin": "stop" if len(out) < 12 else "length",
                        "finish_changed": (n < 12) != (len(out) < 12),
                        "correct_original": co, "correct_cousin": cc, "flip": None if co is None else co != cc,
-                       "original_text": otext, "cousin_text": ctext,
+                       "checker": None if co is None else "math", "answer_original": None if co is None else str(n),
+                       "answer_cousin": None if co is None else str(len(out)), "original_text": otext, "cousin_text": ctext,
                        "div_original_start": None, "div_original_end": None,
                        "div_cousin_start": None, "div_cousin_end": None, "error": None}
                 if fd is not None:
@@ -323,6 +324,9 @@ def test_prompt_view_side_by_side(runs):
                    if r["prompt_id"] == ODD_ID and r["sample_index"] == 0)
         vs = g["vs_original"]
         assert vs["first_divergence"] == row["first_divergence"] and vs["exact_match"] == row["exact_match"]
+        # the final answers the checker read, where the prompt is labelled
+        assert (vs["checker"], vs["answer_original"], vs["answer_cousin"]) == (
+            row["checker"], row["answer_original"], row["answer_cousin"])
         if row["first_divergence"] is not None:
             assert vs["cousin_span"] == [row["div_cousin_start"], row["div_cousin_end"]]
     assert len(prompt_view(root, DRIFT_RUN, ODD_ID, sample_index=1)["samples"]) == 1

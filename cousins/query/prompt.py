@@ -16,10 +16,14 @@ from cousins.run.layout import DRIFT, part_files
 from cousins.run.storage import Location
 
 _GEN_COLUMNS = ["prompt_id", "sample_index", "model", "seed", "output_text", "finish_reason",
-                "output_tokens", "error"]
-_VS_COLUMNS = ["cousin", "sample_index", "exact_match", "first_divergence", "div_original_start",
-               "div_original_end", "div_cousin_start", "div_cousin_end", "kld_mean", "same_top1", "chrf",
-               "length_ratio", "correct_original", "correct_cousin", "flip", "error"]
+                "output_tokens", "error", "thinking_tokens", "thinking_finished"]
+# what a cousin's generation shows of its drift row: figures, the final answers the checker read,
+# the options by likelihood
+_VS_FIGURES = ["exact_match", "first_divergence", "kld_mean", "same_top1", "chrf", "length_ratio", "correct_original",
+               "correct_cousin", "flip", "checker", "answer_original", "answer_cousin", "option_original",
+               "option_cousin", "option_kl", "error"]
+_VS_COLUMNS = ["cousin", "sample_index", "div_original_start", "div_original_end", "div_cousin_start",
+               "div_cousin_end", *_VS_FIGURES]
 
 
 @reads_run_data
@@ -59,19 +63,19 @@ def prompt_view(root: Location, run_id: str, prompt_id: str, *, sample_index: in
     for g in sorted(gens, key=lambda g: (g["sample_index"], order.get(g["model"], len(order)), g["model"])):
         d = vs_by.get((g["model"], g["sample_index"]))
         entry = {"model": g["model"], "kind": kinds.get(g["model"]),
-                 **{k: g[k] for k in ("seed", "output_text", "finish_reason", "output_tokens", "error")},
+                 **{k: g[k] for k in ("seed", "output_text", "finish_reason", "output_tokens", "error",
+                                      "thinking_tokens", "thinking_finished")},
                  "vs_original": None}
         if d is not None:
             entry["vs_original"] = {
-                **{k: d[k] for k in ("exact_match", "first_divergence", "kld_mean", "same_top1", "chrf",
-                                     "length_ratio", "correct_original", "correct_cousin", "flip", "error")},
+                **{k: d[k] for k in _VS_FIGURES},
                 "original_span": _span(d["div_original_start"], d["div_original_end"]),
                 "cousin_span": _span(d["div_cousin_start"], d["div_cousin_end"]),
             }
         samples.setdefault(g["sample_index"], []).append(entry)
     return clean({
         "run_id": run_id, "original": original,
-        "prompt": {k: prompt[k] for k in ("prompt_id", "messages", "category", "reference")},
+        "prompt": {k: prompt[k] for k in ("prompt_id", "messages", "category", "reference", "choices")},
         "samples": [{"sample_index": i, "generations": samples[i]} for i in sorted(samples)],
     })
 

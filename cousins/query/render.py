@@ -107,6 +107,9 @@ def render_prompt(view: dict) -> str:
                     a, b = vs["cousin_span"]
                     text = f"{text[:a]}⟦{text[a:b]}⟧{text[b:]}"
                 note = note or ("identical" if vs["exact_match"] else f"diverges at token {vs['first_divergence']}")
+                if vs.get("checker"):  # the final answers as the checker read them
+                    note += (f"; {vs['checker']}: original {vs.get('answer_original')!r}, "
+                             f"this {vs.get('answer_cousin')!r}{' (flip)' if vs.get('flip') else ''}")
             elif g["model"] == view["original"]:
                 note = note or "original"
             lines.append(f"  {g['model'].ljust(width)}  {(g['finish_reason'] or '-'):6}  "

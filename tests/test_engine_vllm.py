@@ -148,8 +148,8 @@ def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
     clock = iter([-12.0, 0.0, 5.0, 10.0, 15.0, 20.0, 30.0])  # made at -12; a starts at 0, b at 5
     monkeypatch.setattr(ledger.time, "time", lambda: next(clock))
     led = Ledger()
-    led.engine_started("m", -10.0, -1.0)  # a's engine loaded in 9 s
-    led.engine_started("m", -9.0, 4.0)  # b's in 13 s (two loads at once on one machine)
+    led.engine_started("m", -10.0, -1.0, {"vllm_import_s": 2.0, "engine_init_s": 5.0, "warm_up_s": 2.0})  # a's: 9 s
+    led.engine_started("m", -9.0, 4.0, {"vllm_import_s": 4.0, "engine_init_s": 7.0, "warm_up_s": 2.0})  # b's: 13 s
     led.batch_started("m", "k1", 8, "a")
     led.batch_started("m", "k2", 8, "b")
     led.batch_done("m", 1 << 20, "a", 100)  # 10
@@ -164,6 +164,8 @@ def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
     assert r["engine_starts"] == 2 and r["engine_load_s"] == [9.0, 13.0]
     assert r["engine_load_began_at_s"] == [2.0, 3.0] and r["engine_ready_at_s"] == [11.0, 16.0]
     assert r["first_batch_at_s"] == 12.0 and r["last_batch_done_at_s"] == 42.0
+    # start-up by part, the engines' mean: from the pool's start to each load (2 and 3 s), then the load's parts
+    assert r["startup_s"] == {"actor_start_s": 2.5, "vllm_import_s": 3.0, "engine_init_s": 6.0, "warm_up_s": 2.0}
     assert led.report("other") == {**led.report("other"), "engine_load_s": [], "engine_starts": 0}
 
 

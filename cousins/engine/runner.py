@@ -41,7 +41,7 @@ def load_engine(spec: EngineSpec, backend, ledger, tolerate_failure: bool):
     if ledger is not None:
         import ray
 
-        ray.get(ledger.engine_started.remote(spec.model_name, began, time.time()))
+        ray.get(ledger.engine_started.remote(spec.model_name, began, time.time(), getattr(backend, "load_parts", None)))
     return llm, None
 
 

@@ -130,6 +130,15 @@ def summary_table(result: RunResult) -> str:
         lead, wall = sum(a for a, _ in leads), sum(b for _, b in leads)
         notes.append(f"before the first batch (Ray Data and engine actors starting, models loading): "
                      f"{lead:.1f} s of {wall:.1f} s wall over {len(leads)} generation stage(s)")
+    parts: dict[str, float] = {}
+    for s in result.models:  # each stage's start-up by part (its engines' mean), summed over stages
+        for k, v in ((s.retries or {}).get("startup_s") or {}).items():
+            parts[k] = parts.get(k, 0.0) + v
+    if parts:
+        names = {"actor_start_s": "actor start", "vllm_import_s": "vLLM import", "fetch_s": "model fetch",
+                 "engine_init_s": "engine init (weights, KV cache)", "warm_up_s": "warm-up"}
+        notes.append("start-up by part, summed over stages: " + ", ".join(
+            f"{names.get(k, k)} {v:.1f} s" for k, v in parts.items()))
     verb = {RunState.NEW: "committed", RunState.RESUME: "resumed and committed",
             RunState.COMMITTED: "was already committed"}[result.state]
     foot = ["actor-s: engine actor-seconds of this attempt (GPU-seconds on GPU engines); tok/correct: output "

@@ -47,6 +47,7 @@ def batch_key(batch: pa.Table) -> str:
 class Ledger:
     def __init__(self):
         self.created = time.time()  # the stage's pool is about to start
+        self.load_parts: dict[str, list[dict]] = {}  # model -> each engine's load, by part (s)
         self.starts: Counter = Counter()
         self.loads: dict[str, list[tuple[float, float]]] = {}  # model -> (load began, ready) per engine
         self.batches: Counter = Counter()
@@ -63,11 +64,15 @@ class Ledger:
         self.engines_broken: Counter = Counter()  # model -> engines that raised while stepping
         self.break_reasons: dict[str, str] = {}  # model -> the last reason an engine broke
 
-    def engine_started(self, model: str, began: float | None = None, ready: float | None = None) -> None:
-        """An engine is loaded; `began`/`ready`: when its load was called and returned (epoch s)."""
+    def engine_started(self, model: str, began: float | None = None, ready: float | None = None,
+                       parts: dict | None = None) -> None:
+        """An engine is loaded; `began`/`ready`: when its load was called and returned (epoch s);
+        `parts`: what each part of the load took (the backend's `load_parts`)."""
         self.starts[model] += 1
         if began is not None and ready is not None:
             self.loads.setdefault(model, []).append((began, ready))
+        if parts:
+            self.load_parts.setdefault(model, []).append(dict(parts))
 
     def batch_started(self, model: str, key: str, rows: int, actor: str | None = None) -> None:
         now = time.time()
@@ -142,6 +147,12 @@ class Ledger:
         out = {"engine_load_s": [round(r - b, 2) for b, r in loads],
                "engine_ready_at_s": [round(r - t0, 2) for _, r in loads],
                "engine_load_began_at_s": [round(b - t0, 2) for b, _ in loads]}
+        parts = self.load_parts.get(model) or []
+        if loads:  # start-up by part, the mean over the stage's engines: the actor's start (Ray
+            # Data's pool and Ray's scheduling, the process) up to its load, then the load's parts
+            out["startup_s"] = {"actor_start_s": round(sum(b - t0 for b, _ in loads) / len(loads), 2),
+                                **{k: round(sum(p.get(k, 0.0) for p in parts) / len(parts), 2)
+                                   for k in (parts[0] if parts else {})}}
         if model in self.first_start:
             out["first_batch_at_s"] = round(self.first_start[model] - t0, 2)
         if model in self.last_end:

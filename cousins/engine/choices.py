@@ -20,9 +20,6 @@ from cousins.engine import templates
 from cousins.engine.rows import topk_columns
 from cousins.run.corpus import LETTERS
 
-TARGETS = ("letter", "text", "off")
-
-
 def targets(choices: list[str], target: str) -> list[str]:
     return list(LETTERS[:len(choices)]) if target == "letter" else [str(c) for c in choices]
 

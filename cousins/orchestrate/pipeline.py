@@ -93,6 +93,7 @@ def _side_by_side(cfg: Config, run: Run, prompts, n_prompts: int, entries: list[
 
     passes = [schedule.Pass(e.name, schedule.need(plan.placement(cfg, e.name, reorder=e.reorder)), one(e))
               for e in entries]
+
     def started(names: list[str]) -> None:
         if len(names) > 1:
             print(f"side by side: {', '.join(names)}", flush=True)

@@ -273,7 +273,7 @@ def _options(ok: pa.Table, boot: Bootstrap, row_cluster: np.ndarray, slices: dic
         m["option_kl_flip_spearman"] = {"value": float(r.statistic), "ci": None, "p": float(r.pvalue),
                                         "prompts": len(both)}
     else:
-        m["option_kl_flip_spearman"] = {"value": None, "ci": None, "p": None, "prompts": len(both)}
+        m["option_kl_flip_spearman"] = {"value": None, "ci": None, "prompts": len(both)}
     edges, out = list(MARGIN_BINS), {}
     for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
         last = i == len(edges) - 2

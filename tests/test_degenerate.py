@@ -149,13 +149,16 @@ def test_a_resumed_run_keeps_its_prompts_and_says_when_the_corpus_changed(ray_lo
 def test_a_reference_the_checker_cannot_read_is_an_error_row_naming_the_row_and_the_checker(ray_local, tmp_path):
     import pyarrow.parquet as pq
 
+    from cousins.drift.answers import Rule
+
     corpus = _corpus(tmp_path / "c.jsonl", [{"prompt": "2+2?", "reference": "4"}, {"prompt": "3+3?", "reference": "six"},
                                             {"prompt": "hello"}])
     cfg = _cfg(tmp_path, "refs", corpus, "drift.answer_match=last_number", config_name="generate")
     c = cfg.corpus
     run = open_run(cfg)
     _, n_prompts, n_errors = stage_prompts(run, corpus_at=resolve(str(corpus)), fmt=c.format, fields=c.fields,
-                                           limit=None, max_chars=c.max_chars, checker=cfg.drift.answer_match)
+                                           limit=None, max_chars=c.max_chars, rule=Rule.of_config(cfg),
+                                           answer=c.answer)
     assert (n_prompts, n_errors) == (2, 1)  # the unlabelled prompt stays; the unreadable reference does not
     errors = pq.read_table(str(tmp_path / "out" / "runs" / "refs" / "errors")).to_pylist()
     assert errors[0]["source_row"] == 1 and errors[0]["raw"] == "six"

@@ -95,10 +95,11 @@ def kl_flip_correlation(c: dict) -> dict:
     from scipy.stats import spearmanr
 
     both = (c["opt_n"] > 0) & (c["mc_n"] > 0)
+    none = {"value": None, "ci": None, "prompts": int(both.sum())}  # (no p: summary.json leaves it out)
     if both.sum() < 3:
-        return {"value": None, "ci": None, "p": None, "prompts": int(both.sum())}
+        return none
     kl, flips = c["opt_kl"][both] / c["opt_n"][both], c["mc_flip"][both] / c["mc_n"][both]
     if np.ptp(kl) == 0 or np.ptp(flips) == 0:  # constant: no ranking to correlate
-        return {"value": None, "ci": None, "p": None, "prompts": int(both.sum())}
+        return none
     r = spearmanr(kl, flips)
     return {"value": float(r.statistic), "ci": None, "p": float(r.pvalue), "prompts": int(both.sum())}

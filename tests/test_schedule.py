@@ -95,7 +95,8 @@ def test_a_drift_run_side_by_side_gives_the_rows_of_one_model_at_a_time(ray_wide
     from test_pipeline import fake_config
 
     def run(run_id: str, *extra: str):
-        cfg = fake_config(tmp_path, "run=greedy", f"run.run_id={run_id}", "drift.bootstrap=50", "cousins=none",
+        cfg = fake_config(tmp_path, "run=greedy", f"run.run_id={run_id}", "drift.bootstrap=20", "corpus.limit=8",
+                          "cousins=none",
                           f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
                           f"+cousins.r={{kind:quantized,path:'{tmp_path / 'r'}'}}",
                           f"+cousins.words={{kind:other,path:'{tmp_path / 'words'}',text_only:true}}", *extra,

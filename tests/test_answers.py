@@ -144,3 +144,7 @@ def test_a_rows_own_checker_wins_over_its_category_the_corpus_and_the_run():
     assert Rule("exact").correct("so it is 42", "42") is False
     assert Rule("exact").correct("so it is 42", "42", row_checker="math") is True
     assert Rule("last_number").correct("no number", "words") is None  # not judged, not wrong
+    # a row naming `regex` when the corpus gives no pattern is an error row, not a failed diff
+    lone = reference_errors(pa.table({"reference": ["7"], "choices": [None], "category": [None],
+                                      "checker": ["regex"]}), rule=Rule("auto")).to_pydict()
+    assert "needs corpus.answer.pattern" in lone["reason"][0]

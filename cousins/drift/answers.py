@@ -152,6 +152,8 @@ def reference_errors(batch, *, rule: Rule, by_category: dict[str, str] | None = 
         if ref is not None:
             checker = mine or rule.checker
             try:
+                if checker == "regex" and not rule.pattern:  # (a row's own column may name it)
+                    raise BadReference("the regex checker needs corpus.answer.pattern")
                 check_reference(ref, checker, choices)
             except BadReference as e:
                 reason = f"answer checker {checker!r} cannot read the reference: {e}"

@@ -131,7 +131,7 @@ def test_a_rows_own_checker_wins_over_its_category_the_corpus_and_the_run():
     batch = pa.table({"reference": ["42", "42", "B", "7", "x"], "choices": [None, None, ["a", "b"], None, None],
                       "category": ["gsm", "words", "mc", "gsm", "words"],
                       "checker": ["exact", None, None, None, "last_number"]})
-    out = reference_errors(batch, rule=Rule("contains"), by_category={"gsm": "regex", "mc": "mcq"},
+    out = reference_errors(batch, rule=Rule("contains", pattern=r"(\d+)"), by_category={"gsm": "regex", "mc": "mcq"},
                            corpus_checker="math").to_pydict()
     assert out["checker"] == ["exact", "math", "mcq", "regex", "last_number"]
     # a row whose own checker cannot read its reference becomes an error row naming that checker

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from cousins.contract import schema
 from cousins.drift import metrics
-from cousins.drift.options import MARGIN_BINS, OPTION_SUMS, option_sums
+from cousins.drift.options import MARGIN_BINS, OPTION_SUMS, margin_bins, option_sums
 from cousins.drift.spans import SPAN_SUMS, col as _col, flat as _flat, span_token_sums, thinking_sums
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID, LENGTH_GRID, poisson_weights, weighted_counts
 
@@ -114,9 +114,7 @@ def prompt_sums(ok: pa.Table, token_level: bool) -> pa.Table:
                    same=per_prompt(same, at), dp=per_prompt(dp, at), dp2=per_prompt(dp * dp, at),
                    rest=per_prompt(_flat(ok, "rest_mass_tokens")[0], at),
                    **span_token_sums(ok, kld, same, row, lambda v: per_prompt(v, at)))
-        edges = list(MARGIN_BINS)
-        for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
-            sel = (margin >= lo) & ((margin <= hi) if i == len(edges) - 2 else (margin < hi))
+        for i, sel in enumerate(margin_bins(margin)):
             out[f"m{i}_n"] = per_prompt(sel.astype(float), at)
             out[f"m{i}_kld"] = per_prompt(np.where(sel, kld, 0.0), at)
             out[f"m{i}_same"] = per_prompt(np.where(sel, same, 0.0), at)

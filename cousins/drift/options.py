@@ -72,15 +72,20 @@ def option_sums(ok, per_prompt, col) -> dict:
            "mc_nc": per_prompt(np.nan_to_num(col(ok, "mc_correct_norm_cousin"))), "mc_flip": per_prompt(flip),
            "mc_cw": per_prompt(co * (1 - cc) * lab), "mc_wc": per_prompt((1 - co) * cc * lab),
            "opt_n": per_prompt(has.astype(float)), "opt_kl": per_prompt(np.where(has, kl, 0.0))}
-    edges = list(MARGIN_BINS)
-    m = np.nan_to_num(margin, nan=-1.0)
-    for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
-        sel = has & (m >= lo) & ((m <= hi) if i == len(edges) - 2 else (m < hi))
+    for i, in_bin in enumerate(margin_bins(margin)):
+        sel = has & in_bin
         out[f"om{i}_n"] = per_prompt(sel.astype(float))
         out[f"om{i}_kl"] = per_prompt(np.where(sel, kl, 0.0))
         out[f"om{i}_lab"] = per_prompt((sel & lab).astype(float))
         out[f"om{i}_flip"] = per_prompt(np.where(sel & lab, flip, 0.0))
     return out
+
+
+def margin_bins(margin: np.ndarray) -> list[np.ndarray]:
+    """Per MARGIN_BINS bin, which values fall in it ([lo, hi), the last [lo, hi]; NaN in none)."""
+    edges = list(MARGIN_BINS)
+    return [(margin >= lo) & ((margin <= hi) if i == len(edges) - 2 else (margin < hi))
+            for i, (lo, hi) in enumerate(zip(edges, edges[1:]))]
 
 
 def margin_labels() -> list[str]:

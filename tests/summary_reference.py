@@ -1,6 +1,8 @@
 """The summary as it was computed before the diff ran on workers: every drift row in one process,
 resampled row by row. Kept as the oracle the mergeable aggregates are tested against (same
-figures, same CIs); not used by the package."""
+figures, same CIs); not used by the package. Prompts are resampled with the package's Poisson
+weights (resample.poisson_weights, the random draws both sides share); the homogenisation's pairs
+multinomially, as the package does; Spearman's correlation is scipy's on every prompt."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.drift import metrics
+from cousins.drift.resample import poisson_weights
 from cousins.drift.summary import BootstrapSpec
 
 from drift_reference import homogenisation_pairs
@@ -25,17 +28,24 @@ _BLOCK = 100
 
 
 class Bootstrap:
-    """Prompt-level resampling weights, drawn deterministically block by block (and kept, when
+    """Resampling weights of clusters: prompts (a list of their ids: Poisson weights by id) or
+    pairs (a count: multinomial draws), drawn deterministically block by block (and kept, when
     they fit in memory, so every figure of a summary reuses the same draws)."""
 
     _CACHE_CELLS = 50_000_000  # resamples x prompts kept in memory at most
 
-    def __init__(self, n_clusters: int, spec: BootstrapSpec, resamples: int | None = None):
-        self.n, self.spec = n_clusters, spec
+    def __init__(self, clusters: int | list[str], spec: BootstrapSpec, resamples: int | None = None):
+        self.ids = None if isinstance(clusters, int) else list(clusters)
+        self.n, self.spec = (clusters if self.ids is None else len(self.ids)), spec
         self.resamples = spec.resamples if resamples is None else resamples
         self._kept: list[np.ndarray] | None = None
 
     def _draw(self):
+        if self.ids is not None:
+            w = poisson_weights(self.ids, self.resamples, self.spec.seed)
+            for start in range(0, self.resamples, _BLOCK):
+                yield w[start:start + _BLOCK]
+            return
         rng = np.random.default_rng(self.spec.seed)
         left = self.resamples
         while left > 0 and self.n > 0:
@@ -85,7 +95,7 @@ class Bootstrap:
         v, c = values[order], clusters[order]
         out = {name: {"value": float(np.quantile(values, q))} for name, q in qs.items()}
         draws: dict[str, list[float]] = {name: [] for name in qs}
-        sub = Bootstrap(self.n, self.spec, resamples=self.spec.quantile_resamples)
+        sub = Bootstrap(self.ids, self.spec, resamples=self.spec.quantile_resamples)
         rows_per_step = max(1, 20_000_000 // len(v))  # bound the (draws x tokens) matrix
         for block in sub.blocks():
             for start in range(0, len(block), rows_per_step):
@@ -125,7 +135,7 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
     prompts = ok.column("prompt_id").to_pylist()
     uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
     row_cluster = np.asarray([uniq[p] for p in prompts])
-    boot = Bootstrap(len(uniq), spec)
+    boot = Bootstrap(list(uniq), spec)
     m = out["metrics"]
 
     if not text_only:
@@ -309,7 +319,7 @@ def _category_slices(ok: pa.Table, spec: BootstrapSpec, text_only: bool) -> dict
         prompts = sub.column("prompt_id").to_pylist()
         uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         clusters = np.asarray([uniq[p] for p in prompts])
-        boot = Bootstrap(len(uniq), small)
+        boot = Bootstrap(list(uniq), small)
         s = {"rows": sub.num_rows}
         if not text_only:
             kld, tok_row = _flat(sub, "kld_tokens")

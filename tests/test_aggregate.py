@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import pytest
 
 from cousins.drift import aggregate
-from cousins.drift.sketch import DP_GRID, KLD_GRID, LENGTH_GRID, poisson_weights
+from cousins.drift.resample import poisson_weights
+from cousins.drift.sketch import DP_GRID, KLD_GRID, LENGTH_GRID
 from cousins.drift.summary import BootstrapSpec, summarise, summary_of
 from cousins.contract.schema import DRIFT
 
@@ -153,7 +154,7 @@ def test_partials_merge_into_the_row_by_row_summary(partitions):
     for cousin, text_only in (("q", False), ("t", True), ("noise-floor", False)):
         rows = drift.filter(pc.equal(drift.column("cousin"), cousin))
         parts = [aggregate.partial(cousin, rows.filter(pc.is_in(rows.column("prompt_id"), pa.array(g.tolist()))),
-                                   token_level=not text_only, worst_n=5, seed=SPEC.seed,
+                                   token_level=not text_only, worst_n=5, seed=SPEC.seed, resamples=SPEC.resamples,
                                    quantile_resamples=SPEC.quantile_resamples, node=f"n{i}")
                  for i, g in enumerate(groups)]
         merged = aggregate.merge_all([aggregate.to_rows(parts[:2]), aggregate.to_rows(parts[2:])],

@@ -40,13 +40,11 @@ class DiffSettings:
 
 def _homogenisation(run: Run, merged: dict, seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Per cousin, the homogenisation pairs' similarities: pairs of sample-0 answers picked by rank
-    among the prompts that have one (metrics.pair_indices: known from the count alone), then only
-    those answers read back."""
+    (metrics.pair_indices: known from the count alone) among the prompts that have one, or a fixed
+    sample of them by hash on a large run (Merged.pair_prompts), then only those answers read back."""
     order = {}
     for name, m in merged.items():
-        s = m.prompt_sums()
-        has0 = s.column("has0").to_numpy() > 0
-        ids = [p for p, h in zip(s.column("prompt_id").to_pylist(), has0) if h]
+        ids = m.pair_prompts()
         order[name] = (ids, pair_indices(len(ids), seed=seed))
     wanted = {name: sorted({ids[i] for pair in pairs for i in pair}) for name, (ids, pairs) in order.items()}
     texts = first_texts(run, wanted) if any(wanted.values()) else {}
@@ -73,7 +71,7 @@ def stage_diff(run: Run, entries: list[ModelEntry], settings: DiffSettings, *, e
     token_level = {e.name: not (e.text_only or errors[e.name]) for e in entries[1:]}
     spec = settings.bootstrap
     merged = drift_rows(run, entries, token_level, rule=settings.rule, worst_n=settings.worst_n,
-                        seed=spec.seed, quantile_resamples=spec.quantile_resamples,
+                        seed=spec.seed, resamples=spec.resamples, quantile_resamples=spec.quantile_resamples,
                         exact_kld=settings.kld == "exact")
     expected = run.count(layout.generations(original.name))
     homogenisation = _homogenisation(run, merged, spec.seed)

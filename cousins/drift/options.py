@@ -91,20 +91,3 @@ def margin_bins(margin: np.ndarray) -> list[np.ndarray]:
 def margin_labels() -> list[str]:
     edges = list(MARGIN_BINS)
     return [f"[{lo:.1f},{hi:.1f}{']' if i == len(edges) - 2 else ')'}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))]
-
-
-def kl_flip_correlation(c: dict) -> dict:
-    """Spearman's rank correlation over prompts between a prompt's mean option KL and its flip rate
-    (prompts with both), with its p-value: do the prompts whose option distribution moved most
-    flip most?"""
-    from scipy.stats import spearmanr
-
-    both = (c["opt_n"] > 0) & (c["mc_n"] > 0)
-    none = {"value": None, "ci": None, "prompts": int(both.sum())}  # (no p: summary.json leaves it out)
-    if both.sum() < 3:
-        return none
-    kl, flips = c["opt_kl"][both] / c["opt_n"][both], c["mc_flip"][both] / c["mc_n"][both]
-    if np.ptp(kl) == 0 or np.ptp(flips) == 0:  # constant: no ranking to correlate
-        return none
-    r = spearmanr(kl, flips)
-    return {"value": float(r.statistic), "ci": None, "p": float(r.pvalue), "prompts": int(both.sum())}

@@ -119,7 +119,7 @@ def diff_partition(block: pa.Table, *, original: str, cousins: list[tuple[str, b
 
 def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousins: list[tuple[str, bool]],
                      original_scored: bool, rule: Rule, tokenizer_path: str, worst_n: int, seed: int,
-                     quantile_resamples: int, exact_kld: bool = False) -> pa.Table:
+                     resamples: int, quantile_resamples: int, exact_kld: bool = False) -> pa.Table:
     """One partition's work: its drift rows (diff_partition), published one part per cousin and
     named by the rows' keys (a retried task rewrites the same names), and returned only as
     aggregates (aggregate.PARTIALS, one row per cousin)."""
@@ -137,7 +137,7 @@ def diff_and_publish(block: pa.Table, *, layout: RunLayout, original: str, cousi
         if part.num_rows:
             write_parquet_atomic(part, part_path(layout.drift(cousin), batch_key(part)))
         parts.append(aggregate.partial(cousin, part, token_level=token_level, worst_n=worst_n, seed=seed,
-                                       quantile_resamples=quantile_resamples, node=node))
+                                       resamples=resamples, quantile_resamples=quantile_resamples, node=node))
     return aggregate.to_rows(parts)
 
 
@@ -163,7 +163,7 @@ def _read(run, stages: list[Location], columns: list[str], part: str, read_schem
     return read_rows(stages, columns, tag=_tag_file, tag_kwargs={"part": part}, schema=read_schema)
 
 
-def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_n: int, seed: int,
+def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_n: int, seed: int, resamples: int,
                quantile_resamples: int, num_cpus: float = 1.0, exact_kld: bool = False) -> dict[str, aggregate.Merged]:
     """Compute and publish every cousin's drift rows on the connected Ray; returns per cousin the
     merged aggregates of its rows (rows written, nodes that wrote them, sums, histograms, worst rows).
@@ -203,7 +203,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_
         union.repartition(partitions, keys=["prompt_id"]), diff_and_publish, num_cpus=num_cpus,
         fn_kwargs={"layout": layout, "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "rule": rule,
-                   "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
+                   "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed, "resamples": resamples,
                    "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.
     with Bar("diff", run.count(layout.generations(original.name)) * len(cousins), unit="drift rows") as bar:

@@ -15,14 +15,13 @@ statistic as its bucket's centre clamped to [smallest, largest value seen]: with
 np.quantile's (the clamp only moves an estimate towards the true value). Values beyond the ends
 count in the end buckets (Δp leaves [−1, 1] only by round-off).
 
-Bootstrap CIs of a quantile use Poisson weights: each prompt draws, per resample, a weight from
-Poisson(1) seeded by (seed, prompt id) alone, so a worker can weight its own prompts' tokens
+Bootstrap CIs of a quantile use Poisson weights (resample.poisson_weights): each prompt's weight in
+a resample depends on (seed, prompt id) alone, so a worker can weight its own prompts' tokens
 without knowing the rest of the run, and the resampled histograms add up like the plain one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -125,15 +124,6 @@ LENGTH_GRID = LogGrid(1 / 32, 32.0, 1.02)
 # Per-token Δp: steps of 1e-4 over [−1, 1] (20,001 buckets, 160 KiB a histogram before zstd),
 # so a quantile is within 5e-5 (0.005 percentage points).
 DP_GRID = LinearGrid(-1.0, 1.0, 1e-4)
-
-
-def poisson_weights(prompt_ids: list[str], resamples: int, seed: int) -> np.ndarray:
-    """(resamples, prompts) Poisson(1) weights; a prompt's column depends on (seed, its id) only."""
-    out = np.empty((resamples, len(prompt_ids)))
-    for j, p in enumerate(prompt_ids):
-        h = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little")
-        out[:, j] = np.random.default_rng([seed, h]).poisson(1.0, resamples)
-    return out
 
 
 def weighted_counts(grid: LogGrid, values: np.ndarray, groups: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -3,9 +3,9 @@
 The unit of resampling is the prompt (all samples of a prompt move together): tokens of one answer
 are not independent, and neither are the samples of one prompt. Every ratio figure (a token-weighted
 mean such as KLD mean, or a rate) is Σ num / Σ den, so it is resampled from per-prompt sums
-(aggregate.SUMS, computed by the diff's workers) as Σ w·num / Σ w·den, w a prompt's count in the
-resample; all figures are evaluated on each block of resamples in one matrix product, and blocks
-are drawn one at a time so memory stays (block x prompts). Quantiles of token KLD come from merged
+(sums.SUMS) as Σ w·num / Σ w·den, w a prompt's Poisson(1) weight in the resample: the diff's workers
+add up Σ w·x per resample (resample.py) and the driver holds B numbers a column, whatever the
+run's size. Quantiles of token KLD come from merged
 histograms (sketch.py states their error), their CIs from Poisson-resampled histograms; Δp
 quantiles from a linear histogram (within 5e-5, no CI); llama.cpp's Cor(ln PPL(Q), ln PPL(base))
 from per-prompt sums of squares and cross products (no CI).
@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cousins.drift import metrics
-from cousins.drift.aggregate import MARGIN_BINS, Merged, merge_table
-from cousins.drift.options import kl_flip_correlation, margin_labels
+from cousins.drift.aggregate import Merged, merge_table
+from cousins.drift.options import MARGIN_BINS, margin_labels
+from cousins.drift.resample import Sums, ratios, spearman
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID
 
 __all__ = ["MARGIN_BINS", "QUANTILES", "DP_QUANTILES", "QUANTILE_ERROR", "Bootstrap", "BootstrapSpec", "summarise",
@@ -58,8 +59,8 @@ class BootstrapSpec:
 
 
 class Bootstrap:
-    """Prompt-level resampling weights, drawn deterministically block by block: resample r of a
-    summary is the same draw for every figure, and no more than one block is held at once."""
+    """Multinomial resampling of a few thousand items held in memory (the homogenisation's pairs),
+    drawn deterministically block by block; prompts' figures resample on the workers instead."""
 
     def __init__(self, n_clusters: int, spec: BootstrapSpec, resamples: int | None = None):
         self.n, self.spec = n_clusters, spec
@@ -169,14 +170,12 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
     """One cousin's summary (the CousinSummary shape of summary.json) from its merged aggregates.
     homogenisation: per side (original, cousin), the similarities of the sampled pairs."""
     text_only = m.text_only
-    s = m.prompt_sums()
-    c = {name: s.column(name).to_numpy() for name in s.column_names if name not in ("prompt_id", "category")}
+    c = m.sums
     out = {"name": m.cousin, "kind": kind, "text_only": text_only, "rows": m.rows,
-           "tokens": int(c["T"].sum()) if s.num_rows and not text_only else 0,
+           "tokens": int(c["T"].total) if m.prompts and not text_only else 0,
            "error_rows": m.error_rows, "error": error, "metrics": {}, "slices": {}}
-    if s.num_rows == 0:
+    if m.prompts == 0:
         return out
-    boot = Bootstrap(s.num_rows, spec)
     n = c["n"]
     f: dict[str, tuple] = {}
     if not text_only:
@@ -216,18 +215,17 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
         for k in (1, 2):
             f[f"distinct{k}_{name}"] = (c[f"d{k}_{side}"], c[f"d{k}_{side}_n"])
         f[f"mean_length_{name}"] = (c["otok" if side == "o" else "ctok"], n)
-    r = boot.ratios(f)
+    r = ratios(f, spec.level)
 
     m_ = out["metrics"]
     if not text_only:
-        N, k1, k2 = float(c["T"].sum()), float(c["kld"].sum()), float(c["kld2"].sum())
+        N, k1, k2 = c["T"].total, c["kld"].total, c["kld2"].total
         m_["kld_mean"] = {**r.pop("kld_mean"), "se": _se(N, k1, k2)}
         m_.update(_quantiles(m, spec))
         m_["kld_max"] = {"value": m.kld_max, "ci": None}
         m_["kld_min"] = {"value": m.kld_min, "ci": None}
         # Reverse KLD, KL(cousin ‖ original): exact mode only, over the positions where it is finite.
-        m_["rkld_mean"] = {**r.pop("rkld_mean"), "se": _se(float(c["rkld_n"].sum()), float(c["rkld"].sum()),
-                                                           float(c["rkld2"].sum()))}
+        m_["rkld_mean"] = {**r.pop("rkld_mean"), "se": _se(c["rkld_n"].total, c["rkld"].total, c["rkld2"].total)}
         m_["rkld_max"] = {"value": m.rkld_max, "ci": None}
         m_["tail_mass_mean"] = r.pop("tail_mass_mean")
         m_["tail_mass_max"] = {"value": m.tail_max, "ci": None}
@@ -240,12 +238,12 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
         m_["dp_min"] = {"value": m.dp_min, "ci": None}
         # llama.cpp's uncertainty of mean ln(PPL_c/PPL_o): the s.e. of the per-token mean of
         # d_t = log p(y_t) − log q(y_t), Σd² = Σ nll_c² + Σ nll_o² − 2 Σ nll_o·nll_c
-        n_tok, o, q_ = float(c["tokens"].sum()), float(c["nll_o"].sum()), float(c["nll_c"].sum())
-        oo, qq, oq = float(c["nll_o2"].sum()), float(c["nll_c2"].sum()), float(c["nll_oc"].sum())
+        n_tok, o, q_ = c["tokens"].total, c["nll_o"].total, c["nll_c"].total
+        oo, qq, oq = c["nll_o2"].total, c["nll_c2"].total, c["nll_oc"].total
         m_["ln_ppl_ratio"]["se"] = _se(n_tok, q_ - o, qq + oo - 2 * oq)
         m_["ppl_correlation"] = {"value": _correlation(n_tok, o, q_, oo, qq, oq), "ci": None}
         out["slices"]["margin"] = {
-            label: {"tokens": int(c[f"m{i}_n"].sum()), "kld_mean": r.pop(f"margin {label} kld"),
+            label: {"tokens": int(c[f"m{i}_n"].total), "kld_mean": r.pop(f"margin {label} kld"),
                     "same_top1": r.pop(f"margin {label} same")}
             for i, label in enumerate(margin_labels())}
         m_["rest_mass_mean"] = r.pop("rest_mass_mean")
@@ -256,40 +254,37 @@ def summary_of(m: Merged, kind: str, spec: BootstrapSpec, *, error: str | None =
               "flip_wrong_to_correct", "thinking_length_ratio", "answer_length_ratio", "unfinished_thinking_original",
               "unfinished_thinking_cousin"):
         m_[k] = r.pop(k)
-    m_["flip_mcnemar_p"] = {"value": mcnemar_p(float(c["flip_cw"].sum()), float(c["flip_wc"].sum())), "ci": None}
+    m_["flip_mcnemar_p"] = {"value": mcnemar_p(c["flip_cw"].total, c["flip_wc"].total), "ci": None}
     for k in ("mc_acc_original", "mc_acc_cousin", "mc_acc_norm_original", "mc_acc_norm_cousin", "mc_flip_rate",
               "mc_flip_correct_to_wrong", "mc_flip_wrong_to_correct", "option_kl_mean"):
         m_[k] = r.pop(k)
-    m_["mc_flip_mcnemar_p"] = {"value": mcnemar_p(float(c["mc_cw"].sum()), float(c["mc_wc"].sum())), "ci": None}
-    m_["option_kl_flip_spearman"] = kl_flip_correlation(c)
+    m_["mc_flip_mcnemar_p"] = {"value": mcnemar_p(c["mc_cw"].total, c["mc_wc"].total), "ci": None}
+    m_["option_kl_flip_spearman"] = spearman(m.spear)
     out["slices"]["option_margin"] = {
-        label: {"prompts": int(c[f"om{i}_n"].sum()), "option_kl": r.pop(f"option margin {label} kl"),
+        label: {"prompts": int(c[f"om{i}_n"].total), "option_kl": r.pop(f"option margin {label} kl"),
                 "flip_rate": r.pop(f"option margin {label} flip")} for i, label in enumerate(margin_labels())}
     for side, key in (("original", "unp_o"), ("cousin", "unp_c")):  # judged not correct; a count, not a rate
-        m_[f"unparsed_answers_{side}"] = {"value": float(c[key].sum()), "ci": None}
+        m_[f"unparsed_answers_{side}"] = {"value": c[key].total, "ci": None}
     for name in ("original", "cousin"):
         for k in (1, 2):
             m_[f"distinct{k}_{name}"] = r.pop(f"distinct{k}_{name}")
         m_[f"mean_length_{name}"] = r.pop(f"mean_length_{name}")
         sims = (homogenisation or {}).get(name, np.zeros(0))
         m_[f"homogenisation_{name}"] = Bootstrap(len(sims), spec).mean(sims, np.arange(len(sims)))
-    out["slices"]["category"] = _category_slices(s, c, spec, text_only)
+    out["slices"]["category"] = _category_slices(m.cats, spec, text_only)
     return out
 
 
-def _category_slices(s: pa.Table, c: dict, spec: BootstrapSpec, text_only: bool) -> dict:
-    cats = np.asarray(["(none)" if x is None else x for x in s.column("category").to_pylist()], dtype=object)
-    small = BootstrapSpec(resamples=min(spec.resamples, 200), level=spec.level, seed=spec.seed,
-                          quantile_resamples=0)
+def _category_slices(cats: dict[str, Sums], spec: BootstrapSpec, text_only: bool) -> dict:
+    """Per category (over its first resample.CATEGORY_RESAMPLES resamples): flips, length, KLD."""
     out = {}
-    for cat in sorted(set(cats.tolist())):
-        sel = cats == cat
-        sub = {k: v[sel] for k, v in c.items()}
+    for cat in sorted(cats):
+        sub = cats[cat]
         f = {"flip_rate": (sub["flip"], sub["labelled"]), "length_ratio": (sub["ctok"], sub["otok"])}
         if not text_only:
             f.update(kld_mean=(sub["kld"], sub["T"]), same_top1=(sub["same"], sub["T"]))
-        r = Bootstrap(int(sel.sum()), small).ratios(f)
-        out[cat] = {"rows": int(sub["n"].sum()),
+        r = ratios(f, spec.level)
+        out[cat] = {"rows": int(sub["n"].total),
                     **({} if text_only else {"kld_mean": r["kld_mean"], "same_top1": r["same_top1"]}),
                     "flip_rate": r["flip_rate"], "length_ratio": r["length_ratio"]}
     return out
@@ -305,7 +300,7 @@ def summarise(name: str, kind: str, drift: pa.Table, spec: BootstrapSpec, *, tex
               error: str | None = None) -> dict:
     """One cousin's summary from its drift rows in memory: the same aggregates the diff's workers
     make, merged as one partial (small tables and tests)."""
-    m = merge_table(drift, text_only={name} if text_only else set(), seed=spec.seed,
+    m = merge_table(drift, text_only={name} if text_only else set(), seed=spec.seed, resamples=spec.resamples,
                     quantile_resamples=spec.quantile_resamples)
     merged = m.get(name) or Merged(name, text_only, 0)
     ok = drift.filter(pc.and_(pc.is_null(drift.column("error")), pc.equal(drift.column("sample_index"), 0)))

@@ -71,13 +71,15 @@ class SharedRay:
             self.running = False
 
 
+SHARED_RAY = SharedRay()
+
+
 @pytest.fixture(scope="session")
 def shared_ray(s3_server):
     """It starts after the S3 test server, so Ray's workers see the server's endpoint and
     credentials in their environment, as a job's runtime env would give them; it stops first."""
-    shared = SharedRay()
-    yield shared
-    shared.stop()
+    yield SHARED_RAY
+    SHARED_RAY.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +89,10 @@ def ray_local(shared_ray):
 
 
 @pytest.fixture(scope="module")
-def own_ray(shared_ray):
+def own_ray():
     """For a module whose tests start (and stop) a Ray of their own: the shared one is stopped first,
-    since one process holds one Ray connection."""
-    shared_ray.stop()
+    since one process holds one Ray connection. (It needs nothing else: no S3 server.)"""
+    SHARED_RAY.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Shared fixtures. The tiny teacher is built once per machine into models/ (as the demo does);
-Ray is started once per test module that asks for it, on a fresh local instance."""
+"""Shared fixtures. The tiny teacher is built once per machine into models/ (as the demo does).
+One local Ray serves every test module that asks for `ray_local`; modules with a Ray of their own ask
+for `own_ray`."""
 
 from __future__ import annotations
 
@@ -41,17 +42,57 @@ def tiny_teacher() -> str:
     return str(TINY_TEACHER)
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """A fresh local Ray for the module. It starts after the S3 test server, so its workers see the
-    server's endpoint and credentials in their environment, as a job's runtime env would give them."""
-    import ray
+class SharedRay:
+    """The suite's one local Ray, shared by the modules that ask for `ray_local` (starting a local
+    Ray costs seconds; a module starting its own paid it again). A module that needs a Ray of its own
+    (other resources, a cluster, its own environment) asks for `own_ray`, which stops this one first;
+    the next module asking for `ray_local` starts it again. Only the Ray this object started is stopped."""
 
-    # address="local": never attach to a cluster some other process left running.
-    ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})  # tests/fake_engine.py too
-    yield ray
-    ray.shutdown()
+    def __init__(self):
+        self.running = False
+
+    def start(self):
+        import ray
+
+        if not self.running:
+            if ray.is_initialized():  # a module that started its own Ray and did not ask for own_ray
+                raise RuntimeError("a Ray this suite's ray_local did not start is still connected")
+            # address="local": never attach to a cluster some other process left running.
+            ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})  # tests/fake_engine.py too
+            self.running = True
+        return ray
+
+    def stop(self):
+        if self.running:
+            import ray
+
+            ray.shutdown()
+            self.running = False
+
+
+SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="session")
+def shared_ray(s3_server):
+    """It starts after the S3 test server, so Ray's workers see the server's endpoint and
+    credentials in their environment, as a job's runtime env would give them; it stops first."""
+    yield SHARED_RAY
+    SHARED_RAY.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(shared_ray):
+    """A local Ray (2 CPUs, 512 MiB object store) for the module: the suite's shared one."""
+    return shared_ray.start()
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a module whose tests start (and stop) a Ray of their own: the shared one is stopped first,
+    since one process holds one Ray connection. (It needs nothing else: no S3 server.)"""
+    SHARED_RAY.stop()
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import compose
+from conftest import ROOT, compose
 from cousins.drift.answers import Rule
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
 from cousins.run.layout import RunLayout, part_files
 from cousins.run.storage import resolve
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.usefixtures("own_ray")]
 BIN = Path(sys.executable).parent
 
 
@@ -110,48 +110,6 @@ def test_generation_job_submitted_to_a_real_head_succeeds(ray_head, tiny_teacher
                                 "the packages ray, ") and "hydra-core" in lines[-2], lines[-2]
     assert "Traceback" not in proc.stdout and not (tmp_path / "out" / "runs" / "bare").exists()
     print(f"[submit] with a bare Python: FAILED in {time.monotonic() - t0:.0f}s with one line")
-
-
-def test_two_node_cluster_spreads_engines_and_matches_one_node(tiny_teacher, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from cousins.orchestrate.pipeline import run_generate
-
-    t0 = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
-    cluster.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
-    try:
-        ray.init(address=cluster.address)
-        nodes = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b")
-                 for n in ray.nodes() if n["Alive"]}
-        assert sorted(nodes.values()) == ["node_a", "node_b"]
-
-        def run(run_id: str, actors: int):
-            cfg = resolve_paths(to_config(compose(
-                f"model.path={tiny_teacher}", f"storage.root={tmp_path}", "run=greedy", "corpus.limit=32",
-                "run.sampling.max_tokens=16", "engine.batch_size=4", f"engine.num_actors={actors}",
-                "engine.gpus_per_actor=1", "engine.cpus_per_actor=0.5", f"run.run_id={run_id}")))
-            validate(cfg)
-            run_generate(cfg)
-            out = RunLayout(resolve(str(tmp_path)), run_id).generations("tiny-teacher")
-            t = pads.dataset(part_files(out), format="parquet").to_table(
-                columns=["prompt_id", "output_token_ids", "engine_node"])
-            return {r["prompt_id"]: r for r in t.to_pylist()}
-
-        two = run("two-nodes", 2)
-        split = Counter(nodes[r["engine_node"]] for r in two.values())
-        one = run("one-node", 1)
-        assert len(two) == len(one) == 32
-        assert set(split) == {"node_a", "node_b"}, split  # engine actors ran on both nodes
-        assert len({r["engine_node"] for r in one.values()}) == 1
-        assert {k: r["output_token_ids"] for k, r in two.items()} == {k: r["output_token_ids"] for k, r in one.items()}
-        print(f"\n[two nodes] rows per node {dict(split)}; greedy outputs equal the one-actor run's; "
-              f"{time.monotonic() - t0:.0f}s")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _fake_autoscaling_config(gcs_port: int, max_workers: int) -> dict:
@@ -249,11 +207,72 @@ def test_autoscaler_grows_the_cluster_for_engine_actors_and_shrinks_it_back(tiny
         assert not _pids_of(temp_dir), "processes of the fake cluster survived"
 
 
-def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
-    """A drift run (fake engines, no vLLM) on a two-node cluster: its drift rows are computed on
-    both nodes; recomputing the diff on one node gives the same rows."""
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A two-node cluster in this process (ray.cluster_utils), started once for the module's tests
+    that need one: two nodes of 2 CPUs and one (logical) GPU each, told apart by a custom resource."""
     import ray
     from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "resources": {"node_a": 1}, "object_store_memory": 256 << 20})
+    cluster.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1}, object_store_memory=256 << 20)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def on_two_nodes(two_nodes):
+    """This process connected to the two-node cluster (the fake engine importable on every worker)."""
+    import ray
+
+    ray.init(address=two_nodes.address, runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
+    try:
+        yield two_nodes
+    finally:
+        ray.shutdown()
+
+
+def test_two_node_cluster_spreads_engines_and_matches_one_node(on_two_nodes, tiny_teacher, tmp_path):
+    import ray
+
+    from cousins.orchestrate.pipeline import run_generate
+
+    t0 = time.monotonic()
+    nodes = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b")
+             for n in ray.nodes() if n["Alive"]}
+    assert sorted(nodes.values()) == ["node_a", "node_b"]
+
+    def run(run_id: str, actors: int):
+        cfg = resolve_paths(to_config(compose(
+            f"model.path={tiny_teacher}", f"storage.root={tmp_path}", "run=greedy", "corpus.limit=32",
+            "run.sampling.max_tokens=16", "engine.batch_size=4", f"engine.num_actors={actors}",
+            "engine.gpus_per_actor=1", "engine.cpus_per_actor=0.5", f"run.run_id={run_id}")))
+        validate(cfg)
+        run_generate(cfg)
+        out = RunLayout(resolve(str(tmp_path)), run_id).generations("tiny-teacher")
+        t = pads.dataset(part_files(out), format="parquet").to_table(
+            columns=["prompt_id", "output_token_ids", "engine_node"])
+        return {r["prompt_id"]: r for r in t.to_pylist()}
+
+    two = run("two-nodes", 2)
+    split = Counter(nodes[r["engine_node"]] for r in two.values())
+    one = run("one-node", 1)
+    assert len(two) == len(one) == 32
+    assert set(split) == {"node_a", "node_b"}, split  # engine actors ran on both nodes
+    assert len({r["engine_node"] for r in one.values()}) == 1
+    assert {k: r["output_token_ids"] for k, r in two.items()} == {k: r["output_token_ids"] for k, r in one.items()}
+    print(f"\n[two nodes] rows per node {dict(split)}; greedy outputs equal the one-actor run's; "
+          f"{time.monotonic() - t0:.0f}s")
+
+
+def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(on_two_nodes, tmp_path):
+    """A drift run (fake engines, no vLLM) on a two-node cluster: its drift rows are computed on
+    both nodes; recomputing the diff on one node (a local one-node Ray) gives the same rows."""
+    import ray
 
     from cousins.drift.diff import recompute
     from cousins.drift.summary import BootstrapSpec
@@ -262,7 +281,6 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
     from cousins.run.lifecycle import committed, read_marker
     from fake_engine import FakeBackend
 
-    root = Path(__file__).resolve().parent.parent
     cfg = resolve_paths(to_config(compose(
         f"model.path={tmp_path / 'teacher'}", f"storage.root={tmp_path / 'out'}", "run=greedy", "corpus.limit=48",
         "run.sampling.max_tokens=8", "engine.batch_size=16", "engine.cpus_per_actor=0.5", "run.run_id=diff-2n",
@@ -270,17 +288,15 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
         config_name="drift")))
     d = cfg.drift
     spec = BootstrapSpec.of(d)
-    env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}"}}  # the fake engine on every worker
     drift = {}
+    result, _ = run_drift(cfg, backend=FakeBackend())
     for nodes in (2, 1):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 256 << 20})
-        if nodes == 2:
-            cluster.add_node(num_cpus=2, object_store_memory=256 << 20)
+        if nodes == 1:
+            ray.shutdown()  # off the two-node cluster, onto a one-node Ray of its own
+            ray.init(address="local", num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
         try:
-            ray.init(address=cluster.address, runtime_env=env)
-            if nodes == 2:
-                result, _ = run_drift(cfg, backend=FakeBackend())
-            else:
+            if nodes == 1:
                 recompute(resolve(cfg.storage.root), result.run_id, bootstrap=spec, rule=Rule(d.answer_match),
                           worst_n=d.worst_n)
             run = committed(resolve(cfg.storage.root), result.run_id)
@@ -289,6 +305,6 @@ def test_the_diff_spreads_over_two_nodes_and_equals_a_one_node_diff(tmp_path):
             assert marker.rows == 48 and len(marker.nodes) == nodes, marker  # computed on every node
             drift[nodes] = run.read(stage).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
         finally:
-            ray.shutdown()
-            cluster.shutdown()
+            if nodes == 1:
+                ray.shutdown()  # (on_two_nodes' own shutdown is then a no-op)
     assert drift[2].equals(drift[1]) and drift[1].column("error").null_count == 48

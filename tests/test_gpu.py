@@ -13,7 +13,7 @@ from cousins.engine import rows as engine_rows
 from cousins.engine import backend as engine
 from cousins.contract.config import resolve_paths, to_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.usefixtures("own_ray")]
 
 
 def _rows(n: int) -> pa.Table:

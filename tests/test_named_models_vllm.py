@@ -41,7 +41,7 @@ def _rows(loc):
 
 
 @pytest.fixture(scope="module")
-def run(s3_server, tiny_teacher, tmp_path_factory):
+def run(own_ray, s3_server, tiny_teacher, tmp_path_factory):
     import ray
     import s3fs
 

@@ -181,7 +181,7 @@ def test_every_json_of_a_run_reads_back_through_its_declaration(drift_run):
     assert every_json_reads_back_as_declared(run_dir) == 2 + 2 + 5 + 4 + 4
 
 
-def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generation_run(drift_run, tmp_path):
+def test_recompute_gives_the_same_summary_from_stored_rows(drift_run):
     cfg, result, summary = drift_run
     d = cfg.drift
     spec = BootstrapSpec.of(d)
@@ -190,12 +190,10 @@ def test_recompute_gives_the_same_summary_from_stored_rows_and_refuses_a_generat
     strip = lambda s: {k: v for k, v in s.items() if k not in ("computed", "timings")}  # noqa: E731
     assert strip(again) == strip(summary)
     assert committed(resolve(cfg.storage.root), result.run_id).typed().drift_recomputed == again["computed"]
-    gen = run_generate(fake_config(tmp_path, "run.run_id=gen-only", "run.samples=1"), backend=FakeBackend())
-    with pytest.raises(FileNotFoundError, match="not a drift run"):
-        recompute(resolve(str(tmp_path / "out")), gen.run_id, rule=Rule("contains"), worst_n=1, bootstrap=spec)
 
 
-def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(ray_local, tmp_path):
+def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing_and_recompute_refuses_it(
+        ray_local, tmp_path):
     cfg = fake_config(tmp_path, "run.run_id=resumable", "run.samples=2")
     first = run_generate(cfg, backend=FakeBackend())
     layout = committed(resolve(cfg.storage.root), first.run_id).layout
@@ -215,6 +213,10 @@ def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing(r
     same = ["prompt_id", "sample_index", "seed", "output_token_ids", "output_text", "topk_logprobs"]
     assert after.select(same).equals(want.select(same))  # seeds make the redone rows the same rows
     assert every_json_reads_back_as_declared(layout.run.path) == 1 + 2 + 1
+    # a committed generation run has nothing to diff: recompute refuses it
+    with pytest.raises(FileNotFoundError, match="not a drift run"):
+        recompute(resolve(cfg.storage.root), first.run_id, rule=Rule("contains"), worst_n=1,
+                  bootstrap=BootstrapSpec.of(cfg.drift))
 
 
 def test_an_engine_pool_the_cluster_cannot_place_fails_with_the_reason_instead_of_waiting(ray_local, tmp_path):

@@ -154,7 +154,7 @@ def _engine_groups_left() -> list:
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_two_engines_of_tp2_fill_a_four_gpu_node_and_a_third_is_refused_at_once(tmp_path):
+def test_two_engines_of_tp2_fill_a_four_gpu_node_and_a_third_is_refused_at_once(own_ray, tmp_path):
     import ray
 
     from cousins.orchestrate.pipeline import run_generate
@@ -196,7 +196,7 @@ def test_two_engines_of_tp2_fill_a_four_gpu_node_and_a_third_is_refused_at_once(
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_on_two_nodes_of_two_gpus_each_tp2_engine_keeps_to_one_node_and_tp4_is_refused(tmp_path):
+def test_on_two_nodes_of_two_gpus_each_tp2_engine_keeps_to_one_node_and_tp4_is_refused(own_ray, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 

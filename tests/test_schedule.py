@@ -62,7 +62,7 @@ def test_a_pass_bigger_than_the_room_runs_alone_and_a_failure_lets_the_others_fi
 
 
 @pytest.fixture(scope="module")
-def ray_wide():
+def ray_wide(own_ray):
     """A local Ray with room for four one-CPU fake engines beside Ray Data's own tasks."""
     import ray
 

@@ -71,7 +71,7 @@ COMMON_OVERRIDES = {
 
 def _job_help(job: str) -> str:
     """The Hydra config groups (with their choices) and the common overrides of a job."""
-    lines = ["Hydra overrides: key=value, group=choice, +new.key=value; all keys: docs in README.md.", ""]
+    lines = ["Hydra overrides: key=value, group=choice, +new.key=value; all keys: docs/configuration.md, docs/models.md.", ""]
     if job != "export":
         lines.append("config groups (group=choice):")
         for group in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):

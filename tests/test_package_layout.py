@@ -10,7 +10,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "cousins"
 MAX_LINES = 400
 FLAT = {"__init__", "cli"}  # the package's own modules outside any folder
-# The folders, bottom first: each may import only the ones before it (README, "Layout").
+# The folders, bottom first: each may import only the ones before it (docs/architecture.md, "Layout").
 LAYERS = ["contract", "run", "drift", "engine", "family", "query", "export", "orchestrate", "bench"]
 
 

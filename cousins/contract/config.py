@@ -61,16 +61,16 @@ class ModelConfig:
 
 @dataclass
 class FieldsConfig:
-    prompt: str = "prompt"
-    messages: str | None = "messages"
-    id: str | None = None
-    category: str | None = "category"
-    reference: str | None = "reference"
+    prompt: str = "prompt"  # a plain prompt's column (a row has this or `messages`)
+    messages: str | None = "messages"  # a chat's column: [{role, content}, …] ending with a user turn
+    id: str | None = None  # the prompt id's column; None: a content hash of the messages
+    category: str | None = "category"  # drift's slices by category
+    reference: str | None = "reference"  # a reference answer: the row is labelled
     # multiple choice: a list of option texts (or its JSON text); the prompt then lists them as
     # lettered options ("A. …"), and a reference may be a letter, a 0-based index or the option's text
     choices: str | None = "choices"
     checker: str | None = "checker"  # a row's own answer checker (a name of ROW_CHECKERS), over corpus.answer's
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system message for rows without one (the text itself)
 
 
 @dataclass
@@ -101,13 +101,13 @@ class CorpusConfig:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8
-    top_p: float = 0.95
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95  # nucleus sampling
     top_k: int = 0  # 0 = no top-k truncation
-    max_tokens: int = 64
+    max_tokens: int = 64  # output tokens per sample at most (finish reason "length" beyond)
     logprobs: int = 5  # top-k logprobs stored for every generated token; 0 = none
     seed: int = 0  # base seed; each (prompt, sample) row derives its own from it
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # strings that end an output
 
 
 @dataclass
@@ -125,12 +125,12 @@ class EngineConfig:
     # Context per sequence; None: the model's own (config.json max_position_embeddings), capped at
     # max_model_len_cap (a 128k-context model would otherwise ask for a 128k KV cache per sequence).
     max_model_len: int | None = None
-    max_model_len_cap: int = 8192
+    max_model_len_cap: int = 8192  # the cap on a model's own context (above)
     # KV cache per engine; None: on GPU vLLM's share of the GPU's memory decides; on CPU (where vLLM
     # needs a size) room for max_num_seqs sequences of max_model_len from the model's shapes, at most
     # cpu_kv_cache_cap_gib and at least one sequence.
     kv_cache_gib: float | None = None
-    cpu_kv_cache_cap_gib: float = 4.0
+    cpu_kv_cache_cap_gib: float = 4.0  # the cap on a CPU engine's KV cache (above)
     max_logprobs: int = 20  # the most logprobs a position may ask for (generation's top-k, scoring's)
     tensor_parallel_size: int = 1  # GPUs an engine splits each layer over (one node)
     pipeline_parallel_size: int = 1  # stages an engine splits its layers into (nodes allowed)
@@ -139,10 +139,10 @@ class EngineConfig:
     # where that measured faster), separate (always its own process) or in_actor.
     core_process: str = "auto"
     cpus_per_actor: float = 1.0  # CPUs reserved for each engine actor's placement bundle
-    num_actors: int = 1
+    num_actors: int = 1  # engine actors per model (data parallel)
     batch_size: int = 64  # rows per batch sent to an engine actor (one vLLM generate call)
     max_num_seqs: int = 128  # sequences the engine schedules at once
-    enforce_eager: bool = True
+    enforce_eager: bool = True  # no CUDA graphs (faster start-up; false: faster decoding on GPU)
     # How long a stage waits for every engine actor of its pool to start (nodes an autoscaler adds
     # included) before it sends a batch; a pool that cannot be placed in that time fails the stage.
     start_timeout_s: int = 900
@@ -171,7 +171,7 @@ class LogConfig:
     """What a job prints: the project's own progress lines (stderr) and, with `verbose`, Ray's,
     Ray Data's operator dumps and vLLM's own logs too."""
 
-    verbose: bool = False
+    verbose: bool = False  # Ray's, Ray Data's and vLLM's own logs on the terminal too
     progress_s: float = 10.0  # seconds between progress lines when stderr is not a terminal (a job log)
 
 
@@ -189,11 +189,11 @@ class CousinConfig:
     path: str | None = None
     revision: str | None = None  # hub: a branch, tag or commit of `path`
     tokenizer: str | None = None  # the tokenizer's own place (a .gguf file needs it)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let transformers/vLLM run the checkpoint's own modelling code
     # A LoRA adapter (PEFT layout; a directory, storage URL or hub id) applied to `path` or, without
     # one, to the original's weights: one engine serves the adapter (vLLM's enable_lora).
     lora: str | None = None
-    lora_revision: str | None = None
+    lora_revision: str | None = None  # hub: a branch, tag or commit of `lora`
     # merge: the engine runs the adapter merged into the weights (made once per node), which every
     # metric can score; serve: vLLM's enable_lora serves it, for generation only (text_only): vLLM's
     # teacher-forced prompt logprobs under an adapter are wrong or fail (vllm-project/vllm#16668).
@@ -231,11 +231,11 @@ class DriftConfig:
     # last_number | regex | gsm8k-strict | gsm8k-flexible | boxed | mcq | math | exact | contains
     answer_match: str = "auto"
     bootstrap: int = 1000  # resamples over prompts for every confidence interval
-    confidence: float = 0.95
+    confidence: float = 0.95  # the level of every confidence interval
     seed: int = 0  # of the bootstrap and of the noise floor's reshuffle
     worst_n: int = 10  # worst prompts per cousin shown in the report
     distill_corpus: str = "${cousins_data:demo-distill.jsonl}"  # prompts the distilled cousins learn from
-    distill_samples: int = 2
+    distill_samples: int = 2  # samples per prompt of the distilled cousins' teacher data
     recompute: bool = False  # jobs/drift.py: redo only the diff of the committed run.run_id, no engines
 
 
@@ -244,7 +244,7 @@ class CostConfig:
     # Price of one accelerator for an hour (a GPU; on CPU engines, one engine actor), for the cost per
     # 1M output tokens in the summaries. None: costs are not computed (token accounting still is).
     price_per_accelerator_hour: float | None = None
-    currency: str = "USD"
+    currency: str = "USD"  # the price's currency, as printed
 
 
 @dataclass
@@ -267,7 +267,7 @@ class Config:
 @dataclass
 class BenchConfig:
     prompts: int = 128  # prompts per measured run (the pipeline also runs half of them)
-    repeats: int = 3
+    repeats: int = 3  # repetitions of every measurement (medians, min and max are reported)
     bare: bool = True  # vLLM's LLM alone, in a subprocess, on the same prompts
     drift: bool = True  # one rtn-int8 cousin: scoring and diff time against generation
     exact_kld: bool = True  # with drift: the same drift run with drift.kld=exact, its extra pass's cost
@@ -281,9 +281,9 @@ class BenchConfig:
     # The diff at scale: synthetic copies of a committed drift run (scale_run; default: this
     # benchmark's own drift run) recomputed on one local node and on two, one CPU each.
     scale: bool = False
-    scale_run: str | None = None
-    scale_factors: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
-    out: str = "benchmark.json"
+    scale_run: str | None = None  # a committed drift run's id
+    scale_factors: list[int] = field(default_factory=lambda: [1, 8, 32, 128])  # copies of its prompts
+    out: str = "benchmark.json"  # where the whole result goes (JSON)
 
 
 @dataclass

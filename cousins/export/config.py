@@ -23,8 +23,8 @@ from cousins.contract.config import LogConfig, RayConfig, StorageConfig
 @dataclass
 class FiltersConfig:
     drop_truncated: bool = True  # drop outputs cut by max_tokens (finish reason "length")
-    min_output_tokens: int = 1
-    max_output_tokens: int | None = None
+    min_output_tokens: int = 1  # drop shorter outputs
+    max_output_tokens: int | None = None  # drop longer outputs (None: no limit)
     # None, or an answer checker (cousins/drift/answers.py: contains, exact, auto, math, last_number, boxed,
     # gsm8k-strict, gsm8k-flexible, regex): labelled prompts' final answers must be right
     answer_check: str | None = None
@@ -32,13 +32,13 @@ class FiltersConfig:
     exact_dedup: bool = True  # identical (prompt, answer) pairs, whitespace- and case-normalised
     near_dedup: bool = False  # MinHash LSH near-duplicate answers to the same prompt kind
     near_dedup_threshold: float = 0.8  # estimated Jaccard similarity of word 3-gram sets
-    near_dedup_num_perm: int = 128
+    near_dedup_num_perm: int = 128  # MinHash permutations
     best_of_n: str | None = None  # keep one row per prompt: the max of this field ("-field": the min)
 
 
 @dataclass
 class ExportConfig:
-    run_id: str = MISSING
+    run_id: str = MISSING  # the committed run to export
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)  # the filters and joins run on Ray Data
     log: LogConfig = field(default_factory=LogConfig)

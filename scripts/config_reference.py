@@ -1,0 +1,144 @@
+"""Write docs/reference/config.md, every config key, from the typed config itself: each dataclass
+field's dotted key, type, default and the comments written beside it in the source
+(cousins/contract/config.py, cousins/export/config.py). A test checks the committed page equals
+what this writes, so the reference cannot drift from the code.
+
+    .venv/bin/python scripts/config_reference.py          # rewrite the page
+    .venv/bin/python scripts/config_reference.py --check  # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import sys
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "reference" / "config.md"
+
+
+def _comments(module) -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment lines right above the field and the one beside it."""
+    src = inspect.getsource(module)
+    lines = src.splitlines()
+    by_line: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = {}
+    for cls in ast.parse(src).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        for stmt in cls.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            above, n = [], stmt.lineno - 1
+            while n >= 1 and lines[n - 1].strip().startswith("#"):
+                above.insert(0, by_line.get(n, ""))
+                n -= 1
+            beside = [by_line[k] for k in range(stmt.lineno, stmt.end_lineno + 1) if k in by_line]
+            out[(cls.name, stmt.target.id)] = " ".join([*above, *beside]).strip()
+    return out
+
+
+def _types(module) -> dict[tuple[str, str], str]:
+    src = inspect.getsource(module)
+    return {(cls.name, stmt.target.id): ast.unparse(stmt.annotation)
+            for cls in ast.parse(src).body if isinstance(cls, ast.ClassDef)
+            for stmt in cls.body if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+
+
+def _default(f: dataclasses.Field):
+    from omegaconf import MISSING
+
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        return "required"
+    if v is MISSING:
+        return "required"
+    return "null" if v is None else repr(v) if isinstance(v, str) else str(v).replace("True", "true").replace("False", "false")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def rows(cls, prefix: str, notes: dict, types: dict) -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        nested = None
+        if f.default_factory is not dataclasses.MISSING:
+            probe = f.default_factory()
+            if dataclasses.is_dataclass(probe):
+                nested = type(probe)
+        if nested is not None:
+            out += rows(nested, f"{key}.", notes, types)
+            continue
+        note = notes.get((cls.__name__, f.name), "") or notes.get((_owner(cls, f.name), f.name), "")
+        typ = types.get((cls.__name__, f.name)) or types.get((_owner(cls, f.name), f.name), "")
+        out.append(f"| `{key}` | `{_cell(typ)}` | `{_cell(_default(f))}` | {_cell(note)} |")
+    return out
+
+
+def _owner(cls, name: str) -> str:
+    """The class in cls's MRO that declares field `name` (a subclass inherits its fields)."""
+    for base in cls.__mro__:
+        if name in getattr(base, "__annotations__", {}):
+            return base.__name__
+    return cls.__name__
+
+
+HEADER = "| key | type | default | what |\n|---|---|---|---|"
+
+
+def page() -> str:
+    from cousins.contract import config as C
+    from cousins.export import config as E
+
+    notes = {**_comments(C), **_comments(E)}
+    types = {**_types(C), **_types(E)}
+    sections = [
+        ("Generation and drift jobs (`jobs/generate.py`, `jobs/drift.py`)",
+         "The keys of `Config`. The YAML files in `conf/` choose named alternatives (`model=…`, `corpus=…`, "
+         "`cousins=…`) whose values override these defaults.", rows(C.Config, "", notes, types)),
+        ("A cousin (`cousins.NAME.…`)",
+         "Each entry of `cousins`: a checkpoint, an adapter or the original's weights with another "
+         "quantization or dtype; `docs/models.md` says how each form is read.",
+         rows(C.CousinConfig, "cousins.NAME.", notes, types)),
+        ("The benchmark (`jobs/benchmark.py`: the keys above and `bench.…`)", "",
+         rows(C.BenchConfig, "bench.", notes, types)),
+        ("Distillation exports (`jobs/export.py`)", "", rows(E.ExportConfig, "", notes, types)),
+    ]
+    out = ["# Every config key", "",
+           "Generated from the typed config by `scripts/config_reference.py` (a test checks this page is "
+           "current). Set a key on the command line as a Hydra override: `key=value`, `+key=value` for a "
+           "key a config lacks, `~key` to drop one.", ""]
+    for title, intro, body in sections:
+        out += [f"## {title}", ""] + ([intro, ""] if intro else []) + [HEADER, *body, ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    sys.path.insert(0, str(ROOT))
+    text = page()
+    if "--check" in argv:
+        if not PAGE.exists() or PAGE.read_text() != text:
+            print(f"{PAGE.relative_to(ROOT)} is stale: run .venv/bin/python scripts/config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(text)
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

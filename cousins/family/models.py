@@ -24,6 +24,7 @@ from typing import Callable
 from cousins.contract.recipes import TINY_TEACHER
 from cousins.run.removal import BUILD, publish_dir, scratch
 from cousins.run.removal import check_ours as check_owned
+from cousins.family.progress import quiet_saves
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -118,6 +119,7 @@ def build_tiny_llama(out_dir: str | os.PathLike, recipe: TinyLlamaRecipe = TinyL
 
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).unlink(missing_ok=True)
+    quiet_saves()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from cousins.family.models import RECIPE_FILE, check_ours, replace_build
 from cousins.contract.recipes import QUANT_RECIPES
+from cousins.family.progress import quiet_saves
 
 RECIPES = QUANT_RECIPES  # name -> what it does (declared in cousins/contract/recipes.py)
 
@@ -167,6 +168,7 @@ def _build_compressed(src: Path, out: Path, preset: str) -> dict:
         raise ValueError(f"no Linear layers to quantize in {src}")
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
+    quiet_saves()
     model.save_pretrained(str(out), safe_serialization=True)
     compressor.update_config(str(out))
     return {"fake_quant": False, "compressed_tensors_preset": preset,

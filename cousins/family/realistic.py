@@ -49,6 +49,7 @@ from pathlib import Path
 
 from cousins.family.models import RECIPE_FILE, lessons_fingerprint, read_build
 from cousins.contract.recipes import REALISTIC_STUDENT, REALISTIC_TEACHER
+from cousins.family.progress import quiet_saves
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special: skipped when decoding
 THINK = ["<think>", "</think>"]  # ordinary added tokens: kept in the text, as Qwen3's
@@ -269,6 +270,7 @@ def build(out_dir: str | os.PathLike, r: QwenRecipe, tokenizer_from: str | os.Pa
 
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).unlink(missing_ok=True)
+    quiet_saves()
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_from is None:
         tokenizer.save_pretrained(out)

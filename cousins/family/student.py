@@ -42,6 +42,7 @@ import pyarrow as pa
 from cousins.family.models import RECIPE_FILE, check_ours, optimizer_step, replace_build
 from cousins.contract.recipes import TINY_STUDENT
 from cousins.contract.schema import row_keys
+from cousins.family.progress import quiet_saves
 
 # What training needs from a GENERATIONS row; the rest of the row is not read.
 TRAIN_COLUMNS = ["prompt_id", "sample_index", "prompt_text", "output_token_ids", "topk_token_ids",
@@ -371,6 +372,7 @@ def _build(out: Path, teacher_dir: Path, tokenizer, examples: list[_Example], se
     }
 
     def save(tmp: Path) -> None:
+        quiet_saves()
         model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:  # copied unchanged: the vocabulary must be the teacher's
             if (teacher_dir / name).exists():

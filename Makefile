@@ -3,7 +3,7 @@
 .PHONY: setup setup-test demo drift test gpu-check
 
 setup:
-	@COUSINS_EXTRAS=$${COUSINS_EXTRAS:-cpu} bash scripts/setup.sh
+	@bash scripts/setup.sh
 
 setup-test:
 	@COUSINS_EXTRAS=$${COUSINS_EXTRAS:-cpu,test} bash scripts/setup.sh

@@ -21,14 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "reference" / "config.md"
 
 
-def _comments(module) -> dict[tuple[str, str], str]:
-    """(class, field) -> the comment lines right above the field and the one beside it."""
+def _fields(module) -> dict[tuple[str, str], tuple[str, str]]:
+    """(class, field) -> (its annotation, the comment lines right above it and beside it)."""
     src = inspect.getsource(module)
     lines = src.splitlines()
-    by_line: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+    by_line = {tok.start[0]: tok.string.lstrip("#").strip()
+               for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
     out = {}
     for cls in ast.parse(src).body:
         if not isinstance(cls, ast.ClassDef):
@@ -41,15 +39,8 @@ def _comments(module) -> dict[tuple[str, str], str]:
                 above.insert(0, by_line.get(n, ""))
                 n -= 1
             beside = [by_line[k] for k in range(stmt.lineno, stmt.end_lineno + 1) if k in by_line]
-            out[(cls.name, stmt.target.id)] = " ".join([*above, *beside]).strip()
+            out[(cls.name, stmt.target.id)] = (ast.unparse(stmt.annotation), " ".join([*above, *beside]).strip())
     return out
-
-
-def _types(module) -> dict[tuple[str, str], str]:
-    src = inspect.getsource(module)
-    return {(cls.name, stmt.target.id): ast.unparse(stmt.annotation)
-            for cls in ast.parse(src).body if isinstance(cls, ast.ClassDef)
-            for stmt in cls.body if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
 
 
 def _default(f: dataclasses.Field):
@@ -70,20 +61,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def rows(cls, prefix: str, notes: dict, types: dict) -> list[str]:
+def rows(cls, prefix: str, fields: dict) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        nested = None
-        if f.default_factory is not dataclasses.MISSING:
-            probe = f.default_factory()
-            if dataclasses.is_dataclass(probe):
-                nested = type(probe)
-        if nested is not None:
-            out += rows(nested, f"{key}.", notes, types)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(probe := f.default_factory()):
+            out += rows(type(probe), f"{key}.", fields)
             continue
-        note = notes.get((cls.__name__, f.name), "") or notes.get((_owner(cls, f.name), f.name), "")
-        typ = types.get((cls.__name__, f.name)) or types.get((_owner(cls, f.name), f.name), "")
+        typ, note = fields.get((_owner(cls, f.name), f.name), ("", ""))
         out.append(f"| `{key}` | `{_cell(typ)}` | `{_cell(_default(f))}` | {_cell(note)} |")
     return out
 
@@ -103,19 +88,18 @@ def page() -> str:
     from cousins.contract import config as C
     from cousins.export import config as E
 
-    notes = {**_comments(C), **_comments(E)}
-    types = {**_types(C), **_types(E)}
+    fields = {**_fields(C), **_fields(E)}
     sections = [
         ("Generation and drift jobs (`jobs/generate.py`, `jobs/drift.py`)",
          "The keys of `Config`. The YAML files in `conf/` choose named alternatives (`model=…`, `corpus=…`, "
-         "`cousins=…`) whose values override these defaults.", rows(C.Config, "", notes, types)),
+         "`cousins=…`) whose values override these defaults.", rows(C.Config, "", fields)),
         ("A cousin (`cousins.NAME.…`)",
          "Each entry of `cousins`: a checkpoint, an adapter or the original's weights with another "
          "quantization or dtype; `docs/models.md` says how each form is read.",
-         rows(C.CousinConfig, "cousins.NAME.", notes, types)),
+         rows(C.CousinConfig, "cousins.NAME.", fields)),
         ("The benchmark (`jobs/benchmark.py`: the keys above and `bench.…`)", "",
-         rows(C.BenchConfig, "bench.", notes, types)),
-        ("Distillation exports (`jobs/export.py`)", "", rows(E.ExportConfig, "", notes, types)),
+         rows(C.BenchConfig, "bench.", fields)),
+        ("Distillation exports (`jobs/export.py`)", "", rows(E.ExportConfig, "", fields)),
     ]
     out = ["# Every config key", "",
            "Generated from the typed config by `scripts/config_reference.py` (a test checks this page is "

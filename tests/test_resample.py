@@ -46,7 +46,7 @@ def test_resampled_sums_add_across_partitions_and_give_the_ratio_with_its_interv
     mult = values[g, 0].sum(axis=1) / values[g, 1].sum(axis=1)
     mlo, mhi = np.quantile(mult, [0.025, 0.975])
     assert abs(lo - mlo) < 0.25 * (mhi - mlo) and abs(hi - mhi) < 0.25 * (mhi - mlo)
-    empty = Sums.empty(("num", "den"), 10)
+    empty = Sums.of(("num", "den"), np.zeros((0, 2)), poisson_weights([], 10, seed=1))  # a partition without prompts
     assert ratios({"x": (empty["num"], empty["den"])}, 0.95)["x"] == {"value": None, "ci": None}
 
 

@@ -96,19 +96,12 @@ class Sums:
         """values: (prompts, columns); weights: (resamples, prompts)."""
         return cls(tuple(names), values.sum(axis=0), weights @ values, int(values.shape[0]))
 
-    @classmethod
-    def empty(cls, names, resamples: int) -> "Sums":
-        return cls(tuple(names), np.zeros(len(names)), np.zeros((resamples, len(names))), 0)
-
     def add(self, other: "Sums") -> "Sums":
         return Sums(self.names, self.total + other.total, self.boot + other.boot, self.prompts + other.prompts)
 
     def __getitem__(self, name: str) -> Stat:
         j = self.names.index(name)
         return Stat(float(self.total[j]), self.boot[:, j])
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.names
 
 
 def interval(stats: np.ndarray, level: float) -> list[float] | None:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from cousins.drift import metrics
 from cousins.drift.aggregate import Merged, merge_table
 from cousins.drift.options import MARGIN_BINS, margin_labels
-from cousins.drift.resample import Sums, ratios, spearman
+from cousins.drift.resample import Sums, interval, ratios, spearman
 from cousins.drift.sketch import DP_GRID, KLD_BOOT_GRID, KLD_GRID
 
 __all__ = ["MARGIN_BINS", "QUANTILES", "DP_QUANTILES", "QUANTILE_ERROR", "Bootstrap", "BootstrapSpec", "summarise",
@@ -80,12 +80,7 @@ class Bootstrap:
             left -= b
 
     def interval(self, stats: np.ndarray) -> list[float] | None:
-        stats = stats[np.isfinite(stats)]
-        if not len(stats):
-            return None
-        a = (1 - self.spec.level) / 2
-        lo, hi = np.quantile(stats, [a, 1 - a])
-        return [float(lo), float(hi)]
+        return interval(stats, self.spec.level)
 
     def ratios(self, figures: dict[str, tuple]) -> dict[str, dict]:
         """{name: (num, den[, transform])} per-cluster sums -> {name: {value, ci}} of

@@ -241,10 +241,13 @@ def _planted_run(root, run_id="dups"):
 
 
 @pytest.mark.integration
-def test_the_filters_across_partitions_keep_what_they_keep_on_one_table(ray_local, tmp_path):
+def test_the_filters_across_partitions_keep_what_they_keep_on_one_table(ray_local, tmp_path, monkeypatch):
     """Exact dedup by content across prompt ids, LSH near dedup across prompts, the answer check and
     best-of-n as Dataset operations over several partitions: the rows kept and every count equal
     the same steps on one in-memory table."""
+    import cousins.run.dataops
+
+    monkeypatch.setattr(cousins.run.dataops, "SMALL_ROWS", 0)  # several partitions, though the run is small
     prompts, gens = _planted_run(tmp_path)
     filters = FiltersConfig(answer_check="contains", near_dedup=True, near_dedup_threshold=0.7,
                             best_of_n="mean_logprob")

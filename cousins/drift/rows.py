@@ -26,6 +26,7 @@ from cousins.run.storage import Location
 
 KEYS = ["prompt_id", "sample_index"]
 PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
+SMALL_DIFF_ROWS = 1024  # drift rows one task computes in less time than the shuffle takes to start
 SHUFFLE_INPUT_BYTES = 64 << 20
 
 _G = {f.name: f.type for f in schema.GENERATIONS}
@@ -171,7 +172,7 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_
     compared token by token (not text-only, and its engine loaded)."""
     import ray
 
-    from cousins.run.dataops import spread_blocks
+    from cousins.run.dataops import by_key, spread_blocks
     from cousins.run.progress import Bar
 
     layout, original = run.layout, entries[0]
@@ -192,21 +193,24 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_
     for e in entries[1:]:
         run.restart(layout.drift(e.name))  # an earlier diff's parts never mix with this one's
     n_prompts = run.count(layout.prompts)
-    partitions = max(int(ray.cluster_resources().get("CPU", 1)), -(-n_prompts // PROMPTS_PER_PARTITION))
+    cousins = [(e.name, token_level[e.name]) for e in entries[1:]]
+    drift_rows_todo = run.count(layout.generations(original.name)) * len(cousins)
+    # a small diff in one task (no shuffle to start); else at least a partition per CPU
+    partitions = 1 if drift_rows_todo <= SMALL_DIFF_ROWS else max(
+        int(ray.cluster_resources().get("CPU", 1)), -(-n_prompts // PROMPTS_PER_PARTITION))
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # the shuffle's map side takes its input as it streams in (Ray's default buffers up to 1 GiB
     # per node first, which puts a small run's whole shuffle in one task on one node)
     ray.data.DataContext.get_current().shuffle_input_batch_bytes = SHUFFLE_INPUT_BYTES
-    cousins = [(e.name, token_level[e.name]) for e in entries[1:]]
     # One task per partition, placed over every node of the cluster (dataops.spread_blocks)
     out = spread_blocks(
-        union.repartition(partitions, keys=["prompt_id"]), diff_and_publish, num_cpus=num_cpus,
+        by_key(union, "prompt_id", partitions), diff_and_publish, num_cpus=num_cpus,
         fn_kwargs={"layout": layout, "original": original.name, "cousins": cousins,
                    "original_scored": original_scored, "rule": rule,
                    "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed, "resamples": resamples,
                    "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
     # Streamed: each partition's aggregates are merged as they arrive and then dropped.
-    with Bar("diff", run.count(layout.generations(original.name)) * len(cousins), unit="drift rows") as bar:
+    with Bar("diff", drift_rows_todo, unit="drift rows") as bar:
         return aggregate.merge_all(_counted(out, bar), {name: not tl for name, tl in cousins}, worst_n)
 
 

@@ -119,7 +119,7 @@ def _kept_keys(t: pa.Table) -> pa.Table:
 def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
     """The VERDICT Dataset of the model's generations after every filter (materialized: a few
     dozen bytes a row, in the object store)."""
-    from cousins.run.dataops import co_partition, materialize_counted, partitions_for
+    from cousins.run.dataops import by_key, co_partition, materialize_counted, partitions_for
     from cousins.run.layout import read_rows
 
     layout = run.layout
@@ -140,15 +140,15 @@ def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
         _verdict_partition, fn_kwargs={"schemas": schemas, "filters": filters}, batch_size=None,
         batch_format="pyarrow")
     if filters.exact_dedup:
-        state = state.repartition(parts, keys=["dedup_key"]).map_batches(mark_exact, batch_size=None,
+        state = by_key(state, "dedup_key", parts).map_batches(mark_exact, batch_size=None,
                                                                           batch_format="pyarrow")
     if filters.near_dedup or filters.best_of_n is not None:
         near = None
         if filters.near_dedup:
             with Bar("export verdicts", rows_in) as bar:
                 state = materialize_counted(state, bar)  # read twice: for its bands and to mark them
-            near = state.map_batches(band_rows, batch_format="pyarrow", num_cpus=0.1).repartition(
-                parts, keys=["band"]).map_batches(band_duplicates, batch_size=None, batch_format="pyarrow")
+            near = by_key(state.map_batches(band_rows, batch_format="pyarrow", num_cpus=0.1), "band",
+                          parts).map_batches(band_duplicates, batch_size=None, batch_format="pyarrow")
         schemas = {"state": VERDICT, **({"near": KEYS} if near is not None else {})}
         state = co_partition({"state": state, "near": near}, schemas, "prompt_id", parts).map_batches(
             _near_and_best_partition, fn_kwargs={"schemas": schemas, "filters": filters}, batch_size=None,

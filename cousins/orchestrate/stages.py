@@ -23,6 +23,7 @@ from cousins.engine.placement import engine_groups
 from cousins.engine.pool import MODES, engine_pool
 from cousins.engine.rows import SCORE_INPUT, TASK, as_input, expand_samples
 from cousins.run import corpus
+from cousins.run.dataops import shuffled
 from cousins.run.layout import read_rows
 from cousins.run.ledger import GENERATE, KLD, SCORE, ledger_key, new_ledger
 from cousins.run.lifecycle import Run, publish_part
@@ -229,8 +230,9 @@ class ScoreJob:
 def _original_rows(run: Run, original: str, shuffle_seed: int | None = None):
     """The original's generation rows as the engines score them (SCORE_INPUT), reshuffled with
     `shuffle_seed` for a `reorder` entry."""
-    rows = read_rows(run.layout.generations(original), SCORE_INPUT)
-    return rows.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else rows
+    stage = run.layout.generations(original)
+    rows = read_rows(stage, SCORE_INPUT)
+    return shuffled(rows, run.count(stage), shuffle_seed) if shuffle_seed is not None else rows
 
 
 def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec: EngineSpec, sampling: Sampling,
@@ -268,9 +270,9 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
                                    zero_copy_batch=True, **light)
         if done_keys:
             rows = rows.map_batches(_drop_done, fn_kwargs={"done_ref": ray.put(done_keys)}, **light)
-        if entry.reorder:
-            rows = rows.random_shuffle(seed=shuffle_seed)
         todo = expected - len(done_keys)
+        if entry.reorder:
+            rows = shuffled(rows, todo, shuffle_seed)
         kwargs = {"spec": spec, "sampling": sampling, "backend": backend}
         if self_scored:
             run.restart(scores_out)

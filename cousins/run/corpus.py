@@ -307,6 +307,13 @@ def _parse_batch(batch: dict, *, fmt: str, fields: Fields, max_chars: int) -> pa
     return pa.Table.from_pylist(rows, schema=PARSED)
 
 
+def _repeated_ids(block: pa.Table) -> pa.Table:
+    """The prompt ids a partition holding every row of its ids has more than once."""
+    counts = pc.value_counts(block["prompt_id"])
+    return pa.table({"prompt_id": counts.field("values").filter(pc.greater(counts.field("counts"), 1))},
+                    schema=pa.schema([("prompt_id", pa.string())]))
+
+
 def _with_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
     return batch.filter(pc.is_in(batch["prompt_id"], value_set=ids))
 
@@ -326,6 +333,8 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = Non
     import ray.data
     from ray.data.expressions import col
 
+    from cousins.run.dataops import by_key, first_by, partitions_for
+
     exts = extensions(fmt)
     paths = list_files(loc, exts)
     if not paths:
@@ -338,8 +347,10 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = Non
     prompts = parsed.filter(expr=col("reason").is_null()).drop_columns(["reason", "raw"]).materialize()
     errors = parsed.filter(expr=col("reason").is_not_null()).select_columns(schema.ERRORS.names)
 
-    dup_ids = [r["prompt_id"] for r in prompts.groupby("prompt_id").count().filter(
-        expr=col("count()") > 1).select_columns(["prompt_id"]).take_all()]
+    # ids held by more than one prompt, found where each id's rows meet (one block when the corpus is small)
+    dup_ids = [r["prompt_id"] for r in by_key(prompts.select_columns(["prompt_id"]), "prompt_id",
+                                               partitions_for(prompts.count(), 100_000)).map_batches(
+        _repeated_ids, batch_size=None, batch_format="pyarrow", num_cpus=0.1).take_all()]
     if dup_ids:  # rare, and only the rows sharing an id travel to the driver
         by_id = {"batch_format": "pyarrow", "fn_kwargs": {"ids": pa.array(dup_ids)}}
         keep, dup_errors = split_duplicates(prompts.map_batches(_with_ids, **by_id).take_all())
@@ -347,7 +358,7 @@ def read_corpus(loc: Location, *, fmt: str = "auto", fields: Fields | None = Non
             ray.data.from_arrow(pa.Table.from_pylist(keep, schema=PARSED).drop_columns(["reason", "raw"])))
         errors = errors.union(ray.data.from_arrow(pa.Table.from_pylist(dup_errors, schema=schema.ERRORS)))
     if limit is not None:
-        prompts = prompts.sort(["source", "source_row"]).limit(limit)
+        prompts = first_by(prompts, prompts.count(), ["source", "source_row"], limit)
     return prompts.materialize(), errors.materialize()
 
 

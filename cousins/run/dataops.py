@@ -37,7 +37,14 @@ def co_partition(sides: dict, schemas: dict[str, pa.Schema], key: str, partition
     tagged = [ds.map_batches(_pad, fn_kwargs={"side": name, "schema": schema}, batch_format="pyarrow",
                              num_cpus=0.1) for name, ds in sides.items() if ds is not None]
     union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-    return union.repartition(max(1, partitions), keys=[key])
+    return by_key(union, key, partitions)
+
+
+def by_key(ds, key: str, partitions: int):
+    """`ds` hash-partitioned by `key` into `partitions` blocks; one partition is one block without
+    a shuffle: a hash shuffle starts aggregator actors (seconds each on a small machine), which
+    a run small enough for one partition would spend more time on than on its rows."""
+    return ds.repartition(partitions, keys=[key]) if partitions > 1 else ds.repartition(1)
 
 
 def split(block: pa.Table, schemas: dict[str, pa.Schema]) -> dict[str, pa.Table]:
@@ -49,10 +56,44 @@ def split(block: pa.Table, schemas: dict[str, pa.Schema]) -> dict[str, pa.Table]
     return out
 
 
+SMALL_ROWS = 4096  # rows one task joins and judges in less time than a shuffle takes to start
+
+
+def _permuted(block: pa.Table, *, seed: int) -> pa.Table:
+    import numpy as np
+
+    return block.take(np.random.default_rng(seed).permutation(block.num_rows))
+
+
+def shuffled(ds, rows: int, seed: int):
+    """`ds`'s rows in an order drawn from `seed`: a small input (at most SMALL_ROWS `rows`)
+    permuted in one block, a larger one by Ray Data's random shuffle."""
+    if rows <= SMALL_ROWS:
+        return ds.repartition(1).map_batches(_permuted, fn_kwargs={"seed": seed}, batch_size=None,
+                                             batch_format="pyarrow", num_cpus=0.1)
+    return ds.random_shuffle(seed=seed)
+
+
+def _first_by(block: pa.Table, *, keys: list[str], n: int) -> pa.Table:
+    return block.sort_by([(k, "ascending") for k in keys]).slice(0, n)
+
+
+def first_by(ds, rows: int, keys: list[str], n: int):
+    """The `n` first rows of `ds` (`rows` of them) in the order of `keys`: a small input sorted
+    in one block, a larger one by Ray Data's sort."""
+    if rows <= SMALL_ROWS:
+        return ds.repartition(1).map_batches(_first_by, fn_kwargs={"keys": keys, "n": n}, batch_size=None,
+                                             batch_format="pyarrow", num_cpus=0.1)
+    return ds.sort(keys).limit(n)
+
+
 def partitions_for(rows: int, per_partition: int) -> int:
-    """Partitions for `rows` rows: at least one per CPU of the cluster, at most `per_partition` rows each."""
+    """Partitions for `rows` rows: one for a small input (at most SMALL_ROWS), else at least one
+    per CPU of the cluster and at most `per_partition` rows each."""
     import ray
 
+    if rows <= SMALL_ROWS:
+        return 1
     return max(int(ray.cluster_resources().get("CPU", 1)), -(-rows // per_partition), 1)
 
 

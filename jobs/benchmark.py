@@ -3,6 +3,8 @@ Prints a table of medians and spread over repetitions and writes the whole resul
 
     python jobs/benchmark.py                                  # 128 prompts x 3 repetitions, locally
     python jobs/benchmark.py bench.prompts=16 bench.repeats=1 bench.two_node=false   # a smoke run
+    python jobs/benchmark.py cousins=demo bench.drift_parallel=true bench.repeats=1 bench.bare=false \
+        bench.drift=false bench.two_node=false bench.prompts=16       # the demo's cousins side by side
 """
 
 import json
@@ -72,6 +74,14 @@ def main(dcfg: DictConfig) -> None:
         if source is None:
             sys.exit("error: bench.scale needs bench.scale_run (a committed drift run) or bench.drift=true")
         reps[0]["diff_scale"] = bench.diff_scale(cfg, source, list(b.scale_factors))
+        save(reps)
+    if b.drift_parallel and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        from cousins.bench.parallel import drift_parallel
+
+        ray.shutdown()  # each cluster size brings its own local cluster
+        reps[0]["drift_parallel"] = drift_parallel(cfg, b.prompts, tag, list(b.parallel_nodes))
         save(reps)
     result = save(reps)
     print(f"device: {result['device']}; {b.prompts} prompts, {b.repeats} repetitions")

@@ -61,6 +61,21 @@ def test_a_pass_bigger_than_the_room_runs_alone_and_a_failure_lets_the_others_fi
     assert not any_two_fit([Pass("a", Need(2, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0))
 
 
+def test_the_benchmarks_projection_places_passes_as_the_scheduler_does():
+    """drift_parallel's projection: the original, then the others longest first on the slot that
+    frees first; the start-up share and parts summed over passes."""
+    from types import SimpleNamespace
+
+    from cousins.bench.parallel import _lead_ins, projected_wall
+
+    assert projected_wall(10, [5] * 7, 1) == 45 and projected_wall(10, [5] * 7, 8) == 15
+    assert projected_wall(10, [5] * 7, 4) == 20 and projected_wall(1, [4, 3, 3, 2], 2) == 7  # 4+2 | 3+3
+    stats = [SimpleNamespace(wall_s=10.0, retries={"first_batch_at_s": 6.0, "startup_s": {"vllm_import_s": 3.0}}),
+             SimpleNamespace(wall_s=5.0, retries={"first_batch_at_s": 4.0, "startup_s": {"vllm_import_s": 2.5}}),
+             SimpleNamespace(wall_s=1.0, retries=None)]  # done by an earlier attempt: no timeline
+    assert _lead_ins(stats) == (10.0, 15.0, {"vllm_import_s": 5.5})
+
+
 @pytest.fixture(scope="module")
 def ray_wide(own_ray):
     """A local Ray with room for four one-CPU fake engines beside Ray Data's own tasks."""

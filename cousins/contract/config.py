@@ -283,6 +283,10 @@ class BenchConfig:
     scale: bool = False
     scale_run: str | None = None  # a committed drift run's id
     scale_factors: list[int] = field(default_factory=lambda: [1, 8, 32, 128])  # copies of its prompts
+    # The config's cousins and the noise floor (e.g. cousins=demo) in one drift run on local clusters
+    # of N nodes x 1 logical GPU, one model at a time and side by side (skipped when attached to a cluster).
+    drift_parallel: bool = False
+    parallel_nodes: list[int] = field(default_factory=lambda: [2, 4])  # the clusters' sizes (nodes)
     out: str = "benchmark.json"  # where the whole result goes (JSON)
 
 

@@ -54,7 +54,8 @@ def _headers(ep: Endpoint) -> dict:
     if ep.api_key_env:
         key = os.environ.get(ep.api_key_env)
         if not key:
-            raise EndpointError(f"endpoint {ep.url}: the environment variable {ep.api_key_env} (its API key) is not set")
+            raise EndpointError(f"endpoint {ep.url}: the environment variable {ep.api_key_env} "
+                                f"(its API key) is not set")
         headers["Authorization"] = f"Bearer {key}"
     return headers
 

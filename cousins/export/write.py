@@ -140,8 +140,7 @@ def _filtered(run, model: str, filters: FiltersConfig, rows_in: int):
         _verdict_partition, fn_kwargs={"schemas": schemas, "filters": filters}, batch_size=None,
         batch_format="pyarrow")
     if filters.exact_dedup:
-        state = by_key(state, "dedup_key", parts).map_batches(mark_exact, batch_size=None,
-                                                                          batch_format="pyarrow")
+        state = by_key(state, "dedup_key", parts).map_batches(mark_exact, batch_size=None, batch_format="pyarrow")
     if filters.near_dedup or filters.best_of_n is not None:
         near = None
         if filters.near_dedup:

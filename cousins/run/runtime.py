@@ -3,7 +3,10 @@ otherwise a fresh local Ray owned by this process."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import sys
 
 from cousins.contract.config import LogConfig, RayConfig
 
@@ -48,6 +51,58 @@ def engine_env(base: dict[str, str]) -> dict[str, str]:
     return {**base, "VLLM_LOGGING_LEVEL": "INFO" if LOG.verbose else "ERROR"}
 
 
+# A line of Ray's C++ logging: "[2026-12-07 01:14:34,832 E 28953 28953] core_worker.cc:2465: ..."
+NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+: ")
+_native_filter: list = []  # (the terminal's own descriptor, the pump thread) once installed
+
+
+def _pump(read_fd: int, terminal: int) -> None:
+    """Forward what native code writes to file descriptor 2, line by line, except Ray's C++ log lines."""
+    pending = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = b"".join(line + b"\n" for line in lines if not NATIVE_LOG_LINE.match(line))
+            if kept:
+                os.write(terminal, kept)
+    if pending and not NATIVE_LOG_LINE.match(pending):
+        os.write(terminal, pending)
+
+
+def _restore_stderr() -> None:
+    terminal, thread = _native_filter[0]
+    sys.stderr.flush()
+    os.dup2(terminal, 2)  # the pipe's last writer closes: the pump reads the end and stops
+    thread.join(timeout=2)
+
+
+def native_logs_off_terminal() -> None:
+    """Keep Ray's C++ log lines off the terminal (they are in the session's log files already, e.g.
+    python-core-driver-*.log; the driver's core worker copies its errors to stderr too, such as
+    the one line per engine pool about actor constructor arguments in the object store). Python's
+    own writes go straight to the terminal; what native code writes to descriptor 2 passes a
+    filter thread that drops those lines. Undone at exit. Once per process; `log.verbose` skips it."""
+    if _native_filter:
+        return
+    import atexit
+    import threading
+
+    sys.stderr.flush()
+    try:
+        terminal = os.dup(2)
+    except OSError:  # no descriptor 2 to filter
+        return
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(terminal, "w", closefd=False)), write_through=True,
+                                  encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
+    thread = threading.Thread(target=_pump, args=(read_fd, terminal), name="cousins-native-stderr", daemon=True)
+    thread.start()
+    _native_filter.append((terminal, thread))
+    atexit.register(_restore_stderr)
+
+
 def init_ray(rc: RayConfig, log: LogConfig | None = None) -> None:
     import logging
 
@@ -57,6 +112,8 @@ def init_ray(rc: RayConfig, log: LogConfig | None = None) -> None:
     configure_logs(log)
     if ray.is_initialized():
         return
+    if not log.verbose:
+        native_logs_off_terminal()
     quiet = {} if log.verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     runtime_env = {"env_vars": forwarded_env()}
     address = rc.address or os.environ.get("RAY_ADDRESS")

@@ -23,6 +23,6 @@ if ! $venv/bin/python -m pip install --quiet --disable-pip-version-check -c cons
   exit 1
 fi
 rm -f "$log"
-$venv/bin/python -c "import llmcompressor, compressed_tensors" 2>/dev/null \
+$venv/bin/python -c "import llmcompressor, compressed_tensors" >/dev/null 2>&1 \
   || { echo "setup-llmc: $venv does not import llmcompressor" >&2; exit 1; }
 echo "$want" > "$stamp"

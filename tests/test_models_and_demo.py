@@ -183,3 +183,28 @@ def test_tiny_teacher_answers_the_labelled_demo_prompts_and_keeps_its_mass_in_it
     print(f"tiny teacher on the demo: {accuracy:.1%} of {len(labelled)} labelled prompts correct; "
           f"top-20 mass {top20:.4f} over {len(masses)} answer tokens")
     assert accuracy >= 0.6 and top20 >= 0.95
+
+
+def test_two_builds_of_one_path_take_turns_and_the_second_finds_it_built(tmp_path):
+    """Two jobs (or test processes) asking for the same model at once: one builds, the other waits
+    for it and then finds a current build, so nobody replaces a directory another one reads."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, builds, inside = tmp_path / "m", [], threading.Semaphore(1)
+
+    def build(tmp):
+        assert inside.acquire(blocking=False), "two builds of one path ran at once"
+        builds.append(1)
+        time.sleep(0.3)
+        (tmp / "weights").write_text("w")
+        (tmp / RECIPE_FILE).write_text(json.dumps({"recipe": "r"}))
+        inside.release()
+
+    def current():
+        return (out / "weights").exists()
+
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda _: models.replace_build(out, build, setting="x", current=current), range(2)))
+    assert sorted(built) == [False, True] and len(builds) == 1 and (out / "weights").read_text() == "w"

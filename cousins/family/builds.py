@@ -33,15 +33,16 @@ def ensure_model(path: str, recipe_name: str | None, seed: int = 0, *, setting: 
         if kind(path) == "local" and not is_gguf(path) and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"model directory not found: {path!r} has no config.json (set model.path)")
         return False
-    if is_current(path, recipe_name, seed):
+    def current() -> bool:
+        return is_current(path, recipe_name, seed)
+
+    if current():
         return False
     models.check_ours(path, setting=setting)
     if models.read_build(path) is not None:
         print(f"{path} was built from another recipe or other lessons: building {recipe_name!r} again", flush=True)
     if recipe_name == REALISTIC_TEACHER:
         r = realistic.recipe(recipe_name, seed)
-        models.replace_build(path, lambda tmp: realistic.build(tmp, r), setting=setting)
-    else:
-        r = models.tiny_recipe(recipe_name, seed)
-        models.replace_build(path, lambda tmp: models.build_tiny_llama(tmp, r), setting=setting)
-    return True
+        return models.replace_build(path, lambda tmp: realistic.build(tmp, r), setting=setting, current=current)
+    r = models.tiny_recipe(recipe_name, seed)
+    return models.replace_build(path, lambda tmp: models.build_tiny_llama(tmp, r), setting=setting, current=current)

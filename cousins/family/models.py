@@ -11,6 +11,7 @@ accuracy zero and every flip rate 0). About 2 minutes on one CPU thread."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -235,11 +236,35 @@ def check_ours(path: str | os.PathLike, *, setting: str) -> None:
     check_owned(path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
 
 
-def replace_build(path: str | os.PathLike, build: Callable[[Path], object], *, setting: str) -> None:
+@contextlib.contextmanager
+def building(path: str | os.PathLike):
+    """One build of `path` at a time on this machine (two jobs, or two test processes, asking for
+    the same model): an exclusive lock on a file in the system's temporary directory named after
+    the path, never a file beside it."""
+    import fcntl
+    import tempfile
+
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"cousins-build-{key}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def replace_build(path: str | os.PathLike, build: Callable[[Path], object], *, setting: str,
+                  current: Callable[[], bool] | None = None) -> bool:
     """Run `build` into a temporary sibling of `path` and rename the result into place, replacing
     only a build of the project's: a killed build leaves nothing that looks complete, and a user's
-    directory is refused (NotOurs) before and after the build."""
-    check_ours(path, setting=setting)
-    with scratch(path) as tmp:
-        build(Path(tmp.path))
-        publish_dir(tmp, path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
+    directory is refused (NotOurs) before and after the build. Builds of one path take turns
+    (`building`); `current()`, asked once it is this one's turn, says another process has just
+    built it: then nothing is built (False)."""
+    with building(path):
+        if current is not None and current():
+            return False
+        check_ours(path, setting=setting)
+        with scratch(path) as tmp:
+            build(Path(tmp.path))
+            publish_dir(tmp, path, BUILD, setting=setting, remedy=BUILD_REMEDY.format(setting=setting))
+    return True

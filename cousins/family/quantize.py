@@ -229,5 +229,5 @@ def build_quantized(src_dir: str | os.PathLike, out_dir: str | os.PathLike, reci
                   **{k: v for k, v in info.items() if k != "rounded_tensors"}}
         (tmp / RECIPE_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
-    replace_build(out, build, setting=setting)
+    replace_build(out, build, setting=setting, current=lambda: is_current(out, src, recipe))
     return out

@@ -322,5 +322,5 @@ def ensure_student(path: str | os.PathLike, teacher_path: str | os.PathLike, see
     check_ours(path, setting=setting)
     print(f"building {REALISTIC_STUDENT!r} (the lessons, {r.train_steps} steps) with {teacher_path}'s tokenizer "
           f"-> {path}", flush=True)
-    replace_build(path, lambda tmp: build(tmp, r, teacher_path), setting=setting)
-    return True
+    return replace_build(path, lambda tmp: build(tmp, r, teacher_path), setting=setting,
+                         current=lambda: is_current(path, r, teacher_path))

@@ -86,9 +86,10 @@ HEADER = "| key | type | default | what |\n|---|---|---|---|"
 
 def page() -> str:
     from cousins.contract import config as C
+    from cousins.contract import endpoint_config as EC
     from cousins.export import config as E
 
-    fields = {**_fields(C), **_fields(E)}
+    fields = {**_fields(C), **_fields(EC), **_fields(E)}
     sections = [
         ("Generation and drift jobs (`jobs/generate.py`, `jobs/drift.py`)",
          "The keys of `Config`. The YAML files in `conf/` choose named alternatives (`model=…`, `corpus=…`, "
@@ -97,6 +98,11 @@ def page() -> str:
          "Each entry of `cousins`: a checkpoint, an adapter or the original's weights with another "
          "quantization or dtype; `docs/models.md` says how each form is read.",
          rows(C.CousinConfig, "cousins.NAME.", fields)),
+        ("A model behind an endpoint (`model.endpoint.…`, `cousins.NAME.endpoint.…`)",
+         "An OpenAI-compatible server that runs the original or a cousin instead of an engine of ours "
+         "(`docs/models.md`, \"A model behind an endpoint\"); set as a whole, e.g. "
+         "`model.endpoint={url: http://10.0.0.5:8000/v1, model: my-model}`.",
+         rows(EC.EndpointConfig, "….endpoint.", fields)),
         ("The benchmark (`jobs/benchmark.py`: the keys above and `bench.…`)", "",
          rows(C.BenchConfig, "bench.", fields)),
         ("Distillation exports (`jobs/export.py`)", "", rows(E.ExportConfig, "", fields)),

@@ -158,12 +158,22 @@ class FakeBackend:
     the engine actor runs in, and none at all outside one. With `trace_dir`, each engine writes
     where it and its workers landed (node, GPU ids) to a JSON file there."""
 
+    endpoints = True  # a served model's spec too (cousins.engine.backend.backend_for): see load
+
     def __init__(self, fail_loading: tuple[str, ...] = (), trace_dir: str | None = None):
         self.fail_loading, self.trace_dir = fail_loading, trace_dir
+        self.served = False
 
     def load(self, spec):
         if spec.model_name in self.fail_loading:
             raise OSError(f"no weights at {spec.model_path}")
+        if spec.endpoint is not None:  # the product's client to the server (tests/fake_server.py), the toy tokenizer
+            from cousins.engine.endpoint import served_models
+            from cousins.engine.served import ServedLLM
+
+            self.served = True
+            owners = served_models(spec.endpoint)
+            return ServedLLM(spec.endpoint, Tokenizer(), vllm_server=owners.get(spec.endpoint.model) == "vllm")
         llm = FakeLLM(spec)
         llm.workers = _start_workers(spec.tensor_parallel_size * spec.pipeline_parallel_size)
         if self.trace_dir:
@@ -181,6 +191,10 @@ class FakeBackend:
         return llm
 
     def params(self, **kw):
+        if self.served:
+            from cousins.engine.served import Ask
+
+            return Ask(**kw)
         known = {k: kw.pop(k) for k in ("temperature", "max_tokens", "logprobs", "prompt_logprobs", "seed") if k in kw}
         return Params(**known, kw=kw)
 

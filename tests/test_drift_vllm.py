@@ -21,10 +21,11 @@ from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
 from cousins.drift.diff import recompute
 from cousins.drift.summary import BootstrapSpec
-from cousins.family.prepare import prepare_before_ray
+from cousins.family.prepare import build_quantized_cousins, prepare_before_ray
 from cousins.orchestrate.pipeline import run_drift
 from cousins.run.layout import RunLayout, part_files
 from cousins.run.storage import resolve
+from vllm_server import VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -35,7 +36,15 @@ def _table(loc):
 
 
 @pytest.fixture(scope="module")
-def drift_run(ray_local, tiny_teacher, tmp_path_factory):
+def served_teacher(tiny_teacher, tmp_path_factory):
+    """vLLM's OpenAI-compatible server running the tiny teacher: the cousin `served` (an endpoint)."""
+    server = VllmServer(tiny_teacher, "teacher-behind-an-api", tmp_path_factory.mktemp("server") / "vllm.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def drift_run(ray_local, tiny_teacher, served_teacher, tmp_path_factory):
     base = tmp_path_factory.mktemp("drift")
     broken = base / "broken"
     shutil.copytree(tiny_teacher, broken)
@@ -61,8 +70,11 @@ def drift_run(ray_local, tiny_teacher, tmp_path_factory):
         f"+cousins.int4={{kind:quantized,build:rtn-int4,path:'{base / 'int4'}'}}",
         f"+cousins.broken={{kind:other,path:'{broken}'}}",
         f"+cousins.words={{kind:other,path:'{other}',text_only:true}}",
+        f"+cousins.served={{kind:other,endpoint:{{url:'{served_teacher.url}',model:{served_teacher.name}}}}}",
         config_name="drift")))
     validate(cfg)
+    build_quantized_cousins(cfg)  # while the server starts
+    served_teacher.wait()
     prepare_before_ray(cfg)
     result, summary = run_drift(cfg)
     layout = RunLayout(resolve(cfg.storage.root), result.run_id)
@@ -91,17 +103,37 @@ def test_every_cousin_has_one_drift_row_per_generation_and_the_run_commits(drift
     cfg, layout, result, summary = drift_run
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["status"] == "committed" and set(manifest["drift"]) == {"int8", "int4", "broken", "words",
-                                                                          "noise-floor"}
+                                                                          "served", "noise-floor"}
     rows = result.prompts * cfg.run.samples
-    for name in ("int8", "int4", "broken", "words", "noise-floor"):
+    for name in ("int8", "int4", "broken", "words", "served", "noise-floor"):
         assert _table(layout.drift(name)).num_rows == rows
-    for name in ("tiny-teacher", "int8", "int4", "noise-floor", "broken"):
+    for name in ("tiny-teacher", "int8", "int4", "noise-floor", "broken", "served"):
         assert _table(layout.scores(name)).num_rows == rows
     assert not layout.scores("words").exists()  # text-only: nothing scored
     broken = _table(layout.scores("broken")).column("error").to_pylist()  # scored in the pass it failed to load in
     assert all(e.startswith("engine failed to load 'broken'") for e in broken)
     html = layout.report.read_text()
     assert "int4" in html and "noise" in html and "data:image/png;base64," in html
+
+
+def test_the_original_behind_vllms_server_drifts_no_more_than_the_noise_floor(drift_run, served_teacher):
+    """An endpoint as a cousin: the teacher served by vLLM's OpenAI-compatible server, asked with
+    the prompts' token ids, gives the original's samples token for token (same seeds), and its
+    teacher-forced scores (prompt_logprobs over the server) its distributions: drift at zero."""
+    _, layout, _, summary = drift_run
+    served = by_name(summary)["served"]
+    m = served["metrics"]
+    assert served["error"] is None and served["error_rows"] == 0
+    assert m["exact_match"]["value"] == 1.0 and m["same_top1"]["value"] == 1.0 and m["kld_mean"]["value"] < 1e-6
+    ours, theirs = _table(layout.generations("tiny-teacher")), _table(layout.generations("served"))
+    for col in ("output_token_ids", "topk_token_ids"):
+        assert theirs.column(col).equals(ours.column(col))
+    worst = max(abs(a - b) for x, y in zip(theirs.column("output_logprobs").to_pylist(),
+                                          ours.column("output_logprobs").to_pylist()) for a, b in zip(x, y))
+    assert worst < 1e-4, worst
+    manifest = json.loads(layout.manifest.read_text())
+    record = next(r for r in manifest["models"] if r["name"] == "served")
+    assert record["endpoint"] == f"{served_teacher.url} (model teacher-behind-an-api)" and record["fingerprint"] is None
 
 
 def test_a_cousin_that_fails_to_load_fails_its_own_rows_only(drift_run):

@@ -18,6 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from cousins.contract.endpoint_config import ENDPOINT_APIS, EndpointConfig, typed_endpoint  # noqa: F401 - re-exported
+
 # The bundled corpora (written by cousins/family/demo_corpus.py, never downloaded): the demo's
 # prompts, and those a distilled cousin learns from (same kinds as the demo, none of its prompts).
 DATA_DIR = Path(__file__).parent.parent / "data"
@@ -57,6 +59,10 @@ class ModelConfig:
     # This model's engine settings over the `engine` block (any of its keys): a 1.5B student need
     # not take a 7B original's tensor_parallel_size, context or KV cache.
     engine: dict[str, Any] = field(default_factory=dict)
+    # A server that runs it (then `path` gives only its tokenizer): {url: …, model: …, …}, an
+    # EndpointConfig. Typed loosely so `model.endpoint={url: …, model: …}` works on the command
+    # line (OmegaConf cannot assign a dict to a dataclass field that is null); to_config types it.
+    endpoint: Any = None
 
 
 @dataclass
@@ -211,6 +217,9 @@ class CousinConfig:
     chat_template_kwargs: dict[str, Any] | None = None  # None: the original's
     thinking_markers: list[str] | None = None  # None: the original's, if its weights; else the tokenizer's
     engine: dict[str, Any] = field(default_factory=dict)  # this cousin's engine settings over `engine`
+    # A server that runs this cousin (a vLLM server you deployed, a provider, a gateway); its
+    # prompts are rendered with `path`'s tokenizer, or the original's when `path` is null.
+    endpoint: Any = None  # an EndpointConfig (typed by to_config, as model.endpoint)
 
 
 # The answer checkers (cousins/drift/answers.py): `mcq` needs a row's choices, `regex` corpus.answer.pattern.
@@ -331,6 +340,9 @@ def to_config(cfg: DictConfig | Config) -> Config:
             cousins[str(name)] = OmegaConf.to_object(merged)
         except Exception as e:  # noqa: BLE001 - every bad entry is reported, together
             problems.append(f"cousins.{name}: {str(e).splitlines()[0]}")
+    obj.model.endpoint = typed_endpoint(obj.model.endpoint, "model.endpoint", problems)
+    for name, c in cousins.items():
+        c.endpoint = typed_endpoint(c.endpoint, f"cousins.{name}.endpoint", problems)
     if problems:
         raise ConfigError(problems)
     obj.cousins = cousins

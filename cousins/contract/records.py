@@ -93,6 +93,7 @@ class ModelEntry:
     reorder: bool = False  # the noise floor: other batch order and size than the original's pass
     revision: str | None = None  # a hub model's revision as configured
     lora: str | None = None  # a LoRA adapter served on top of `path`
+    endpoint: str | None = None  # "URL (model NAME)": a server runs it; `path` gives its tokenizer
 
     @property
     def is_original(self) -> bool:
@@ -113,6 +114,7 @@ class ModelRecord:
     reordered: bool
     revision: str | None = optional()
     lora: str | None = optional()
+    endpoint: str | None = optional()  # a server ran it ("URL (model NAME)"); no fingerprint then
 
 
 @dataclass

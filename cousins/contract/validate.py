@@ -14,8 +14,8 @@ import os
 
 from omegaconf import OmegaConf
 
-from cousins.contract.config import (ROW_CHECKERS, CORE_PROCESS, COUSIN_KINDS, DTYPES, ENGINE_KEYS, LORA_MODES, MAX_LOGPROBS,
-                                     PROMPT_FORMATS, Config, ConfigError, EngineConfig, engine_of)
+from cousins.contract.config import (ROW_CHECKERS, CORE_PROCESS, COUSIN_KINDS, DTYPES, ENDPOINT_APIS, ENGINE_KEYS,
+                                     LORA_MODES, MAX_LOGPROBS, PROMPT_FORMATS, Config, ConfigError, EngineConfig, engine_of)
 from cousins.contract.names import NAME_RULE, is_name
 from cousins.contract.recipes import COUSIN_RECIPES, MODEL_RECIPES
 from cousins.contract.records import NOISE_FLOOR
@@ -111,6 +111,17 @@ def validate(cfg: Config) -> None:
         _check_engine(engine_of(cfg, name), where, check)
 
     _validate_cousins(cfg, check)
+    for where, ep in [("model.endpoint", m.endpoint), *[(f"cousins.{n}.endpoint", c.endpoint)
+                                                       for n, c in cfg.cousins.items()]]:
+        if ep is not None:
+            _check_endpoint(ep, where, check)
+    served = [n for n, c in cfg.cousins.items() if c.endpoint is not None] + ([m.name] if m.endpoint else [])
+    check(not served or cfg.drift.kld != "exact", f"drift.kld=exact needs every position's whole distribution, "
+          f"which an endpoint does not give: {', '.join(map(repr, served))} run on one; use drift.kld=topk")
+    for name, c in cfg.cousins.items():
+        local = [k for k in ("quantization", "lora", "build", "distill_from", "dtype") if getattr(c, k) is not None]
+        check(c.endpoint is None or not local, f"cousins.{name}: {', '.join(local)} describe a model run by an "
+              f"engine of ours; with an endpoint the server decides what runs (drop them, or the endpoint)")
     price = cfg.cost.price_per_accelerator_hour
     check(price is None or price >= 0, f"cost.price_per_accelerator_hour must be >= 0 or null, got {price}")
 
@@ -145,6 +156,23 @@ def _check_answer(a, answer_match: str, check) -> None:
             check(False, f"corpus.answer.pattern does not compile: {e}")
     elif "regex" in (answer_match, *named.values()):
         check(False, "the regex answer checker needs corpus.answer.pattern")
+
+
+def _check_endpoint(ep, where: str, check) -> None:
+    """One model's endpoint block (the server itself is asked by check_models, before Ray)."""
+    import re
+
+    check(ep.url.startswith(("http://", "https://")), f"{where}.url {ep.url!r} must start with http:// or https://")
+    check(bool(ep.model), f"{where}.model: name the model as the server serves it (its /v1/models id)")
+    check(ep.api in ENDPOINT_APIS, f"{where}.api {ep.api!r} must be one of {', '.join(ENDPOINT_APIS)} (chat, where "
+          f"the server renders the prompt with its own template, is not built yet)")
+    check(ep.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ep.api_key_env) is not None,
+          f"{where}.api_key_env {ep.api_key_env!r}: name the environment variable that holds the key, not the key")
+    check(ep.max_concurrency >= 1, f"{where}.max_concurrency must be >= 1, got {ep.max_concurrency}")
+    check(ep.requests_per_s is None or ep.requests_per_s > 0,
+          f"{where}.requests_per_s must be > 0 or null, got {ep.requests_per_s}")
+    check(ep.timeout_s > 0, f"{where}.timeout_s must be > 0, got {ep.timeout_s}")
+    check(ep.retries >= 0, f"{where}.retries must be >= 0, got {ep.retries}")
 
 
 def _check_engine(e: EngineConfig, where: str, check) -> None:
@@ -204,7 +232,7 @@ def _validate_cousins(cfg: Config, check) -> None:
         check(c.build is None or c.path is not None, f"{where}: build={c.build} needs a path to build into")
         prompted_otherwise = ((c.chat_template_kwargs is not None and c.chat_template_kwargs != cfg.model.chat_template_kwargs)
                               or c.prompt_format not in (None, cfg.model.prompt_format))
-        check(c.path is not None or c.quantization is not None or c.lora is not None
+        check(c.path is not None or c.endpoint is not None or c.quantization is not None or c.lora is not None
               or c.dtype not in (None, cfg.model.dtype) or prompted_otherwise,
               f"{where}: without a path it is the original's weights; set quantization, lora, another dtype, or "
               f"other chat_template_kwargs (e.g. {{enable_thinking: false}}: the same weights, thinking off)")

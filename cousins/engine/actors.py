@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from cousins.contract import schema
 from cousins.engine import choices, templates, thinking
-from cousins.engine.backend import EngineSpec, Sampling, VllmBackend, sampling_kwargs
+from cousins.engine.backend import EngineSpec, Sampling, backend_for, sampling_kwargs
 from cousins.engine.feeder import Feeder
 from cousins.engine.rows import (BOTH_OUT, SCORE_INPUT, TASK, Columns, as_output, check_rows,
                                  teacher_forced_inputs, topk_columns, trim_topk)
@@ -39,7 +39,7 @@ class EngineActor(EngineRunner):
     def __init__(self, spec: EngineSpec, sampling: Sampling, ledger=None, tolerate_load_failure: bool = False,
                  backend=None):
         self.spec, self.sampling, self.ledger = spec, sampling, ledger
-        self.backend = backend or VllmBackend()
+        self.backend = backend_for(spec, backend)
         self.llm, self.load_error = load_engine(spec, self.backend, ledger, tolerate_load_failure)
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
@@ -99,6 +99,7 @@ class EngineActor(EngineRunner):
 
         todo = [i for i, e in enumerate(errors) if e is None]
         outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo, solo)
+        outputs = [_or_error(o, errors, i) for i, o in zip(todo, outputs)]
 
         by_row = dict(zip(todo, outputs))
         options, t = self._options(rows, texts, ids, [i for i, o in by_row.items() if o is not None], solo)
@@ -151,7 +152,9 @@ class EngineActor(EngineRunner):
             outs, t = self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.choice_params, solo)
         except (ValueError, TypeError):
             return {}, 0.0
-        return choices.loglikelihoods(keys, inputs, outs), t
+        failed = {k[0] for k, o in zip(keys, outs) if getattr(o, "error", None)}  # (an endpoint's request)
+        kept = [(k, x, o) for k, x, o in zip(keys, inputs, outs) if k[0] not in failed]
+        return choices.loglikelihoods(*map(list, zip(*kept))) if kept else {}, t
 
     def _span(self, ids: list[int], text: str, prompt_text: str | None) -> thinking.Span:
         """The output's thinking span (cousins/engine/thinking.py), split here where the ids are."""
@@ -181,6 +184,16 @@ class EngineActor(EngineRunner):
         return outputs, elapsed
 
 
+def _or_error(out, errors: list, i: int):
+    """`out`, or None with its row's error set where it is a failed request (an endpoint's: its
+    status and the server's message; a local engine's outputs never carry one)."""
+    reason = getattr(out, "error", None) if out is not None else None
+    if reason:
+        errors[i] = reason
+        return None
+    return out
+
+
 class ScoreActor(EngineRunner):
     """Teacher-forced scoring: one model's distribution at every output position of the ORIGINAL's
     generations (vLLM prompt logprobs over prompt + output, nothing sampled). One SCORES row per
@@ -190,7 +203,7 @@ class ScoreActor(EngineRunner):
                  backend=None, engine: EngineActor | None = None):
         """`engine`: an EngineActor of the same model whose engine this one shares (BothActor)."""
         self.spec, self.topk, self.ledger = spec, topk, ledger
-        backend = backend or (engine.backend if engine else VllmBackend())
+        backend = engine.backend if engine else backend_for(spec, backend)
         if engine is not None:
             self.llm, self.load_error = engine.llm, engine.load_error
         else:
@@ -224,7 +237,7 @@ class ScoreActor(EngineRunner):
         outs, elapsed = (self.feeder.run([{"prompt_token_ids": x} for x in inputs], self.params, solo)
                          if inputs else ([], 0.0))
         total = sum(len(x) for x in inputs) or 1
-        scored = dict(zip(todo, zip(outs, inputs)))
+        scored = {i: (o, x) for i, o, x in zip(todo, outs, inputs) if _or_error(o, errors, i) is not None}
         for i, row in enumerate(rows):
             cols["prompt_id"].append(row["prompt_id"])
             cols["sample_index"].append(row["sample_index"])

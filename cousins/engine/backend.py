@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from cousins.engine.endpoint import Endpoint
+
 ENGINE_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
 CORE_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's switch: its engine core in a process of its own
 
@@ -80,6 +82,9 @@ class EngineSpec:
     chat_template_kwargs: dict = field(default_factory=dict, hash=False)
     thinking_markers: tuple[str, str] | None = None  # None: from the tokenizer (cousins/engine/thinking.py)
     choice_target: str = "off"  # multiple choice by likelihood: letter | text | off (cousins/engine/choices.py)
+    # An OpenAI-compatible server that runs this model (cousins/engine/served.py): no local engine;
+    # model_path (or tokenizer) then only gives the tokenizer and chat template the prompts are rendered with.
+    endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,17 @@ def local_spec(spec: EngineSpec) -> EngineSpec:
         model, lora, tokenizer = merged_lora(model, lora), None, tokenizer or model
     return dataclasses.replace(spec, model_path=model, tokenizer=tokenizer, revision=None, lora=lora,
                                lora_revision=None)
+
+
+def backend_for(spec: EngineSpec, given=None):
+    """The backend an actor of `spec` uses: `given` (a test's fake) where it serves such a spec
+    (`endpoints`: it takes served models too), else the endpoint's for a served model, vLLM's for
+    the others."""
+    if spec.endpoint is not None and not getattr(given, "endpoints", False):
+        from cousins.engine.served import EndpointBackend
+
+        return EndpointBackend()
+    return given or VllmBackend()
 
 
 class VllmBackend:

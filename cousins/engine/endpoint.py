@@ -139,14 +139,18 @@ class Client:
                 time.sleep(wait)
         return Reply(None, f"{error} (after {ep.retries + 1} attempts)", ep.retries + 1, time.monotonic() - t0)
 
+    def submit(self, path: str, body: dict):
+        """`post` in the client's pool: a Future of its Reply (at most `max_concurrency` run at once)."""
+        return self._pool.submit(self.post, path, body)
+
     def post_many(self, path: str, bodies: list[dict]) -> list[Reply]:
         """Every body, at most `max_concurrency` in flight; the replies in the bodies' order."""
         return list(self._pool.map(lambda b: self.post(path, b), bodies))
 
 
-def check(ep: Endpoint, timeout_s: float = 10.0) -> None:
-    """The server answers and serves `ep.model` (GET {url}/models), or EndpointError in one line
-    naming the URL and the status."""
+def served_models(ep: Endpoint, timeout_s: float = 10.0) -> dict[str, str | None]:
+    """The models the server serves ({id: owned_by}; vLLM says "vllm"), or EndpointError in one
+    line naming the URL and the status, or that it does not serve `ep.model`."""
     import httpx
 
     url = f"{ep.url.rstrip('/')}/models"
@@ -157,8 +161,14 @@ def check(ep: Endpoint, timeout_s: float = 10.0) -> None:
     if r.status_code != 200:
         raise EndpointError(f"endpoint {url}: HTTP {r.status_code}: {_message(r)}")
     try:
-        served = [m["id"] for m in r.json()["data"]]
+        served = {m["id"]: m.get("owned_by") for m in r.json()["data"]}
     except (ValueError, KeyError, TypeError):
         raise EndpointError(f"endpoint {url}: not an OpenAI-compatible model list: {r.text[:200]!r}") from None
     if ep.model not in served:
         raise EndpointError(f"endpoint {url} does not serve {ep.model!r}; it serves {', '.join(map(repr, served))}")
+    return served
+
+
+def check(ep: Endpoint, timeout_s: float = 10.0) -> None:
+    """The server answers and serves `ep.model` (GET {url}/models), or EndpointError (see served_models)."""
+    served_models(ep, timeout_s)

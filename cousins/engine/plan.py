@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cousins.engine import checkpoints
-from cousins.contract.config import Config, EngineConfig, engine_of
+from cousins.contract.config import Config, EndpointConfig, EngineConfig, engine_of
 from cousins.engine.backend import GPU_MEMORY_UTILIZATION, EngineSpec, Placement, Sampling
+from cousins.engine.endpoint import Endpoint
 from cousins.contract.records import NOISE_FLOOR, ModelEntry, SamplingRecord
 
 GIB = 1 << 30
+ENDPOINT_CPUS = 0.5  # the most an endpoint's actor holds: it tokenizes and waits on the network
 # Each reshuffle of a drift run draws from its own seed, drift.seed plus an offset:
 GENERATION_SHUFFLE = 1  # the noise floor's prompt rows, reordered before its generation
 SCORE_SHUFFLE = 2  # the original's rows a reordered model scores, reordered before scoring
@@ -68,15 +70,26 @@ def _pair(markers) -> tuple[str, str] | None:
 def model_entries(cfg: Config, *, noise_floor: bool = False) -> list[ModelEntry]:
     """The original first, then the cousins in config order, then (if asked) the noise floor."""
     m = cfg.model
-    out = [ModelEntry(m.name, m.path, m.dtype, m.quantization, "original", revision=m.revision)]
+    out = [ModelEntry(m.name, m.path, m.dtype, m.quantization, "original", revision=m.revision,
+                      endpoint=served_as(m.endpoint))]
     for name, c in cfg.cousins.items():
         s = source(cfg, name)
         out.append(ModelEntry(name, s.path, c.dtype or m.dtype, c.quantization, c.kind, c.text_only,
-                              revision=s.revision, lora=c.lora))
+                              revision=s.revision, lora=c.lora, endpoint=served_as(c.endpoint)))
     if noise_floor:
         out.append(ModelEntry(NOISE_FLOOR, m.path, m.dtype, m.quantization, "noise", reorder=True,
-                              revision=m.revision))
+                              revision=m.revision, endpoint=served_as(m.endpoint)))
     return out
+
+
+def served_as(ep: EndpointConfig | None) -> str | None:
+    """How the manifest names a model's endpoint (never its key)."""
+    return None if ep is None else f"{ep.url} (model {ep.model})"
+
+
+def endpoint_of(cfg: Config, name: str) -> EndpointConfig | None:
+    """The endpoint that runs model `name` (the noise floor's is the original's), or None."""
+    return cfg.cousins[name].endpoint if name in cfg.cousins else cfg.model.endpoint
 
 
 def reordered_batch_size(batch_size: int) -> int:
@@ -124,7 +137,8 @@ def same_as_original(cfg: Config) -> list[str]:
     entries = model_entries(cfg)
 
     def how(e: ModelEntry):
-        return (e.path, e.revision, e.dtype, e.quantization, e.lora, source(cfg, e.name), engine_of(cfg, e.name))
+        return (e.path, e.revision, e.dtype, e.quantization, e.lora, e.endpoint, source(cfg, e.name),
+                engine_of(cfg, e.name))
 
     original = how(entries[0])
     return [e.name for e in entries[1:] if not e.text_only and not e.lora and how(e) == original]
@@ -145,13 +159,26 @@ def engine_spec(cfg: Config, entry: ModelEntry) -> EngineSpec:
         revision=s.revision, tokenizer=s.tokenizer, trust_remote_code=s.trust_remote_code, lora=s.lora,
         lora_revision=s.lora_revision, lora_rank=rank, lora_mode=s.lora_mode, prompt_format=s.prompt_format,
         chat_template_kwargs=dict(s.chat_template_kwargs), thinking_markers=s.thinking_markers,
-        choice_target=cfg.corpus.answer.choice_target,
+        choice_target=cfg.corpus.answer.choice_target, endpoint=endpoint(endpoint_of(cfg, entry.name)),
     )
+
+
+def endpoint(ep: EndpointConfig | None) -> Endpoint | None:
+    """The client's view of an endpoint block."""
+    if ep is None:
+        return None
+    return Endpoint(url=ep.url, model=ep.model, api_key_env=ep.api_key_env, api=ep.api,
+                    max_concurrency=ep.max_concurrency, requests_per_s=ep.requests_per_s, timeout_s=ep.timeout_s,
+                    retries=ep.retries)
 
 
 def placement(cfg: Config, name: str | None = None, *, reorder: bool = False) -> Placement:
     """Where model `name`'s engines go (None: the original's)."""
     e = engine_of(cfg, name or cfg.model.name)
+    if endpoint_of(cfg, name or cfg.model.name) is not None:  # an actor that only sends requests
+        return Placement(num_actors=e.num_actors, cpus_per_actor=min(e.cpus_per_actor, ENDPOINT_CPUS), gpus_per_actor=0,
+                         batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size,
+                         start_timeout_s=e.start_timeout_s)
     return Placement(num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor,
                      batch_size=reordered_batch_size(e.batch_size) if reorder else e.batch_size,
                      start_timeout_s=e.start_timeout_s, tensor_parallel_size=e.tensor_parallel_size,

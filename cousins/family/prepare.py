@@ -141,6 +141,10 @@ def check_models(cfg: Config, *, scoring: bool = False) -> None:
             problems.append(f"{where}: {err}")
             continue
         key = f"{where}.engine" if (cfg.model.engine if c is None else c.engine) else "engine"
+        ep = plan.endpoint_of(cfg, name)
+        if ep is not None:
+            problems += _endpoint_problems(cfg, name, where, ep, scoring)
+            continue
         own = checkpoints.context_length(config)
         if own and e.max_model_len > own:
             problems.append(f"{where}: {key}.max_model_len={e.max_model_len} is beyond the model's own context "
@@ -173,6 +177,24 @@ def check_models(cfg: Config, *, scoring: bool = False) -> None:
     if problems:
         raise ConfigError(problems)
     check_templates(cfg)
+
+
+def _endpoint_problems(cfg: Config, name: str, where: str, ep, scoring: bool) -> list[str]:
+    """A served model's checks: its server answers and serves it (in seconds, one line naming the
+    URL and the status), and a token-level cousin is on a vLLM server (teacher-forced scoring
+    needs prompt_logprobs, which only vLLM gives)."""
+    from cousins.engine.endpoint import EndpointError, served_models
+
+    try:
+        owners = served_models(plan.endpoint(ep))
+    except EndpointError as e:
+        return [f"{where}.endpoint: {e}"]
+    c = cfg.cousins.get(name)
+    if scoring and c is not None and not c.text_only and owners.get(ep.model) != "vllm":
+        return [f"{where}.endpoint: {ep.url} is not a vLLM server (its model list says owned_by="
+                f"{owners.get(ep.model)!r}); scoring the original's outputs token by token needs vLLM's "
+                f"prompt_logprobs: set {where}.text_only=true to compare texts only"]
+    return []
 
 
 def check_templates(cfg: Config) -> None:

@@ -67,12 +67,14 @@ def versions() -> dict[str, str]:
 
 
 def model_record(e: ModelEntry) -> ModelRecord:
-    fingerprint = model_fingerprint(e.path, e.revision)
+    """`e` as the manifest records it: its checkpoint's fingerprint (none for a model a server
+    runs: what it serves cannot be read from here, only audited)."""
+    fingerprint = None if e.endpoint else model_fingerprint(e.path, e.revision)
     if e.lora is not None:
         fingerprint = hashlib.sha256(f"{fingerprint}+{model_fingerprint(e.lora)}".encode()).hexdigest()[:16]
     return ModelRecord(name=e.name, kind=e.kind, path=e.path, fingerprint=fingerprint,
                        dtype=e.dtype, quantization=e.quantization, text_only=e.text_only, reordered=e.reorder,
-                       revision=e.revision, lora=e.lora)
+                       revision=e.revision, lora=e.lora, endpoint=e.endpoint)
 
 
 def manifest(cfg: Config, run: Run, result: RunResult, entries: list[ModelEntry], *,

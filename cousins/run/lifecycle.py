@@ -250,7 +250,8 @@ class CommittedRun(_RunDir):
     def entries(self) -> list[ModelEntry]:
         """The models that ran, as the manifest records them: the original first."""
         return [ModelEntry(name=m.name, path=m.path, dtype=m.dtype, quantization=m.quantization, kind=m.kind,
-                           text_only=m.text_only, reorder=m.reordered, revision=m.revision, lora=m.lora)
+                           text_only=m.text_only, reorder=m.reordered, revision=m.revision, lora=m.lora,
+                           endpoint=m.endpoint)
                 for m in self.typed().models]
 
     def config(self) -> dict:

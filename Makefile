@@ -17,9 +17,11 @@ demo: setup
 drift: setup
 	.venv/bin/python jobs/drift.py $(ARGS)
 
-# The test suite.
+# The test suite, in TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a
+# time (a file's Ray, servers and engines stay in one process). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup-test
-	.venv/bin/python -m pytest $(ARGS)
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # On a machine with a CUDA GPU: install the gpu extra, run the gpu tests, generate, drift and the
 # benchmark (against bare vLLM and ray.data.llm) on GPU engines; prints the ratios.

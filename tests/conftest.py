@@ -169,6 +169,10 @@ def s3_server():
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Every Ray a test starts runs without token authentication, whatever ~/.ray holds: Ray keeps a
+# process-wide view of the auth mode, and a test file that ran before (Serve) would otherwise leave
+# it asking a later cluster (started with RAY_AUTH_MODE=disabled) for a token it never gets.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @contextlib.contextmanager

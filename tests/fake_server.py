@@ -17,6 +17,19 @@ from fake_engine import Params, Tokenizer, _Model, _Request
 TOKEN_ID = "token_id:"
 
 
+def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict | None = None) -> None:
+    """One HTTP answer; a client that gave up on it (a stalled request) is not an error here."""
+    handler.send_response(status)
+    for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    try:
+        handler.wfile.write(body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def _top(position: dict, tok: Tokenizer, as_ids: bool) -> dict:
     return {(f"{TOKEN_ID}{t}" if as_ids else tok.decode([t])): lp.logprob for t, lp in position.items()}
 
@@ -38,16 +51,7 @@ class FakeServer:
                 pass
 
             def _send(self, status: int, body: bytes, headers: dict | None = None):
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send(self, status, body, headers)
 
             def do_GET(self):
                 if self.path.rstrip("/") != "/v1/models":

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cousins.engine.endpoint import Client, Endpoint, EndpointError, check
+from fake_server import send
 
 KEY = "sk-test-secret-value"
 
@@ -33,15 +34,7 @@ class Server:
                 pass
 
             def _send(self, status: int, body: bytes, headers: dict | None = None):
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except BrokenPipeError:  # the client gave up on it (a stalled request)
-                    pass
+                send(self, status, body, headers)
 
             def do_GET(self):
                 self._send(200, json.dumps({"data": [{"id": "tiny"}]}).encode())

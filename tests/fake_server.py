@@ -36,9 +36,13 @@ def _top(position: dict, tok: Tokenizer, as_ids: bool) -> dict:
 
 class FakeServer:
     def __init__(self, models: dict[str, str], *, owned_by: str = "vllm",
-                 faults: Callable[[int, dict], str | None] | None = None, max_model_len: int = 4096):
-        """`models`: served name -> the fake model's path (what a FakeBackend engine of it loads)."""
+                 faults: Callable[[int, dict], str | None] | None = None, max_model_len: int = 4096,
+                 template: Callable[[list[dict]], str] | None = None):
+        """`models`: served name -> the fake model's path (what a FakeBackend engine of it loads);
+        `template`: how the server renders a chat request's messages (default: the toy tokenizer's
+        chat template, the one a local engine renders with)."""
         self.models, self.owned_by, self.faults = models, owned_by, faults
+        self.template = template or (lambda messages: Tokenizer().apply_chat_template(messages))
         self.max_model_len = max_model_len
         self.requests, self.completed, self.lock = 0, 0, threading.Lock()
         self.keys: list[str | None] = []
@@ -81,9 +85,11 @@ class FakeServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                if self.path.rstrip("/") != "/v1/completions" or body.get("model") not in server.models:
+                path = self.path.rstrip("/")
+                if path not in ("/v1/completions", "/v1/chat/completions") or body.get("model") not in server.models:
                     return self._send(404, json.dumps({"error": {"message": f"no model {body.get('model')!r}"}}).encode())
-                self._send(200, json.dumps(server.complete(body)).encode())
+                answer = server.chat(body) if path.endswith("chat/completions") else server.complete(body)
+                self._send(200, json.dumps(answer).encode())
                 with server.lock:
                     server.completed += 1
 
@@ -99,6 +105,19 @@ class FakeServer:
     def stop(self) -> None:
         self.http.shutdown()
         self.http.server_close()
+
+    def chat(self, body: dict) -> dict:
+        """vLLM's /v1/chat/completions answer: the messages rendered by the server's template."""
+        k = body.get("top_logprobs", 0) if body.get("logprobs") else None
+        done = self.complete({**body, "prompt": Tokenizer().encode(self.template(body["messages"])), "logprobs": k})
+        c = done["choices"][0]
+        lp = c.get("logprobs")
+        content = None if lp is None else [
+            {"token": t, "logprob": own, "top_logprobs": [{"token": key, "logprob": v} for key, v in top.items()]}
+            for t, own, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or [{}] * len(lp["tokens"]))]
+        return {**done, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
+            "logprobs": None if content is None else {"content": content}}]}
 
     def complete(self, body: dict) -> dict:
         """vLLM's /v1/completions answer for one prompt (token ids, or text the toy tokenizer encodes)."""

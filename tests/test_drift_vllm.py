@@ -71,6 +71,8 @@ def drift_run(ray_local, tiny_teacher, served_teacher, tmp_path_factory):
         f"+cousins.broken={{kind:other,path:'{broken}'}}",
         f"+cousins.words={{kind:other,path:'{other}',text_only:true}}",
         f"+cousins.served={{kind:other,endpoint:{{url:'{served_teacher.url}',model:{served_teacher.name}}}}}",
+        f"+cousins.served-chat={{kind:other,endpoint:{{url:'{served_teacher.url}',model:{served_teacher.name},"
+        f"api:chat}}}}",
         config_name="drift")))
     validate(cfg)
     build_quantized_cousins(cfg)  # while the server starts
@@ -103,11 +105,11 @@ def test_every_cousin_has_one_drift_row_per_generation_and_the_run_commits(drift
     cfg, layout, result, summary = drift_run
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["status"] == "committed" and set(manifest["drift"]) == {"int8", "int4", "broken", "words",
-                                                                          "served", "noise-floor"}
+                                                                          "served", "served-chat", "noise-floor"}
     rows = result.prompts * cfg.run.samples
-    for name in ("int8", "int4", "broken", "words", "served", "noise-floor"):
+    for name in ("int8", "int4", "broken", "words", "served", "served-chat", "noise-floor"):
         assert _table(layout.drift(name)).num_rows == rows
-    for name in ("tiny-teacher", "int8", "int4", "noise-floor", "broken", "served"):
+    for name in ("tiny-teacher", "int8", "int4", "noise-floor", "broken", "served", "served-chat"):
         assert _table(layout.scores(name)).num_rows == rows
     assert not layout.scores("words").exists()  # text-only: nothing scored
     broken = _table(layout.scores("broken")).column("error").to_pylist()  # scored in the pass it failed to load in
@@ -116,21 +118,26 @@ def test_every_cousin_has_one_drift_row_per_generation_and_the_run_commits(drift
     assert "int4" in html and "noise" in html and "data:image/png;base64," in html
 
 
-def test_the_original_behind_vllms_server_drifts_no_more_than_the_noise_floor(drift_run, served_teacher):
-    """An endpoint as a cousin: the teacher served by vLLM's OpenAI-compatible server, asked with
-    the prompts' token ids, gives the original's samples token for token (same seeds), and its
-    teacher-forced scores (prompt_logprobs over the server) its distributions: drift at zero."""
+@pytest.mark.parametrize("name", ["served", "served-chat"])
+def test_the_original_behind_vllms_server_drifts_no_more_than_the_noise_floor(drift_run, served_teacher, name):
+    """An endpoint as a cousin: the teacher served by vLLM's OpenAI-compatible server gives the
+    original's samples token for token (same seeds), asked with the prompts' token ids
+    (`served`) or with the messages its own chat template renders (`served-chat`: the same
+    template as ours here), and its teacher-forced scores (prompt_logprobs over the server) the
+    original's distributions: drift at zero."""
     _, layout, _, summary = drift_run
-    served = by_name(summary)["served"]
+    served = by_name(summary)[name]
     m = served["metrics"]
     assert served["error"] is None and served["error_rows"] == 0
     assert m["exact_match"]["value"] == 1.0 and m["same_top1"]["value"] == 1.0 and m["kld_mean"]["value"] < 1e-6
-    ours, theirs = _table(layout.generations("tiny-teacher")), _table(layout.generations("served"))
+    ours, theirs = _table(layout.generations("tiny-teacher")), _table(layout.generations(name))
     for col in ("output_token_ids", "topk_token_ids"):
         assert theirs.column(col).equals(ours.column(col))
     worst = max(abs(a - b) for x, y in zip(theirs.column("output_logprobs").to_pylist(),
                                           ours.column("output_logprobs").to_pylist()) for a, b in zip(x, y))
     assert worst < 1e-4, worst
+    if name == "served-chat":
+        return
     manifest = json.loads(layout.manifest.read_text())
     record = next(r for r in manifest["models"] if r["name"] == "served")
     assert record["endpoint"] == f"{served_teacher.url} (model teacher-behind-an-api)" and record["fingerprint"] is None

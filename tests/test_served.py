@@ -44,6 +44,21 @@ def test_generation_through_an_endpoint_equals_the_same_model_on_a_local_engine(
     assert remote.column("error").null_count == remote.num_rows and server.completed == remote.num_rows
 
 
+def test_a_chat_endpoint_renders_with_the_servers_template_and_its_own_template_is_what_it_measures(server):
+    sampling = Sampling(temperature=0.8, top_p=1.0, top_k=0, max_tokens=12, logprobs=3)
+    batch = rows(6, samples=2)
+    local = actors.EngineActor(SPEC, sampling, backend=FakeBackend())(batch)
+    chat = actors.EngineActor(served(server, api="chat"), sampling, backend=FakeBackend())(batch)
+    assert chat.select(SAME).equals(local.select(SAME))  # the server's template is ours: the same rows
+    seen = []
+    server.template = lambda messages: seen.append(messages) or "<system>be brief" + "".join(
+        f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>!"  # (the toy model reads the last token)
+    other = actors.EngineActor(served(server, api="chat"), sampling, backend=FakeBackend())(batch)
+    assert len(seen) == batch.num_rows and seen[0] == batch.column("messages")[0].as_py()
+    assert other.column("error").null_count == other.num_rows
+    assert other.column("output_token_ids").to_pylist() != local.column("output_token_ids").to_pylist()
+
+
 def test_teacher_forced_scores_through_an_endpoint_equal_a_local_engines(server):
     gens = actors.EngineActor(SPEC, Sampling(temperature=0.7, top_p=1.0, top_k=0, max_tokens=10, logprobs=5),
                               backend=FakeBackend())(rows(6))
@@ -96,11 +111,11 @@ def test_endpoint_settings_are_checked_together_before_ray(tiny_config):
     from cousins.contract.config import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        tiny_config("model.endpoint={url: 'ftp://x', model: m, api: chat, max_concurrency: 0, api_key_env: 'sk-1'}",
+        tiny_config("model.endpoint={url: 'ftp://x', model: m, api: text, max_concurrency: 0, api_key_env: 'sk-1'}",
                     "+cousins.q={quantization: fp8_per_channel, endpoint: {url: 'http://127.0.0.1:1/v1'}}",
                     "drift.kld=exact")
     text = str(e.value)
-    for part in ("model.endpoint.url 'ftp://x' must start with http", "model.endpoint.api 'chat' must be one of",
+    for part in ("model.endpoint.url 'ftp://x' must start with http", "model.endpoint.api 'text' must be one of",
                  "max_concurrency must be >= 1", "api_key_env 'sk-1': name the environment variable",
                  "cousins.q.endpoint.model: name the model"):
         assert part in text, (part, text)

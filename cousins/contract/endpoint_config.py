@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING, OmegaConf
 
-ENDPOINT_APIS = ("completions",)
+ENDPOINT_APIS = ("completions", "chat")
 
 
 @dataclass
@@ -22,7 +22,8 @@ class EndpointConfig:
     model: str = MISSING  # the name the server serves it under (its /v1/models id)
     api_key_env: str | None = None  # the environment variable holding the API key (never the key itself)
     # completions: the prompt rendered here with the model's own template, sent as token ids to a
-    # vLLM server (the tokens a local engine sees) or as text to any other server
+    # vLLM server (the tokens a local engine sees) or as text to any other server; chat: the
+    # messages, rendered by the server's own template (its template's drift is then measured too)
     api: str = "completions"
     max_concurrency: int = 16  # requests in flight per engine actor
     requests_per_s: float | None = None  # per engine actor; None: no limit

@@ -164,8 +164,7 @@ def _check_endpoint(ep, where: str, check) -> None:
 
     check(ep.url.startswith(("http://", "https://")), f"{where}.url {ep.url!r} must start with http:// or https://")
     check(bool(ep.model), f"{where}.model: name the model as the server serves it (its /v1/models id)")
-    check(ep.api in ENDPOINT_APIS, f"{where}.api {ep.api!r} must be one of {', '.join(ENDPOINT_APIS)} (chat, where "
-          f"the server renders the prompt with its own template, is not built yet)")
+    check(ep.api in ENDPOINT_APIS, f"{where}.api {ep.api!r} must be one of {', '.join(ENDPOINT_APIS)}")
     check(ep.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ep.api_key_env) is not None,
           f"{where}.api_key_env {ep.api_key_env!r}: name the environment variable that holds the key, not the key")
     check(ep.max_concurrency >= 1, f"{where}.max_concurrency must be >= 1, got {ep.max_concurrency}")

@@ -98,7 +98,10 @@ class EngineActor(EngineRunner):
                     texts.append(None), ids.append(None), errors.append(f"{type(e).__name__}: {e}")
 
         todo = [i for i, e in enumerate(errors) if e is None]
-        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo, solo)
+        # A chat endpoint renders the prompt with the server's own template: it gets the messages too.
+        chat = [rows[i]["messages"] for i in todo] if self.spec.endpoint and self.spec.endpoint.api == "chat" else None
+        outputs, elapsed = self._generate([ids[i] for i in todo], [rows[i]["seed"] for i in todo], errors, todo, solo,
+                                          chat)
         outputs = [_or_error(o, errors, i) for i, o in zip(todo, outputs)]
 
         by_row = dict(zip(todo, outputs))
@@ -164,10 +167,12 @@ class EngineActor(EngineRunner):
             decode=lambda x: self.tokenizer.decode(x, skip_special_tokens=True))
 
     def _generate(self, prompt_ids: list[list[int]], seeds: list[int], errors: list, todo: list[int],
-                  solo: bool = False):
+                  solo: bool = False, messages: list | None = None):
         """Generate a batch -> (outputs, engine seconds); if vLLM refuses it, retry row by row so
-        one bad row fails alone."""
+        one bad row fails alone. `messages`: each prompt's, for a chat endpoint."""
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
+        for prompt, m in zip(prompts, messages or []):
+            prompt["messages"] = m
         try:
             return self.feeder.run(prompts, [self._params(s) for s in seeds], solo)
         except (ValueError, TypeError):

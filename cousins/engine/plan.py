@@ -84,7 +84,10 @@ def model_entries(cfg: Config, *, noise_floor: bool = False) -> list[ModelEntry]
 
 def served_as(ep: EndpointConfig | None) -> str | None:
     """How the manifest names a model's endpoint (never its key)."""
-    return None if ep is None else f"{ep.url} (model {ep.model})"
+    if ep is None:
+        return None
+    how = "; api chat: the server's template renders the prompts" if ep.api == "chat" else ""
+    return f"{ep.url} (model {ep.model}{how})"
 
 
 def endpoint_of(cfg: Config, name: str) -> EndpointConfig | None:

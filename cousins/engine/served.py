@@ -15,6 +15,11 @@ What is sent (`/v1/completions`, the prompt the actor rendered with the original
 - to any other server: the prompt's text (the server tokenizes it); the output's ids are the
   original's tokenizer's encoding of the text; top-k logprobs only where the server names tokens
   the tokenizer knows. Teacher-forced scoring needs a vLLM server (check_models says so first).
+
+With `api: chat`, generation goes to `/v1/chat/completions` with the row's messages instead: the
+server renders them with its own template (and, on vLLM, the model's `chat_template_kwargs`), so a
+difference between its template and ours is part of what the run measures. Teacher-forced scoring
+still sends the original's rendered token ids to `/v1/completions`.
 """
 
 from __future__ import annotations
@@ -80,6 +85,18 @@ def _prompt_position(entry: dict | None) -> dict | None:
     return {int(k): _lp(v["logprob"], v.get("rank") or 0) for k, v in entry.items()}
 
 
+def _read_choice(choice: dict) -> tuple[str, list | None, list | None, list]:
+    """(text, tokens, each token's logprob, each position's {token: logprob}) of a completions
+    choice, or of a chat one (`message.content`, `logprobs.content[]`)."""
+    if "message" in choice:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        return (choice["message"].get("content") or "", [c["token"] for c in content] or None,
+                [c["logprob"] for c in content] or None,
+                [{t["token"]: t["logprob"] for t in c.get("top_logprobs") or []} for c in content])
+    lp = choice.get("logprobs") or {}
+    return choice.get("text") or "", lp.get("tokens"), lp.get("token_logprobs"), lp.get("top_logprobs") or []
+
+
 class _Steps:
     """`llm_engine` of a ServedLLM: a step is whatever has answered by then."""
 
@@ -104,13 +121,13 @@ class _Steps:
 class ServedLLM:
     """An endpoint with vLLM's `LLM` surface (see the module docstring)."""
 
-    def __init__(self, ep: Endpoint, tokenizer, *, vllm_server: bool):
+    def __init__(self, ep: Endpoint, tokenizer, *, vllm_server: bool, chat_template_kwargs: dict | None = None):
         self.ep, self.tok, self.vllm_server = ep, tokenizer, vllm_server
+        self.template_kwargs = chat_template_kwargs or {}
         self.client = Client(ep)
         self.llm_engine = _Steps(self)
         self.pending: dict[str, tuple] = {}  # request id -> (future reply, prompt ids, Ask)
         self._ids = itertools.count()
-        self.sent = self.failed = 0  # requests sent and failed (after retries), for the summary
 
     def get_tokenizer(self):
         return self.tok
@@ -138,21 +155,41 @@ class ServedLLM:
             b["ignore_eos"] = True
         return b
 
+    def chat_body(self, messages: list[dict], ask: Ask) -> dict:
+        """The /chat/completions request (api: chat): the server renders the messages itself."""
+        b = {"model": self.ep.model, "messages": messages, "max_tokens": ask.max_tokens,
+             "temperature": ask.temperature, "top_p": ask.top_p}
+        if ask.logprobs:
+            b.update(logprobs=True, top_logprobs=ask.logprobs)
+        if ask.seed is not None:
+            b["seed"] = int(ask.seed)
+        if ask.stop:
+            b["stop"] = list(ask.stop)
+        if self.vllm_server:
+            b["return_tokens_as_token_ids"] = True
+            if ask.top_k and ask.top_k > 0:
+                b["top_k"] = ask.top_k
+            if self.template_kwargs:
+                b["chat_template_kwargs"] = self.template_kwargs
+        return b
+
     def enqueue(self, prompts: list[dict], params, use_tqdm: bool = False, lora_request=None) -> list[str]:
         asks = params if isinstance(params, list) else [params] * len(prompts)
         ids = []
         for p, ask in zip(prompts, asks):
             rid = str(next(self._ids))
             prompt = list(p["prompt_token_ids"])
-            self.pending[rid] = (self.client.submit("completions", self.body(prompt, ask)), prompt, ask)
-            self.sent += 1
+            if p.get("messages") is not None and ask.prompt_logprobs is None:  # a chat endpoint's generation
+                request = self.client.submit("chat/completions", self.chat_body(p["messages"], ask))
+            else:
+                request = self.client.submit("completions", self.body(prompt, ask))
+            self.pending[rid] = (request, prompt, ask)
             ids.append(f"{rid}-served")  # vLLM's "<request id>-<suffix>", as the feeder reads it
         return ids
 
     def output(self, rid: str, reply, prompt: list[int], ask: Ask) -> SimpleNamespace:
         """vLLM's RequestOutput for one reply; `error` set (and nothing else) when it failed."""
         def failed(reason: str) -> SimpleNamespace:
-            self.failed += 1
             return SimpleNamespace(request_id=rid, finished=True, error=reason, prompt_token_ids=prompt,
                                    prompt_logprobs=None, outputs=[SimpleNamespace(
                                        token_ids=[], text="", finish_reason="error", logprobs=None)])
@@ -161,17 +198,14 @@ class ServedLLM:
             return failed(reply.error)
         try:
             choice = reply.body["choices"][0]
-            text = choice.get("text") or ""
-            lp = choice.get("logprobs") or {}
-            tokens = lp.get("tokens")
+            text, tokens, own, tops = _read_choice(choice)
             if tokens and all(str(t).startswith(TOKEN_ID) for t in tokens):
                 ids = [int(str(t)[len(TOKEN_ID):]) for t in tokens]
             else:
                 ids = self.tok.encode(text, add_special_tokens=False)
             positions = None
             if ask.logprobs:
-                own = lp.get("token_logprobs") or [None] * len(ids)
-                tops = lp.get("top_logprobs") or []
+                own = own or [None] * len(ids)
                 if len(tops) == len(ids):
                     positions = [_position(t, i, o, self.tok) for t, i, o in zip(tops, ids, own)]
                     if any(p is None or i not in p for p, i in zip(positions, ids)):
@@ -212,7 +246,8 @@ class EndpointBackend:
                                             trust_remote_code=spec.trust_remote_code)
         self.load_parts = {"vllm_import_s": 0.0, "fetch_s": 0.0, "engine_init_s": time.perf_counter() - t0,
                            "warm_up_s": 0.0}
-        return ServedLLM(ep, tok, vllm_server=owners.get(ep.model) == "vllm")
+        return ServedLLM(ep, tok, vllm_server=owners.get(ep.model) == "vllm",
+                         chat_template_kwargs=spec.chat_template_kwargs)
 
     def params(self, **kwargs) -> Ask:
         return Ask(**kwargs)

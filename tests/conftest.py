@@ -173,6 +173,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # process-wide view of the auth mode, and a test file that ran before (Serve) would otherwise leave
 # it asking a later cluster (started with RAY_AUTH_MODE=disabled) for a token it never gets.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# An API key as a user's shell would hold it, before any Ray starts (its workers inherit it): the
+# endpoint tests check that it reaches the server and no file of a run.
+TEST_API_KEY_ENV, TEST_API_KEY = "COUSINS_TEST_API_KEY", "sk-cousins-test-key-never-written"
+os.environ.setdefault(TEST_API_KEY_ENV, TEST_API_KEY)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import compose
+from conftest import TEST_API_KEY, TEST_API_KEY_ENV, compose
 from cousins.drift.answers import Rule
 from cousins.contract import codec, records
 from cousins.contract.config import resolve_paths, to_config
@@ -27,6 +27,7 @@ from cousins.run.lifecycle import RunState, committed, read_marker
 from cousins.run.layout import part_files
 from cousins.run.storage import resolve
 from fake_engine import FakeBackend
+from fake_server import FakeServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -291,3 +292,31 @@ def test_an_engine_error_is_kept_to_its_batch_and_the_run_commits(ray_local, tmp
     assert "prompts · 24 prompts · 0 errors · done in" in [x for x in err if x.startswith("prompts")][-1]
     last = [x for x in err if x.startswith("generate tiny-teacher")][-1]
     assert "100% [####################] 48/48 rows" in last and "· 4 errors · done in" in last
+
+
+def test_a_cousin_behind_an_endpoint_drifts_as_the_same_model_on_an_engine_and_its_key_is_written_nowhere(
+        ray_local, tmp_path):
+    """Cousin `q` on a (fake) engine and cousin `served`, the same model behind an OpenAI-compatible
+    server with an API key: through Ray Data's actors their drift rows are the same, every request
+    carried the key, and no file of the run holds it."""
+    server = FakeServer({"q-behind-an-api": str(tmp_path / "q")})
+    try:
+        cfg = fake_config(tmp_path, "run=greedy", "run.run_id=served", "drift.bootstrap=20", "cousins=none",
+                          f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
+                          f"+cousins.served={{kind:quantized,endpoint:{{url:'{server.url}',model:q-behind-an-api,"
+                          f"api_key_env:{TEST_API_KEY_ENV},max_concurrency:4}}}}", config_name="drift")
+        result, summary = run_drift(cfg, backend=FakeBackend())
+    finally:
+        server.stop()
+    run = committed(resolve(cfg.storage.root), result.run_id)
+    layout = run.layout
+    rows = {name: run.read(layout.drift(name)).sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+            for name in ("q", "served")}
+    same = [c for c in rows["q"].column_names if c not in ("cousin", "model")]
+    assert rows["served"].num_rows == 24 and rows["served"].select(same).equals(rows["q"].select(same))
+    by_name = {c["name"]: c for c in summary["cousins"]}
+    assert by_name["served"]["metrics"]["kld_mean"] == by_name["q"]["metrics"]["kld_mean"]
+    assert server.requests >= 48 and set(server.keys) == {f"Bearer {TEST_API_KEY}"}
+    for dirpath, _, files in os.walk(layout.run.path):
+        for name in files:
+            assert TEST_API_KEY.encode() not in open(os.path.join(dirpath, name), "rb").read(), name

@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = ROOT / "models" / "tiny-teacher"
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cuda_gpus() -> int:
     """CUDA GPUs this machine has (0 without torch's CUDA build or a driver)."""
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, free_port
 from cousins.drift.answers import Rule
 from cousins.contract.config import resolve_paths, to_config
 from cousins.contract.validate import validate
@@ -26,12 +25,6 @@ from cousins.run.storage import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.usefixtures("own_ray")]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_of(marker: str) -> list[int]:

@@ -6,14 +6,14 @@ within the concurrency bound, and the API key reaches the server but no error or
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cousins.engine.endpoint import Client, Endpoint, EndpointError, check
+from conftest import free_port
+from cousins.engine.endpoint import Client, Endpoint, EndpointError, served_models as check
 from fake_server import send
 
 KEY = "sk-test-secret-value"
@@ -147,9 +147,7 @@ def test_check_names_the_url_and_the_status_in_one_line(server, monkeypatch):
     check(Endpoint(url=server.url, model="tiny", api_key_env="COUSINS_TEST_KEY"))
     with pytest.raises(EndpointError, match=r"does not serve 'other'; it serves 'tiny'"):
         check(Endpoint(url=server.url, model="other"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # a port nothing listens on once closed
+    dead = free_port()
     t0 = time.monotonic()
     with pytest.raises(EndpointError, match=rf"http://127.0.0.1:{dead}/v1/models is unreachable") as e:
         check(Endpoint(url=f"http://127.0.0.1:{dead}/v1", model="tiny"), timeout_s=3)

@@ -10,6 +10,7 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
+from conftest import free_port
 from cousins.contract import schema
 from cousins.engine import actors
 from cousins.engine.backend import Sampling
@@ -131,7 +132,6 @@ def test_a_dead_url_or_a_text_only_server_is_refused_before_ray_in_one_line_each
 
     from cousins.contract.config import ConfigError
     from cousins.family.prepare import check_models
-    from vllm_server import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     other = FakeServer({"m": "/models/fake"}, owned_by="someone")

@@ -5,8 +5,8 @@ reach it: bounded, retried requests whose failures are values, not exceptions.
 second; a request is retried on 429, 5xx, timeouts and broken connections, with exponential
 backoff from `backoff_s` (a server's `Retry-After` honoured, up to `timeout_s`), `retries` times;
 one that still fails, or answers what is not JSON, gives a `Reply` with the error (status and the
-server's message), so its row becomes an error row and the rest go on. `check` asks the server
-for its models before any work: a dead or wrong URL is one line naming the URL and the status.
+server's message), so its row becomes an error row and the rest go on. `served_models` asks the
+server for its models before any work: a dead or wrong URL is one line naming the URL and the status.
 
 The API key is read from the environment variable `api_key_env` when a request is sent; it is never
 kept in a field, an error, a repr or a log line.
@@ -167,8 +167,3 @@ def served_models(ep: Endpoint, timeout_s: float = 10.0) -> dict[str, str | None
     if ep.model not in served:
         raise EndpointError(f"endpoint {url} does not serve {ep.model!r}; it serves {', '.join(map(repr, served))}")
     return served
-
-
-def check(ep: Endpoint, timeout_s: float = 10.0) -> None:
-    """The server answers and serves `ep.model` (GET {url}/models), or EndpointError (see served_models)."""
-    served_models(ep, timeout_s)

@@ -8,6 +8,7 @@ model's layer and head shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from cousins.engine import checkpoints
@@ -112,8 +113,6 @@ def resolved_engine(cfg: Config, name: str, dtype: str) -> tuple[EngineConfig, i
     shapes, at most `cpu_kv_cache_cap_gib` and at least one sequence (what a CPU engine needs; a GPU
     engine takes it only when kv_cache_gib is set: see engine.llm_kwargs). Reads the model's
     config.json (fetched if the model is remote)."""
-    import dataclasses
-
     e = engine_of(cfg, name)
     s = source(cfg, name)
     try:
@@ -170,9 +169,7 @@ def endpoint(ep: EndpointConfig | None) -> Endpoint | None:
     """The client's view of an endpoint block."""
     if ep is None:
         return None
-    return Endpoint(url=ep.url, model=ep.model, api_key_env=ep.api_key_env, api=ep.api,
-                    max_concurrency=ep.max_concurrency, requests_per_s=ep.requests_per_s, timeout_s=ep.timeout_s,
-                    retries=ep.retries)
+    return Endpoint(**dataclasses.asdict(ep))  # every key of the block is one of the client's
 
 
 def placement(cfg: Config, name: str | None = None, *, reorder: bool = False) -> Placement:

@@ -4,6 +4,7 @@
     cousins generate [hydra overrides…]      # runs jobs/generate.py from this checkout
     cousins drift [hydra overrides…]         # runs jobs/drift.py (the original against its cousins)
     cousins export run_id=RUN [kd=true] …    # runs jobs/export.py: SFT/KD data from a committed run
+    cousins audit endpoint.url=URL endpoint.model=NAME [audit.budget=N] …  # jobs/audit.py: is it the original?
     cousins corpus demo [--out PATH]         # (re)writes the bundled demo corpus
     cousins submit [--address URL] [--job generate] [--no-wait] [hydra overrides…]
     cousins status JOB_ID [--address URL]     # a submitted job's status; --logs for its logs
@@ -64,6 +65,9 @@ COMMON_OVERRIDES = {
     "drift": ["cousins=none +cousins.NAME.path=DIR +cousins.NAME.kind=quantized|distilled|other",
               "drift.score_topk=K drift.bootstrap=N", "drift.recompute=true run.run_id=RUN",
               "storage.root=s3://bucket/prefix", "ray.address=ray://HEAD:10001", VERBOSE],
+    "audit": ["endpoint.url=http://HOST:PORT/v1 endpoint.model=NAME (required)", "endpoint.api_key_env=VAR endpoint.api=chat",
+              "model=NAME (the reference) audit.budget=N audit.alpha=0.05", "run.samples=N run.sampling.max_tokens=N",
+              "run.run_id=NAME (resume or name a run)", "storage.root=s3://bucket/prefix", VERBOSE],
     "export": ["run_id=RUN (required)", "kd=true format=jsonl out=URL", "filters.answer_check=contains",
                "filters.near_dedup=true filters.best_of_n=mean_logprob", "storage.root=s3://bucket/prefix", VERBOSE],
 }
@@ -75,7 +79,7 @@ def _job_help(job: str) -> str:
     if job != "export":
         lines.append("config groups (group=choice):")
         for group in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):
-            if group.name == "cousins" and job == "generate":
+            if group.name == "cousins" and job in ("generate", "audit"):
                 continue
             choices = sorted(f.stem for f in group.glob("*.yaml"))
             lines.append(f"  {group.name}: {', '.join(choices)}")
@@ -198,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                            epilog=_job_help("drift"))
     drift.add_argument("overrides", nargs=argparse.REMAINDER)
     drift.set_defaults(fn=_run_job)
+
+    audit = sub.add_parser("audit", help="run jobs/audit.py: is an endpoint serving the original?",
+                           formatter_class=jobs_fmt, epilog=_job_help("audit"))
+    audit.add_argument("overrides", nargs=argparse.REMAINDER)
+    audit.set_defaults(fn=_run_job)
 
     export = sub.add_parser("export", help="run jobs/export.py: SFT/KD data from a committed run",
                             formatter_class=jobs_fmt, epilog=_job_help("export"))

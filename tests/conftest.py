@@ -34,8 +34,19 @@ def cuda_gpus() -> int:
         return 0
 
 
+# The longest test files (their module fixtures start engines, servers and clusters), longest
+# first: `make test`'s processes take whole files in collection order (--dist loadfile), so these
+# start at once and the short files fill the gaps, instead of a long one starting last.
+SLOW_FILES = ["test_drift_vllm.py", "test_faults.py", "test_cluster.py", "test_generate.py",
+              "test_named_models_vllm.py", "test_benchmark.py", "test_engine_vllm.py", "test_placement.py",
+              "test_pipeline.py", "test_schedule.py", "test_job.py", "test_realistic.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are skipped without a CUDA GPU (scripts/gpu_check.sh runs them)."""
+    """Slow files first (SLOW_FILES; the sort is stable: a file's tests keep their order). Tests
+    marked `gpu` are skipped without a CUDA GPU (scripts/gpu_check.sh runs them)."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu_tests and cuda_gpus() == 0:
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)")

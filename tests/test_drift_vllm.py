@@ -250,3 +250,36 @@ def test_multiple_choice_by_likelihood_in_each_models_own_pass(drift_run):
     assert sum(r["option_kl"] is not None for r in drift) == 6
     print(f"\nmultiple choice: int4 option KL {int4['option_kl_mean']['value']:.3g}, acc "
           f"{int4['mc_acc_original']['value']:.2f} -> {int4['mc_acc_cousin']['value']:.2f}")
+
+
+def _audit(tiny_teacher, served_teacher, base, run_id: str, reference: str | None = None):
+    """An audit of the served teacher (jobs/audit.py's config) against `reference` (default the teacher)."""
+    import cousins.contract.audit_config as ac
+    from cousins.audit.run import run_audit
+
+    cfg = to_config(compose(
+        f"model.path={reference or tiny_teacher}", f"storage.root={base}", f"run.run_id={run_id}",
+        "run.sampling.max_tokens=16", "engine.max_model_len=256", "audit.budget=200",
+        f"endpoint.url={served_teacher.url}", f"endpoint.model={served_teacher.name}", config_name="audit"))
+    cfg = ac.as_run_config(resolve_paths(ac.typed_audit(cfg, [])))
+    validate(cfg)
+    return run_audit(cfg)
+
+
+def test_an_audit_of_vllms_server_finds_the_original_consistent_and_an_int4_reference_different(
+        drift_run, tiny_teacher, served_teacher, tmp_path):
+    """The audit against vLLM's own server running the teacher: consistent when the reference is
+    the teacher; `differs` when the reference is the rtn-int4 cousin (the same question as a server
+    running the cousin against the teacher, H0 being symmetric, without a second server)."""
+    from cousins.audit.report import table
+
+    cfg = drift_run[0]
+    same = _audit(tiny_teacher, served_teacher, tmp_path, "audit-same")
+    int4 = _audit(tiny_teacher, served_teacher, tmp_path, "audit-int4", reference=cfg.cousins["int4"].path)
+    print("\n" + table(same) + "\n" + table(int4))
+    assert same["verdict"] == "consistent" and same["a_a"]["verdict"] == "consistent"
+    assert int4["verdict"] == "differs" and same["spent"] == {**same["spent"], "requests": 200, "error_rows": 0}
+    # the served teacher's first-token top-k equals the local engine's within the tolerance
+    lp = {t["name"]: t for t in same["tests"]}["topk_logprobs"]
+    assert lp["statistic"] == 0.0 and lp["p_value"] == 1.0
+    assert {t["name"]: t for t in int4["tests"]}["topk_logprobs"]["reject"]

@@ -90,31 +90,47 @@ def _mmd(sums: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         return sums[..., 0] / pairs[..., 0] + sums[..., 1] / pairs[..., 1] - 2 * sums[..., 2] / pairs[..., 2]
 
 
-def mmd_test(reference: dict[str, list[list[int]]], target: dict[str, list[list[int]]], *, length: int = 32,
+def mmd_prompt(reference: list, target: list, *, length: int, permutations: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One prompt's part of the MMD test (each side's samples as token-id lists, or texts compared
+    character by character): its kernel sums and pair counts [6] and, for each permutation of
+    the labels within the prompt, its kernel sums [permutations, 3]. Both add up over prompts."""
+    as_ids = [[ord(c) for c in s] if isinstance(s, str) else s for s in (*reference, *target)]
+    m, n = len(reference), len(target)
+    k = _hamming(_as_array(as_ids, length))
+    own = _mmd_sums(k, (np.arange(m + n) < m)[None, :])[0]
+    return np.concatenate([own, [m * (m - 1), n * (n - 1), m * n]]), _mmd_sums(k, _labels(rng, m, m + n, permutations))
+
+
+def mmd_result(own: np.ndarray, null: np.ndarray, *, rng: np.random.Generator, resamples: int = 500,
+               level: float = 0.95) -> TestResult:
+    """The MMD test from its prompts' parts: `own` [prompts, 6] and the nulls summed over prompts."""
+    if own.shape[0] == 0:
+        return TestResult("mmd_hamming", float("nan"), None, None, None, 0)
+    pairs = own[:, 3:].sum(axis=0)
+    stat = float(_mmd(own[:, :3].sum(axis=0), pairs))
+    null_stats = _mmd(null, pairs)
+    ci = _ci(own, lambda rows: _mmd(rows[:, :3].sum(0), rows[:, 3:].sum(0)), rng, resamples, level)
+    queries = int(sum(_sides(row) for row in own))
+    return TestResult("mmd_hamming", stat, _p_value(stat, null_stats), ci, float(null_stats.mean()), queries)
+
+
+def _sides(row: np.ndarray) -> int:
+    """m + n from a prompt's pair counts m(m-1), n(n-1)."""
+    return round((1 + np.sqrt(1 + 4 * row[3])) / 2) + round((1 + np.sqrt(1 + 4 * row[4])) / 2)
+
+
+def mmd_test(reference: dict[str, list], target: dict[str, list], *, length: int = 32,
              permutations: int = 1000, seed: int = 0, resamples: int = 500, level: float = 0.95) -> TestResult:
     """The MMD test on the prompts both sides sampled (each side's completions of a prompt as
-    token-id lists). Prompts with fewer than two samples on a side do not count."""
+    token-id lists or texts). Prompts with fewer than two samples on a side do not count."""
     rng = np.random.default_rng(seed)
     prompts = [p for p in reference if len(reference[p]) >= 2 and len(target.get(p, ())) >= 2]
-    if not prompts:
-        return TestResult("mmd_hamming", float("nan"), None, None, None, 0)
-    observed, null = np.zeros(3), np.zeros((permutations, 3))
-    per_prompt = []  # each prompt's sums and pair counts, for the CI
-    queries = 0
+    own, null = np.zeros((0, 6)), np.zeros((permutations, 3))
     for p in prompts:
-        m, n = len(reference[p]), len(target[p])
-        queries += m + n
-        k = _hamming(np.concatenate([_as_array(reference[p], length), _as_array(target[p], length)]))
-        own = _mmd_sums(k, (np.arange(m + n) < m)[None, :])[0]
-        observed += own
-        null += _mmd_sums(k, _labels(rng, m, m + n, permutations))
-        per_prompt.append(np.concatenate([own, [m * (m - 1), n * (n - 1), m * n]]))
-    per_prompt = np.array(per_prompt)
-    pairs = per_prompt[:, 3:].sum(axis=0)
-    stat = float(_mmd(observed, pairs))
-    null_stats = _mmd(null, pairs)
-    ci = _ci(per_prompt, lambda rows: _mmd(rows[:, :3].sum(0), rows[:, 3:].sum(0)), rng, resamples, level)
-    return TestResult("mmd_hamming", stat, _p_value(stat, null_stats), ci, float(null_stats.mean()), queries)
+        row, perm = mmd_prompt(reference[p], target[p], length=length, permutations=permutations, rng=rng)
+        own, null = np.vstack([own, row]), null + perm
+    return mmd_result(own, null, rng=rng, resamples=resamples, level=level)
 
 
 # --- top-k log-probabilities -----------------------------------------------------------------------
@@ -127,45 +143,69 @@ def _vectors(queries: list[dict[int, float]], tokens: list[int]) -> np.ndarray:
     return out
 
 
-def logprob_test(reference: dict[str, list[dict[int, float]]], target: dict[str, list[dict[int, float]]], *,
-                 permutations: int = 1000, seed: int = 0, resamples: int = 500, level: float = 0.95) -> TestResult:
-    """The top-k log-probability test: per prompt, each query's {token id: logprob} of the same
-    output position on both sides. The statistic is the mean over prompts of the mean absolute
-    difference between the sides' mean vectors. Every prompt with a query on each side counts."""
-    rng = np.random.default_rng(seed)
-    prompts = [p for p in reference if reference[p] and target.get(p)]
-    if not prompts:
+def logprob_prompt(reference: list[dict[int, float]], target: list[dict[int, float]], *, permutations: int,
+                   rng: np.random.Generator, tolerance: float = 0.0) -> tuple[float, np.ndarray]:
+    """One prompt's part of the top-k log-probability test: the distance between the sides' mean
+    vectors (the mean absolute difference over the tokens either side listed, less `tolerance`,
+    at least 0) and the same for each permutation of the labels within the prompt [permutations]."""
+    tokens = sorted({t for q in reference + target for t in q})
+    v = _vectors(reference + target, tokens)
+    m = len(reference)
+    labels = np.concatenate([(np.arange(len(v)) < m)[None, :], _labels(rng, m, len(v), permutations)])
+    a = labels.astype(float)
+    mean_a = a @ v / m
+    mean_b = (1 - a) @ v / (len(v) - m)
+    dist = np.maximum(np.abs(mean_a - mean_b).mean(axis=1) - tolerance, 0.0)
+    return float(dist[0]), dist[1:]
+
+
+def logprob_result(own: np.ndarray, null: np.ndarray, queries: int, *, rng: np.random.Generator,
+                   resamples: int = 500, level: float = 0.95) -> TestResult:
+    """The top-k log-probability test from its prompts' distances `own` [prompts] and their
+    permutations' summed over prompts [permutations]; the statistic is the mean over prompts."""
+    if own.size == 0:
         return TestResult("topk_logprobs", float("nan"), None, None, None, 0)
-    own, null = np.zeros(len(prompts)), np.zeros((permutations, len(prompts)))
-    queries = 0
-    for j, p in enumerate(prompts):
-        ref, tgt = reference[p], target[p]
-        queries += len(ref) + len(tgt)
-        tokens = sorted({t for q in ref + tgt for t in q})
-        v = _vectors(ref + tgt, tokens)
-        m = len(ref)
-        labels = np.concatenate([(np.arange(len(v)) < m)[None, :], _labels(rng, m, len(v), permutations)])
-        a = labels.astype(float)
-        mean_a = a @ v / m
-        mean_b = (1 - a) @ v / (len(v) - m)
-        dist = np.abs(mean_a - mean_b).mean(axis=1)
-        own[j], null[:, j] = dist[0], dist[1:]
     stat = float(own.mean())
-    null_stats = null.mean(axis=1)
+    null_stats = null / own.size
     ci = _ci(own[:, None], lambda rows: rows[:, 0].mean(), rng, resamples, level)
     return TestResult("topk_logprobs", stat, _p_value(stat, null_stats), ci, float(null_stats.mean()), queries)
 
 
+def logprob_test(reference: dict[str, list[dict[int, float]]], target: dict[str, list[dict[int, float]]], *,
+                 permutations: int = 1000, seed: int = 0, resamples: int = 500, level: float = 0.95,
+                 tolerance: float = 0.0) -> TestResult:
+    """The top-k log-probability test: per prompt, each query's {token id: logprob} of the same
+    output position on both sides. The statistic is the mean over prompts of the mean absolute
+    difference between the sides' mean vectors (less `tolerance`: differences a deterministic
+    engine's numerics make under another batching are not a model's). Every prompt with a query
+    on each side counts."""
+    rng = np.random.default_rng(seed)
+    prompts = [p for p in reference if reference[p] and target.get(p)]
+    own, null = np.zeros(len(prompts)), np.zeros(permutations)
+    for j, p in enumerate(prompts):
+        own[j], perm = logprob_prompt(reference[p], target[p], permutations=permutations, rng=rng, tolerance=tolerance)
+        null += perm
+    queries = sum(len(reference[p]) + len(target[p]) for p in prompts)
+    return logprob_result(own, null, queries, rng=rng, resamples=resamples, level=level)
+
+
 # --- paired correctness and the verdict ----------------------------------------------------------
 
-def mcnemar_test(correct_to_wrong: int, wrong_to_correct: int, queries: int) -> TestResult:
+def mcnemar_test(correct_to_wrong: int, wrong_to_correct: int, queries: int, level: float = 0.95) -> TestResult:
     """Paired correctness on labelled prompts (one reference and one target answer per prompt):
-    McNemar's exact test; the statistic is the net share of prompts the target gets wrong."""
+    McNemar's exact test; the statistic is the net share of prompts the target gets wrong, with
+    the paired difference's normal-approximation CI."""
+    from statistics import NormalDist
+
     from cousins.drift.summary import mcnemar_p
 
     b, c = correct_to_wrong, wrong_to_correct
-    share = (b - c) / queries if queries else float("nan")
-    return TestResult("mcnemar", share, mcnemar_p(b, c), None, 0.0, queries)
+    if not queries:
+        return TestResult("mcnemar", float("nan"), None, None, None, 0)
+    share = (b - c) / queries
+    half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.sqrt(max(b + c - (b - c) ** 2 / queries, 0.0))) / queries
+    p = mcnemar_p(b, c)  # None without a discordant pair: no evidence either way
+    return TestResult("mcnemar", share, 1.0 if p is None else p, (share - half, share + half), 0.0, queries)
 
 
 def holm(p_values: list[float | None], alpha: float) -> list[bool]:

@@ -40,22 +40,23 @@ def open_run(cfg: Config) -> Run:
     return _open_run(resolve(cfg.storage.root, **cfg.storage.options), cfg.run.run_id, redacted(cfg))
 
 
-def _prompts(cfg: Config, run: Run):
+def run_prompts(cfg: Config, run: Run):
     c = cfg.corpus
     return stage_prompts(run, corpus_at=resolve(c.path, **cfg.storage.options), fmt=c.format, fields=c.fields,
                          limit=c.limit, max_chars=c.max_chars, rule=Rule.of_config(cfg),
                          answer=c.answer)
 
 
-def _generate(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
-              score_original: str | None = None) -> ModelStats:
+def generate_model(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
+              score_original: str | None = None, seed: int | None = None) -> ModelStats:
     """A model's generation stage; with `score_original`, its scoring of that model's outputs in
-    the same pass (one engine start for both; the original's own scores come from its generation)."""
+    the same pass (one engine start for both; the original's own scores come from its generation).
+    `seed`: the base seed of its samples (default run.sampling.seed, every model's)."""
     job = None if score_original is None else ScoreJob(original=score_original, topk=cfg.drift.score_topk,
                                                        shuffle_seed=plan.shuffle_seed(cfg, plan.SCORE_SHUFFLE))
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
                            sampling=plan.sampling(cfg), where=plan.placement(cfg, entry.name, reorder=entry.reorder),
-                           samples=cfg.run.samples, seed=cfg.run.sampling.seed, shuffle_seed=plan.shuffle_seed(cfg, plan.GENERATION_SHUFFLE),
+                           samples=cfg.run.samples, seed=cfg.run.sampling.seed if seed is None else seed, shuffle_seed=plan.shuffle_seed(cfg, plan.GENERATION_SHUFFLE),
                            rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
                                **efficiency(run.layout.prompts, run.layout.generations(entry.name),
@@ -88,7 +89,7 @@ def _side_by_side(cfg: Config, run: Run, prompts, n_prompts: int, entries: list[
     from cousins.run import progress
 
     def one(e: ModelEntry):
-        return lambda: _generate(cfg, run, prompts, n_prompts, e, backend,
+        return lambda: generate_model(cfg, run, prompts, n_prompts, e, backend,
                                  score_original=None if e.text_only else original.name)
 
     passes = [schedule.Pass(e.name, schedule.need(plan.placement(cfg, e.name, reorder=e.reorder)), one(e))
@@ -115,10 +116,10 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
         return result_from_manifest(run)
     check_engines_fit(cfg)
     print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
-    prompts, n_prompts, n_errors = _prompts(cfg, run)
+    prompts, n_prompts, n_errors = run_prompts(cfg, run)
     entries = plan.model_entries(cfg)
-    stats = [_generate(cfg, run, prompts, n_prompts, e, backend) for e in entries]
-    result = _result(run, n_prompts, n_errors, stats)
+    stats = [generate_model(cfg, run, prompts, n_prompts, e, backend) for e in entries]
+    result = run_result(run, n_prompts, n_errors, stats)
     run.commit(manifest(cfg, run, result, entries))
     return result
 
@@ -131,13 +132,13 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
         return result_from_manifest(run), decode_summary(run)
     check_engines_fit(cfg)
     print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
-    prompts, n_prompts, n_errors = _prompts(cfg, run)
+    prompts, n_prompts, n_errors = run_prompts(cfg, run)
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
     original = entries[0]
     t0 = time.perf_counter()
     # The original first (the others score its outputs); then each other model generates and
     # scores the original's outputs in one pass, on one engine start.
-    stats = [_generate(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
+    stats = [generate_model(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
     stats += _side_by_side(cfg, run, prompts, n_prompts, entries[1:], original, backend)
     t1 = time.perf_counter()
     failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
@@ -167,7 +168,7 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
                                   # original's scores come from its generation: no window of their own
                                   "score_busy_s": _busy(s.retries for s in scores.values()
                                                         if not (s.retries or {}).get("from_generation"))})
-    result = _result(run, n_prompts, n_errors, stats)
+    result = run_result(run, n_prompts, n_errors, stats)
     layout = run.layout
     stages = {**{layout.stage_key(SCORES, n): "done" for n in scores},
               **({layout.stage_key(KLD, e.name): "done" for e in scorers[1:] if e.name not in failed}
@@ -205,7 +206,7 @@ def _busy(retries) -> float | None:
     return sum(windows) if windows and all(w is not None for w in windows) else None
 
 
-def _result(run: Run, n_prompts: int, n_errors: int, stats: list[ModelStats]) -> RunResult:
+def run_result(run: Run, n_prompts: int, n_errors: int, stats: list[ModelStats]) -> RunResult:
     return RunResult(run_id=run.run_id, run_url=run.url, corpus_rows=n_prompts + n_errors, prompts=n_prompts,
                      corpus_errors=n_errors, models=stats, state=run.state)
 

@@ -1,7 +1,7 @@
 """A run's layout, and the one way every module reads a stage.
 
     {root}/runs/{run_id}/
-        config.yaml  manifest.json  summary.json  report.html
+        config.yaml  manifest.json  summary.json  report.html  (audits: audit.json)
         prompts/  errors/                       the run's prompts and the corpus's error rows
         generations/model=NAME/                 each model's generations (the noise floor too)
         scores/model=NAME/  kld/model=NAME/     each model's teacher-forced scores, exact KLD
@@ -112,6 +112,10 @@ class RunLayout:
     @property
     def report(self) -> Location:
         return self.run.join("report.html")
+
+    @property
+    def audit(self) -> Location:
+        return self.run.join("audit.json")
 
     @property
     def config(self) -> Location:

@@ -1,6 +1,6 @@
 """Write docs/reference/config.md, every config key, from the typed config itself: each dataclass
 field's dotted key, type, default and the comments written beside it in the source
-(cousins/contract/config.py, cousins/export/config.py). A test checks the committed page equals
+(cousins/contract/config.py, endpoint_config.py, audit_config.py, cousins/export/config.py). A test checks the committed page equals
 what this writes, so the reference cannot drift from the code.
 
     .venv/bin/python scripts/config_reference.py          # rewrite the page
@@ -85,11 +85,12 @@ HEADER = "| key | type | default | what |\n|---|---|---|---|"
 
 
 def page() -> str:
+    from cousins.contract import audit_config as A
     from cousins.contract import config as C
     from cousins.contract import endpoint_config as EC
     from cousins.export import config as E
 
-    fields = {**_fields(C), **_fields(EC), **_fields(E)}
+    fields = {**_fields(C), **_fields(EC), **_fields(A), **_fields(E)}
     sections = [
         ("Generation and drift jobs (`jobs/generate.py`, `jobs/drift.py`)",
          "The keys of `Config`. The YAML files in `conf/` choose named alternatives (`model=…`, `corpus=…`, "
@@ -103,6 +104,10 @@ def page() -> str:
          "(`docs/models.md`, \"A model behind an endpoint\"); set as a whole, e.g. "
          "`model.endpoint={url: http://10.0.0.5:8000/v1, model: my-model}`.",
          rows(EC.EndpointConfig, "….endpoint.", fields)),
+        ("The audit (`jobs/audit.py`: the keys above, `endpoint.…` and `audit.…`)",
+         "The reference is `model`, the prompts `corpus`, the sampling `run` (`conf/run/audit.yaml`: 10 "
+         "samples a prompt at temperature 1); `endpoint` is the audited server, with the keys above "
+         "(`docs/audit.md`).", rows(A.AuditConfig, "audit.", fields)),
         ("The benchmark (`jobs/benchmark.py`: the keys above and `bench.…`)", "",
          rows(C.BenchConfig, "bench.", fields)),
         ("Distillation exports (`jobs/export.py`)", "", rows(E.ExportConfig, "", fields)),

@@ -11,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cousins.bench.vllm_server import free_port  # noqa: F401 - the tests' ports (servers they start)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = ROOT / "models" / "tiny-teacher"
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 nothing listens on now (for a server a test starts)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cuda_gpus() -> int:

@@ -19,7 +19,9 @@ from conftest import ROOT, TEST_API_KEY, TEST_API_KEY_ENV, compose
 from cousins.audit.partition import group_of
 from cousins.audit.report import table
 from cousins.audit.run import AuditError, run_audit
+from cousins.contract import codec
 from cousins.contract.audit_config import as_run_config, problems, typed_audit
+from cousins.contract.audit_record import Audit
 from cousins.contract.config import resolve_paths, to_config
 from cousins.run.lifecycle import committed
 from cousins.run.storage import resolve
@@ -71,7 +73,8 @@ def test_the_original_behind_an_endpoint_is_consistent_and_a_cousin_differs(ray_
     assert aa["ci"][0] <= aa["false_positive_rate"] <= aa["ci"][1]
 
     run = committed(resolve(str(tmp / "out")), "same")
-    assert json.loads(run.layout.audit.read_text()) == same
+    data = json.loads(run.layout.audit.read_text())
+    assert data == same and codec.encode(codec.decode(Audit, data)) == data
     assert "consistent" in run.layout.report.read_text()
     assert {m.name for m in run.typed().models} == {"tiny-teacher", "target", "noise-floor"}
     for dirpath, _, files in os.walk(run.layout.run.path):  # the key went out with every request, into no file

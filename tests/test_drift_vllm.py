@@ -25,7 +25,7 @@ from cousins.family.prepare import build_quantized_cousins, prepare_before_ray
 from cousins.orchestrate.pipeline import run_drift
 from cousins.run.layout import RunLayout, part_files
 from cousins.run.storage import resolve
-from vllm_server import VllmServer
+from cousins.bench.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

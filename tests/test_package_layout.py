@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "cousins"
 MAX_LINES = 400
 FLAT = {"__init__", "cli"}  # the package's own modules outside any folder
 # The folders, bottom first: each may import only the ones before it (docs/architecture.md, "Layout").
-LAYERS = ["contract", "run", "drift", "engine", "family", "query", "export", "orchestrate", "bench", "audit"]
+LAYERS = ["contract", "run", "drift", "engine", "family", "query", "export", "orchestrate", "audit", "bench"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

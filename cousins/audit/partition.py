@@ -36,7 +36,9 @@ PARTS = pa.schema([
     ("lp_own", pa.list_(pa.float64())),  # [prompts]: each prompt's distance (stats.logprob_prompt)
     ("lp_null", pa.list_(pa.float64())),  # [permutations], summed over the prompts
     ("lp_queries", pa.int64()),
-    ("mc_b", pa.int64()), ("mc_c", pa.int64()), ("mc_n", pa.int64()),  # correct->wrong, wrong->correct, pairs
+    # [prompts x 3]: each labelled prompt's correct->wrong and wrong->correct pairs, and its pairs
+    # (sample i of one side with sample i of the other: every sample index both answered)
+    ("mc_own", pa.list_(pa.int64())),
 ])
 
 
@@ -77,7 +79,7 @@ class _Side:
     def __init__(self, rows: list[dict]):
         self.texts: dict[str, list[str]] = {}
         self.first: dict[str, list[dict[int, float]]] = {}
-        self.answer0: dict[str, str] = {}
+        self.answers: dict[str, dict[int, str]] = {}  # prompt -> sample index -> its final answer
         for r in rows:
             if r["error"] is not None:
                 continue
@@ -86,8 +88,8 @@ class _Side:
             ids, lps = r["topk_token_ids"], r["topk_logprobs"]
             if ids and lps and ids[0]:
                 self.first.setdefault(p, []).append(dict(zip(ids[0], lps[0])))
-            if r["sample_index"] == 0:
-                self.answer0[p] = text[r["answer_offset"]:] if r["answer_offset"] is not None else text
+            self.answers.setdefault(p, {})[r["sample_index"]] = (
+                text[r["answer_offset"]:] if r["answer_offset"] is not None else text)
 
 
 def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s: Settings) -> list[dict]:
@@ -95,7 +97,7 @@ def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s
     for p in sorted(set(ref.texts) | set(other.texts)):
         g = out.setdefault(group_of(p, s.groups), {
             "mmd_own": [], "mmd_null": np.zeros((s.permutations, 3)), "lp_own": [],
-            "lp_null": np.zeros(s.permutations), "lp_queries": 0, "mc_b": 0, "mc_c": 0, "mc_n": 0})
+            "lp_null": np.zeros(s.permutations), "lp_queries": 0, "mc_own": []})
         rng = _rng(s.seed, pair, p)
         a, b = ref.texts.get(p, []), other.texts.get(p, [])
         if len(a) >= 2 and len(b) >= 2:
@@ -109,16 +111,21 @@ def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s
             g["lp_null"] += null
             g["lp_queries"] += len(fa) + len(fb)
         row = prompts.get(p)
-        if row and row["reference"] is not None and p in ref.answer0 and p in other.answer0:
-            judge = [s.rule.correct(x[p], row["reference"], row["choices"], row["checker"])
-                     for x in (ref.answer0, other.answer0)]
-            if None not in judge:
-                g["mc_n"] += 1
-                g["mc_b"] += judge[0] and not judge[1]
-                g["mc_c"] += judge[1] and not judge[0]
+        if row and row["reference"] is not None:
+            a, b = ref.answers.get(p, {}), other.answers.get(p, {})
+            counts = [0, 0, 0]
+            for i in sorted(set(a) & set(b)):
+                judge = [s.rule.correct(x[i], row["reference"], row["choices"], row["checker"]) for x in (a, b)]
+                if None not in judge:
+                    counts[0] += judge[0] and not judge[1]
+                    counts[1] += judge[1] and not judge[0]
+                    counts[2] += 1
+            if counts[2]:
+                g["mc_own"] += counts
     return [{"pair": pair, "group": k, "mmd_own": np.asarray(v["mmd_own"]).ravel().tolist(),
              "mmd_null": v["mmd_null"].ravel().tolist(), "lp_own": [float(x) for x in v["lp_own"]],
-             "lp_null": v["lp_null"].tolist(), **{c: int(v[c]) for c in ("lp_queries", "mc_b", "mc_c", "mc_n")}}
+             "lp_null": v["lp_null"].tolist(), "lp_queries": int(v["lp_queries"]),
+             "mc_own": [int(x) for x in v["mc_own"]]}
             for k, v in sorted(out.items())]
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from cousins.audit import stats
 from cousins.audit.partition import AA, Settings, audit_parts
 from cousins.contract.audit_config import TARGET, AuditJobConfig
+from cousins.contract.audit_record import Audit
+from cousins.contract.codec import decode, encode
 from cousins.contract.records import NOISE_FLOOR
 from cousins.drift.answers import Rule
 from cousins.drift.plane import wilson
@@ -52,7 +54,7 @@ class _Acc:
     lp_own: list = dataclasses.field(default_factory=list)
     lp_null: np.ndarray | None = None
     lp_queries: int = 0
-    mc: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    mc_own: list = dataclasses.field(default_factory=list)
 
     def add(self, row: dict) -> None:
         self.mmd_own += row["mmd_own"]
@@ -62,7 +64,7 @@ class _Acc:
         lp = np.asarray(row["lp_null"])
         self.lp_null = lp if self.lp_null is None else self.lp_null + lp
         self.lp_queries += row["lp_queries"]
-        self.mc += [row["mc_b"], row["mc_c"], row["mc_n"]]
+        self.mc_own += row["mc_own"]
 
     def tests(self, *, seed: int, resamples: int, level: float) -> list[stats.TestResult]:
         """The tests this pair's samples allow (a test with nothing to compare is left out)."""
@@ -74,21 +76,20 @@ class _Acc:
         if self.lp_own:
             out.append(stats.logprob_result(np.asarray(self.lp_own), self.lp_null, self.lp_queries, rng=rng,
                                             resamples=resamples, level=level))
-        b, c, n = (int(x) for x in self.mc)
-        if n:
-            out.append(stats.mcnemar_test(b, c, n, level=level))
+        if self.mc_own:
+            out.append(stats.mcnemar_result(np.asarray(self.mc_own).reshape(-1, 3), rng=rng, resamples=resamples,
+                                            level=level))
         return out
 
 
-def merge(parts, permutations: int) -> tuple[dict[str, _Acc], dict[int, _Acc]]:
-    """The partitions' parts merged per pair (all prompts), and the A/A pair's per group."""
+def merge(parts, permutations: int) -> tuple[dict[str, _Acc], dict[str, dict[int, _Acc]]]:
+    """The partitions' parts merged per pair (all prompts), and per pair and group."""
     pairs: dict[str, _Acc] = {}
-    groups: dict[int, _Acc] = {}
+    groups: dict[str, dict[int, _Acc]] = {}
     for batch in parts:
         for row in batch.to_pylist():
             pairs.setdefault(row["pair"], _Acc(permutations)).add(row)
-            if row["pair"] == AA:
-                groups.setdefault(row["group"], _Acc(permutations)).add(row)
+            groups.setdefault(row["pair"], {}).setdefault(row["group"], _Acc(permutations)).add(row)
     return pairs, groups
 
 
@@ -101,12 +102,13 @@ def _test_json(r: stats.TestResult) -> dict:
             "null_mean": num(r.null_mean), "queries": r.queries}
 
 
-def calibration(groups: dict[int, _Acc], *, alpha: float, seed: int, resamples: int, level: float) -> dict:
-    """The A/A verdict on each disjoint group of prompts: the measured false-positive rate, with
-    its Wilson interval, overall and per test."""
+def calibration(groups: dict[int, _Acc], *, alpha: float, seed: int, level: float) -> dict:
+    """The verdict on each disjoint group of prompts: for the A/A pair, the measured false-positive
+    rate (for the target's, the power at the group's size), with its Wilson interval, overall
+    and per test."""
     verdicts, per_test = [], {}
     for g in sorted(groups):
-        tests = groups[g].tests(seed=seed + g, resamples=10, level=level)
+        tests = groups[g].tests(seed=seed + g, resamples=10, level=level)  # (their CIs are not reported)
         if not any(t.p_value is not None for t in tests):
             continue
         verdicts.append(stats.verdict(tests, alpha) == "differs")
@@ -120,7 +122,7 @@ def calibration(groups: dict[int, _Acc], *, alpha: float, seed: int, resamples: 
             "per_test": {name: {"groups": len(v), "rejected": int(sum(v))} for name, v in per_test.items()}}
 
 
-def audit_result(pairs: dict[str, _Acc], groups: dict[int, _Acc], *, alpha: float, seed: int, resamples: int,
+def audit_result(pairs: dict[str, _Acc], groups: dict[str, dict[int, _Acc]], *, alpha: float, seed: int, resamples: int,
                  level: float) -> dict:
     """The verdict, the tests, and the A/A calibration, from the merged parts."""
     target = pairs.get(TARGET)
@@ -133,7 +135,7 @@ def audit_result(pairs: dict[str, _Acc], groups: dict[int, _Acc], *, alpha: floa
     return {"verdict": stats.verdict(tests, alpha), "alpha": alpha, "correction": "holm",
             "tests": [_test_json(t) for t in tests],
             "a_a": {"verdict": aa_verdict, "tests": [_test_json(t) for t in aa],
-                    **calibration(groups, alpha=alpha, seed=seed, resamples=resamples, level=level)}}
+                    **calibration(groups.get(AA, {}), alpha=alpha, seed=seed, level=level)}}
 
 
 def _check_target(run: Run, stats_target) -> None:
@@ -144,6 +146,17 @@ def _check_target(run: Run, stats_target) -> None:
                       for e in b.column(0).to_pylist() if e), "no rows")
         raise AuditError(f"the target answered none of its {stats_target.rows} requests (the first error: {first}); "
                          f"they are kept as error rows: audit again under another run.run_id once it answers")
+
+
+def merged_tests(cfg: AuditJobConfig, run: Run, n_prompts: int, *, groups: int | None = None):
+    """Every test's parts of `run`'s generations, merged per pair and per (pair, group) (`merge`);
+    `groups`: calibration groups other than audit.calibration_groups (the benchmark's power curve)."""
+    a = cfg.audit
+    settings = Settings(reference=cfg.model.name, target=TARGET, noise=NOISE_FLOOR, compare_chars=a.compare_chars,
+                        permutations=a.permutations, tolerance=a.logprob_tolerance,
+                        groups=groups or a.calibration_groups, seed=a.seed, rule=Rule.of_config(cfg))
+    partitions = max(1, -(-n_prompts // PROMPTS_PER_PARTITION))
+    return merge(audit_parts(run, settings, partitions=partitions), a.permutations)
 
 
 def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> dict:
@@ -164,11 +177,7 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
         if e is target:
             _check_target(run, done[e.name])
     a = cfg.audit
-    settings = Settings(reference=reference.name, target=target.name, noise=noise.name, compare_chars=a.compare_chars,
-                        permutations=a.permutations, tolerance=a.logprob_tolerance, groups=a.calibration_groups,
-                        seed=a.seed, rule=Rule.of_config(cfg))
-    partitions = max(1, -(-n_prompts // PROMPTS_PER_PARTITION))
-    pairs, groups = merge(audit_parts(run, settings, partitions=partitions), a.permutations)
+    pairs, groups = merged_tests(cfg, run, n_prompts)
     out = audit_result(pairs, groups, alpha=a.alpha, seed=a.seed, resamples=a.resamples, level=a.confidence)
     t = done[target.name]
     out = {"run_id": run.run_id, **out,
@@ -180,6 +189,7 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
            "notes": notes(cfg)}
     from cousins.audit.report import report_html
 
+    out = encode(decode(Audit, encode(out), f"{run.url}/audit.json"))  # written as its declaration reads it
     run.layout.audit.write_text_atomic(json.dumps(out, indent=1, allow_nan=False))
     run.layout.report.write_text_atomic(report_html(out))
     result = run_result(run, n_prompts, n_errors, [done[e.name] for e in (reference, target, noise)])

@@ -208,6 +208,23 @@ def mcnemar_test(correct_to_wrong: int, wrong_to_correct: int, queries: int, lev
     return TestResult("mcnemar", share, 1.0 if p is None else p, (share - half, share + half), 0.0, queries)
 
 
+def mcnemar_result(own: np.ndarray, *, rng: np.random.Generator, resamples: int = 500,
+                   level: float = 0.95) -> TestResult:
+    """McNemar's exact test over every pair of samples (sample i of each side) of the labelled
+    prompts, `own` [prompts, 3] (correct->wrong, wrong->correct, pairs). Under H0 the two sides'
+    samples of a prompt are independent draws of one distribution, so each discordant pair is
+    either way with probability 1/2 whatever the prompt: the exact test holds with several
+    samples a prompt. The statistic (the net share of pairs the target gets wrong) has a CI from
+    resampling prompts (pairs of one prompt are not independent for the effect's spread)."""
+    from cousins.drift.summary import mcnemar_p
+
+    b, c, n = (int(x) for x in own.sum(axis=0))
+    p = mcnemar_p(b, c)  # None without a discordant pair: no evidence either way
+    ci = _ci(own.astype(float), lambda rows: (rows[:, 0].sum() - rows[:, 1].sum()) / max(rows[:, 2].sum(), 1),
+             rng, resamples, level)
+    return TestResult("mcnemar", (b - c) / n, 1.0 if p is None else p, ci, 0.0, 2 * n)
+
+
 def holm(p_values: list[float | None], alpha: float) -> list[bool]:
     """Holm's step-down rejections at family-wise level `alpha` (a test without a p-value never rejects)."""
     order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)

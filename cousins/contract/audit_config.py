@@ -97,5 +97,4 @@ def as_run_config(cfg: AuditJobConfig) -> AuditJobConfig:
     out.cousins = {TARGET: CousinConfig(kind="other", endpoint=cfg.endpoint)}
     per_budget = max(cfg.audit.budget // max(cfg.run.samples, 1), 1)
     out.corpus.limit = min(cfg.corpus.limit or per_budget, per_budget)
-    out.drift.noise_floor = True
     return out

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-ENGINE_JOBS = ("generate", "drift", "benchmark")  # the jobs that start vLLM engines
+ENGINE_JOBS = ("generate", "drift", "benchmark", "audit")  # the jobs that start vLLM engines
 
 
 def _project() -> tuple[str, list[str]]:

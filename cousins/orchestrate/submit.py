@@ -39,7 +39,8 @@ def storage_root_of(job: str, overrides: list[str], working_dir: Path = ROOT) ->
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import cousins.contract.config  # noqa: F401 - registers the structured configs
+    import cousins.contract.audit_config  # noqa: F401 - registers the structured configs
+    import cousins.contract.config  # noqa: F401
     import cousins.export.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(working_dir / "conf"), version_base=None):

@@ -12,7 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now (for a server a test or benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class VllmServer:

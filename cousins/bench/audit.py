@@ -1,6 +1,6 @@
 """The audit's calibration and power on the tiny family, against vLLM's own server:
 
-    python -m cousins.bench.audit [--budget 2000] [--cousins rtn-int8,rtn-int4,…] [--shares 0.5,0.2] [--out F]
+    python -m cousins.bench.audit [--family tiny|realistic] [--budget 2000] [--cousins rtn-int8,…] [--shares 0.5,0.2]
 
 1. False positives: the served teacher audited against the local teacher at `--budget`; every
    disjoint group of prompts is an audit of its own (the A/A pair: the reference against itself;
@@ -9,8 +9,9 @@
    symmetric: the same question as the cousin behind the server, one server for all). The same
    run's tests are recomputed on G groups for several G: the share of groups rejected is the power
    at budget/G queries; the queries each test needs for >= 90% power at alpha 0.05 are read there.
-3. A mixture: a proxy (`Mixer`) sends a share of the requests to a server running rtn-int4 and
-   the rest to the teacher's: the audit at `audit.budget`'s default, per share.
+3. A mixture: a proxy (`Mixer`) sends a share of the requests to a server running an int4 cousin
+   (rtn-int4, or the realistic family's llmc-w4a16) and the rest to the teacher's: the audit at
+   `audit.budget`'s default, per share.
 
 Prints a table per part and writes the figures as JSON (`--out`).
 """
@@ -27,9 +28,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GROUPS = (40, 20, 10, 5, 2, 1)
-COUSINS = {"rtn-int8": "tiny-teacher-rtn-int8", "rtn-int4": "tiny-teacher-rtn-int4",
-           "w8a8-int8": "tiny-teacher-w8a8-int8", "fp8-dynamic": "tiny-teacher-fp8-dynamic",
-           "student-kd": "tiny-student-kd"}
+# Per family: the teacher, its model preset, and each cousin (its directory under models/, and
+# the overrides its reference engine needs); the mixture's cousin.
+FAMILIES = {
+    "tiny": {"teacher": "tiny-teacher", "preset": "tiny-teacher", "mix": "rtn-int4", "cousins": {
+        "rtn-int8": ("tiny-teacher-rtn-int8", ()), "rtn-int4": ("tiny-teacher-rtn-int4", ()),
+        "w8a8-int8": ("tiny-teacher-w8a8-int8", ()), "fp8-dynamic": ("tiny-teacher-fp8-dynamic", ()),
+        "student-kd": ("tiny-student-kd", ())}},
+    "realistic": {"teacher": "realistic-teacher", "preset": "realistic-teacher", "mix": "llmc-w4a16", "cousins": {
+        "llmc-w8a8-int8": ("realistic-teacher-llmc-w8a8-int8", ()),
+        "llmc-fp8-dynamic": ("realistic-teacher-llmc-fp8-dynamic", ()),
+        # vLLM's CPU int4 kernel takes bfloat16 only: these references differ from the float32
+        # server by their dtype too, as their drift does (conf/cousins/realistic.yaml)
+        "llmc-w4a16": ("realistic-teacher-llmc-w4a16", ("model.dtype=bfloat16",)),
+        "llmc-gptq-w4a16": ("realistic-teacher-llmc-gptq-w4a16", ("model.dtype=bfloat16",)),
+        "llmc-awq-w4a16": ("realistic-teacher-llmc-awq-w4a16", ("model.dtype=bfloat16",)),
+        "student": ("realistic-student", ())}},
+}
+
+
+def build_family(family: str) -> None:
+    """The family's teacher and cousins, built where absent (as the drift job builds them)."""
+    from hydra import compose, initialize_config_dir
+
+    from cousins.contract.config import resolve_paths, to_config
+    from cousins.family.builds import ensure_model
+    from cousins.family.prepare import build_quantized_cousins
+
+    preset = FAMILIES[family]["preset"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        d = compose(config_name="drift", overrides=[f"model={preset}", f"cousins={'demo' if family == 'tiny' else family}"])
+    cfg = resolve_paths(to_config(d), str(ROOT))
+    ensure_model(cfg.model.path, cfg.model.build, cfg.model.seed)
+    build_quantized_cousins(cfg)
 
 
 class Mixer:
@@ -81,7 +112,7 @@ class Mixer:
         self.http.server_close()
 
 
-def _config(reference: str, url: str, model: str, root: str, run_id: str, *overrides: str):
+def _config(reference: str, url: str, model: str, root: str, run_id: str, *overrides: str, preset: str = "tiny-teacher"):
     from hydra import compose, initialize_config_dir
 
     import cousins.contract.audit_config as ac
@@ -90,7 +121,7 @@ def _config(reference: str, url: str, model: str, root: str, run_id: str, *overr
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         d = compose(config_name="audit", overrides=[
-            f"model.path={reference}", f"storage.root={root}", f"run.run_id={run_id}", f"endpoint.url={url}",
+            f"model={preset}", f"model.path={reference}", "model.build=null", f"storage.root={root}", f"run.run_id={run_id}", f"endpoint.url={url}",
             f"endpoint.model={model}", "engine.max_model_len=256", *overrides])
     cfg = ac.as_run_config(resolve_paths(ac.typed_audit(to_config(d), [])))
     validate(cfg)
@@ -147,7 +178,8 @@ def needed(rows: list[dict], test: str, goal: float = 0.9) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=2000)
-    ap.add_argument("--cousins", default=",".join(COUSINS))
+    ap.add_argument("--family", default="tiny", choices=sorted(FAMILIES))
+    ap.add_argument("--cousins", help="comma-separated (default: the family's every cousin)")
     ap.add_argument("--shares", default="0.5,0.2,0.1")
     ap.add_argument("--out", default="audit-benchmark.json")
     ap.add_argument("--recompute", help="a directory an earlier run of this benchmark left: its audits' tests "
@@ -161,18 +193,23 @@ def main() -> None:
     from cousins.run.runtime import init_ray
 
     models = ROOT / "models"
+    fam = FAMILIES[args.family]
+    cousins = fam["cousins"] if args.cousins is None else {c: fam["cousins"][c] for c in args.cousins.split(",") if c}
     work = Path(args.recompute or tempfile.mkdtemp(prefix="cousins-audit-bench-"))
     servers = {}
     if not args.recompute:
-        servers["teacher"] = VllmServer(str(models / "tiny-teacher"), "teacher", work / "teacher.log")
+        build_family(args.family)
+        servers["teacher"] = VllmServer(str(models / fam["teacher"]), "teacher", work / "teacher.log")
         if args.shares:
-            servers["int4"] = VllmServer(str(models / "tiny-teacher-rtn-int4"), "other", work / "int4.log")
+            mixed, dtype = fam["cousins"][fam["mix"]]
+            servers["int4"] = VllmServer(str(models / mixed), "other", work / "int4.log",
+                                         dtype="bfloat16" if dtype else "float32")
     url = {name: s.url for name, s in servers.items()}
-    figures: dict = {"budget": args.budget, "groups": list(GROUPS)}
+    figures: dict = {"family": args.family, "mix": fam["mix"], "budget": args.budget, "groups": list(GROUPS)}
 
     def audit(reference: str, target_url: str | None, run_id: str, *overrides: str) -> tuple[dict, object]:
         cfg = _config(str(models / reference), target_url or "http://127.0.0.1:9/v1", "teacher",
-                      str(work / "out"), run_id, *overrides)
+                      str(work / "out"), run_id, *overrides, preset=fam["preset"])
         result = recomputed(cfg) if args.recompute else run_audit(cfg)
         return result, cfg
 
@@ -181,12 +218,12 @@ def main() -> None:
             s.wait()
         init_ray(RayConfig(), LogConfig())
         budget = f"audit.budget={args.budget}"
-        result, cfg = audit("tiny-teacher", url.get("teacher"), "served-original", budget)
+        result, cfg = audit(fam["teacher"], url.get("teacher"), "served-original", budget)
         figures["original"] = {"audit": result, "power": power(cfg)}
         print(table(result), flush=True)
         figures["cousins"] = {}
-        for name in [c for c in args.cousins.split(",") if c]:
-            result, cfg = audit(COUSINS[name], url.get("teacher"), f"cousin-{name}", budget)
+        for name, (path, overrides) in cousins.items():
+            result, cfg = audit(path, url.get("teacher"), f"cousin-{name}", budget, *overrides)
             rows = power(cfg)
             figures["cousins"][name] = {"audit": result, "power": rows,
                                         "queries_for_90pct": {t: needed(rows, t) for t in
@@ -196,11 +233,11 @@ def main() -> None:
         for share in [float(x) for x in args.shares.split(",") if x]:
             mixer = None if args.recompute else Mixer(url["teacher"], url["int4"], share)
             try:
-                result, _ = audit("tiny-teacher", mixer and mixer.url, f"mix-{share:g}")
+                result, _ = audit(fam["teacher"], mixer and mixer.url, f"mix-{share:g}")
             finally:
                 mixer and mixer.stop()
             figures["mixtures"][f"{share:g}"] = {"audit": result, "sent": mixer and mixer.sent}
-            print(f"share {share:g} to rtn-int4:", table(result), sep="\n", flush=True)
+            print(f"share {share:g} to {fam['mix']}:", table(result), sep="\n", flush=True)
     finally:
         for s in servers.values():
             s.stop()
@@ -221,7 +258,7 @@ def _print_summary(f: dict) -> None:
         print(f"  {name:<12} {json.dumps(c['queries_for_90pct'])}  verdict at {f['budget']}: {c['audit']['verdict']}")
     for share, m in f.get("mixtures", {}).items():
         ps = ", ".join(f"{t['name']} {t['p_value']:.3g}" for t in m["audit"]["tests"])
-        print(f"  mixture {share} to rtn-int4: {m['audit']['verdict']} (p: {ps}; requests {m['sent']})")
+        print(f"  mixture {share} to {f['mix']}: {m['audit']['verdict']} (p: {ps}; requests {m['sent']})")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ def free_port() -> int:
 
 
 class VllmServer:
-    def __init__(self, model: str, name: str, log: Path, *, max_model_len: int = 256):
+    def __init__(self, model: str, name: str, log: Path, *, max_model_len: int = 256, dtype: str = "float32"):
         self.port, self.name, self.log = free_port(), name, log
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
                "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype,
                "--max-model-len", str(max_model_len), "--max-logprobs", "20", "--logprobs-mode", "raw_logprobs",
                "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", "--seed", "0"]
         with open(log, "w") as f:

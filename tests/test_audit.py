@@ -174,3 +174,17 @@ def test_faults_at_the_endpoint_are_retried_or_kept_as_error_rows_and_a_resume_s
     assert errors and out["spent"]["error_rows"] == len(errors) and len(errors) % 6 == 0  # one prompt's samples
     assert all("400" in e and "this request is refused" in e for e in errors), errors[:2]
     assert out["verdict"] == "consistent", table(out)
+
+
+def test_the_audit_is_a_run_of_the_reference_the_target_and_the_prompts_its_budget_buys(tmp_path):
+    cfg = to_config(compose(
+        f"model.path={tmp_path / 'teacher'}", "endpoint.url=http://127.0.0.1:1/v1", "endpoint.model=served",
+        "audit.budget=95", "run.samples=10", "corpus.limit=50",
+        "audit.reference_endpoint={url: 'http://127.0.0.1:2/v1', model: trusted}", config_name="audit"))
+    found: list[str] = []
+    run_cfg = as_run_config(typed_audit(cfg, found))
+    assert not found and not problems(cfg)
+    assert run_cfg.corpus.limit == 9  # 95 requests buy 9 prompts of 10 samples (the corpus's 50 would be more)
+    assert run_cfg.model.endpoint.url == "http://127.0.0.1:2/v1" and run_cfg.model.path == str(tmp_path / "teacher")
+    assert list(run_cfg.cousins) == ["target"] and run_cfg.cousins["target"].endpoint.model == "served"
+    assert cfg.model.endpoint is None  # the user's config is left as it was

@@ -59,29 +59,23 @@ def typed_audit(cfg: AuditJobConfig, problems: list[str]) -> AuditJobConfig:
 
 def problems(cfg: AuditJobConfig) -> list[str]:
     """The audit block's problems (validate reports the run config's, the target's endpoint included)."""
-    a, out = cfg.audit, []
-    if cfg.run.samples < 2:
-        out.append(f"run.samples must be >= 2 for an audit (each prompt's samples are compared as two sets), "
-                   f"got {cfg.run.samples}")
-    if a.budget < 2 * max(cfg.run.samples, 1):
-        out.append(f"audit.budget {a.budget} is less than two prompts' requests ({cfg.run.samples} samples each)")
-    if not 0 < a.alpha < 1:
-        out.append(f"audit.alpha must be in (0, 1), got {a.alpha}")
-    if a.permutations < 99:
-        out.append(f"audit.permutations must be >= 99, got {a.permutations}")
-    if a.resamples < 10:
-        out.append(f"audit.resamples must be >= 10, got {a.resamples}")
-    if not 0 < a.confidence < 1:
-        out.append(f"audit.confidence must be in (0, 1), got {a.confidence}")
-    if a.compare_chars < 1:
-        out.append(f"audit.compare_chars must be >= 1, got {a.compare_chars}")
-    if a.logprob_tolerance < 0:
-        out.append(f"audit.logprob_tolerance must be >= 0, got {a.logprob_tolerance}")
-    if a.calibration_groups < 1:
-        out.append(f"audit.calibration_groups must be >= 1, got {a.calibration_groups}")
-    if cfg.run.sampling.temperature <= 0:
-        out.append("run.sampling.temperature must be > 0 for an audit: greedy outputs are one sample, "
-                   "and the tests compare distributions")
+    a, samples = cfg.audit, cfg.run.samples
+    checks = [
+        (samples >= 2, f"run.samples must be >= 2 for an audit (each prompt's samples are compared as two sets), "
+                       f"got {samples}"),
+        (a.budget >= 2 * max(samples, 1), f"audit.budget {a.budget} is less than two prompts' requests "
+                                          f"({samples} samples each)"),
+        (0 < a.alpha < 1, f"audit.alpha must be in (0, 1), got {a.alpha}"),
+        (a.permutations >= 99, f"audit.permutations must be >= 99, got {a.permutations}"),
+        (a.resamples >= 10, f"audit.resamples must be >= 10, got {a.resamples}"),
+        (0 < a.confidence < 1, f"audit.confidence must be in (0, 1), got {a.confidence}"),
+        (a.compare_chars >= 1, f"audit.compare_chars must be >= 1, got {a.compare_chars}"),
+        (a.logprob_tolerance >= 0, f"audit.logprob_tolerance must be >= 0, got {a.logprob_tolerance}"),
+        (a.calibration_groups >= 1, f"audit.calibration_groups must be >= 1, got {a.calibration_groups}"),
+        (cfg.run.sampling.temperature > 0, "run.sampling.temperature must be > 0 for an audit: greedy outputs are "
+                                           "one sample, and the tests compare distributions"),
+    ]
+    out = [message for ok, message in checks if not ok]
     if cfg.cousins:
         out.append(f"cousins: an audit compares one endpoint with the reference; leave cousins empty "
                    f"(got {', '.join(cfg.cousins)})")

@@ -169,6 +169,50 @@ def recomputed(cfg) -> dict:
                                      level=a.confidence)}
 
 
+def package_comparison(cfg, prompts: int = 50, permutations: int = 200) -> dict | None:
+    """The text test against the `model-equality-testing` package's (Gao et al.'s code) on the
+    same samples: the audit's first `prompts` prompts, each completion's first compare_chars
+    characters (as code points, padded), the target against the reference. None when the package
+    is not installed (it is not a dependency: `pip install model-equality-testing`)."""
+    try:
+        from model_equality_testing.algorithm import run_two_sample_test
+        from model_equality_testing.distribution import CompletionSample
+    except ImportError:
+        return None
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from cousins.audit import stats
+    from cousins.contract.audit_config import TARGET
+
+    run, length = _committed(cfg), cfg.audit.compare_chars
+    sides = {}
+    for name in (cfg.model.name, TARGET):
+        t = run.read(run.layout.generations(name), ["prompt_id", "output_text", "error"])
+        sides[name] = t.filter(pc.is_null(t.column("error")))
+    ids = sorted(set(sides[TARGET].column("prompt_id").to_pylist()))[:prompts]
+    index = {p: i for i, p in enumerate(ids)}
+    texts = {name: {p: [] for p in ids} for name in sides}
+    for name, t in sides.items():
+        for p, text in zip(t.column("prompt_id").to_pylist(), t.column("output_text").to_pylist()):
+            if p in index:
+                texts[name][p].append(text or "")
+
+    def sample(name: str):
+        rows = [(index[p], text) for p in ids for text in texts[name][p]]
+        codes = np.full((len(rows), length), -1, dtype=np.int64)
+        for i, (_, text) in enumerate(rows):
+            codes[i, :len(text[:length])] = [ord(c) for c in text[:length]]
+        return CompletionSample(prompts=np.array([r[0] for r in rows]), completions=codes, m=len(ids))
+
+    theirs_p, theirs_stat = run_two_sample_test(sample(cfg.model.name), sample(TARGET), stat_type="mmd_hamming",
+                                                b=permutations)
+    ours = stats.mmd_test(texts[cfg.model.name], texts[TARGET], length=length, permutations=permutations, seed=0,
+                          resamples=10)
+    return {"prompts": len(ids), "permutations": permutations, "ours": {"statistic": ours.statistic,
+            "p_value": ours.p_value}, "package": {"statistic": float(theirs_stat), "p_value": theirs_p}}
+
+
 def needed(rows: list[dict], test: str, goal: float = 0.9) -> int | None:
     """The fewest queries at which `test` (or "verdict") rejected in >= goal of the groups."""
     ok = [r["queries"] for r in rows if (r["target"].get(test) or 0) >= goal]
@@ -219,13 +263,13 @@ def main() -> None:
         init_ray(RayConfig(), LogConfig())
         budget = f"audit.budget={args.budget}"
         result, cfg = audit(fam["teacher"], url.get("teacher"), "served-original", budget)
-        figures["original"] = {"audit": result, "power": power(cfg)}
+        figures["original"] = {"audit": result, "power": power(cfg), "package": package_comparison(cfg)}
         print(table(result), flush=True)
         figures["cousins"] = {}
         for name, (path, overrides) in cousins.items():
             result, cfg = audit(path, url.get("teacher"), f"cousin-{name}", budget, *overrides)
             rows = power(cfg)
-            figures["cousins"][name] = {"audit": result, "power": rows,
+            figures["cousins"][name] = {"audit": result, "power": rows, "package": package_comparison(cfg),
                                         "queries_for_90pct": {t: needed(rows, t) for t in
                                                               ("verdict", "mmd_hamming", "topk_logprobs", "mcnemar")}}
             print(table(result), json.dumps(figures["cousins"][name]["queries_for_90pct"]), sep="\n", flush=True)
@@ -233,10 +277,11 @@ def main() -> None:
         for share in [float(x) for x in args.shares.split(",") if x]:
             mixer = None if args.recompute else Mixer(url["teacher"], url["int4"], share)
             try:
-                result, _ = audit(fam["teacher"], mixer and mixer.url, f"mix-{share:g}")
+                result, mix_cfg = audit(fam["teacher"], mixer and mixer.url, f"mix-{share:g}")
             finally:
                 mixer and mixer.stop()
-            figures["mixtures"][f"{share:g}"] = {"audit": result, "sent": mixer and mixer.sent}
+            figures["mixtures"][f"{share:g}"] = {"audit": result, "sent": mixer and mixer.sent,
+                                                 "package": package_comparison(mix_cfg)}
             print(f"share {share:g} to {fam['mix']}:", table(result), sep="\n", flush=True)
     finally:
         for s in servers.values():
@@ -253,6 +298,12 @@ def _print_summary(f: dict) -> None:
     for r in f["original"]["power"]:
         print(f"  G={r['groups']:>2} ({r['queries']:>5} queries each): target {pct(r['target']['verdict'])}, "
               f"A/A {pct(r['a_a']['verdict'])}")
+    print("\nthe text test against model-equality-testing's on the same samples (statistic, p):")
+    for name, c in [("original", f["original"]), *f.get("cousins", {}).items(), *f.get("mixtures", {}).items()]:
+        m = c.get("package")
+        if m:
+            print(f"  {name:<12} ours {m['ours']['statistic']:.6f} p {m['ours']['p_value']:.3f}; package "
+                  f"{m['package']['statistic']:.6f} p {m['package']['p_value']:.3f} ({m['prompts']} prompts)")
     print("\nqueries for >= 90% power at alpha 0.05 (None: not within the budget):")
     for name, c in f.get("cousins", {}).items():
         print(f"  {name:<12} {json.dumps(c['queries_for_90pct'])}  verdict at {f['budget']}: {c['audit']['verdict']}")

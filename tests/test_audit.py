@@ -86,6 +86,18 @@ def test_the_original_behind_an_endpoint_is_consistent_and_a_cousin_differs(ray_
     assert server.requests == before
 
 
+def test_a_trusted_endpoint_can_be_the_reference(ray_local, server):
+    """audit.reference_endpoint: the reference and its A/A sampled from a server too (no engine of
+    ours); the int4 model behind the target is told from the original behind the reference."""
+    tmp = server.home
+    cfg = audit_config(tmp, server, "int4", "run.run_id=trusted", "audit.budget=120",
+                       f"audit.reference_endpoint={{url: '{server.url}', model: original}}")
+    before = server.requests
+    out = run_audit(cfg, backend=FakeBackend())
+    assert out["verdict"] == "differs" and out["reference"]["endpoint"] == f"{server.url} (model original)"
+    assert server.requests - before == 3 * 120  # target, reference and noise floor: all through the server
+
+
 def test_the_calibration_groups_split_the_prompts_stably():
     ids = [f"p{i}" for i in range(2000)]
     groups = [group_of(p, 10) for p in ids]

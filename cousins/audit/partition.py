@@ -74,7 +74,7 @@ def _tag(table: pa.Table, path: str, *, part: str) -> pa.Table:
 
 
 class _Side:
-    """One model's usable samples of each prompt: texts, first positions' top-k, sample 0's answer."""
+    """One model's answered samples of each prompt: their texts, first positions' top-k, final answers."""
 
     def __init__(self, rows: list[dict]):
         self.texts: dict[str, list[str]] = {}

@@ -48,7 +48,7 @@ def run_prompts(cfg: Config, run: Run):
 
 
 def generate_model(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelEntry, backend=None,
-              score_original: str | None = None, seed: int | None = None) -> ModelStats:
+                   score_original: str | None = None, seed: int | None = None) -> ModelStats:
     """A model's generation stage; with `score_original`, its scoring of that model's outputs in
     the same pass (one engine start for both; the original's own scores come from its generation).
     `seed`: the base seed of its samples (default run.sampling.seed, every model's)."""
@@ -56,7 +56,8 @@ def generate_model(cfg: Config, run: Run, prompts, n_prompts: int, entry: ModelE
                                                        shuffle_seed=plan.shuffle_seed(cfg, plan.SCORE_SHUFFLE))
     stats = stage_generate(run, prompts, n_prompts, entry=entry, spec=plan.engine_spec(cfg, entry),
                            sampling=plan.sampling(cfg), where=plan.placement(cfg, entry.name, reorder=entry.reorder),
-                           samples=cfg.run.samples, seed=cfg.run.sampling.seed if seed is None else seed, shuffle_seed=plan.shuffle_seed(cfg, plan.GENERATION_SHUFFLE),
+                           samples=cfg.run.samples, seed=cfg.run.sampling.seed if seed is None else seed,
+                           shuffle_seed=plan.shuffle_seed(cfg, plan.GENERATION_SHUFFLE),
                            rows_per_file=cfg.storage.rows_per_file, backend=backend, score=job)
     return dataclasses.replace(stats, price_per_accelerator_hour=cfg.cost.price_per_accelerator_hour,
                                **efficiency(run.layout.prompts, run.layout.generations(entry.name),
@@ -90,7 +91,7 @@ def _side_by_side(cfg: Config, run: Run, prompts, n_prompts: int, entries: list[
 
     def one(e: ModelEntry):
         return lambda: generate_model(cfg, run, prompts, n_prompts, e, backend,
-                                 score_original=None if e.text_only else original.name)
+                                      score_original=None if e.text_only else original.name)
 
     passes = [schedule.Pass(e.name, schedule.need(plan.placement(cfg, e.name, reorder=e.reorder)), one(e))
               for e in entries]

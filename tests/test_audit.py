@@ -166,8 +166,7 @@ def test_faults_at_the_endpoint_are_retried_or_kept_as_error_rows_and_a_resume_s
 
     s = FakeServer({"original": str(tmp_path / "teacher")}, faults=faults)
     try:
-        cfg = audit_config(tmp_path, s, "original", "run.run_id=faults", "endpoint.timeout_s=1",
-                           "corpus.limit=200", "audit.budget=600")
+        cfg = audit_config(tmp_path, s, "original", "run.run_id=faults", "endpoint.timeout_s=1")
         run = open_run(cfg)
         prompts, n, _ = run_prompts(cfg, run)
         target = plan.model_entries(cfg, noise_floor=True)[1]

@@ -259,7 +259,7 @@ def _audit(tiny_teacher, served_teacher, base, run_id: str, reference: str | Non
 
     cfg = to_config(compose(
         f"model.path={reference or tiny_teacher}", f"storage.root={base}", f"run.run_id={run_id}",
-        "run.sampling.max_tokens=16", "engine.max_model_len=256", "audit.budget=200",
+        "run.samples=8", "run.sampling.max_tokens=12", "engine.max_model_len=256", "audit.budget=128",
         f"endpoint.url={served_teacher.url}", f"endpoint.model={served_teacher.name}", config_name="audit"))
     cfg = ac.as_run_config(resolve_paths(ac.typed_audit(cfg, [])))
     validate(cfg)
@@ -278,7 +278,7 @@ def test_an_audit_of_vllms_server_finds_the_original_consistent_and_an_int4_refe
     int4 = _audit(tiny_teacher, served_teacher, tmp_path, "audit-int4", reference=cfg.cousins["int4"].path)
     print("\n" + table(same) + "\n" + table(int4))
     assert same["verdict"] == "consistent" and same["a_a"]["verdict"] == "consistent"
-    assert int4["verdict"] == "differs" and same["spent"] == {**same["spent"], "requests": 200, "error_rows": 0}
+    assert int4["verdict"] == "differs" and same["spent"] == {**same["spent"], "requests": 128, "error_rows": 0}
     # the served teacher's first-token top-k equals the local engine's within the tolerance
     lp = {t["name"]: t for t in same["tests"]}["topk_logprobs"]
     assert lp["statistic"] == 0.0 and lp["p_value"] == 1.0

@@ -21,8 +21,8 @@ from cousins.run.lifecycle import RunState
 
 @hydra.main(version_base=None, config_path="../conf", config_name="audit")
 def main(dcfg: DictConfig) -> None:
-    cfg = config_of(dcfg)  # every config problem at once, or exits
-    run = start(cfg, names=NAMES)
+    cfg, problems = config_of(dcfg)
+    run = start(cfg, names=NAMES, problems=problems)  # every config problem at once, or exits
     if run.state is RunState.COMMITTED:
         print(table(json.loads(run.layout.audit.read_text())))
         return

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from cousins.audit.stats import PAD, holm, logprob_test, mcnemar_test, mmd_test, verdict
+from cousins.audit.stats import PAD, holm, logprob_test, mcnemar_result, mmd_test, verdict
 
 
 def _model(seed: int, prompts: int, vocab: int = 6) -> dict[str, np.ndarray]:
@@ -96,9 +96,12 @@ def test_holm_rejects_step_down_and_the_verdict_marks_each_test():
     assert holm([0.01, 0.04, 0.03], 0.05) == [True, False, False]  # 0.01 <= 0.05/3; 0.03 > 0.05/2
     assert holm([0.01, 0.02, 0.03], 0.05) == [True, True, True]
     assert holm([None, 0.2], 0.05) == [False, False]
-    tests = [mcnemar_test(9, 0, 100), mcnemar_test(1, 1, 100)]
+    def mcnemar(b: int, c: int, pairs: int):  # one prompt's correct->wrong, wrong->correct and pairs
+        return mcnemar_result(np.array([[b, c, pairs]]), rng=np.random.default_rng(0), resamples=10)
+
+    tests = [mcnemar(9, 0, 100), mcnemar(1, 1, 100)]
     assert verdict(tests, 0.05) == "differs" and [t.reject for t in tests] == [True, False]
-    assert verdict([mcnemar_test(0, 0, 10)], 0.05) == "consistent"
+    assert verdict([mcnemar(0, 0, 10)], 0.05) == "consistent"
 
 
 def test_prompts_one_side_lacks_are_left_out_and_no_prompt_gives_no_p_value():

@@ -33,6 +33,7 @@ PARTS = pa.schema([
     ("pair", pa.string()), ("group", pa.int32()),
     ("mmd_own", pa.list_(pa.float64())),  # [prompts x 6]: kernel sums and pair counts (stats.mmd_prompt)
     ("mmd_null", pa.list_(pa.float64())),  # [permutations x 3], summed over the prompts
+    ("mmd_queries", pa.int64()),
     ("lp_own", pa.list_(pa.float64())),  # [prompts]: each prompt's distance (stats.logprob_prompt)
     ("lp_null", pa.list_(pa.float64())),  # [permutations], summed over the prompts
     ("lp_queries", pa.int64()),
@@ -61,11 +62,17 @@ def group_of(prompt_id: str, groups: int) -> int:
 
 
 def _rng(seed: int, pair: str, prompt_id: str) -> np.random.Generator:
-    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:{pair}:{prompt_id}".encode()).digest()[:8], "big"))
+    digest = hashlib.sha256(f"{seed}:{pair}:{prompt_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
 def _tag(table: pa.Table, path: str, *, part: str) -> pa.Table:
+    """A stage's rows in the union's shape; of the top-k lists only the first position's (all the
+    tests read: a long output's lists are not shuffled for nothing)."""
     n = table.num_rows
+    for c in ("topk_token_ids", "topk_logprobs"):
+        if c in table.column_names:
+            table = table.set_column(table.column_names.index(c), c, pc.list_slice(table.column(c), 0, 1))
     cols = {"model": pa.array([partition_name(path) if part == "gen" else None] * n, pa.string()),
             "part": pa.array([part] * n, pa.string())}
     return pa.table({f.name: cols[f.name] if f.name in cols else
@@ -96,7 +103,7 @@ def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s
     out: dict[int, dict] = {}
     for p in sorted(set(ref.texts) | set(other.texts)):
         g = out.setdefault(group_of(p, s.groups), {
-            "mmd_own": [], "mmd_null": np.zeros((s.permutations, 3)), "lp_own": [],
+            "mmd_own": [], "mmd_null": np.zeros((s.permutations, 3)), "mmd_queries": 0, "lp_own": [],
             "lp_null": np.zeros(s.permutations), "lp_queries": 0, "mc_own": []})
         rng = _rng(s.seed, pair, p)
         a, b = ref.texts.get(p, []), other.texts.get(p, [])
@@ -104,6 +111,7 @@ def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s
             own, null = stats.mmd_prompt(a, b, length=s.compare_chars, permutations=s.permutations, rng=rng)
             g["mmd_own"].append(own)
             g["mmd_null"] += null
+            g["mmd_queries"] += len(a) + len(b)
         fa, fb = ref.first.get(p, []), other.first.get(p, [])
         if fa and fb:
             own, null = stats.logprob_prompt(fa, fb, permutations=s.permutations, rng=rng, tolerance=s.tolerance)
@@ -124,7 +132,8 @@ def _pair_parts(ref: _Side, other: _Side, prompts: dict[str, dict], pair: str, s
                 g["mc_own"] += counts
     return [{"pair": pair, "group": k, "mmd_own": np.asarray(v["mmd_own"]).ravel().tolist(),
              "mmd_null": v["mmd_null"].ravel().tolist(), "lp_own": [float(x) for x in v["lp_own"]],
-             "lp_null": v["lp_null"].tolist(), "lp_queries": int(v["lp_queries"]),
+             "mmd_queries": int(v["mmd_queries"]), "lp_null": v["lp_null"].tolist(),
+             "lp_queries": int(v["lp_queries"]),
              "mc_own": [int(x) for x in v["mc_own"]]}
             for k, v in sorted(out.items())]
 
@@ -150,7 +159,8 @@ def audit_parts(run, settings: Settings, *, partitions: int, num_cpus: float = 1
     layout = run.layout
     gens = read_rows([layout.generations(n) for n in (settings.reference, settings.target, settings.noise)],
                      GEN_COLUMNS, tag=_tag, tag_kwargs={"part": "gen"}, schema=schema.GENERATIONS)
-    prompts = read_rows([layout.prompts], PROMPT_COLUMNS, tag=_tag, tag_kwargs={"part": "prompt"}, schema=schema.PROMPTS)
+    prompts = read_rows([layout.prompts], PROMPT_COLUMNS, tag=_tag, tag_kwargs={"part": "prompt"},
+                        schema=schema.PROMPTS)
     union = gens.union(prompts) if prompts is not None else gens
     return spread_blocks(by_key(union, "prompt_id", partitions), audit_partition, num_cpus=num_cpus,
                          fn_kwargs={"settings": settings})

@@ -24,6 +24,7 @@ import numpy as np
 
 from cousins.audit import stats
 from cousins.audit.partition import AA, Settings, audit_parts
+from cousins.audit.report import report_html
 from cousins.contract.audit_config import TARGET, AuditJobConfig
 from cousins.contract.audit_record import Audit
 from cousins.contract.codec import decode, encode
@@ -49,36 +50,37 @@ class _Acc:
     """One pair's (or one group's) parts, merged."""
 
     permutations: int
+    # each partition's per-prompt figures, as arrays (8 bytes a number, whatever the run's size)
     mmd_own: list = dataclasses.field(default_factory=list)
-    mmd_null: np.ndarray | None = None
     lp_own: list = dataclasses.field(default_factory=list)
-    lp_null: np.ndarray | None = None
-    lp_queries: int = 0
     mc_own: list = dataclasses.field(default_factory=list)
+    mmd_null: np.ndarray | float = 0.0  # the permutations' sums
+    lp_null: np.ndarray | float = 0.0
+    mmd_queries: int = 0
+    lp_queries: int = 0
 
     def add(self, row: dict) -> None:
-        self.mmd_own += row["mmd_own"]
-        null = np.asarray(row["mmd_null"]).reshape(self.permutations, 3)
-        self.mmd_null = null if self.mmd_null is None else self.mmd_null + null
-        self.lp_own += row["lp_own"]
-        lp = np.asarray(row["lp_null"])
-        self.lp_null = lp if self.lp_null is None else self.lp_null + lp
+        self.mmd_own.append(np.asarray(row["mmd_own"], dtype=float))
+        self.lp_own.append(np.asarray(row["lp_own"], dtype=float))
+        self.mc_own.append(np.asarray(row["mc_own"], dtype=np.int64))
+        self.mmd_null = self.mmd_null + np.asarray(row["mmd_null"]).reshape(self.permutations, 3)
+        self.lp_null = self.lp_null + np.asarray(row["lp_null"])
+        self.mmd_queries += row["mmd_queries"]
         self.lp_queries += row["lp_queries"]
-        self.mc_own += row["mc_own"]
 
     def tests(self, *, seed: int, resamples: int, level: float) -> list[stats.TestResult]:
         """The tests this pair's samples allow (a test with nothing to compare is left out)."""
         rng = np.random.default_rng(seed)
+        mmd, lp, mc = (np.concatenate(x) if x else np.zeros(0) for x in (self.mmd_own, self.lp_own, self.mc_own))
         out = []
-        if self.mmd_own:
-            out.append(stats.mmd_result(np.asarray(self.mmd_own).reshape(-1, 6), self.mmd_null, rng=rng,
+        if mmd.size:
+            out.append(stats.mmd_result(mmd.reshape(-1, 6), self.mmd_null, self.mmd_queries, rng=rng,
                                         resamples=resamples, level=level))
-        if self.lp_own:
-            out.append(stats.logprob_result(np.asarray(self.lp_own), self.lp_null, self.lp_queries, rng=rng,
-                                            resamples=resamples, level=level))
-        if self.mc_own:
-            out.append(stats.mcnemar_result(np.asarray(self.mc_own).reshape(-1, 3), rng=rng, resamples=resamples,
+        if lp.size:
+            out.append(stats.logprob_result(lp, self.lp_null, self.lp_queries, rng=rng, resamples=resamples,
                                             level=level))
+        if mc.size:
+            out.append(stats.mcnemar_result(mc.reshape(-1, 3), rng=rng, resamples=resamples, level=level))
         return out
 
 
@@ -187,8 +189,6 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
            "spent": {"requests": t.rows, "error_rows": t.error_rows, "prompt_tokens": t.prompt_tokens,
                      "output_tokens": t.output_tokens},
            "notes": notes(cfg)}
-    from cousins.audit.report import report_html
-
     out = encode(decode(Audit, encode(out), f"{run.url}/audit.json"))  # written as its declaration reads it
     run.layout.audit.write_text_atomic(json.dumps(out, indent=1, allow_nan=False))
     run.layout.report.write_text_atomic(report_html(out))
@@ -201,7 +201,7 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
 def notes(cfg: AuditJobConfig) -> list[str]:
     """What the reader of the verdict should know about how it was measured."""
     out = []
-    if cfg.endpoint is not None and cfg.endpoint.api == "chat":
+    if cfg.endpoint.api == "chat":
         out.append("api chat: the server renders the prompts with its own template, so a template that differs "
                    "from the reference's is part of what is measured")
     if cfg.audit.logprob_tolerance > 0:
@@ -210,14 +210,13 @@ def notes(cfg: AuditJobConfig) -> list[str]:
     return out
 
 
-def config_of(dcfg) -> AuditJobConfig:
-    """The audit job's composed config as the run it is (`as_run_config`), local paths absolute;
-    exits with every problem of the audit block and of the run at once."""
+def config_of(dcfg) -> tuple[AuditJobConfig, list[str]]:
+    """The audit job's composed config as the run it is (`as_run_config`), local paths absolute,
+    and the audit block's problems (jobkit.start reports them with the run's own, at once)."""
     import sys
 
     from cousins.contract.audit_config import as_run_config, problems, typed_audit
     from cousins.contract.config import ConfigError, resolve_paths, to_config
-    from cousins.contract.validate import validate
 
     try:
         cfg = to_config(dcfg)
@@ -225,12 +224,4 @@ def config_of(dcfg) -> AuditJobConfig:
         sys.exit(f"error: {e}")
     found: list[str] = []
     cfg = resolve_paths(typed_audit(cfg, found))
-    found += problems(cfg)
-    run_cfg = as_run_config(cfg)
-    try:
-        validate(run_cfg)
-    except ConfigError as e:  # the target's endpoint block is the run's cousin TARGET: named as the user wrote it
-        found += [p.replace(*next(iter(NAMES.items()))) for p in e.problems]
-    if found:
-        sys.exit(f"error: {ConfigError(found)}")
-    return run_cfg
+    return as_run_config(cfg), found + problems(cfg)

@@ -9,7 +9,7 @@ prompt", on samples both sides gave to the same prompts.
   of one output position (the first, for a one-token query); per prompt, the distance between
   the two sides' mean log-probability vectors over the tokens either side listed (a token a query
   did not list reads as that query's smallest listed value: it was below its top k).
-- `mcnemar_test`: on labelled prompts, paired correctness (cousins.drift.summary.mcnemar_p).
+- `mcnemar_result`: on labelled prompts, paired correctness (cousins.drift.summary.mcnemar_p).
 
 The two distribution tests are permutation tests: each side's labels are permuted within each
 prompt (both sides keep their number of samples per prompt), and the p-value is
@@ -102,22 +102,17 @@ def mmd_prompt(reference: list, target: list, *, length: int, permutations: int,
     return np.concatenate([own, [m * (m - 1), n * (n - 1), m * n]]), _mmd_sums(k, _labels(rng, m, m + n, permutations))
 
 
-def mmd_result(own: np.ndarray, null: np.ndarray, *, rng: np.random.Generator, resamples: int = 500,
+def mmd_result(own: np.ndarray, null: np.ndarray, queries: int, *, rng: np.random.Generator, resamples: int = 500,
                level: float = 0.95) -> TestResult:
-    """The MMD test from its prompts' parts: `own` [prompts, 6] and the nulls summed over prompts."""
+    """The MMD test from its prompts' parts: `own` [prompts, 6] and the nulls summed over prompts;
+    `queries`: the samples both sides gave it."""
     if own.shape[0] == 0:
         return TestResult("mmd_hamming", float("nan"), None, None, None, 0)
     pairs = own[:, 3:].sum(axis=0)
     stat = float(_mmd(own[:, :3].sum(axis=0), pairs))
     null_stats = _mmd(null, pairs)
     ci = _ci(own, lambda rows: _mmd(rows[:, :3].sum(0), rows[:, 3:].sum(0)), rng, resamples, level)
-    queries = int(sum(_sides(row) for row in own))
     return TestResult("mmd_hamming", stat, _p_value(stat, null_stats), ci, float(null_stats.mean()), queries)
-
-
-def _sides(row: np.ndarray) -> int:
-    """m + n from a prompt's pair counts m(m-1), n(n-1)."""
-    return round((1 + np.sqrt(1 + 4 * row[3])) / 2) + round((1 + np.sqrt(1 + 4 * row[4])) / 2)
 
 
 def mmd_test(reference: dict[str, list], target: dict[str, list], *, length: int = 32,
@@ -126,11 +121,13 @@ def mmd_test(reference: dict[str, list], target: dict[str, list], *, length: int
     token-id lists or texts). Prompts with fewer than two samples on a side do not count."""
     rng = np.random.default_rng(seed)
     prompts = [p for p in reference if len(reference[p]) >= 2 and len(target.get(p, ())) >= 2]
-    own, null = np.zeros((0, 6)), np.zeros((permutations, 3))
+    rows, null = [], np.zeros((permutations, 3))
     for p in prompts:
         row, perm = mmd_prompt(reference[p], target[p], length=length, permutations=permutations, rng=rng)
-        own, null = np.vstack([own, row]), null + perm
-    return mmd_result(own, null, rng=rng, resamples=resamples, level=level)
+        rows.append(row)
+        null += perm
+    queries = sum(len(reference[p]) + len(target[p]) for p in prompts)
+    return mmd_result(np.array(rows).reshape(-1, 6), null, queries, rng=rng, resamples=resamples, level=level)
 
 
 # --- top-k log-probabilities -----------------------------------------------------------------------
@@ -190,23 +187,6 @@ def logprob_test(reference: dict[str, list[dict[int, float]]], target: dict[str,
 
 
 # --- paired correctness and the verdict ----------------------------------------------------------
-
-def mcnemar_test(correct_to_wrong: int, wrong_to_correct: int, queries: int, level: float = 0.95) -> TestResult:
-    """Paired correctness on labelled prompts (one reference and one target answer per prompt):
-    McNemar's exact test; the statistic is the net share of prompts the target gets wrong, with
-    the paired difference's normal-approximation CI."""
-    from statistics import NormalDist
-
-    from cousins.drift.summary import mcnemar_p
-
-    b, c = correct_to_wrong, wrong_to_correct
-    if not queries:
-        return TestResult("mcnemar", float("nan"), None, None, None, 0)
-    share = (b - c) / queries
-    half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.sqrt(max(b + c - (b - c) ** 2 / queries, 0.0))) / queries
-    p = mcnemar_p(b, c)  # None without a discordant pair: no evidence either way
-    return TestResult("mcnemar", share, 1.0 if p is None else p, (share - half, share + half), 0.0, queries)
-
 
 def mcnemar_result(own: np.ndarray, *, rng: np.random.Generator, resamples: int = 500,
                    level: float = 0.95) -> TestResult:

@@ -57,7 +57,8 @@ def build_family(family: str) -> None:
 
     preset = FAMILIES[family]["preset"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        d = compose(config_name="drift", overrides=[f"model={preset}", f"cousins={'demo' if family == 'tiny' else family}"])
+        d = compose(config_name="drift",
+                    overrides=[f"model={preset}", f"cousins={'demo' if family == 'tiny' else family}"])
     cfg = resolve_paths(to_config(d), str(ROOT))
     ensure_model(cfg.model.path, cfg.model.build, cfg.model.seed)
     build_quantized_cousins(cfg)
@@ -112,7 +113,8 @@ class Mixer:
         self.http.server_close()
 
 
-def _config(reference: str, url: str, model: str, root: str, run_id: str, *overrides: str, preset: str = "tiny-teacher"):
+def _config(reference: str, url: str, model: str, root: str, run_id: str, *overrides: str,
+            preset: str = "tiny-teacher"):
     from hydra import compose, initialize_config_dir
 
     import cousins.contract.audit_config as ac
@@ -121,7 +123,8 @@ def _config(reference: str, url: str, model: str, root: str, run_id: str, *overr
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         d = compose(config_name="audit", overrides=[
-            f"model={preset}", f"model.path={reference}", "model.build=null", f"storage.root={root}", f"run.run_id={run_id}", f"endpoint.url={url}",
+            f"model={preset}", f"model.path={reference}", "model.build=null", f"storage.root={root}",
+            f"run.run_id={run_id}", f"endpoint.url={url}",
             f"endpoint.model={model}", "engine.max_model_len=256", *overrides])
     cfg = ac.as_run_config(resolve_paths(ac.typed_audit(to_config(d), [])))
     validate(cfg)

@@ -29,23 +29,30 @@ def typed(dcfg) -> Config:
         sys.exit(f"error: {e}")
 
 
-def start(cfg: Config, *, scoring: bool = False, names: dict[str, str] | None = None) -> Run:
+def start(cfg: Config, *, scoring: bool = False, names: dict[str, str] | None = None,
+          problems: list[str] = ()) -> Run:
     """Validate (every config error at once), build absent models, open the run (an existing run id
     resumes; with a different config it is refused). Exits with the message on any of those.
     `scoring`: the drift job (its cousins are teacher-forced); `names`: config keys as the user
-    wrote them, for keys the job made (the audit's target is its run's cousin `target`)."""
+    wrote them, for keys the job made (the audit's target is its run's cousin `target`);
+    `problems`: the job's own config problems, reported with validate's."""
     try:
-        validate(cfg)
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError([*problems, *e.problems]) from None
+        if problems:
+            raise ConfigError(list(problems))
         prepare_before_ray(cfg, scoring=scoring)  # builds, vocabularies, every model's settings, templates
         for name in same_as_original(cfg):
             print(f"note: cousin {name!r} is the original as the engine runs it (same checkpoint and engine "
                   f"settings): its drift measures the engine's own noise, like the noise floor", flush=True)
         return open_run(cfg)
     except ConfigError as e:
-        problems = e.problems
+        found = e.problems
         for made, written in (names or {}).items():
-            problems = [p.replace(made, written) for p in problems]
-        sys.exit(f"error: {ConfigError(problems)}")
+            found = [p.replace(made, written) for p in found]
+        sys.exit(f"error: {ConfigError(found)}")
     except RunConflict as e:
         sys.exit(f"error: {e}")
 

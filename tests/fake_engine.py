@@ -184,8 +184,8 @@ class FakeBackend:
             import ray
 
             ctx = ray.get_runtime_context()
-            trace = {"model": spec.model_name, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids(),
-                     "workers": ray.get([w.where.remote() for w in llm.workers], timeout=60)}
+            trace = {"model": spec.model_name, "pid": os.getpid(), "node": ctx.get_node_id(),
+                     "gpus": ray.get_gpu_ids(), "workers": ray.get([w.where.remote() for w in llm.workers], timeout=60)}
             with open(os.path.join(self.trace_dir, f"{uuid.uuid4().hex}.json"), "w") as f:
                 json.dump(trace, f)
         return llm

@@ -120,7 +120,9 @@ def test_engine_actor_killed_mid_run_is_restarted_and_every_row_lands(ray_local,
 
     def killer():
         def engine_pid():
-            found = [pid for pid, cmd in _descendant_pids(os.getpid()).items() if "EngineActor" in cmd]
+            # the process holding the engine: its host (engine.keep_processes), else the pool's actor
+            found = [pid for pid, cmd in _descendant_pids(os.getpid()).items()
+                     if "EngineHost" in cmd or "EngineActor" in cmd]
             return found[0] if found else None
 
         deadline = time.monotonic() + 240

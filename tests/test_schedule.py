@@ -4,6 +4,7 @@ on a local Ray with room for several fake engines at once gives the rows of a ru
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -110,6 +111,9 @@ def test_a_drift_run_side_by_side_gives_the_rows_of_one_model_at_a_time(ray_wide
     from test_pipeline import fake_config
 
     def run(run_id: str, *extra: str):
+        trace = tmp_path / f"trace-{run_id}"
+        trace.mkdir()
+        traces[run_id] = trace
         cfg = fake_config(tmp_path, "run=greedy", f"run.run_id={run_id}", "drift.bootstrap=20", "corpus.limit=8",
                           "cousins=none",
                           f"+cousins.q={{kind:quantized,path:'{tmp_path / 'q'}'}}",
@@ -118,8 +122,12 @@ def test_a_drift_run_side_by_side_gives_the_rows_of_one_model_at_a_time(ray_wide
                           config_name="drift")
         from cousins.orchestrate.pipeline import run_drift
 
-        return run_drift(cfg, backend=FakeBackend())[1]
+        return run_drift(cfg, backend=FakeBackend(trace_dir=str(trace)))[1]
 
+    def loads(run_id: str) -> list[dict]:
+        return [json.loads(f.read_text()) for f in traces[run_id].glob("*.json")]
+
+    traces = {}
     one_at_a_time = run("sequential", "engine.max_parallel_models=1")
     assert "side by side" not in capsys.readouterr().out
     parallel = run("parallel")
@@ -130,3 +138,19 @@ def test_a_drift_run_side_by_side_gives_the_rows_of_one_model_at_a_time(ray_wide
             assert a[name].equals(b[name]), (stage, name)
     assert parallel["noise_floor"]["metrics"]["kld_mean"]["value"] == 0
     assert [c["name"] for c in parallel["cousins"]] == [c["name"] for c in one_at_a_time["cousins"]]
+
+    # Engine processes kept across passes (engine.keep_processes, cousins/engine/hosts.py): one at a
+    # time, every model's engine loads in the one process the original's pass started; side by side,
+    # in as many as were in flight at once; with the setting off, each pass starts its own. Same rows.
+    fresh = run("fresh", "engine.max_parallel_models=1", "engine.keep_processes=false")
+    models = {"tiny-teacher", "q", "r", "words", "noise-floor"}
+    for run_id in ("sequential", "parallel", "fresh"):
+        assert sorted(x["model"] for x in loads(run_id)) == sorted(models), run_id  # one engine load a model
+    assert len({x["pid"] for x in loads("sequential")}) == 1
+    assert 1 < len({x["pid"] for x in loads("parallel")}) < len(models)
+    assert len({x["pid"] for x in loads("fresh")}) == len(models)
+    for stage in ("generations", "drift"):
+        a, b = _rows(tmp_path / "out", "sequential", stage), _rows(tmp_path / "out", "fresh", stage)
+        for name in a:
+            assert a[name].equals(b[name]), (stage, name)
+    assert [c["name"] for c in fresh["cousins"]] == [c["name"] for c in one_at_a_time["cousins"]]

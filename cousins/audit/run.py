@@ -33,6 +33,7 @@ from cousins.drift.answers import Rule
 from cousins.drift.plane import wilson
 from cousins.engine import plan
 from cousins.orchestrate.manifest import manifest
+from cousins.engine.hosts import hosted
 from cousins.orchestrate.pipeline import check_engines_fit, generate_model, open_run, run_prompts, run_result
 from cousins.run.lifecycle import Run, RunState
 
@@ -173,11 +174,12 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
     reference, target, noise = plan.model_entries(cfg, noise_floor=True)
     base = cfg.run.sampling.seed
     done = {}
-    for e, offset in ((target, SEED_OFFSETS[TARGET]), (reference, SEED_OFFSETS["reference"]),
-                      (noise, SEED_OFFSETS[NOISE_FLOOR])):
-        done[e.name] = generate_model(cfg, run, prompts, n_prompts, e, backend, seed=base + offset)
-        if e is target:
-            _check_target(run, done[e.name])
+    with hosted(cfg.engine.keep_processes):  # the reference's engine process serves its noise floor too
+        for e, offset in ((target, SEED_OFFSETS[TARGET]), (reference, SEED_OFFSETS["reference"]),
+                          (noise, SEED_OFFSETS[NOISE_FLOOR])):
+            done[e.name] = generate_model(cfg, run, prompts, n_prompts, e, backend, seed=base + offset)
+            if e is target:
+                _check_target(run, done[e.name])
     a = cfg.audit
     pairs, groups = merged_tests(cfg, run, n_prompts)
     out = audit_result(pairs, groups, alpha=a.alpha, seed=a.seed, resamples=a.resamples, level=a.confidence)

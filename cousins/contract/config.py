@@ -156,6 +156,10 @@ class EngineConfig:
     # as the cluster's free CPUs/GPUs hold at each model's engine settings; cousins/orchestrate/
     # schedule.py). None: no cap beyond the cluster's room; 1: one after another.
     max_parallel_models: int | None = None
+    # A run's engine passes reuse their engine actors' processes: a pass's engines start in the
+    # processes an earlier pass of the same CPUs/GPUs per engine used (vLLM's import and the actor's
+    # start paid once; cousins/engine/hosts.py). false: every pass starts its own actors.
+    keep_processes: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from cousins.engine.actors import BothActor, EngineActor, ScoreActor, SelfScoringActor
 from cousins.engine.backend import ENGINE_ENV, Placement
 from cousins.engine.feeder import BATCHES_IN_FLIGHT
+from cousins.engine.hosts import HostedEngine
 from cousins.engine.kld_actor import KldActor
 from cousins.engine.placement import pool_args
 from cousins.run.ledger import GENERATE, KLD, SCORE
@@ -40,12 +41,18 @@ MODES = {
 }
 
 
-def engine_pool(rows, mode: str, placement: Placement, **kwargs):
+def engine_pool(rows, mode: str, placement: Placement, *, registry=None, **kwargs):
     """`rows` through a pool of `mode`'s engine actors (MODES), lazily: each actor is built with
-    `kwargs` (its engine spec(s), sampling, top-k, ledger, backend, ...)."""
+    `kwargs` (its engine spec(s), sampling, top-k, ledger, backend, ...). With `registry` (a hosted
+    pass: cousins/engine/hosts.py), the pool's actors forward to engine hosts, which build the
+    mode's actors and hold the resources."""
     from ray.data import ActorPoolStrategy
 
     actor = MODES[mode].actor
+    resources = {**pool_args(placement), "runtime_env": {"env_vars": engine_env(ENGINE_ENV)}}
+    if registry is not None:
+        actor, kwargs = HostedEngine, {"registry": registry, "actor": actor, "kwargs": kwargs}
+        resources = {"num_cpus": 0, "num_gpus": 0}
     with warnings.catch_warnings():
         # ray_remote_args_fn (an engine of several GPUs: its placement group) is deprecated for Ray
         # 2.64 and is how ray.data.llm places such engines in the Ray this project pins.
@@ -61,8 +68,7 @@ def engine_pool(rows, mode: str, placement: Placement, **kwargs):
             compute=ActorPoolStrategy(size=placement.num_actors, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
                                       max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
                                       enable_true_multi_threading=True),
-            runtime_env={"env_vars": engine_env(ENGINE_ENV)},
-            **pool_args(placement),  # CPUs and GPUs, or (several GPUs an engine) its placement group
+            **resources,  # CPUs and GPUs, or (several GPUs an engine) its placement group; none when hosted
         )
     # Every engine of the pool starts (loads its model) before the first batch is sent: otherwise
     # Ray Data hands the first actor ready as many batches as it takes, and on a small run an

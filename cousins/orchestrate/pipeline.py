@@ -24,6 +24,7 @@ from cousins.drift.answers import Rule
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
 from cousins.engine import plan
+from cousins.engine.hosts import hosted
 from cousins.engine.placement import check_fits, cluster_shapes
 from cousins.family import prepare as family
 from cousins.orchestrate.accounting import RunResult, efficiency
@@ -119,7 +120,8 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
     print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = run_prompts(cfg, run)
     entries = plan.model_entries(cfg)
-    stats = [generate_model(cfg, run, prompts, n_prompts, e, backend) for e in entries]
+    with hosted(cfg.engine.keep_processes):  # one engine process per slot for every model's pass
+        stats = [generate_model(cfg, run, prompts, n_prompts, e, backend) for e in entries]
     result = run_result(run, n_prompts, n_errors, stats)
     run.commit(manifest(cfg, run, result, entries))
     return result
@@ -136,25 +138,27 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     prompts, n_prompts, n_errors = run_prompts(cfg, run)
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
     original = entries[0]
-    t0 = time.perf_counter()
-    # The original first (the others score its outputs); then each other model generates and
-    # scores the original's outputs in one pass, on one engine start.
-    stats = [generate_model(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
-    stats += _side_by_side(cfg, run, prompts, n_prompts, entries[1:], original, backend)
-    t1 = time.perf_counter()
-    failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
-    scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed
-                                                          or run.done(run.layout.scores(e.name)))]
-    # every model's scores were done in its pass (these read their markers); a stage a resumed
-    # run still lacks (the original's, when its generation was resumed) is scored now
-    scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
-    t2 = time.perf_counter()
-    d = cfg.drift
-    if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
-        for e in [e for e in scorers[1:] if e.name not in failed]:
-            stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
-                      where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
-    t3 = time.perf_counter()
+    # the passes share engine processes (cousins/engine/hosts.py), ended before the diff
+    with hosted(cfg.engine.keep_processes):
+        t0 = time.perf_counter()
+        # The original first (the others score its outputs); then each other model generates and
+        # scores the original's outputs in one pass, on one engine start.
+        stats = [generate_model(cfg, run, prompts, n_prompts, original, backend, score_original=original.name)]
+        stats += _side_by_side(cfg, run, prompts, n_prompts, entries[1:], original, backend)
+        t1 = time.perf_counter()
+        failed = {s.model for s in stats if s.error_rows == s.rows}  # it failed to load: nothing to score with
+        scorers = [e for e in entries if not e.text_only and (e.is_original or e.name not in failed
+                                                              or run.done(run.layout.scores(e.name)))]
+        # every model's scores were done in its pass (these read their markers); a stage a resumed
+        # run still lacks (the original's, when its generation was resumed) is scored now
+        scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
+        t2 = time.perf_counter()
+        d = cfg.drift
+        if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
+            for e in [e for e in scorers[1:] if e.name not in failed]:
+                stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
+                          where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
+        t3 = time.perf_counter()
     settings = DiffSettings(score_topk=d.score_topk, rule=Rule.of_config(cfg), worst_n=d.worst_n,
                             bootstrap=BootstrapSpec.of(d), kld=d.kld)
     summary = stage_diff(run, entries, settings,

@@ -9,6 +9,7 @@ cousins/engine/pool.py (MODES).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from cousins.contract import schema
 from cousins.contract.config import AnswerConfig, FieldsConfig
 from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, PromptsDone, ScoresDone
 from cousins.drift import answers
+from cousins.engine import hosts
 from cousins.engine.backend import EngineSpec, Placement, Sampling
 from cousins.engine.placement import engine_groups
 from cousins.engine.pool import MODES, engine_pool
@@ -189,6 +191,25 @@ def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Ta
                                                        "task": pa.array([], pa.string())})
 
 
+@contextmanager
+def _hosts(where: Placement):
+    """Inside a run's `hosted()` passes, a registry of engine hosts for this pass (kept across
+    passes: cousins/engine/hosts.py); else None (the pool's actors hold the engines). Engines of
+    several GPUs, in placement groups of their own, are never hosted."""
+    import ray
+
+    pool = hosts.active_pool()
+    if pool is None or where.remote_args_fn is not None:
+        yield None
+        return
+    with pool.lease(where) as leased:
+        registry = hosts.registry(leased)
+        try:
+            yield registry
+        finally:
+            ray.kill(registry)
+
+
 def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement, what: str, bar: Bar,
                      out: Location, scores_out: Location | None = None, before: int = 0, rows_per_file: int,
                      **actor_kwargs) -> tuple[list[dict], dict[str, dict]]:
@@ -203,10 +224,10 @@ def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement
     ledger = new_ledger()
     light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
     try:
-        with engine_groups(where, what) as placed:
+        with engine_groups(where, what) as placed, _hosts(placed) as registry:
             # input blocks of at most one batch each, so every actor task is one batch and tasks overlap
             blocks = rows.repartition(max(where.num_actors, -(-todo // where.batch_size)))
-            engines = engine_pool(blocks, mode, placed, ledger=ledger, **actor_kwargs)
+            engines = engine_pool(blocks, mode, placed, registry=registry, ledger=ledger, **actor_kwargs)
             publish = (engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
                                            batch_size=rows_per_file, **light) if m.both else
                        engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file, **light))

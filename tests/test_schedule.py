@@ -11,7 +11,7 @@ import time
 import pyarrow.dataset as pads
 import pytest
 
-from cousins.orchestrate.schedule import Need, Pass, any_two_fit, side_by_side
+from cousins.orchestrate.schedule import Need, Pass, any_two_fit, side_by_side, slots
 
 
 class Recorder:
@@ -57,6 +57,11 @@ def test_a_pass_bigger_than_the_room_runs_alone_and_a_failure_lets_the_others_fi
         side_by_side([Pass("a", Need(1, 0), r.job("a", 0.2)), Pass("b", Need(1, 0), r.job("b", 0.01, fail=True)),
                       Pass("c", Need(1, 0), r.job("c"))], Need(2, 0))
     assert sorted(r.order) == ["a", "b", "c"]  # c still ran after b failed
+    # how many passes run at once (the engine hosts started ahead of them: cousins/engine/hosts.py)
+    assert slots(Need(1, 1), Need(7, 4), passes=7) == 4  # GPUs bound it
+    assert slots(Need(1, 0), Need(3, 0), passes=7, max_parallel=2) == 2
+    assert slots(Need(4, 0), Need(1, 0), passes=3) == 1  # too big to share: alone
+    assert slots(Need(0, 0), Need(1, 0), passes=3) == 3
     assert any_two_fit([Pass("a", Need(1, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0))
     assert not any_two_fit([Pass("a", Need(1, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0), max_parallel=1)
     assert not any_two_fit([Pass("a", Need(2, 0), None), Pass("b", Need(1, 0), None)], Need(2, 0))

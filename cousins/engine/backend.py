@@ -185,6 +185,12 @@ class VllmBackend:
     def __init__(self):
         self.adapters: dict[str, str] = {}  # model name -> its LoRA adapter's local path
 
+    def prepare(self, spec: EngineSpec) -> None:
+        """The engine's environment set and vLLM imported (an engine host does it ahead of its
+        pass: cousins/engine/hosts.py)."""
+        set_engine_env(spec)
+        import vllm  # noqa: F401 - the import is the point (seconds of Python)
+
     def load(self, spec: EngineSpec):
         """The warmed-up engine; `load_parts` then holds what each part of its start took (s):
         vLLM's import, fetching the model to the node (0 when local or cached), the engine's
@@ -192,7 +198,7 @@ class VllmBackend:
         import time
 
         t0 = time.perf_counter()
-        set_engine_env(spec)
+        self.prepare(spec)
         from vllm import LLM
 
         t1 = time.perf_counter()

@@ -44,15 +44,32 @@ class EngineHost:
 
     def __init__(self):
         self.impl = None
+        self.owner = None  # the pool actor this host serves in the current pass
         self.in_use = 0
         self.idle = threading.Condition()
-        self.loads = 0
+
+    def prepare(self, spec, backend=None) -> None:
+        """vLLM imported (and the engine's environment set) before any model is asked for: a host
+        started ahead of its pass does this while the pass before it runs."""
+        from cousins.engine.backend import backend_for
+
+        prepare = getattr(backend_for(spec, backend), "prepare", None)
+        if prepare is not None:
+            prepare(spec)
+
+    def claim(self, owner: str) -> bool:
+        """Serve pool actor `owner` this pass: True if free or already its own (a restarted actor
+        keeps its id; a restarted host is free)."""
+        with self.idle:
+            if self.owner in (None, owner):
+                self.owner = owner
+                return True
+            return False
 
     def load(self, actor: type, kwargs: dict) -> int:
         """Build `actor(**kwargs)` here, ending the engine held before; returns this process's id."""
-        self.unload()
+        self.unload(keep_owner=True)
         self.impl = actor(**kwargs)
-        self.loads += 1
         return os.getpid()
 
     def call(self, batch):
@@ -68,12 +85,15 @@ class EngineHost:
                 self.in_use -= 1
                 self.idle.notify_all()
 
-    def unload(self) -> None:
+    def unload(self, keep_owner: bool = False) -> None:
         """End the engine(s) held (after any batch still in them): vLLM's engine core is shut down and
-        collected, so the next model's engine gets the memory."""
+        collected, so the next model's engine gets the memory. The host is free for the next pass
+        unless `keep_owner`."""
         with self.idle:
             self.idle.wait_for(lambda: self.in_use == 0, timeout=UNLOAD_TIMEOUT_S)
             impl, self.impl = self.impl, None
+            if not keep_owner:
+                self.owner = None
         if impl is None:
             return
         for llm in engines_of(impl):
@@ -107,33 +127,24 @@ def shutdown_engine(llm) -> None:
         core.shutdown()
 
 
-class Registry:
-    """A pass's hosts, handed to its forwarding actors: one each, the same one again to an actor
-    Ray restarted (its actor id is kept)."""
-
-    def __init__(self, hosts: list):
-        self.hosts, self.bound = list(hosts), {}
-
-    def host_for(self, actor_id: str):
-        if actor_id not in self.bound:
-            taken = set(self.bound.values())
-            free = [i for i in range(len(self.hosts)) if i not in taken]
-            if not free:
-                raise RuntimeError(f"no engine host left for actor {actor_id}: the pass has {len(self.hosts)}")
-            self.bound[actor_id] = free[0]
-        return self.hosts[self.bound[actor_id]]
-
-
 class HostedEngine:
-    """Ray Data's pool actor for a hosted pass: binds to a host, builds the mode's actor there and
+    """Ray Data's pool actor for a hosted pass: claims a host, builds the mode's actor there and
     forwards each batch to it. A host that dies ends this process too (see the module docstring)."""
 
-    def __init__(self, *, registry, actor: type, kwargs: dict):
+    def __init__(self, *, hosts: list, actor: type, kwargs: dict):
         import ray
 
         from cousins.engine.runner import exit_process
 
-        self.host = ray.get(registry.host_for.remote(ray.get_runtime_context().get_actor_id()))
+        me = ray.get_runtime_context().get_actor_id()
+        try:
+            self.host = next((h for h in hosts if ray.get(h.claim.remote(me))), None)
+        except Exception as e:
+            if _dead(e):  # a host restarting: this actor restarts and claims again
+                exit_process(f"its engine host died before it was claimed: {e}")
+            raise
+        if self.host is None:
+            raise RuntimeError(f"no engine host free for pool actor {me}: the pass has {len(hosts)}")
         try:
             ray.get(self.host.load.remote(actor, kwargs))
         except Exception as e:
@@ -166,11 +177,6 @@ def _remote(cls: type):
     return _REMOTE[cls]
 
 
-def registry(hosts: list):
-    """A pass's Registry actor (no resources; killed with the pass)."""
-    return _remote(Registry).options(num_cpus=0).remote(hosts)
-
-
 def shape(where) -> tuple:
     """What a host holds: a pass's hosts are reused by a later pass of the same shape only."""
     return (float(where.cpus_per_actor), float(where.gpus_per_actor))
@@ -182,29 +188,41 @@ class HostPool:
     def __init__(self):
         self.idle: list[tuple[tuple, object]] = []
         self.lock = threading.Lock()
-        self.created = 0
 
     def _new(self, where):
         from cousins.engine.backend import ENGINE_ENV
         from cousins.run.runtime import engine_env
 
-        self.created += 1
         return _remote(EngineHost).options(
             num_cpus=where.cpus_per_actor, num_gpus=where.gpus_per_actor, max_restarts=-1, max_task_retries=0,
             max_concurrency=HOST_CONCURRENCY, runtime_env={"env_vars": engine_env(ENGINE_ENV)}).remote()
 
+    def prestart(self, where, count: int, spec, backend=None) -> int:
+        """Start up to `count` hosts of `where`'s shape ahead of their passes (the idle ones there
+        are count too), each importing vLLM at once (`EngineHost.prepare`), so the passes that
+        follow find it done: what the cluster's free room can do while an earlier pass runs.
+        Returns how many were started."""
+        want = shape(where)
+        with self.lock:
+            new = max(0, count - sum(1 for s, _ in self.idle if s == want))
+            started = [self._new(where) for _ in range(new)]
+            for h in started:
+                h.prepare.remote(spec, backend)
+            self.idle += [(want, h) for h in started]
+        return new
+
     @contextmanager
     def lease(self, where):
-        """`where.num_actors` hosts of `where`'s shape for one pass: idle ones first (the others
-        idle are ended: they hold resources this pass may need), new ones for the rest; back to
-        the pool, their engines ended, when the pass is over."""
+        """`where.num_actors` hosts of `where`'s shape for one pass: idle ones first, new ones for
+        the rest; back to the pool, their engines ended, when the pass is over. Idle hosts of
+        another shape are ended first: they hold resources this pass may need."""
         import ray
 
         want = shape(where)
         with self.lock:
             mine = [h for s, h in self.idle if s == want][:where.num_actors]
-            ending = [h for s, h in self.idle if all(h is not m for m in mine)]
-            self.idle = []
+            ending = [h for s, h in self.idle if s != want]
+            self.idle = [(s, h) for s, h in self.idle if s == want and all(h is not m for m in mine)]
         for h in ending:
             ray.kill(h)
         hosts = mine + [self._new(where) for _ in range(where.num_actors - len(mine))]

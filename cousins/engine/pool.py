@@ -41,17 +41,17 @@ MODES = {
 }
 
 
-def engine_pool(rows, mode: str, placement: Placement, *, registry=None, **kwargs):
+def engine_pool(rows, mode: str, placement: Placement, *, hosts: list | None = None, **kwargs):
     """`rows` through a pool of `mode`'s engine actors (MODES), lazily: each actor is built with
-    `kwargs` (its engine spec(s), sampling, top-k, ledger, backend, ...). With `registry` (a hosted
-    pass: cousins/engine/hosts.py), the pool's actors forward to engine hosts, which build the
-    mode's actors and hold the resources."""
+    `kwargs` (its engine spec(s), sampling, top-k, ledger, backend, ...). With `hosts` (a hosted
+    pass: cousins/engine/hosts.py), the pool's actors forward to those engine hosts, which build
+    the mode's actors and hold the resources."""
     from ray.data import ActorPoolStrategy
 
     actor = MODES[mode].actor
     resources = {**pool_args(placement), "runtime_env": {"env_vars": engine_env(ENGINE_ENV)}}
-    if registry is not None:
-        actor, kwargs = HostedEngine, {"registry": registry, "actor": actor, "kwargs": kwargs}
+    if hosts is not None:
+        actor, kwargs = HostedEngine, {"hosts": hosts, "actor": actor, "kwargs": kwargs}
         resources = {"num_cpus": 0, "num_gpus": 0}
     with warnings.catch_warnings():
         # ray_remote_args_fn (an engine of several GPUs: its placement group) is deprecated for Ray

@@ -23,9 +23,8 @@ from cousins.contract.redact import redacted
 from cousins.drift.answers import Rule
 from cousins.drift.diff import DiffSettings, drift_headline, stage_diff
 from cousins.drift.summary import BootstrapSpec
-from cousins.engine import plan
-from cousins.engine.hosts import hosted
-from cousins.engine.placement import check_fits, cluster_shapes
+from cousins.engine import hosts, plan
+from cousins.engine.placement import check_fits, cluster_shapes, uses_groups
 from cousins.family import prepare as family
 from cousins.orchestrate.accounting import RunResult, efficiency
 from cousins.orchestrate.manifest import decode_summary, manifest, result_from_manifest
@@ -109,6 +108,19 @@ def _side_by_side(cfg: Config, run: Run, prompts, n_prompts: int, entries: list[
     return [done[e.name] for e in entries]
 
 
+def _prestart(cfg: Config, entries: list[ModelEntry], backend=None) -> None:
+    """Engine hosts for the passes side by side started with the original's (cousins/engine/hosts.py):
+    as many as those passes will hold at once, importing vLLM while the original's pass runs. Only
+    when every pass has the original's engine shape (one GPU or none an engine)."""
+    pool = hosts.active_pool()
+    wheres = [plan.placement(cfg, e.name, reorder=e.reorder) for e in entries]
+    if pool is None or len(entries) < 2 or len({hosts.shape(w) for w in wheres}) > 1 or uses_groups(wheres[0]):
+        return
+    where = wheres[0]
+    n = schedule.slots(schedule.need(where), schedule.capacity(), len(entries) - 1, cfg.engine.max_parallel_models)
+    pool.prestart(where, n * where.num_actors, plan.engine_spec(cfg, entries[1]), backend)
+
+
 def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:
     """Run (or resume) generation for `cfg` (validated, paths resolved) on the connected Ray:
     the original and every cousin, on the same prompts and seeds. `backend`: the engines' way to
@@ -120,7 +132,7 @@ def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunRes
     print(f"run {run.run_id} ({'resuming' if run.state is RunState.RESUME else 'new'}) at {run.url}", flush=True)
     prompts, n_prompts, n_errors = run_prompts(cfg, run)
     entries = plan.model_entries(cfg)
-    with hosted(cfg.engine.keep_processes):  # one engine process per slot for every model's pass
+    with hosts.hosted(cfg.engine.keep_processes):  # one engine process per slot for every model's pass
         stats = [generate_model(cfg, run, prompts, n_prompts, e, backend) for e in entries]
     result = run_result(run, n_prompts, n_errors, stats)
     run.commit(manifest(cfg, run, result, entries))
@@ -139,7 +151,8 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
     entries = plan.model_entries(cfg, noise_floor=cfg.drift.noise_floor)
     original = entries[0]
     # the passes share engine processes (cousins/engine/hosts.py), ended before the diff
-    with hosted(cfg.engine.keep_processes):
+    with hosts.hosted(cfg.engine.keep_processes):
+        _prestart(cfg, entries, backend)
         t0 = time.perf_counter()
         # The original first (the others score its outputs); then each other model generates and
         # scores the original's outputs in one pass, on one engine start.

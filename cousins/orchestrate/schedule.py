@@ -59,6 +59,13 @@ class Pass:
     run: Callable[[], object]
 
 
+def slots(each: Need, room: Need, passes: int, max_parallel: int | None = None) -> int:
+    """How many passes of `each` run at once in `room` (at least one: a pass runs alone), at most
+    `passes` and `max_parallel`."""
+    fit = min([int(r // e + 1e-9) for r, e in ((room.cpus, each.cpus), (room.gpus, each.gpus)) if e > 0] or [passes])
+    return max(1, min(fit, passes, max_parallel or passes))
+
+
 def any_two_fit(passes: list[Pass], room: Need, max_parallel: int | None = None) -> bool:
     """Whether two of `passes` could ever run at once."""
     if len(passes) < 2 or max_parallel == 1:

@@ -193,21 +193,15 @@ def _publish_both(batch: pa.Table, *, gens: Location, scores: Location) -> pa.Ta
 
 @contextmanager
 def _hosts(where: Placement):
-    """Inside a run's `hosted()` passes, a registry of engine hosts for this pass (kept across
-    passes: cousins/engine/hosts.py); else None (the pool's actors hold the engines). Engines of
-    several GPUs, in placement groups of their own, are never hosted."""
-    import ray
-
+    """Inside a run's `hosted()` passes, this pass's engine hosts (kept across passes:
+    cousins/engine/hosts.py); else None (the pool's actors hold the engines). Engines of several
+    GPUs, in placement groups of their own, are never hosted."""
     pool = hosts.active_pool()
     if pool is None or where.remote_args_fn is not None:
         yield None
         return
     with pool.lease(where) as leased:
-        registry = hosts.registry(leased)
-        try:
-            yield registry
-        finally:
-            ray.kill(registry)
+        yield leased
 
 
 def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement, what: str, bar: Bar,
@@ -224,10 +218,10 @@ def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement
     ledger = new_ledger()
     light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
     try:
-        with engine_groups(where, what) as placed, _hosts(placed) as registry:
+        with engine_groups(where, what) as placed, _hosts(placed) as leased:
             # input blocks of at most one batch each, so every actor task is one batch and tasks overlap
             blocks = rows.repartition(max(where.num_actors, -(-todo // where.batch_size)))
-            engines = engine_pool(blocks, mode, placed, registry=registry, ledger=ledger, **actor_kwargs)
+            engines = engine_pool(blocks, mode, placed, hosts=leased, ledger=ledger, **actor_kwargs)
             publish = (engines.map_batches(_publish_both, fn_kwargs={"gens": out, "scores": scores_out},
                                            batch_size=rows_per_file, **light) if m.both else
                        engines.map_batches(publish_part, fn_kwargs={"out": out}, batch_size=rows_per_file, **light))

@@ -193,6 +193,27 @@ def test_recompute_gives_the_same_summary_from_stored_rows(drift_run):
     assert committed(resolve(cfg.storage.root), result.run_id).typed().drift_recomputed == again["computed"]
 
 
+def test_the_aggregates_merged_by_an_actor_give_the_drivers_summary(drift_run, monkeypatch):
+    """A large diff's partials are merged by an actor (drift/rows.py ACCUMULATE_FROM), never
+    fetched by the driver: the same summary, figure for figure."""
+    from cousins.drift import rows
+
+    cfg, result, summary = drift_run
+    d = cfg.drift
+    merged, by_actor = [], rows._accumulated
+
+    def spy(*args, **kwargs):
+        merged.append(True)
+        return by_actor(*args, **kwargs)
+
+    monkeypatch.setattr(rows, "ACCUMULATE_FROM", 1)
+    monkeypatch.setattr(rows, "_accumulated", spy)
+    again = recompute(resolve(cfg.storage.root), result.run_id, rule=Rule(d.answer_match), worst_n=d.worst_n,
+                      bootstrap=BootstrapSpec.of(d))
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("computed", "timings")}  # noqa: E731
+    assert merged and strip(again) == strip(summary)
+
+
 def test_a_resumed_generation_keeps_published_rows_and_redoes_only_the_missing_and_recompute_refuses_it(
         ray_local, tmp_path):
     cfg = fake_config(tmp_path, "run.run_id=resumable", "run.samples=2")

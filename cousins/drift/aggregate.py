@@ -307,6 +307,24 @@ class ReportView:
     worst: pa.Table
 
 
+class Accumulator:
+    """The merge as a Ray actor: the diff's tasks' PARTIALS batches are handed to it by reference
+    and merged here, so their bytes never pass through the driver (whose memory would otherwise
+    map every object store page they landed on). `add` returns the batch's (rows, error rows)
+    for the progress bar; `result` the merged state, once."""
+
+    def __init__(self, cousins: dict[str, bool], worst_n: int):
+        self.merged = {name: Merged(name, text_only, worst_n) for name, text_only in cousins.items()}
+
+    def add(self, batch: pa.Table) -> tuple[int, int]:
+        for p in from_rows(batch):
+            self.merged[p.cousin].add(p)
+        return (pc.sum(batch.column("rows")).as_py() or 0), (pc.sum(batch.column("error_rows")).as_py() or 0)
+
+    def result(self) -> dict[str, Merged]:
+        return self.merged
+
+
 def merge_all(batches, cousins: dict[str, bool], worst_n: int) -> dict[str, Merged]:
     """Merge a stream of PARTIALS batches; `cousins`: name -> text only."""
     merged = {name: Merged(name, text_only, worst_n) for name, text_only in cousins.items()}

@@ -28,6 +28,7 @@ KEYS = ["prompt_id", "sample_index"]
 PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise, small enough to spread
 SMALL_DIFF_ROWS = 1024  # drift rows one task computes in less time than the shuffle takes to start
 SHUFFLE_INPUT_BYTES = 64 << 20
+ACCUMULATE_FROM = 16  # partitions from which an actor, not the driver, merges their aggregates
 
 _G = {f.name: f.type for f in schema.GENERATIONS}
 _S = {f.name: f.type for f in schema.SCORES}
@@ -203,22 +204,59 @@ def drift_rows(run, entries, token_level: dict[str, bool], *, rule: Rule, worst_
     # per node first, which puts a small run's whole shuffle in one task on one node)
     ray.data.DataContext.get_current().shuffle_input_batch_bytes = SHUFFLE_INPUT_BYTES
     # One task per partition, placed over every node of the cluster (dataops.spread_blocks)
-    out = spread_blocks(
-        by_key(union, "prompt_id", partitions), diff_and_publish, num_cpus=num_cpus,
-        fn_kwargs={"layout": layout, "original": original.name, "cousins": cousins,
-                   "original_scored": original_scored, "rule": rule,
-                   "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed, "resamples": resamples,
-                   "quantile_resamples": quantile_resamples, "exact_kld": exact_kld})
-    # Streamed: each partition's aggregates are merged as they arrive and then dropped.
+    kwargs = {"layout": layout, "original": original.name, "cousins": cousins, "original_scored": original_scored,
+              "rule": rule, "tokenizer_path": original.path, "worst_n": worst_n, "seed": seed,
+              "resamples": resamples, "quantile_resamples": quantile_resamples, "exact_kld": exact_kld}
+    # Streamed: each partition's aggregates are merged as they arrive, then dropped. From
+    # ACCUMULATE_FROM partitions on, an actor on this node merges them (aggregate.Accumulator): the
+    # driver gets two counts per partition and the merged state once, so its memory does not grow
+    # with the run; below, the driver merges them (an actor's start would cost a small diff seconds).
+    names = {name: not tl for name, tl in cousins}
+    blocks = by_key(union, "prompt_id", partitions)
     with Bar("diff", drift_rows_todo, unit="drift rows") as bar:
-        return aggregate.merge_all(_counted(out, bar), {name: not tl for name, tl in cousins}, worst_n)
+        if partitions < ACCUMULATE_FROM:
+            return aggregate.merge_all(_fetched(spread_blocks(blocks, diff_and_publish, num_cpus=num_cpus,
+                                                              fn_kwargs=kwargs), bar), names, worst_n)
+        return _accumulated(spread_blocks(blocks, diff_and_publish, num_cpus=num_cpus, fn_kwargs=kwargs, fetch=False),
+                            names, worst_n, bar)
 
 
-def _counted(batches, bar):
+def _accumulated(refs, names: dict[str, bool], worst_n: int, bar) -> dict[str, aggregate.Merged]:
+    """The PARTIALS batches behind `refs` merged by an aggregate.Accumulator actor on this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    acc = ray.remote(aggregate.Accumulator).options(num_cpus=0, scheduling_strategy=here).remote(names, worst_n)
+    try:
+        pending = []
+        for ref in refs:
+            pending.append(acc.add.remote(ref))
+            pending = _counted(pending, bar, wait=False)
+        _counted(pending, bar, wait=True)
+        return ray.get(acc.result.remote())
+    finally:
+        ray.kill(acc)
+
+
+def _fetched(batches, bar):
     """PARTIALS batches, their drift rows and error rows added to `bar` as they pass."""
     for batch in batches:
         bar.add(pc.sum(batch.column("rows")).as_py() or 0, errors=pc.sum(batch.column("error_rows")).as_py() or 0)
         yield batch
+
+
+def _counted(pending: list, bar, *, wait: bool) -> list:
+    """Add the finished merges' drift rows and error rows to `bar`; the ones still running (all
+    finished when `wait`)."""
+    import ray
+
+    if not pending:
+        return []
+    done, pending = ray.wait(pending, num_returns=len(pending), timeout=None if wait else 0)
+    for rows, errors in ray.get(done):
+        bar.add(rows, errors=errors)
+    return pending
 
 
 def _sample0_of(batch: pa.Table, *, wanted: dict[str, list[str]]) -> pa.Table:

@@ -122,9 +122,10 @@ def _on_arrow(block, rows: tuple[int, int] | None, fn, fn_kwargs: dict):
     return fn(table.slice(rows[0], rows[1] - rows[0]) if rows else table, **fn_kwargs)
 
 
-def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict):
+def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict, fetch: bool = True):
     """`fn(table, **fn_kwargs)` on each block of `ds` (as a pyarrow Table) in one Ray task each,
-    yielding the results as they finish. Unlike `map_batches(scheduling_strategy="SPREAD")`, whose
+    yielding the results as they finish (not `fetch`: their object references, for a consumer
+    other than the driver). Unlike `map_batches(scheduling_strategy="SPREAD")`, whose
     short tasks can reuse one leased worker and all land on one node, each task is placed: the
     first ones over the nodes' CPU slots in turn, each later one on the node whose task just
     finished (soft affinity: a node that died is replaced by any other). At most QUEUED_PER_SLOT
@@ -141,7 +142,7 @@ def spread_blocks(ds, fn, *, num_cpus: float, fn_kwargs: dict):
     def finished():
         [done], _ = ray.wait(list(running), num_returns=1)
         free.append(running.pop(done))
-        return ray.get(done)
+        return ray.get(done) if fetch else done
 
     for bundle in ds.iter_internal_ref_bundles():
         for entry, piece in zip(bundle.blocks, bundle.slices or [None] * len(bundle.blocks)):

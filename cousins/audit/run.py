@@ -31,9 +31,8 @@ from cousins.contract.codec import decode, encode
 from cousins.contract.records import NOISE_FLOOR
 from cousins.drift.answers import Rule
 from cousins.drift.plane import wilson
-from cousins.engine import plan
+from cousins.engine import hosts, plan
 from cousins.orchestrate.manifest import manifest
-from cousins.engine.hosts import hosted
 from cousins.orchestrate.pipeline import check_engines_fit, generate_model, open_run, run_prompts, run_result
 from cousins.run.lifecycle import Run, RunState
 
@@ -174,7 +173,7 @@ def run_audit(cfg: AuditJobConfig, run: Run | None = None, *, backend=None) -> d
     reference, target, noise = plan.model_entries(cfg, noise_floor=True)
     base = cfg.run.sampling.seed
     done = {}
-    with hosted(cfg.engine.keep_processes):  # the reference's engine process serves its noise floor too
+    with hosts.hosted(cfg.engine.keep_processes):  # the reference's engine process serves its noise floor too
         for e, offset in ((target, SEED_OFFSETS[TARGET]), (reference, SEED_OFFSETS["reference"]),
                           (noise, SEED_OFFSETS[NOISE_FLOOR])):
             done[e.name] = generate_model(cfg, run, prompts, n_prompts, e, backend, seed=base + offset)

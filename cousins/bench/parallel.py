@@ -1,5 +1,6 @@
 """drift_parallel: the same drift run (the config's cousins and the noise floor) on local clusters of
-N nodes x 1 logical GPU, one model at a time (engine.max_parallel_models=1) and side by side.
+N nodes x 1 logical GPU, one model at a time (engine.max_parallel_models=1) and side by side, and
+one at a time with every pass starting its own engine actors (engine.keep_processes=false).
 
 For each cluster: the wall time of both runs and its ratio, the engine passes' wall (the original's
 pass and the others'), start-up's share of the engine passes (each pass's time before its first
@@ -76,11 +77,12 @@ def _one_cluster(cfg: Config, limit: int, tag: str, nodes: int) -> dict:
     runs = {}
     try:
         ray.init(address=cluster.address)
-        for mode, cap in (("sequential", 1), ("parallel", None)):
+        # fresh: one at a time, each pass starting its own engine actors (engine.keep_processes=false)
+        for mode, cap, keep in (("fresh", 1, False), ("sequential", 1, True), ("parallel", None, True)):
             c = copy.deepcopy(cfg)
             c.corpus.limit, c.run.run_id = limit, f"bench-{tag}-par{nodes}-{mode}"
             c.engine.num_actors, c.engine.gpus_per_actor, c.engine.cpus_per_actor = 1, 1, 1
-            c.engine.max_parallel_models = cap
+            c.engine.max_parallel_models, c.engine.keep_processes = cap, keep
             c.drift.noise_floor = True
             t0 = time.perf_counter()
             result, summary = run_drift(c)
@@ -98,11 +100,13 @@ def _one_cluster(cfg: Config, limit: int, tag: str, nodes: int) -> dict:
         cluster.shutdown()
     seq, par = out["sequential"], out["parallel"]
     out["speedup"] = seq["wall_s"] / par["wall_s"]
+    out["kept_speedup"] = out["fresh"]["wall_s"] / seq["wall_s"]  # what keeping engine processes gives
+    out["parallel_over_fresh"] = out["fresh"]["wall_s"] / par["wall_s"]
     out["engine_passes_speedup"] = seq["engine_passes_s"] / par["engine_passes_s"]
     models = [s.model for s in runs["sequential"].models]
     root = resolve(cfg.storage.root, **cfg.storage.options)
-    a, b = _rows(root, seq["run_id"], models), _rows(root, par["run_id"], models)
-    out["rows_identical"] = all(a[m].equals(b[m]) for m in models)
+    a, b, f = (_rows(root, out[mode]["run_id"], models) for mode in ("sequential", "parallel", "fresh"))
+    out["rows_identical"] = all(a[m].equals(b[m]) and a[m].equals(f[m]) for m in models)
     walls = list(seq["pass_wall_s"].values())
     for slots in (nodes, 8):
         out[f"projected_speedup_{slots}_slots"] = sum(walls) / projected_wall(walls[0], walls[1:], slots)

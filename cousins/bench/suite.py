@@ -327,7 +327,8 @@ def summarise(reps: list[dict]) -> dict:
         "diff_scale_two_node_throughput_ratio": _spread(get("diff_scale", "two_node_throughput_ratio")),
         **{f"drift_parallel_{n}x1_{k}": _spread(get("drift_parallel", f"nodes_{n}", *path)) for n in (2, 4)
            for k, path in (("speedup", ("speedup",)), ("startup_share", ("parallel", "startup_share")),
-                           ("projected_8", ("projected_speedup_8_slots",)))},
+                           ("projected_8", ("projected_speedup_8_slots",)), ("kept_speedup", ("kept_speedup",)),
+                           ("parallel_over_fresh", ("parallel_over_fresh",)))},
     }
 
 

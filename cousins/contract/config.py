@@ -186,7 +186,9 @@ class LogConfig:
 
 
 LORA_MODES = ("merge", "serve")
-ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))  # what a model's `engine` may override
+RUN_ENGINE_KEYS = ("max_parallel_models", "keep_processes")  # the run's alone: how its passes are scheduled
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig)  # what a model's `engine` may override
+                    if f.name not in RUN_ENGINE_KEYS)
 COUSIN_KINDS = ("quantized", "distilled", "other")
 
 

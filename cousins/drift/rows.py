@@ -29,6 +29,7 @@ PROMPTS_PER_PARTITION = 256  # prompts a diff task works on: enough to amortise,
 SMALL_DIFF_ROWS = 1024  # drift rows one task computes in less time than the shuffle takes to start
 SHUFFLE_INPUT_BYTES = 64 << 20
 ACCUMULATE_FROM = 16  # partitions from which an actor, not the driver, merges their aggregates
+MERGES_QUEUED = 8  # partitions' aggregates waiting for that actor at most
 
 _G = {f.name: f.type for f in schema.GENERATIONS}
 _S = {f.name: f.type for f in schema.SCORES}
@@ -232,8 +233,9 @@ def _accumulated(refs, names: dict[str, bool], worst_n: int, bar) -> dict[str, a
         pending = []
         for ref in refs:
             pending.append(acc.add.remote(ref))
-            pending = _counted(pending, bar, wait=False)
-        _counted(pending, bar, wait=True)
+            # merges still to do hold their partials in the object store: at most MERGES_QUEUED
+            pending = _counted(pending, bar, keep=MERGES_QUEUED)
+        _counted(pending, bar, keep=0)
         return ray.get(acc.result.remote())
     finally:
         ray.kill(acc)
@@ -246,14 +248,19 @@ def _fetched(batches, bar):
         yield batch
 
 
-def _counted(pending: list, bar, *, wait: bool) -> list:
-    """Add the finished merges' drift rows and error rows to `bar`; the ones still running (all
-    finished when `wait`)."""
+def _counted(pending: list, bar, *, keep: int) -> list:
+    """Add the finished merges' drift rows and error rows to `bar`, after waiting until at most
+    `keep` are unfinished; returns those."""
     import ray
 
     if not pending:
         return []
-    done, pending = ray.wait(pending, num_returns=len(pending), timeout=None if wait else 0)
+    done = []
+    if len(pending) > keep:
+        done, pending = ray.wait(pending, num_returns=len(pending) - keep)
+    if pending:  # and whatever else has finished
+        more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        done += more
     for rows, errors in ray.get(done):
         bar.add(rows, errors=errors)
     return pending

@@ -24,18 +24,32 @@ import gc
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
+from cousins.engine.backend import CORE_ENV
 from cousins.engine.feeder import BATCHES_IN_FLIGHT
 
 HOST_CONCURRENCY = BATCHES_IN_FLIGHT + 2  # the batches in flight, a load and a ping
-UNLOAD_TIMEOUT_S = 120
+UNLOAD_TIMEOUT_S = 120  # at a pass's end, for a batch still in a host (a host that overruns it is ended)
+UNAVAILABLE_RETRIES = 3  # calls retried on a host that was briefly unreachable and is still the same process
 
 
-def _dead(e: BaseException) -> bool:
+class HostReset(RuntimeError):
+    """The host holds no engine for this pool actor: it restarted (a fresh process) since the load."""
+
+
+def _died(e: BaseException) -> bool:
+    """The host's process is gone (Ray may be starting it again, empty)."""
     import ray
 
-    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+    return isinstance(e, ray.exceptions.RayActorError) and not _unavailable(e)
+
+
+def _unavailable(e: BaseException) -> bool:
+    import ray
+
+    return isinstance(e, ray.exceptions.ActorUnavailableError)
 
 
 class EngineHost:
@@ -47,36 +61,40 @@ class EngineHost:
         self.owner = None  # the pool actor this host serves in the current pass
         self.in_use = 0
         self.idle = threading.Condition()
+        self.loading = threading.Lock()  # one load or unload at a time
 
-    def prepare(self, spec, backend=None) -> None:
-        """vLLM imported (and the engine's environment set) before any model is asked for: a host
-        started ahead of its pass does this while the pass before it runs."""
-        from cousins.engine.backend import backend_for
+    def prepare(self, backend=None) -> None:
+        """vLLM imported before any model is asked for (a host started ahead of its pass does this
+        while the pass before it runs). Only the import: each load sets its own engine's environment."""
+        from cousins.engine.backend import VllmBackend
 
-        prepare = getattr(backend_for(spec, backend), "prepare", None)
-        if prepare is not None:
-            prepare(spec)
+        if backend is None or isinstance(backend, VllmBackend):
+            import vllm  # noqa: F401 - the import is the point (seconds of Python)
 
-    def claim(self, owner: str) -> bool:
-        """Serve pool actor `owner` this pass: True if free or already its own (a restarted actor
-        keeps its id; a restarted host is free)."""
+    def claim(self, owner: str, own_only: bool = False) -> bool:
+        """Serve pool actor `owner` this pass: True if it is already its own (a restarted pool actor
+        keeps its id) or, unless `own_only`, free (a restarted host is free)."""
         with self.idle:
-            if self.owner in (None, owner):
+            if self.owner == owner or (self.owner is None and not own_only):
                 self.owner = owner
                 return True
             return False
 
     def load(self, actor: type, kwargs: dict) -> int:
-        """Build `actor(**kwargs)` here, ending the engine held before; returns this process's id."""
-        self.unload(keep_owner=True)
-        self.impl = actor(**kwargs)
+        """Build `actor(**kwargs)` here, ending the engine held before (after the batches still in
+        it); returns this process's id."""
+        with self.loading:
+            self._unload(keep_owner=True, timeout=None)
+            impl = actor(**kwargs)
+            with self.idle:
+                self.impl = impl
         return os.getpid()
 
     def call(self, batch):
-        impl = self.impl
-        if impl is None:
-            raise RuntimeError("this engine host holds no engine (its pass ended)")
         with self.idle:
+            impl = self.impl
+            if impl is None:
+                raise HostReset(f"engine host {os.getpid()} holds no engine (it restarted, or its pass ended)")
             self.in_use += 1
         try:
             return impl(batch)
@@ -85,12 +103,21 @@ class EngineHost:
                 self.in_use -= 1
                 self.idle.notify_all()
 
-    def unload(self, keep_owner: bool = False) -> None:
-        """End the engine(s) held (after any batch still in them): vLLM's engine core is shut down and
-        collected, so the next model's engine gets the memory. The host is free for the next pass
-        unless `keep_owner`."""
+    def unload(self) -> bool:
+        """End the engine(s) held (after any batch still in them, for up to UNLOAD_TIMEOUT_S) and
+        free the host for the next pass. Returns whether the host is fit to keep: not when an engine
+        ran its core in this process on a GPU (its CUDA context and allocator stay here)."""
+        with self.loading:
+            self._unload(keep_owner=False, timeout=UNLOAD_TIMEOUT_S)
+        torch = sys.modules.get("torch")
+        cuda = torch is not None and torch.cuda.is_initialized()
+        return not (cuda and os.environ.get(CORE_ENV) == "0")
+
+    def _unload(self, *, keep_owner: bool, timeout: float | None) -> None:
+        """vLLM's engine core shut down and collected, so the next model's engine gets the memory."""
         with self.idle:
-            self.idle.wait_for(lambda: self.in_use == 0, timeout=UNLOAD_TIMEOUT_S)
+            if not self.idle.wait_for(lambda: self.in_use == 0, timeout=timeout):
+                raise TimeoutError(f"engine host {os.getpid()}: batches still running after {timeout} s")
             impl, self.impl = self.impl, None
             if not keep_owner:
                 self.owner = None
@@ -101,7 +128,7 @@ class EngineHost:
         del impl
         gc.collect()
         torch = sys.modules.get("torch")  # an engine core in this process on a GPU: its cached blocks
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch is not None and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # go back, so the next engine's memory check sees them free
 
     def pid(self) -> int:
@@ -129,40 +156,38 @@ def shutdown_engine(llm) -> None:
 
 class HostedEngine:
     """Ray Data's pool actor for a hosted pass: claims a host, builds the mode's actor there and
-    forwards each batch to it. A host that dies ends this process too (see the module docstring)."""
+    forwards each batch to it. A host that died (or restarted since the load) ends this process
+    too, so Ray Data restarts it and sends its batches again (see the module docstring)."""
 
     def __init__(self, *, hosts: list, actor: type, kwargs: dict):
         import ray
 
-        from cousins.engine.runner import exit_process
-
         me = ray.get_runtime_context().get_actor_id()
-        try:
-            self.host = next((h for h in hosts if ray.get(h.claim.remote(me))), None)
-        except Exception as e:
-            if _dead(e):  # a host restarting: this actor restarts and claims again
-                exit_process(f"its engine host died before it was claimed: {e}")
-            raise
+        wait = {"max_task_retries": -1}  # a host Ray is restarting is waited for, not given up on
+        # its own host first (a restarted pool actor), else the first free one
+        self.host = next((h for own in (True, False) for h in hosts
+                          if ray.get(h.claim.options(**wait).remote(me, own_only=own))), None)
         if self.host is None:
             raise RuntimeError(f"no engine host free for pool actor {me}: the pass has {len(hosts)}")
-        try:
-            ray.get(self.host.load.remote(actor, kwargs))
-        except Exception as e:
-            if _dead(e):
-                exit_process(f"its engine host died while loading: {e}")
-            raise
+        ray.get(self.host.load.options(**wait).remote(actor, kwargs))
 
     def __call__(self, batch):
         import ray
 
         from cousins.engine.runner import exit_process
 
-        try:
-            return ray.get(self.host.call.remote(batch))
-        except Exception as e:
-            if _dead(e):
-                exit_process(f"its engine host died: {type(e).__name__}")
-            raise
+        for _ in range(UNAVAILABLE_RETRIES):
+            try:
+                return ray.get(self.host.call.remote(batch))
+            except Exception as e:
+                if _died(e) or isinstance(e, HostReset):
+                    exit_process(f"its engine host died or restarted: {type(e).__name__}")
+                if not _unavailable(e):
+                    raise
+                # unreachable for a moment: the same process still holding the engine is asked again;
+                # a restarted one holds none (HostReset)
+                time.sleep(1.0)
+        exit_process(f"its engine host stayed unreachable for {UNAVAILABLE_RETRIES} calls")
 
 
 _REMOTE: dict[type, object] = {}
@@ -188,16 +213,33 @@ class HostPool:
     def __init__(self):
         self.idle: list[tuple[tuple, object]] = []
         self.lock = threading.Lock()
+        self.starting: list = []  # each new host's first call: done once Ray has placed and started it
 
     def _new(self, where):
         from cousins.engine.backend import ENGINE_ENV
         from cousins.run.runtime import engine_env
 
-        return _remote(EngineHost).options(
+        host = _remote(EngineHost).options(
             num_cpus=where.cpus_per_actor, num_gpus=where.gpus_per_actor, max_restarts=-1, max_task_retries=0,
             max_concurrency=HOST_CONCURRENCY, runtime_env={"env_vars": engine_env(ENGINE_ENV)}).remote()
+        with self.lock:
+            self.starting.append(host.pid.remote())
+        return host
 
-    def prestart(self, where, count: int, spec, backend=None) -> int:
+    def _someone_waits(self) -> bool:
+        """Whether a host made for a pass is still waiting for room (a host kept idle would hold it)."""
+        import ray
+
+        with self.lock:
+            refs = list(self.starting)
+        if not refs:
+            return False
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+        with self.lock:
+            self.starting = [r for r in self.starting if any(r == w for w in waiting)]
+        return bool(waiting)
+
+    def prestart(self, where, count: int, backend=None) -> int:
         """Start up to `count` hosts of `where`'s shape ahead of their passes (the idle ones there
         are count too), each importing vLLM at once (`EngineHost.prepare`), so the passes that
         follow find it done: what the cluster's free room can do while an earlier pass runs.
@@ -205,17 +247,20 @@ class HostPool:
         want = shape(where)
         with self.lock:
             new = max(0, count - sum(1 for s, _ in self.idle if s == want))
-            started = [self._new(where) for _ in range(new)]
-            for h in started:
-                h.prepare.remote(spec, backend)
+        started = [self._new(where) for _ in range(new)]
+        for h in started:
+            h.prepare.remote(backend)
+        with self.lock:
             self.idle += [(want, h) for h in started]
         return new
 
     @contextmanager
     def lease(self, where):
         """`where.num_actors` hosts of `where`'s shape for one pass: idle ones first, new ones for
-        the rest; back to the pool, their engines ended, when the pass is over. Idle hosts of
-        another shape are ended first: they hold resources this pass may need."""
+        the rest; back to the pool, their engines ended, when the pass is over (ended instead when
+        the pass failed, when a host cannot end its engine, or when another pass's host still
+        waits for room). Idle hosts of another shape are ended first: they hold resources this
+        pass may need."""
         import ray
 
         want = shape(where)
@@ -225,23 +270,30 @@ class HostPool:
             self.idle = [(s, h) for s, h in self.idle if s == want and all(h is not m for m in mine)]
         for h in ending:
             ray.kill(h)
-        hosts = mine + [self._new(where) for _ in range(where.num_actors - len(mine))]
+        hosts = list(mine)
         try:
+            hosts += [self._new(where) for _ in range(where.num_actors - len(mine))]
             yield hosts
         except BaseException:
             for h in hosts:  # a pass that failed may have left batches in them: not kept
                 ray.kill(h)
             raise
-        else:
-            kept = []
-            for h in hosts:
-                try:
-                    ray.get(h.unload.remote(), timeout=UNLOAD_TIMEOUT_S)
+        fit = [h.unload.remote() for h in hosts]  # every host's engine ended at once
+        kept = []
+        for h, ref in zip(hosts, fit):
+            try:
+                if ray.get(ref, timeout=UNLOAD_TIMEOUT_S + 30):
                     kept.append(h)
-                except Exception:  # noqa: BLE001 - a host that cannot end its engine is ended itself
-                    ray.kill(h)
-            with self.lock:
-                self.idle += [(want, h) for h in kept]
+                    continue
+            except Exception:  # noqa: BLE001 - a host that cannot end its engine is ended itself
+                pass
+            ray.kill(h)
+        if kept and self._someone_waits():
+            for h in kept:
+                ray.kill(h)
+            kept = []
+        with self.lock:
+            self.idle += [(want, h) for h in kept]
 
     def close(self) -> None:
         import ray

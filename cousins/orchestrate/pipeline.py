@@ -116,9 +116,9 @@ def _prestart(cfg: Config, entries: list[ModelEntry], backend=None) -> None:
     wheres = [plan.placement(cfg, e.name, reorder=e.reorder) for e in entries]
     if pool is None or len(entries) < 2 or len({hosts.shape(w) for w in wheres}) > 1 or uses_groups(wheres[0]):
         return
-    where = wheres[0]
-    n = schedule.slots(schedule.need(where), schedule.capacity(), len(entries) - 1, cfg.engine.max_parallel_models)
-    pool.prestart(where, n * where.num_actors, plan.engine_spec(cfg, entries[1]), backend)
+    each = max(wheres[1:], key=lambda w: w.num_actors)  # the largest pool of the passes side by side
+    n = schedule.slots(schedule.need(each), schedule.capacity(), len(entries) - 1, cfg.engine.max_parallel_models)
+    pool.prestart(each, n * each.num_actors, backend)
 
 
 def run_generate(cfg: Config, run: Run | None = None, *, backend=None) -> RunResult:

@@ -3,19 +3,22 @@ actor's start are paid once per process, not once per model.
 
 Ray Data makes an actor pool per execution, and a drift run is several (the original's pass, each
 cousin's, the noise floor's, exact-KLD pairs). Inside `hosted()` (a run's engine passes), a pass's
-pool is made of light forwarding actors (`HostedEngine`, no resources of their own); each binds to
+pool is made of light forwarding actors (`HostedEngine`, no resources of their own); each claims
 an `EngineHost`, a Ray actor that holds the engine's CPUs and GPUs, builds the mode's actor
 (cousins/engine/pool.py MODES) inside it and runs its batches. When the pass ends its engines are
 shut down and the hosts go back to the run's `HostPool`; the next pass of the same resource shape
-builds its own engines in the same processes. A pass of another shape gets hosts of its own, and
-idle hosts that no pass took are ended before new ones start, so what hosts hold is what the passes
-in flight hold (the scheduler's room, cousins/orchestrate/schedule.py, stays true).
+builds its own engines in the same processes. Hosts for the passes that will run side by side may
+be started ahead (`HostPool.prestart`: they import vLLM while the original's pass runs). Idle
+hosts of another shape are ended before a pass starts new ones, and a pass's hosts are ended
+instead of kept while another pass's host still waits for room, so hosts never hold what the
+scheduler (cousins/orchestrate/schedule.py) counts as free for long.
 
 Faults keep their meaning. An engine that breaks ends its host's process (EngineRunner); Ray starts
-it again, empty, and the forwarding actor, finding its host gone, ends its own process too: Ray Data
-restarts it, it binds to the same host (by its actor id, which a restart keeps), builds a fresh
-engine there and gets the batches again. Engines of several GPUs (their own placement groups) are
-not hosted: their passes start their engines as before.
+it again, empty, and the forwarding actor, finding its host gone or empty (`HostReset`), ends its
+own process too: Ray Data restarts it, it claims its own host again (by its actor id, which a
+restart keeps; a host Ray is still restarting is waited for), builds a fresh engine there and gets
+the batches again. Engines of several GPUs (their own placement groups) are not hosted: their
+passes start their engines as before.
 """
 
 from __future__ import annotations

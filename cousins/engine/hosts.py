@@ -298,7 +298,9 @@ class HostPool:
         with self.lock:
             self.idle += [(want, h) for h in kept]
 
-    def close(self) -> None:
+    def end_idle(self) -> None:
+        """End every idle host (a pass that is not hosted, e.g. engines of several GPUs in placement
+        groups of their own, may need what they hold); also what ends the pool."""
         import ray
 
         with self.lock:
@@ -326,7 +328,7 @@ def hosted(enabled: bool = True):
         yield pool
     finally:
         _ACTIVE.remove(pool)
-        pool.close()
+        pool.end_idle()
 
 
 def active_pool() -> HostPool | None:

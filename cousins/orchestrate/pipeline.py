@@ -114,7 +114,7 @@ def _prestart(cfg: Config, entries: list[ModelEntry], backend=None) -> None:
     when every pass has the original's engine shape (one GPU or none an engine)."""
     pool = hosts.active_pool()
     wheres = [plan.placement(cfg, e.name, reorder=e.reorder) for e in entries]
-    if pool is None or len(entries) < 2 or len({hosts.shape(w) for w in wheres}) > 1 or uses_groups(wheres[0]):
+    if pool is None or len(entries) < 2 or len({hosts.shape(w) for w in wheres}) > 1 or any(map(uses_groups, wheres)):
         return
     each = max(wheres[1:], key=lambda w: w.num_actors)  # the largest pool of the passes side by side
     n = schedule.slots(schedule.need(each), schedule.capacity(), len(entries) - 1, cfg.engine.max_parallel_models)

@@ -21,7 +21,7 @@ from cousins.contract.records import GenerationsDone, ModelEntry, ModelStats, Pr
 from cousins.drift import answers
 from cousins.engine import hosts
 from cousins.engine.backend import EngineSpec, Placement, Sampling
-from cousins.engine.placement import engine_groups
+from cousins.engine.placement import engine_groups, uses_groups
 from cousins.engine.pool import MODES, engine_pool
 from cousins.engine.rows import SCORE_INPUT, TASK, as_input, expand_samples
 from cousins.run import corpus
@@ -197,7 +197,7 @@ def _hosts(where: Placement):
     cousins/engine/hosts.py); else None (the pool's actors hold the engines). Engines of several
     GPUs, in placement groups of their own, are never hosted."""
     pool = hosts.active_pool()
-    if pool is None or where.remote_args_fn is not None:
+    if pool is None or where.remote_args_fn is not None:  # (run_engine_stage ended the idle hosts first)
         yield None
         return
     with pool.lease(where) as leased:
@@ -217,6 +217,8 @@ def run_engine_stage(rows, todo: int, *, mode: str, model: str, where: Placement
     m = MODES[mode]
     ledger = new_ledger()
     light = {"batch_format": "pyarrow", "num_cpus": LIGHT_TASK_CPUS}
+    if hosts.active_pool() is not None and uses_groups(where):
+        hosts.active_pool().end_idle()  # its placement groups may need what idle hosts hold
     try:
         with engine_groups(where, what) as placed, _hosts(placed) as leased:
             # input blocks of at most one batch each, so every actor task is one batch and tasks overlap

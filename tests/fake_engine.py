@@ -134,6 +134,20 @@ class FakeLLM:
 
     def __init__(self, spec):
         self.model, self.llm_engine, self.tok = _Model(spec.model_path), _Engine(spec.max_num_seqs), Tokenizer()
+        self.runner = spec.runner
+
+    def encode(self, prompts, pooling_task=None, use_tqdm=False):
+        """A pooling engine's final hidden states: position t's is the one-hot of its token (the toy
+        model's next-token distribution depends on that token only; FakeBackend.head maps it)."""
+        import torch
+
+        if self.runner != "pooling" or pooling_task != "token_embed":
+            raise ValueError("LLM.encode() is only supported for pooling models")
+        if self.llm_engine.dead or any(_has(p["prompt_token_ids"], CRASH) for p in prompts):
+            self.llm_engine.dead = True
+            raise RuntimeError("the fake engine crashed in a step")
+        return [SimpleNamespace(outputs=SimpleNamespace(
+            data=torch.nn.functional.one_hot(torch.tensor(p["prompt_token_ids"]), V).float())) for p in prompts]
 
     def get_tokenizer(self):
         return self.tok
@@ -189,6 +203,16 @@ class FakeBackend:
             with open(os.path.join(self.trace_dir, f"{uuid.uuid4().hex}.json"), "w") as f:
                 json.dump(trace, f)
         return llm
+
+    def head(self, llm, spec):
+        """The toy model's head: row t, column `prev` holds log p(t | prev), so a one-hot hidden state
+        gives the distribution the engine's prompt logprobs list."""
+        import torch
+
+        from cousins.engine.head import Head
+
+        return Head(weight=torch.tensor([[llm.model.logprobs(prev)[t] for prev in range(V)] for t in range(V)],
+                                        dtype=torch.float64))
 
     def params(self, **kw):
         if self.served:

@@ -247,3 +247,49 @@ def test_llmc_cousin_runs_on_a_gpu_engine(recipe, llmc_cousins):
     (16-bit activations: GPU int4 kernels take no float32 either)."""
     outs = _greedy(llmc_cousins[recipe], GPU_FORMATS[recipe])
     assert len(outs) == 2 and all(len(o.token_ids) >= 1 for o in outs)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_exact_kld_from_hidden_states_equals_vllms_full_vocabulary_lists(llmc_cousins, family):
+    """The exact-KLD pass by hidden states (pooling engines, each model's head applied by us) against
+    the pass by vLLM's full-vocabulary logprobs, on the realistic family: the teacher (head 110,080
+    rows) against a W8A8 cousin (float32), an int4 cousin in bfloat16, and the student (head 110,592
+    rows, another width). Every token's KLD, reverse KLD and tail mass within 1e-6 + 1e-4 relative;
+    the same rows in error (none here)."""
+    import numpy as np
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from cousins.engine import backend as engine
+    from cousins.engine.kld_actor import KldActor
+
+    tok = AutoTokenizer.from_pretrained(family["teacher"])
+    texts = ["What is the capital of France? The capital of France is Paris, on the Seine.",
+             "def main(args):\n    return sorted(args, key=len)\n",
+             "Seven times eight is fifty-six, and six times nine is fifty-four."]
+    rows = pa.table({"prompt_id": [f"p{i}" for i in range(len(texts))], "sample_index": [0] * len(texts),
+                     "prompt_text": [t[: len(t) // 3] for t in texts],
+                     "output_token_ids": [tok.encode(t[len(t) // 3:], add_special_tokens=False) for t in texts],
+                     "error": [None] * len(texts)})
+
+    def spec(name, path, dtype):
+        return engine.EngineSpec(model_name=name, model_path=str(path), dtype=dtype, quantization=None,
+                                 max_model_len=128, kv_cache_bytes=64 << 20, tensor_parallel_size=1, max_num_seqs=8,
+                                 enforce_eager=True, max_logprobs=20, prompt_format="raw")
+
+    teacher = spec("teacher", family["teacher"], "float32")
+    cousins = [spec("w8a8", llmc_cousins["llmc-w8a8-int8"], "float32"),
+               spec("w4a16", llmc_cousins["llmc-w4a16"], "bfloat16"), spec("student", family["student"], "float32")]
+    for cousin in cousins:
+        with hide_context_proxies():
+            got = {route: KldActor(teacher, cousin, route=route)(rows) for route in ("hidden", "lists")}
+            gc.collect()
+        assert got["hidden"].column("error").to_pylist() == got["lists"].column("error").to_pylist() == [None] * 3
+        for c in ("kld_tokens", "rkld_tokens", "tail_mass_tokens"):
+            new = np.concatenate(got["hidden"].column(c).to_pylist()).astype(float)
+            old = np.concatenate(got["lists"].column(c).to_pylist()).astype(float)
+            np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-6, err_msg=f"{cousin.model_name} {c}")
+        kld = np.concatenate(got["lists"].column("kld_tokens").to_pylist())
+        print(f"\n{cousin.model_name}: {len(kld)} tokens, KLD mean {kld.mean():.4g}; hidden - lists: max "
+              f"{np.abs(np.concatenate(got['hidden'].column('kld_tokens').to_pylist()) - kld).max():.2g}")

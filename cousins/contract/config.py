@@ -236,10 +236,10 @@ ROW_CHECKERS = ("auto", "last_number", "regex", "gsm8k-strict", "gsm8k-flexible"
 @dataclass
 class DriftConfig:
     score_topk: int = 20  # top-k logprobs kept at every scored position (<= max_logprobs)
-    # KLD per token: topk (a lower bound from the stored top-k lists, with the original's rest mass
-    # reported) or exact (over the whole vocabulary: one more pass per compared model, an actor
-    # holding the original's engine and the cousin's; nothing per vocabulary entry is stored).
-    kld: str = "topk"
+    # KLD per token: topk (a lower bound from the stored top-k lists, the original's rest mass reported)
+    kld: str = "topk"  # or exact (over the whole vocabulary: one more pass per compared model)
+    # exact by hidden (final hidden states, each head applied by us: cousins/engine/head.py), lists (vLLM's
+    kld_route: str = "auto"  # logprobs, ~30x slower at 152k) or auto: hidden where both heads can be applied
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
     # labelled prompts: the answer checker of their final answers where the corpus names none
     # (corpus.answer, cousins/drift/answers.py; ROW_CHECKERS): auto (from each reference's form) |

@@ -114,6 +114,8 @@ class Summary:
     computed: str
     warnings: list[str] | None = optional()  # e.g. a top-k KLD that understates the full KLD
     kld: str | None = optional()  # topk (a lower bound) or exact (drift.kld)
+    # exact: each compared model's route, "hidden" (final hidden states, our heads) or "lists: WHY"
+    kld_routes: dict[str, str] | None = optional()
     quantile_error: str | None = optional()  # the stated error of the token quantiles (drift/summary.py)
     accounting: dict[str, Accounting] | None = optional()
     cost_currency: str | None = optional()

@@ -205,6 +205,7 @@ def _validate_cousins(cfg: Config, check) -> None:
     d = cfg.drift
     check(1 <= d.score_topk <= MAX_LOGPROBS, f"drift.score_topk must be in [1, {MAX_LOGPROBS}], got {d.score_topk}")
     check(d.kld in ("topk", "exact"), f"drift.kld {d.kld!r} must be topk or exact")
+    check(d.kld_route in ("auto", "hidden", "lists"), f"drift.kld_route {d.kld_route!r} must be auto, hidden or lists")
     if d.kld == "exact":
         for name in [cfg.model.name, *cfg.cousins]:
             e = engine_of(cfg, name)

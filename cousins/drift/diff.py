@@ -169,7 +169,7 @@ def recompute(root: Location, run_id: str, *, bootstrap: BootstrapSpec, rule: an
     score_topk = int(drift_cfg.get("score_topk") or 0)
     kld = drift_cfg.get("kld") or "topk"  # as it ran (exact reads the run's kld/ stages)
     before = json.loads(done.layout.summary.read_text()) if done.layout.summary.exists() else {}
-    kept = {k: before[k] for k in ("accounting", "cost_currency") if k in before}  # measured when it ran
+    kept = {k: before[k] for k in ("accounting", "cost_currency", "kld_routes") if k in before}  # as it ran
     ran = {k: v for k, v in before.get("timings", {}).items()
            if k in ("generate_s", "score_s", "generate_busy_s", "score_busy_s", "kld_s")}
     summary = stage_diff(run, entries, DiffSettings(score_topk=score_topk, rule=rule,

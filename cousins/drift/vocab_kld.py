@@ -1,5 +1,8 @@
 """Exact per-token KLD over the tokenizer's vocabulary, from two models' full-vocabulary logprobs
-(drift.kld=exact; the actor is cousins/engine/kld_actor.py). Pure NumPy: no Ray, no vLLM import.
+(drift.kld=exact; the actor is cousins/engine/kld_actor.py). NumPy to read vLLM's lists, torch (imported
+when a chunk is reduced) for the reduction, on whatever device the logprobs are; no Ray, no vLLM import.
+The hidden route (cousins/engine/head.py) reduces logits in fewer passes, and through reduce_dense
+wherever a chunk holds anything non-finite.
 
 Why over the tokenizer's vocabulary V and not the logit heads: checkpoints pad their heads past
 the tokenizer (Qwen2.5-7B's head is 152,064 wide, the 1.5B's 151,936, their tokenizer ~151,665
@@ -25,10 +28,13 @@ KL(p ‖ q) valid: that position's reverse KLD is NaN here and null in the rows.
 below 0 (the masses sum to 1 only within float32's error): it is set to 0 explicitly, after the
 checks, never through max(0, nan).
 
+Each distribution is renormalised over its head in float64 once its mass passed the check (vLLM's
+float32 log-softmax leaves every logprob of a position shifted by up to ~2e-4 at a 110k head).
+
 Memory: positions are reduced in chunks of C = max(1, CHUNK_CELLS // (V + 1)) positions; a chunk
 holds, per model, its flat entries (ids int64 + logprobs float64 + a scatter index int64: 24 B
 each, about W + 1 a position for a head W wide) and a dense (C, W) float64 array, plus about five
-such (C, V) arrays of temporaries: about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 26 MiB at CHUNK_CELLS
+such (C, V) arrays of temporaries (a few more since the renormalisation): about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 26 MiB at CHUNK_CELLS
 = 2^18 whatever the output's length (C = 1 at V = 152k: one position is already 152k wide, and
 chunks of 6 were no faster; measured 19 MiB: docs/benchmarks.md). The
 whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python ints and floats for ids,
@@ -103,18 +109,10 @@ def chunks(prompt_logprobs, start: int, n: int, size: int):
         yield ids, lps, counts
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """Row-wise log Σ exp, −inf for a row of −infs."""
-    m = x.max(axis=1, initial=-np.inf)
-    safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
-
-
-def _dense(ids, lps, counts, vocab: int, who: str, first: int):
-    """(dense, log tail): the chunk's (C, W) logprobs by id, W = max(vocab, widest id + 1) (−inf
-    where an id is not listed; a position lists its own token first and again in rank order, and
-    both writes hold one value), and each position's log tail mass (−inf without a tail)."""
+def _dense(ids, lps, counts, vocab: int, who: str, first: int) -> np.ndarray:
+    """The chunk's (C, W) logprobs by id, W = max(vocab, widest id + 1) (−inf where an id is not
+    listed; a position lists its own token first and again in rank order, and both writes hold one
+    value)."""
     c = len(counts)
     if len(ids) and ids.min() < 0:
         raise PositionError(first + int(np.repeat(np.arange(c), counts)[np.argmin(ids)]),
@@ -124,8 +122,7 @@ def _dense(ids, lps, counts, vocab: int, who: str, first: int):
     at = np.repeat(np.arange(c, dtype=np.int64) * w, counts)
     at += ids
     dense[at] = lps  # one flat scatter: 4x faster than indexing (row, id) pairs
-    dense = dense.reshape(c, w)
-    return dense, (_logsumexp(dense[:, vocab:]) if w > vocab else np.full(c, -np.inf))
+    return dense.reshape(c, w)
 
 
 def _why_mass(dense: np.ndarray, mass: float, who: str) -> str:
@@ -137,62 +134,88 @@ def _why_mass(dense: np.ndarray, mass: float, who: str) -> str:
             "incomplete (ask for the whole vocabulary: prompt_logprobs=-1) or not normalised")
 
 
-def reduce_chunk(p, q, vocab: int, first: int) -> Exact:
-    """One chunk of positions: p, q are (ids, logprobs, counts) of the original and the cousin
-    (chunks()); `first` is the chunk's first position in the output (for error messages)."""
-    dp, lpt = _dense(*p, vocab, "original", first)
-    dq, lqt = _dense(*q, vocab, "cousin", first)
+def _first(mask) -> int:
+    """The first True of a 1-d boolean tensor."""
+    return int(mask.nonzero()[0, 0])
+
+
+def reduce_dense(dp, dq, vocab: int, first: int) -> Exact:
+    """One chunk of positions from dense logprobs: `dp` (C, Wp) the original's, `dq` (C, Wq) the
+    cousin's, float64 torch tensors on any device (−inf where an id has no probability); Wp, Wq ≥
+    `vocab`, the rows past it each model's tail. `first`: the chunk's first position in the output
+    (for error messages). Each distribution is renormalised over its head in float64 after the
+    mass check: vLLM's float32 log-softmax leaves a shift of up to ~2e-4 nats at a 110k head
+    (docs/benchmarks.md), which would otherwise go straight into the KLD."""
+    import torch
+
+    inf = float("inf")
+    tail = [torch.logsumexp(d[:, vocab:], dim=1) if d.shape[1] > vocab else torch.full_like(d[:, 0], -inf)
+            for d in (dp, dq)]
     lp, lq = dp[:, :vocab], dq[:, :vocab]
-    with np.errstate(invalid="ignore", over="ignore"):
-        pp, qq = np.exp(lp), np.exp(lq)
-        pt, qt = np.exp(lpt), np.exp(lqt)
+    lpt, lqt = tail
+    for who, dense, body, lt in (("original", dp, lp, lpt), ("cousin", dq, lq, lqt)):
         # A NaN or +inf anywhere makes the mass NaN or inf: this one check finds them too.
-        for who, dense, mass in (("original", dp, pp.sum(axis=1) + pt), ("cousin", dq, qq.sum(axis=1) + qt)):
-            off = ~(np.abs(mass - 1.0) <= MASS_TOL)
-            if off.any():
-                t = int(np.flatnonzero(off)[0])
-                raise PositionError(first + t, _why_mass(dense[t], float(mass[t]), who))
-        if (dp.shape[1] > vocab) != (dq.shape[1] > vocab):
-            # One head is padded, the other is exactly V wide: the tails cannot be compared (the
-            # unpadded model has no such rows, so its tail mass is 0 by construction, not by
-            # belief). Both are compared as distributions over real tokens: the padded side
-            # renormalised over V, its tail mass still reported.
-            if dp.shape[1] > vocab:
-                lp = lp - np.log1p(-np.minimum(pt, 1 - 1e-12))[:, None]
-                pp = np.exp(lp)
-            else:
-                lq = lq - np.log1p(-np.minimum(qt, 1 - 1e-12))[:, None]
-                qq = np.exp(lq)
-            tails = np.maximum(pt, qt)
-            pt, qt, lpt, lqt = (np.zeros_like(pt), np.zeros_like(qt), np.full_like(lpt, -np.inf),
-                                np.full_like(lqt, -np.inf))
+        mass = torch.exp(body).sum(dim=1) + torch.exp(lt)
+        off = ~((mass - 1.0).abs() <= MASS_TOL)
+        if off.any():
+            t = _first(off)
+            raise PositionError(first + t, _why_mass(dense[t].cpu().numpy(), float(mass[t]), who))
+    # renormalised in float64 (the check above bounds the correction)
+    norm_p = torch.logaddexp(torch.logsumexp(lp, dim=1), lpt)
+    norm_q = torch.logaddexp(torch.logsumexp(lq, dim=1), lqt)
+    lp, lpt = lp - norm_p[:, None], lpt - norm_p
+    lq, lqt = lq - norm_q[:, None], lqt - norm_q
+    pp, qq = torch.exp(lp), torch.exp(lq)
+    pt, qt = torch.exp(lpt), torch.exp(lqt)
+    tails = torch.maximum(pt, qt)
+    if (dp.shape[1] > vocab) != (dq.shape[1] > vocab):
+        # One head is padded, the other is exactly V wide: the tails cannot be compared (the
+        # unpadded model has no such rows, so its tail mass is 0 by construction, not by
+        # belief). Both are compared as distributions over real tokens: the padded side
+        # renormalised over V, its tail mass still reported.
+        if dp.shape[1] > vocab:
+            lp = lp - torch.log1p(-torch.clamp(pt, max=1 - 1e-12))[:, None]
+            pp = torch.exp(lp)
         else:
-            tails = np.maximum(pt, qt)
-        d = lp - lq
-        if np.isfinite(lp).all() and np.isfinite(lq).all():  # the usual case: every id listed by both
-            kld, rkld = (pp * d).sum(axis=1), -(qq * d).sum(axis=1)
-        else:  # an id one model gives −inf: it adds nothing where its own probability is 0
-            zero_q = ((pp > 0) & np.isneginf(lq)).any(axis=1)
-            if zero_q.any():
-                t = int(np.flatnonzero(zero_q)[0])
-                raise PositionError(first + t, f"the cousin gives probability 0 to id "
-                                               f"{int(np.flatnonzero((pp[t] > 0) & np.isneginf(lq[t]))[0])} where "
-                                               "the original does not: KL(original ‖ cousin) is infinite there")
-            kld = np.where(pp > 0, pp * d, 0.0).sum(axis=1)
-            rkld = np.where(qq > 0, -qq * d, 0.0).sum(axis=1)
-        zero_tail = (pt > 0) & np.isneginf(lqt)
-        if zero_tail.any():
-            raise PositionError(first + int(np.flatnonzero(zero_tail)[0]),
-                                "the cousin gives probability 0 to its ids ≥ the vocabulary size (the padded rows of "
-                                "the heads) where the original does not: KL(original ‖ cousin) is infinite there")
-        kld += np.where(pt > 0, pt * (lpt - lqt), 0.0)
-        rkld += np.where(qt > 0, qt * (lqt - lpt), 0.0)
+            lq = lq - torch.log1p(-torch.clamp(qt, max=1 - 1e-12))[:, None]
+            qq = torch.exp(lq)
+        pt, qt = torch.zeros_like(pt), torch.zeros_like(qt)
+        lpt, lqt = torch.full_like(lpt, -inf), torch.full_like(lqt, -inf)
+    d = lp - lq
+    if bool(torch.isfinite(lp).all()) and bool(torch.isfinite(lq).all()):  # the usual case: every id listed by both
+        kld, rkld = (pp * d).sum(dim=1), -(qq * d).sum(dim=1)
+    else:  # an id one model gives −inf: it adds nothing where its own probability is 0
+        zero_q = (pp > 0) & torch.isneginf(lq)
+        if zero_q.any():
+            t = _first(zero_q.any(dim=1))
+            raise PositionError(first + t, f"the cousin gives probability 0 to id {_first(zero_q[t])} where "
+                                           "the original does not: KL(original ‖ cousin) is infinite there")
+        zero = torch.zeros_like(d)
+        kld = torch.where(pp > 0, pp * d, zero).sum(dim=1)
+        rkld = torch.where(qq > 0, -qq * d, zero).sum(dim=1)
+    zero_tail = (pt > 0) & torch.isneginf(lqt)
+    if zero_tail.any():
+        raise PositionError(first + _first(zero_tail),
+                            "the cousin gives probability 0 to its ids ≥ the vocabulary size (the padded rows of "
+                            "the heads) where the original does not: KL(original ‖ cousin) is infinite there")
+    kld = kld + torch.where(pt > 0, pt * (lpt - lqt), torch.zeros_like(pt))
+    rkld = rkld + torch.where(qt > 0, qt * (lqt - lpt), torch.zeros_like(qt))
+    kld, rkld, tails = (x.cpu().numpy() for x in (kld, rkld, tails))
     if not np.isfinite(kld).all():  # cannot happen after the checks above; never let it through
         t = int(np.flatnonzero(~np.isfinite(kld))[0])
         raise PositionError(first + t, f"KL(original ‖ cousin) came out {kld[t]}")
     rkld = np.where(np.isfinite(rkld), rkld, np.nan)  # infinite: the original gives 0 where the cousin does not
-    # KL ≥ 0; round-off over ~V terms of float32 logprobs can leave −1e-9 or so: clamp it.
+    # KL ≥ 0; round-off over ~V terms can leave −1e-12 or so: clamp it.
     return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld), tail_mass=tails)
+
+
+def reduce_chunk(p, q, vocab: int, first: int) -> Exact:
+    """One chunk of positions: p, q are (ids, logprobs, counts) of the original and the cousin
+    (chunks()); `first` is the chunk's first position in the output (for error messages)."""
+    import torch
+
+    return reduce_dense(torch.from_numpy(_dense(*p, vocab, "original", first)),
+                        torch.from_numpy(_dense(*q, vocab, "cousin", first)), vocab, first)
 
 
 def exact_kld(p_logprobs, q_logprobs, start: int, n: int, vocab: int, chunk_cells: int = CHUNK_CELLS) -> Exact:

@@ -85,6 +85,9 @@ class EngineSpec:
     # An OpenAI-compatible server that runs this model (cousins/engine/served.py): no local engine;
     # model_path (or tokenizer) then only gives the tokenizer and chat template the prompts are rendered with.
     endpoint: Endpoint | None = None
+    # generate (vLLM's default) | pooling: the engine returns every position's final hidden state
+    # (the exact-KLD pass's hidden route: cousins/engine/kld_actor.py, cousins/engine/head.py)
+    runner: str = "generate"
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,15 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool | None = None) -> dict:
                 max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager, max_logprobs=spec.max_logprobs,
                 logprobs_mode="raw_logprobs", seed=0, **unchunked,
                 **({"gpu_memory_utilization": spec.gpu_memory_utilization}
-                   if spec.gpu_memory_utilization is not None and not on_cpu else {}))
+                   if spec.gpu_memory_utilization is not None and not on_cpu else {}),
+                **(POOLING if spec.runner == "pooling" else {}))
+
+
+# The hidden route's engine: every position's final hidden state (after the model's last norm), as
+# is: no pooling, no activation or normalisation; no prefix cache (a cached prefix is not recomputed,
+# so it would have no hidden states to return).
+POOLING = dict(runner="pooling", enable_prefix_caching=False,
+               pooler_config={"task": "token_embed", "pooling_type": "ALL", "use_activation": False})
 
 
 def sampling_kwargs(s: Sampling, seed: int, detokenize: bool) -> dict:
@@ -227,6 +238,24 @@ class VllmBackend:
 
         return SamplingParams(**kwargs)
 
+    def head(self, llm, spec: EngineSpec):
+        """The output head of a pooling engine's model, ready to apply to its hidden states
+        (cousins/engine/head.py), on this process's GPU if it has one, in the engine's dtype."""
+        import torch
+
+        from cousins.engine.checkpoints import model_config
+        from cousins.engine.head import load_head
+
+        mc = llm.llm_engine.model_config
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_head(mc.model, model_config(mc.model), mc.dtype, device)
+
+
+def hidden_states(llm, prompts: list) -> list:
+    """Every position's final hidden state of each prompt (a pooling engine: spec.runner), as
+    (positions, hidden) tensors on the host."""
+    return [o.outputs.data for o in llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)]
+
 
 def _warm_up(llm, spec: EngineSpec, lora=None) -> None:
     """One small call through everything a batch uses (sampling, top-k logprobs, prompt logprobs,
@@ -239,6 +268,9 @@ def _warm_up(llm, spec: EngineSpec, lora=None) -> None:
     base = tok.encode("warm up the engine " * 8, add_special_tokens=False) or [0]
     longest = max(1, min(len(base), spec.max_model_len // 2 - 8))
     prompts = [{"prompt_token_ids": base[:max(1, longest * (i + 1) // 8)]} for i in range(8)]
+    if spec.runner == "pooling":
+        hidden_states(llm, prompts)
+        return
     k = max(1, spec.max_logprobs)
     # (no prompt logprobs through a served adapter: vLLM's LoRA logits fail on a batch of them)
     llm.generate(prompts, SamplingParams(max_tokens=8, logprobs=k, prompt_logprobs=None if lora else k,

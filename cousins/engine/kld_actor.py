@@ -11,12 +11,19 @@ bounded chunks of positions), and writes only per-token numbers (schema.KLD: KL(
 and the tail mass). No full-vocabulary row is ever stored; the cost is a second engine per actor
 and the transfer of a vocabulary of logprobs per position from each engine (docs/benchmarks.md,
 "Exact KLD at a 152k vocabulary").
+
+That is the `lists` route. The `hidden` route (chosen before Ray starts where both heads can be
+applied by us: cousins/engine/head.py, `head_problem`) runs both models as vLLM pooling engines
+that return each position's final hidden state, applies each model's own head to the states at
+the output's positions only, and reduces on tensors (the same reduction and error rows): a few KiB
+a position from each engine instead of a vocabulary of Python objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 
 import numpy as np
@@ -25,8 +32,8 @@ import pyarrow as pa
 from cousins.contract import schema
 from cousins.drift.vocab_kld import PositionError, exact_kld
 from cousins.engine import templates
-from cousins.engine.backend import CORE_ENV, EngineSpec, VllmBackend
-from cousins.engine.feeder import Feeder, Gate
+from cousins.engine.backend import CORE_ENV, EngineSpec, VllmBackend, hidden_states
+from cousins.engine.feeder import EngineBroken, Feeder, Gate
 from cousins.engine.rows import SCORE_INPUT, check_rows, teacher_forced_inputs
 from cousins.engine.runner import EngineRunner, load_engine, lora_request, node_id
 from cousins.run.ledger import KLD, ledger_key
@@ -43,11 +50,54 @@ ALL_VOCAB = -1  # vLLM: every vocabulary entry's logprob
 LOGPROB_ENTRIES_IN_FLIGHT = 1 << 25
 
 
+# The hidden route: a batch goes through the engines in groups of rows of at most this many hidden
+# state entries (positions x hidden size) per engine: 256 MiB of float32 (65k positions at hidden
+# 1024, 8k at 8192); the heads then take a chunk of positions at a time (head.CHUNK_CELLS).
+HIDDEN_ENTRIES_IN_FLIGHT = 1 << 26
+ROUTES = ("hidden", "lists")
+
+
 def full_spec(spec: EngineSpec) -> EngineSpec:
     """`spec`'s engine allowing full-vocabulary logprobs, on half its GPU memory share (the actor's
     two engines share its GPU)."""
     share = spec.gpu_memory_utilization
     return dataclasses.replace(spec, max_logprobs=ALL_VOCAB, gpu_memory_utilization=share / 2 if share else None)
+
+
+def hidden_spec(spec: EngineSpec) -> EngineSpec:
+    """`spec`'s engine returning final hidden states (vLLM's pooling runner), on a little under half
+    its GPU memory share (the two engines share the actor's GPU, and each head's weight sits beside
+    them)."""
+    share = spec.gpu_memory_utilization
+    return dataclasses.replace(spec, runner="pooling", gpu_memory_utilization=share * 0.45 if share else None)
+
+
+class EncodeFeeder:
+    """A pooling engine's calls, one whole call at a time (vLLM's `encode` runs its requests to the
+    end), with what EngineRunner reads of a Feeder when an engine breaks."""
+
+    def __init__(self, llm, gate: Gate | None = None):
+        self.llm, self.gate = llm, gate or Gate()
+        self.lock = threading.Lock()
+        self.broken: BaseException | None = None
+        self.broken_with = 0
+        self.recorded, self.records = threading.Condition(), 0
+
+    def turn(self):
+        return self.gate.turn()
+
+    def run(self, prompts: list, solo: bool = False) -> tuple[list, float]:
+        """(hidden states of each prompt, engine seconds); EngineBroken once the engine raised."""
+        with self.lock, self.gate.turn():
+            if self.broken is not None:
+                raise EngineBroken(self.broken, during=False)
+            t0 = time.perf_counter()
+            try:
+                out = hidden_states(self.llm, prompts)
+            except Exception as e:  # noqa: BLE001 - whatever it was, the engine is done for
+                self.broken, self.broken_with = e, 1
+                raise EngineBroken(e, during=True, stepping=True) from e
+            return out, time.perf_counter() - t0
 
 
 def _groups(lengths: list[int], positions: int) -> list[list[int]]:
@@ -74,13 +124,26 @@ class KldActor(EngineRunner):
     generation rows (SCORE_INPUT), it returns one KLD row per row (schema.KLD)."""
 
     def __init__(self, original: EngineSpec, cousin: EngineSpec, ledger=None, tolerate_load_failure: bool = False,
-                 backend=None, reorder: bool = False):
+                 backend=None, reorder: bool = False, route: str = "lists"):
         """`reorder` (the noise floor): the cousin's engine takes the batch's rows in reverse order,
-        so its numbers come from other batch compositions than the original's, as in its scoring."""
-        self.spec, self.ledger, self.reorder = cousin, ledger, reorder
+        so its numbers come from other batch compositions than the original's, as in its scoring.
+        `route`: hidden (pooling engines, our heads) or lists (vLLM's full-vocabulary logprobs)."""
+        if route not in ROUTES:
+            raise ValueError(f"exact-KLD route {route!r}: one of {ROUTES}")
+        self.spec, self.ledger, self.reorder, self.route = cousin, ledger, reorder, route
         backend = backend or VllmBackend()
-        self.llm, self.load_error = load_engine(full_spec(cousin), backend, ledger, tolerate_load_failure)
-        self.reference, self.ref_error = load_engine(full_spec(original), backend, None, False)
+        engine = hidden_spec if route == "hidden" else full_spec
+        self.llm, self.load_error = load_engine(engine(cousin), backend, ledger, tolerate_load_failure)
+        self.reference, self.ref_error = load_engine(engine(original), backend, None, False)
+        if self.llm is not None and route == "hidden":
+            self.heads = (backend.head(self.reference, original), None)
+            try:
+                self.heads = (self.heads[0], backend.head(self.llm, cousin))
+            except Exception as e:  # noqa: BLE001 - the cousin's error rows, as a failed load
+                if not tolerate_load_failure:
+                    raise
+                self.llm, self.load_error = None, f"exact KLD cannot apply the head of {cousin.model_name!r}: " \
+                                                  f"{type(e).__name__}: {e}"[:2000]
         if self.llm is not None:
             self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
                                          flat_logprobs=True)
@@ -91,8 +154,11 @@ class KldActor(EngineRunner):
             # Cores in this process (vLLM's in-process engine core) must not step at once: they
             # would share vLLM's global forward context. In processes of their own they may.
             gate = None if os.environ.get(CORE_ENV) == "1" else Gate()
-            self.feeder = Feeder(self.llm, gate, lora=lora_request(backend, cousin))
-            self.ref_feeder = Feeder(self.reference, gate)
+            if route == "hidden":
+                self.feeder, self.ref_feeder = EncodeFeeder(self.llm, gate), EncodeFeeder(self.reference, gate)
+            else:
+                self.feeder = Feeder(self.llm, gate, lora=lora_request(backend, cousin))
+                self.ref_feeder = Feeder(self.reference, gate)
             self.original_format = original.prompt_format
         self.actor = f"{node_id()}:{os.getpid()}"
 
@@ -108,6 +174,40 @@ class KldActor(EngineRunner):
             "tail_mass_tokens": pa.nulls(n, pa.list_(pa.float32())), "engine_time_s": pa.nulls(n, pa.float64()),
             "error": pa.array([reason] * n, pa.string())}, schema=schema.KLD))
 
+    def _hidden(self, rows: list[dict], todo: list[int], inputs: list[list[int]], errors: list, klds: dict,
+                solo: bool) -> None:
+        """The hidden route of `_rows`: both engines' final hidden states of a group of rows, each
+        model's head applied at the output's positions only."""
+        from cousins.engine.head import exact_from_hidden
+
+        head_p, head_q = self.heads
+        widest = max(int(head_p.weight.shape[1]), int(head_q.weight.shape[1]))
+        for group in _groups([len(x) for x in inputs], max(1, HIDDEN_ENTRIES_IN_FLIGHT // widest)):
+            prompts = [{"prompt_token_ids": inputs[j]} for j in group]
+            hp, _ = self.ref_feeder.run(prompts, solo)
+            if self.reorder:
+                hq = self.feeder.run(prompts[::-1], solo)[0][::-1]
+            else:
+                hq, _ = self.feeder.run(prompts, solo)
+            for i, ids, p, q in zip([todo[j] for j in group], [inputs[j] for j in group], hp, hq):
+                n = len(rows[i]["output_token_ids"])
+                start = len(ids) - n  # the state at position t gives the distribution of token t + 1
+                try:
+                    if start < 1:
+                        raise PositionError(0, "the output starts the sequence: no position predicts its first token")
+                    for who, h in (("original", p), ("cousin", q)):
+                        if h is None or int(h.shape[0]) != len(ids):
+                            raise PositionError(0, f"the {who}'s engine returned "
+                                                   f"{'no' if h is None else int(h.shape[0])} hidden states for "
+                                                   f"{len(ids)} positions")
+                    e = exact_from_hidden(p[start - 1:len(ids) - 1], q[start - 1:len(ids) - 1], head_p, head_q,
+                                          self.vocab)
+                except PositionError as err:  # this row only: the batch's other rows go on
+                    errors[i] = f"exact KLD at {err}"
+                    continue
+                klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld), e.tail_mass.astype(np.float32).tolist())
+            del hp, hq
+
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
         rows = batch.select(SCORE_INPUT).to_pylist()
         todo, inputs, errors = teacher_forced_inputs(
@@ -116,7 +216,10 @@ class KldActor(EngineRunner):
             self.spec.max_model_len)
         klds: dict[int, tuple[list, list, list]] = {}
         t0 = time.perf_counter()
-        for group in _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1))):
+        if self.route == "hidden":
+            self._hidden(rows, todo, inputs, errors, klds, solo)
+        for group in ([] if self.route == "hidden" else
+                      _groups([len(x) for x in inputs], max(1, LOGPROB_ENTRIES_IN_FLIGHT // (self.vocab + 1)))):
             prompts = [{"prompt_token_ids": inputs[j]} for j in group]
             p_out, _ = self.ref_feeder.run(prompts, self.params, solo)
             if self.reorder:

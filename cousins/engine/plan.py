@@ -200,3 +200,29 @@ def sampling_record(cfg: Config) -> SamplingRecord:
     s = sampling(cfg)
     return SamplingRecord(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                           logprobs=s.logprobs, stop=list(s.stop))
+
+
+def head_refusal(cfg: Config, name: str) -> str | None:
+    """Why model `name`'s head cannot be applied to its hidden states by us (cousins/engine/head.py),
+    from its config.json; None when it can."""
+    from cousins.engine.head import head_problem
+
+    s = source(cfg, name)
+    try:
+        config = checkpoints.model_config(s.path, s.revision)
+    except checkpoints.CheckpointError as e:
+        return f"its config cannot be read here ({e})"
+    return head_problem(config, trust_remote_code=s.trust_remote_code, gguf=checkpoints.is_gguf(s.path),
+                        lora_served=bool(s.lora) and s.lora_mode == "serve")
+
+
+def kld_route(cfg: Config, name: str) -> tuple[str, str | None]:
+    """How the exact-KLD pass of compared model `name` (a cousin, the noise floor) gets its
+    distributions, and why not by hidden states when it does not (drift.kld_route)."""
+    if cfg.drift.kld_route == "lists":
+        return "lists", "drift.kld_route=lists"
+    original = head_refusal(cfg, cfg.model.name)
+    own = head_refusal(cfg, name) if name in cfg.cousins else None
+    why = (f"the original's head cannot be applied: {original}" if original else
+           f"its head cannot be applied: {own}" if own else None)
+    return ("lists", why) if why else ("hidden", None)

@@ -263,3 +263,30 @@ def prepare_before_ray(cfg: Config, *, scoring: bool = False) -> None:
     build_quantized_cousins(cfg)
     check_vocabularies(cfg)
     check_models(cfg, scoring=scoring)
+    if scoring:
+        check_kld_routes(cfg)
+
+
+def check_kld_routes(cfg: Config) -> None:
+    """drift.kld=exact: how each compared model's exact pass gets its distributions, printed
+    (cousins/engine/plan.py, kld_route); ConfigError naming every model drift.kld_route=hidden
+    cannot take, and why."""
+    from cousins.contract.records import NOISE_FLOOR
+
+    if cfg.drift.kld != "exact":
+        return
+    problems = []
+    names = [n for n, c in cfg.cousins.items() if not c.text_only] + ([NOISE_FLOOR] if cfg.drift.noise_floor else [])
+    for name in names:
+        c = cfg.cousins.get(name)
+        if c is not None and c.build is not None and not os.path.exists(os.path.join(c.path, "config.json")):
+            print(f"exact KLD of {name!r}: its route is decided once it is built", flush=True)
+            continue
+        route, why = plan.kld_route(cfg, name)
+        if cfg.drift.kld_route == "hidden" and route != "hidden":
+            problems.append(f"{_where(cfg, name)}: drift.kld_route=hidden, but {why}; use drift.kld_route=auto")
+        print(f"exact KLD of {name!r}: " + ("final hidden states, each model's head applied by cousins"
+                                            if route == "hidden" else f"vLLM's full-vocabulary logprobs ({why})"),
+              flush=True)
+    if problems:
+        raise ConfigError(problems)

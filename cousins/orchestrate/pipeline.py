@@ -167,16 +167,20 @@ def run_drift(cfg: Config, run: Run | None = None, *, backend=None) -> tuple[Run
         scores = {e.name: _score(cfg, run, e, original, backend) for e in scorers}
         t2 = time.perf_counter()
         d = cfg.drift
+        routes = {}
         if d.kld == "exact":  # one more pass per compared model: its engine and the original's in one actor
             for e in [e for e in scorers[1:] if e.name not in failed]:
+                route, why = plan.kld_route(cfg, e.name)  # (as printed before Ray; a student built since, now)
+                routes[e.name] = route if why is None else f"{route}: {why}"
                 stage_kld(run, entry=e, original=plan.engine_spec(cfg, original), spec=plan.engine_spec(cfg, e),
-                          where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend)
+                          where=plan.placement(cfg, e.name), rows_per_file=cfg.storage.rows_per_file, backend=backend,
+                          route=route)
         t3 = time.perf_counter()
     settings = DiffSettings(score_topk=d.score_topk, rule=Rule.of_config(cfg), worst_n=d.worst_n,
                             bootstrap=BootstrapSpec.of(d), kld=d.kld)
     summary = stage_diff(run, entries, settings,
                          extra={"accounting": {s.model: encode(s.accounting()) for s in stats},
-                                "cost_currency": cfg.cost.currency},
+                                "cost_currency": cfg.cost.currency, **({"kld_routes": routes} if routes else {})},
                          timings={"generate_s": t1 - t0, "score_s": t2 - t1,
                                   **({"kld_s": t3 - t2} if d.kld == "exact" else {}),
                                   # the engines' working windows (first batch begun to last done),

@@ -351,9 +351,10 @@ def stage_score(run: Run, *, entry: ModelEntry, original: str, spec: EngineSpec,
 
 
 def stage_kld(run: Run, *, entry: ModelEntry, original: EngineSpec, spec: EngineSpec, where: Placement,
-              rows_per_file: int, backend=None) -> ScoresDone:
+              rows_per_file: int, backend=None, route: str = "lists") -> ScoresDone:
     """`entry`'s exact per-token KLD against the original over the original's outputs
-    (cousins/engine/kld_actor.py; kld/model=NAME). An unfinished stage is redone whole, as scoring is."""
+    (cousins/engine/kld_actor.py; kld/model=NAME), by `route` (hidden states or vLLM's lists). An
+    unfinished stage is redone whole, as scoring is."""
     out = run.layout.kld(entry.name)
     if run.done(out):
         return run.marker(out, ScoresDone)
@@ -364,7 +365,7 @@ def stage_kld(run: Run, *, entry: ModelEntry, original: EngineSpec, spec: Engine
         _original_rows(run, original.model_name), expected, mode="kld", model=entry.name, where=where,
         what=f"exact KLD of {entry.name!r}", bar=Bar(f"exact KLD {entry.name}", expected), out=out,
         rows_per_file=rows_per_file, original=original, cousin=spec, tolerate_load_failure=not entry.is_original,
-        backend=backend, reorder=entry.reorder)
+        backend=backend, reorder=entry.reorder, route=route)
     return _finish_scores(run, entry, out, expected, time.perf_counter() - t0, where, reports[KLD],
                           what="exact KLD")
 

@@ -1,0 +1,235 @@
+"""A model's output head applied by us, to the final hidden states vLLM returns (drift.kld=exact on the
+`hidden` route: cousins/engine/kld_actor.py). Torch and safetensors only; no vLLM import.
+
+vLLM hands full-vocabulary logprobs over as Python lists (~62 ms and ~20 MiB per position per
+engine at a 152k vocabulary: docs/benchmarks.md). Its pooling runner instead returns each
+position's final hidden state (after the last norm, as the model's own quantized kernels computed
+it), a few KiB a position. The head is then one matmul: logits = h · Wᵀ (+ bias), the
+architecture's own transforms, log-softmax in float64 (cousins/drift/vocab_kld.py reduces them).
+
+What is applied, as vLLM's `LogitsProcessor` does it:
+- the head's weight: `lm_head.weight`, or the input embedding when the config ties them
+  (`tie_word_embeddings`, or a checkpoint that stores no head);
+- a bias (`lm_head.bias`) where the checkpoint has one;
+- final logit soft-capping (Gemma 2/3: `final_logit_softcapping`): cap · tanh(logits / cap);
+- logit scaling: `logit_scale` (Cohere, some Llamas) multiplies, `logits_scaling` (Granite)
+  divides, `lm_head_multiplier` (Falcon-H1) multiplies.
+The matmul runs in the engine's dtype (bf16 engines round logits to bf16 as vLLM's own head does);
+everything after it in float64.
+
+What is refused, with the reason (the exact pass then takes vLLM's lists: `head_problem`, decided
+before Ray starts): a quantized head (compressed-tensors without `lm_head` in `ignore`, GPTQ's
+`lm_head: true`, or a head stored packed or in int8/fp8), a head transform this module does not
+know (MiniCPM's `dim_model_base`), code from the model's repository (`trust_remote_code`), GGUF
+files, and a LoRA adapter served unmerged (it may change the head; a merged one is in the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cousins.drift.vocab_kld import Exact, PositionError, reduce_dense
+
+# config keys that change the head's output in ways this module does not apply
+UNKNOWN_TRANSFORMS = {"dim_model_base": "MiniCPM divides the hidden state by hidden_size / dim_model_base",
+                      "scale_width": "MiniCPM divides the hidden state by its scale_width"}
+QUANTIZED_PARTS = ("weight_packed", "qweight", "weight_scale", "scales", "qzeros", "weight_zero_point", "g_idx",
+                   "SCB", "weight_shape")
+# float64 cells of one (positions, head width) array of a chunk: 16 MiB (13 positions at 152k); a
+# reduction holds about ten such arrays at once
+CHUNK_CELLS = 1 << 21
+
+
+class HeadError(ValueError):
+    """The head cannot be applied outside vLLM (the exact pass takes vLLM's lists for this pair)."""
+
+
+def head_problem(config: dict, *, trust_remote_code: bool = False, gguf: bool = False,
+                 lora_served: bool = False) -> str | None:
+    """Why a model's head cannot be applied to its hidden states by us (None: it can), from its
+    config.json and how it is run."""
+    if gguf:
+        return "a GGUF model (its head is inside the GGUF file)"
+    if trust_remote_code:
+        return "the model runs code from its repository (trust_remote_code): its head may do anything"
+    if lora_served:
+        return "a LoRA adapter served unmerged (lora_mode=serve) may change the head"
+    for k, why in UNKNOWN_TRANSFORMS.items():
+        if config.get(k) is not None:
+            return f"its head transform is not one this route applies ({k}: {why})"
+    q = config.get("quantization_config") or {}
+    method = str(q.get("quant_method", "")).lower()
+    if method == "compressed-tensors" and q.get("config_groups"):
+        ignore = [str(x) for x in q.get("ignore") or []]
+        if not any(x == "lm_head" or x.endswith(".lm_head") or (x.startswith("re:") and "lm_head" in x)
+                   for x in ignore):
+            return "its head is quantized (compressed-tensors without lm_head in ignore)"
+    if q.get("lm_head") is True:
+        return f"its head is quantized ({method or 'quantization_config'} lm_head: true)"
+    return None
+
+
+def _transforms(config: dict) -> tuple[float | None, float]:
+    """(soft cap or None, scale) of the logits, from the config."""
+    cap = config.get("final_logit_softcapping")
+    scale = 1.0
+    for k in ("logit_scale", "lm_head_multiplier"):
+        if config.get(k) is not None:
+            scale *= float(config[k])
+    if config.get("logits_scaling") is not None:
+        scale /= float(config["logits_scaling"])
+    return (float(cap) if cap else None), scale
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file holding it, from the index or the files' headers."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    out: dict[str, str] = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                out.update((k, os.path.join(path, name)) for k in f.keys())
+    if not out:
+        raise HeadError(f"{path}: no safetensors weights to read the head from")
+    return out
+
+
+def _pick(names: dict[str, str], suffix: str) -> str | None:
+    hits = sorted((k for k in names if k == suffix or k.endswith("." + suffix)), key=len)
+    return hits[0] if hits else None
+
+
+@dataclass
+class Head:
+    """A head ready to apply: weight (W, H) on its device in the engine's dtype, optional bias,
+    soft cap and scale."""
+
+    weight: object  # torch.Tensor (torch is imported where a head is made, never by the driver)
+    bias: object | None = None
+    soft_cap: float | None = None
+    scale: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logprobs(self, hidden):
+        """(C, W) float64 log-probabilities of positions' hidden states (C, H), a torch tensor."""
+        import torch
+
+        return torch.log_softmax(self.logits(hidden), dim=-1)
+
+    def logits(self, hidden):
+        """(C, W) float64 logits of positions' hidden states (C, H): the matmul in the head's dtype
+        (as vLLM's), the transforms in float64."""
+        import torch
+
+        h = hidden.to(device=self.weight.device, dtype=self.weight.dtype)
+        logits = h @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        logits = logits.double()
+        if self.soft_cap is not None:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return logits
+
+
+def load_head(path: str, config: dict, dtype, device: str = "cpu") -> Head:
+    """The head of the local checkpoint at `path` (config.json's `config`) in torch `dtype` on
+    `device`, as vLLM applies it; raises HeadError for a head this route cannot apply (see
+    head_problem, checked again on the tensors)."""
+    import torch
+    from safetensors import safe_open
+
+    problem = head_problem(config)
+    if problem:
+        raise HeadError(problem)
+    names = _tensor_files(path)
+    packed = sorted(k for k in names if any(k.endswith(f"lm_head.{x}") for x in QUANTIZED_PARTS))
+    if packed:
+        raise HeadError(f"its head is stored quantized ({', '.join(packed)})")
+    own = _pick(names, "lm_head.weight")
+    tied = config.get("tie_word_embeddings")
+    key = own if own is not None and tied is not True else None
+    if key is None and (tied is True or (own is None and tied is None)):
+        key = _pick(names, "embed_tokens.weight") or _pick(names, "wte.weight") or _pick(names, "word_embeddings.weight")
+    if key is None:
+        raise HeadError(f"{path}: no lm_head.weight (and the config does not tie the head to the embedding)")
+    stem = key[:-len("weight")]
+    if any(k.startswith(stem) and k[len(stem):] in QUANTIZED_PARTS for k in names):
+        raise HeadError(f"its head is stored quantized (beside {key})")
+    with safe_open(names[key], "pt") as f:
+        weight = f.get_tensor(key)
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise HeadError(f"its head is stored as {weight.dtype} (quantized): {key}")
+    bias = None
+    if key.endswith("lm_head.weight") and (stem + "bias") in names:
+        with safe_open(names[stem + "bias"], "pt") as f:
+            bias = f.get_tensor(stem + "bias").to(device=device, dtype=dtype)
+    cap, scale = _transforms(config)
+    return Head(weight=weight.to(device=device, dtype=dtype), bias=bias, soft_cap=cap, scale=scale)
+
+
+def exact_from_hidden(hp, hq, head_p: Head, head_q: Head, vocab: int, chunk_cells: int = CHUNK_CELLS) -> Exact:
+    """KL(p ‖ q), KL(q ‖ p) and the tail mass at the positions whose final hidden states are `hp`
+    (the original's, (n, Hp)) and `hq` (the cousin's, (n, Hq)): each model's head applied to its
+    own, then the reduction of cousins/drift/vocab_kld.py over the vocabulary [0, vocab), a chunk
+    of positions at a time on the heads' device. PositionError (counted from the first row) at the
+    first position that cannot give a finite KLD."""
+    n = int(hp.shape[0])
+    if int(hq.shape[0]) != n:
+        raise PositionError(0, f"the engines returned {n} and {int(hq.shape[0])} hidden states for one row")
+    size = max(1, chunk_cells // max(head_p.width, head_q.width))
+    parts = [reduce_logits(head_p.logits(hp[t:t + size]), head_q.logits(hq[t:t + size]), vocab, t)
+             for t in range(0, n, size)]
+    if not parts:
+        return Exact(np.zeros(0), np.zeros(0), np.zeros(0))
+    return Exact(*(np.concatenate([getattr(x, k) for x in parts]) for k in ("kld", "rkld", "tail_mass")))
+
+
+def reduce_logits(xp, xq, vocab: int, first: int) -> Exact:
+    """reduce_dense's figures from two chunks of float64 logits ((C, Wp), (C, Wq)), in about half its
+    passes over the vocabulary: a log-softmax is normalised by construction, so there is no mass
+    to check or renormalise, and each KL is two dot products (Σ p·log p − Σ p·log q) instead of
+    three elementwise passes and a sum. A chunk with anything non-finite goes through reduce_dense,
+    which names the position and the id (the same error rows as the lists route)."""
+    import torch
+
+    if not (bool(torch.isfinite(xp).all()) and bool(torch.isfinite(xq).all())):
+        return reduce_dense(torch.log_softmax(xp, dim=-1), torch.log_softmax(xq, dim=-1), vocab, first)
+    lp, lq = (x - torch.logsumexp(x, dim=1, keepdim=True) for x in (xp, xq))
+    padded_p, padded_q = xp.shape[1] > vocab, xq.shape[1] > vocab
+    tp = torch.logsumexp(lp[:, vocab:], dim=1) if padded_p else None
+    tq = torch.logsumexp(lq[:, vocab:], dim=1) if padded_q else None
+    lp, lq = lp[:, :vocab], lq[:, :vocab]
+    if padded_p != padded_q:  # one head exactly V wide: the padded side renormalised over V (reduce_dense)
+        tail = tp if padded_p else tq
+        tails = torch.exp(tail)
+        fix = torch.log1p(-torch.clamp(tails, max=1 - 1e-12))[:, None]
+        lp, lq = (lp - fix, lq) if padded_p else (lp, lq - fix)
+        tp = tq = None
+    p, q = torch.exp(lp), torch.exp(lq)
+
+    def dot(a, b):
+        return torch.einsum("ij,ij->i", a, b)
+
+    kld, rkld = dot(p, lp) - dot(p, lq), dot(q, lq) - dot(q, lp)
+    if tp is not None:
+        pt, qt = torch.exp(tp), torch.exp(tq)
+        kld, rkld = kld + pt * (tp - tq), rkld + qt * (tq - tp)
+        tails = torch.maximum(pt, qt)
+    elif padded_p == padded_q:
+        tails = torch.zeros_like(kld)
+    kld, rkld, tails = (x.cpu().numpy() for x in (kld, rkld, tails))
+    return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld), tail_mass=tails)

@@ -111,12 +111,26 @@ def test_kld_from_hidden_states_equals_the_float64_reference_with_padded_heads(c
     np.testing.assert_allclose(got.rkld, want[:, 1], rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(got.tail_mass, want[:, 2], rtol=1e-9)
     assert (got.tail_mass > 1e-4).all()
+    # a head exactly V wide against a padded one: the padded side renormalised over V (reduce_dense's rule)
+    from cousins.drift.vocab_kld import reduce_dense
+
+    narrow = Head(weight=wq[:vocab])
+    for a, b, ha, hb in ((hp, hq, head_p, narrow), (hq, hp, narrow, head_p)):
+        one = exact_from_hidden(a, b, ha, hb, vocab, chunk_cells=chunk_cells)
+        ref = reduce_dense(ha.logprobs(a), hb.logprobs(b), vocab, 0)
+        for k in ("kld", "rkld", "tail_mass"):
+            np.testing.assert_allclose(getattr(one, k), getattr(ref, k), rtol=1e-9, atol=1e-13)
+        assert (one.tail_mass > 1e-4).all()
     same = exact_from_hidden(hp, hp, head_p, head_p, vocab, chunk_cells=chunk_cells)
     assert np.abs(same.kld).max() < 1e-15
     bad = hq.clone()
     bad[11, 2] = math.nan
     with pytest.raises(PositionError, match=r"output position 11: the cousin's logprob of id 0 is nan"):
         exact_from_hidden(hp, bad, head_p, head_q, vocab, chunk_cells=chunk_cells)
+    # the cousin's padded rows at probability 0 where the original's hold mass: KL(p ‖ q) is infinite
+    dead = Head(weight=wq, bias=torch.cat([torch.zeros(vocab), torch.full((3,), -math.inf)]).double())
+    with pytest.raises(PositionError, match=r"output position 0: the cousin gives probability 0 to its ids ≥"):
+        exact_from_hidden(hp, hq, head_p, dead, vocab, chunk_cells=chunk_cells)
 
 
 @pytest.mark.parametrize("reorder", [False, True])
@@ -228,3 +242,7 @@ def test_the_route_is_chosen_and_printed_before_ray_and_a_forced_one_refused_wit
     assert [p.split(":")[0] for p in info.value.problems] == ["cousins.q", "cousins.r"]
     lists = to_config(compose(*base, "drift.kld_route=lists", config_name="drift"))
     assert plan.kld_route(lists, "p") == ("lists", "drift.kld_route=lists")
+    unreadable = to_config(compose(*base[:-2], f"+cousins.p.path={tmp_path / 'nothing'}", "+cousins.p.kind=quantized",
+                                   config_name="drift"))
+    route, why = plan.kld_route(unreadable, "p")
+    assert route == "lists" and "its config cannot be read here" in why

@@ -101,10 +101,15 @@ def test_a_drift_run_commits_with_the_noise_floor_at_zero_and_a_failed_cousin_as
     assert read_marker(run.layout.scores("q"), records.ScoresDone).retries["shared_engine_with_generation"]
 
 
-def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run):
+def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run, monkeypatch):
     """drift.kld=exact on the same prompts and seeds as the top-k run: a kld/ stage per compared
-    model, the drift rows' KLD from it (at least the top-k bound at every token), the noise floor
-    at 0, no rest-mass warning, and the diff recomputed from the stored stages the same."""
+    model by hidden states (the fake models have no config.json to read their heads' settings
+    from: taken as plain heads here), the drift rows' KLD from it (at least the top-k bound at
+    every token), the noise floor at 0, no rest-mass warning, and the diff recomputed from the
+    stored stages the same."""
+    from cousins.engine import plan
+
+    monkeypatch.setattr(plan, "head_refusal", lambda cfg, name: None)
     cfg, _, topk = drift_run
     home = Path(cfg.model.path).parent  # the same (fake) teacher and storage as the top-k run
     exact_cfg = fake_config(home, "run=greedy", "run.run_id=fake-exact", "drift.bootstrap=50", "cousins=none",
@@ -113,6 +118,7 @@ def test_exact_kld_replaces_the_bound_row_by_row_and_is_never_below_it(drift_run
                             config_name="drift")
     result, summary = run_drift(exact_cfg, backend=FakeBackend(fail_loading=("broken",)))
     assert summary["kld"] == "exact" and summary["warnings"] == [] and "whole vocabulary" in summary["kld_bound"]
+    assert summary["kld_routes"] == {"q": "hidden", "noise-floor": "hidden"}  # both heads plain: by hidden states
     run = committed(resolve(exact_cfg.storage.root), result.run_id)
     assert set(run.typed().stages) >= {"kld/model=q", "kld/model=noise-floor"}
     assert "kld/model=broken" not in run.typed().stages  # it never loaded: nothing to compare

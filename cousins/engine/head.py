@@ -199,37 +199,44 @@ def exact_from_hidden(hp, hq, head_p: Head, head_q: Head, vocab: int, chunk_cell
 
 
 def reduce_logits(xp, xq, vocab: int, first: int) -> Exact:
-    """reduce_dense's figures from two chunks of float64 logits ((C, Wp), (C, Wq)), in about half its
-    passes over the vocabulary: a log-softmax is normalised by construction, so there is no mass
-    to check or renormalise, and each KL is two dot products (Σ p·log p − Σ p·log q) instead of
-    three elementwise passes and a sum. A chunk with anything non-finite goes through reduce_dense,
-    which names the position and the id (the same error rows as the lists route)."""
+    """reduce_dense's figures from two chunks of float64 logits ((C, Wp), (C, Wq)) in a third of its
+    passes over the vocabulary. Per model one exponential e = exp(x − max), its sum s and its tail's
+    sum; log Z = max + log s; then each KL is two dot products over the ids < V,
+        Σ p·(log p − log q) = (e·x_p − e·x_q) / s − P_V · (log Z_p − log Z_q),
+    P_V the model's mass below V, plus the tail bucket's term. There is no mass to check: the
+    distributions are normalised by construction. A padded head against one exactly V wide is
+    renormalised over V (its normaliser is its mass below V), as reduce_dense does. A chunk with
+    anything non-finite (a NaN or infinite logit, a tail one model gives probability 0 that the
+    other does not) goes through reduce_dense, which names the position and the problem: the same
+    error rows as the lists route."""
     import torch
 
-    if not (bool(torch.isfinite(xp).all()) and bool(torch.isfinite(xq).all())):
-        return reduce_dense(torch.log_softmax(xp, dim=-1), torch.log_softmax(xq, dim=-1), vocab, first)
-    lp, lq = (x - torch.logsumexp(x, dim=1, keepdim=True) for x in (xp, xq))
-    padded_p, padded_q = xp.shape[1] > vocab, xq.shape[1] > vocab
-    tp = torch.logsumexp(lp[:, vocab:], dim=1) if padded_p else None
-    tq = torch.logsumexp(lq[:, vocab:], dim=1) if padded_q else None
-    lp, lq = lp[:, :vocab], lq[:, :vocab]
-    if padded_p != padded_q:  # one head exactly V wide: the padded side renormalised over V (reduce_dense)
-        tail = tp if padded_p else tq
-        tails = torch.exp(tail)
-        fix = torch.log1p(-torch.clamp(tails, max=1 - 1e-12))[:, None]
-        lp, lq = (lp - fix, lq) if padded_p else (lp, lq - fix)
-        tp = tq = None
-    p, q = torch.exp(lp), torch.exp(lq)
+    def side(x):
+        m = x.amax(dim=1)
+        e = (x - m[:, None]).exp_()
+        total = e.sum(dim=1)
+        tail = e[:, vocab:].sum(dim=1) if x.shape[1] > vocab else torch.zeros_like(total)
+        return m, e, total, tail
+
+    (mp, ep, sp, tp), (mq, eq, sq, tq) = side(xp), side(xq)
+    tails = torch.maximum(tp / sp, tq / sq)
+    both = (xp.shape[1] > vocab) == (xq.shape[1] > vocab)
+    norm_p, norm_q = (sp, sq) if both else (sp - tp, sq - tq)  # one padded: renormalised over V
+    lzp, lzq = mp + torch.log(norm_p), mq + torch.log(norm_q)
+    pv, qv = (sp - tp) / norm_p, (sq - tq) / norm_q
 
     def dot(a, b):
         return torch.einsum("ij,ij->i", a, b)
 
-    kld, rkld = dot(p, lp) - dot(p, lq), dot(q, lq) - dot(q, lp)
-    if tp is not None:
-        pt, qt = torch.exp(tp), torch.exp(tq)
-        kld, rkld = kld + pt * (tp - tq), rkld + qt * (tq - tp)
-        tails = torch.maximum(pt, qt)
-    elif padded_p == padded_q:
-        tails = torch.zeros_like(kld)
+    a, b, ea, eb = xp[:, :vocab], xq[:, :vocab], ep[:, :vocab], eq[:, :vocab]
+    kld = (dot(ea, a) - dot(ea, b)) / norm_p - pv * (lzp - lzq)
+    rkld = (dot(eb, b) - dot(eb, a)) / norm_q - qv * (lzq - lzp)
+    if both and xp.shape[1] > vocab:  # the tail buckets: p_t (log p_t − log q_t), and the other way
+        pt, qt = tp / sp, tq / sq
+        lpt, lqt = torch.log(tp) + mp - lzp, torch.log(tq) + mq - lzq
+        kld = kld + torch.where(pt > 0, pt * (lpt - lqt), torch.zeros_like(pt))
+        rkld = rkld + torch.where(qt > 0, qt * (lqt - lpt), torch.zeros_like(qt))
+    if not (bool(torch.isfinite(kld).all()) and bool(torch.isfinite(rkld).all())):
+        return reduce_dense(torch.log_softmax(xp, dim=-1), torch.log_softmax(xq, dim=-1), vocab, first)
     kld, rkld, tails = (x.cpu().numpy() for x in (kld, rkld, tails))
     return Exact(kld=np.where(kld < 0.0, 0.0, kld), rkld=np.where(rkld < 0.0, 0.0, rkld), tail_mass=tails)

@@ -121,6 +121,18 @@ def test_kld_from_hidden_states_equals_the_float64_reference_with_padded_heads(c
         for k in ("kld", "rkld", "tail_mass"):
             np.testing.assert_allclose(getattr(one, k), getattr(ref, k), rtol=1e-9, atol=1e-13)
         assert (one.tail_mass > 1e-4).all()
+    # rows reduced together, the heads' matmul over blocks across rows (or splitting them): the same
+    # figures row by row, and a row whose state is NaN an error of its own
+    from cousins.engine.head import exact_rows
+
+    cut = [0, 5, 6, 17]
+    rows_p, rows_q = [hp[a:b] for a, b in zip(cut, cut[1:])], [hq[a:b] for a, b in zip(cut, cut[1:])]
+    rows_q[1] = rows_q[1].clone().fill_(math.nan)
+    for block_cells in (1, 3 * (vocab + 7), 1 << 20):
+        got_rows = exact_rows(rows_p, rows_q, head_p, head_q, vocab, chunk_cells, block_cells)
+        assert isinstance(got_rows[1], PositionError) and got_rows[1].position == 0
+        for r in (0, 2):
+            np.testing.assert_allclose(got_rows[r].kld, got.kld[cut[r]:cut[r + 1]], rtol=1e-12, atol=1e-15)
     same = exact_from_hidden(hp, hp, head_p, head_p, vocab, chunk_cells=chunk_cells)
     assert np.abs(same.kld).max() < 1e-15
     bad = hq.clone()

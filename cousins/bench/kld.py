@@ -66,7 +66,7 @@ def random_model(path: str, width: int, hidden: int, seed: int) -> str:
         return path
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=width, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=max(2, hidden // 64), num_key_value_heads=max(2, hidden // 64), max_position_embeddings=1024,
                       tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -88,11 +88,11 @@ def _spec(name: str, path: str, rows: int, length: int):
 
 def route_hidden(engines, heads, prompts, start: int, n: int):
     from cousins.engine.backend import hidden_states
-    from cousins.engine.head import exact_from_hidden
+    from cousins.engine.head import exact_rows
 
     hp, hq = hidden_states(engines[0], prompts), hidden_states(engines[1], prompts)
-    return [exact_from_hidden(p[start - 1:start - 1 + n], q[start - 1:start - 1 + n], *heads, VOCAB).kld
-            for p, q in zip(hp, hq)]
+    return [e.kld for e in exact_rows([p[start - 1:start - 1 + n] for p in hp], [q[start - 1:start - 1 + n] for q in hq],
+                                      *heads, VOCAB)]
 
 
 def route_lists(engines, params, prompts, start: int, n: int):

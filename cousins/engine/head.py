@@ -42,6 +42,10 @@ QUANTIZED_PARTS = ("weight_packed", "qweight", "weight_scale", "scales", "qzeros
 # float64 cells of one (positions, head width) array of a chunk: 16 MiB (13 positions at 152k); a
 # reduction holds about ten such arrays at once
 CHUNK_CELLS = 1 << 21
+# cells (positions x head width) of one matmul's output, in the head's dtype: 64 MiB of float32, 110
+# positions at 152k. A matmul of few positions is bound by reading the head's weight (545 MB for
+# 152k x 896 in float32): 13 positions at a time ran at 28 GFLOP/s here, 128 at 96.
+BLOCK_CELLS = 1 << 24
 
 
 class HeadError(ValueError):
@@ -131,13 +135,22 @@ class Head:
     def logits(self, hidden):
         """(C, W) float64 logits of positions' hidden states (C, H): the matmul in the head's dtype
         (as vLLM's), the transforms in float64."""
+        return self.finish(self.matmul(hidden))
+
+    def matmul(self, hidden):
+        """h · Wᵀ (+ bias) in the head's dtype, as vLLM's head computes it (one matmul for many
+        positions: the weight is read from memory once per call, whatever the number of rows)."""
         import torch
 
         h = hidden.to(device=self.weight.device, dtype=self.weight.dtype)
-        logits = h @ self.weight.T
-        if self.bias is not None:
-            logits = logits + self.bias
-        logits = logits.double()
+        out = torch.nn.functional.linear(h, self.weight)
+        return out if self.bias is None else out + self.bias
+
+    def finish(self, raw):
+        """matmul's output as float64 logits, the head's transforms applied."""
+        import torch
+
+        logits = raw.double()
         if self.soft_cap is not None:
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
         if self.scale != 1.0:
@@ -183,19 +196,59 @@ def load_head(path: str, config: dict, dtype, device: str = "cpu") -> Head:
 
 def exact_from_hidden(hp, hq, head_p: Head, head_q: Head, vocab: int, chunk_cells: int = CHUNK_CELLS) -> Exact:
     """KL(p ‖ q), KL(q ‖ p) and the tail mass at the positions whose final hidden states are `hp`
-    (the original's, (n, Hp)) and `hq` (the cousin's, (n, Hq)): each model's head applied to its
-    own, then the reduction of cousins/drift/vocab_kld.py over the vocabulary [0, vocab), a chunk
-    of positions at a time on the heads' device. PositionError (counted from the first row) at the
-    first position that cannot give a finite KLD."""
-    n = int(hp.shape[0])
-    if int(hq.shape[0]) != n:
-        raise PositionError(0, f"the engines returned {n} and {int(hq.shape[0])} hidden states for one row")
-    size = max(1, chunk_cells // max(head_p.width, head_q.width))
-    parts = [reduce_logits(head_p.logits(hp[t:t + size]), head_q.logits(hq[t:t + size]), vocab, t)
-             for t in range(0, n, size)]
-    if not parts:
-        return Exact(np.zeros(0), np.zeros(0), np.zeros(0))
-    return Exact(*(np.concatenate([getattr(x, k) for x in parts]) for k in ("kld", "rkld", "tail_mass")))
+    (the original's, (n, Hp)) and `hq` (the cousin's, (n, Hq)); PositionError (counted from the
+    first row) at the first position that cannot give a finite KLD. One row of exact_rows."""
+    out = exact_rows([hp], [hq], head_p, head_q, vocab, chunk_cells)[0]
+    if isinstance(out, PositionError):
+        raise out
+    return out
+
+
+def exact_rows(hps: list, hqs: list, head_p: Head, head_q: Head, vocab: int, chunk_cells: int = CHUNK_CELLS,
+               block_cells: int = BLOCK_CELLS) -> list:
+    """Per row, Exact or the PositionError of its first position that cannot give a finite KLD:
+    rows of final hidden states, the original's `hps[i]` (n_i, Hp) and the cousin's `hqs[i]`
+    (n_i, Hq). Each model's head is applied to a block of positions across rows at a time (one
+    matmul: BLOCK_CELLS), and the logits reduced a chunk of one row's positions at a time
+    (CHUNK_CELLS, float64, on the heads' device) over the vocabulary [0, vocab)."""
+    import torch
+
+    width = max(head_p.width, head_q.width)
+    size = max(1, chunk_cells // width)
+    out: list = [None] * len(hps)
+    segments = []  # (row, first position in the row, end), a chunk each, never across rows
+    for r, (p, q) in enumerate(zip(hps, hqs)):
+        n = int(p.shape[0])
+        if int(q.shape[0]) != n:
+            out[r] = PositionError(0, f"the engines returned {n} and {int(q.shape[0])} hidden states for one row")
+            continue
+        segments += [(r, s, min(n, s + size)) for s in range(0, n, size)]
+    parts: dict[int, list] = {r: [] for r in range(len(hps)) if out[r] is None}
+    per_block = max(size, block_cells // width)
+    at = 0
+    while at < len(segments):
+        block, total = [], 0
+        while at < len(segments) and (not block or total + segments[at][2] - segments[at][1] <= per_block):
+            block.append(segments[at])
+            total += segments[at][2] - segments[at][1]
+            at += 1
+        raw = [head.matmul(torch.cat([h[r][s:e] for r, s, e in block]))
+               for head, h in ((head_p, hps), (head_q, hqs))]
+        o = 0
+        for r, s, e in block:
+            if out[r] is None:
+                try:
+                    parts[r].append(reduce_logits(head_p.finish(raw[0][o:o + e - s]),
+                                                  head_q.finish(raw[1][o:o + e - s]), vocab, s))
+                except PositionError as err:
+                    out[r] = err
+            o += e - s
+        del raw
+    for r, got in parts.items():
+        if out[r] is None:
+            out[r] = Exact(*(np.concatenate([getattr(x, k) for x in got]) if got else np.zeros(0)
+                             for k in ("kld", "rkld", "tail_mass")))
+    return out
 
 
 def reduce_logits(xp, xq, vocab: int, first: int) -> Exact:

@@ -178,7 +178,7 @@ class KldActor(EngineRunner):
                 solo: bool) -> None:
         """The hidden route of `_rows`: both engines' final hidden states of a group of rows, each
         model's head applied at the output's positions only."""
-        from cousins.engine.head import exact_from_hidden
+        from cousins.engine.head import exact_rows
 
         head_p, head_q = self.heads
         widest = max(int(head_p.weight.shape[1]), int(head_q.weight.shape[1]))
@@ -189,24 +189,28 @@ class KldActor(EngineRunner):
                 hq = self.feeder.run(prompts[::-1], solo)[0][::-1]
             else:
                 hq, _ = self.feeder.run(prompts, solo)
+            at, ps, qs = [], [], []  # the rows to reduce, and their states at the output's positions
             for i, ids, p, q in zip([todo[j] for j in group], [inputs[j] for j in group], hp, hq):
                 n = len(rows[i]["output_token_ids"])
                 start = len(ids) - n  # the state at position t gives the distribution of token t + 1
-                try:
-                    if start < 1:
-                        raise PositionError(0, "the output starts the sequence: no position predicts its first token")
-                    for who, h in (("original", p), ("cousin", q)):
-                        if h is None or int(h.shape[0]) != len(ids):
-                            raise PositionError(0, f"the {who}'s engine returned "
-                                                   f"{'no' if h is None else int(h.shape[0])} hidden states for "
-                                                   f"{len(ids)} positions")
-                    e = exact_from_hidden(p[start - 1:len(ids) - 1], q[start - 1:len(ids) - 1], head_p, head_q,
-                                          self.vocab)
-                except PositionError as err:  # this row only: the batch's other rows go on
-                    errors[i] = f"exact KLD at {err}"
+                bad = next((f"the {who}'s engine returned {'no' if h is None else int(h.shape[0])} hidden states "
+                            f"for {len(ids)} positions" for who, h in (("original", p), ("cousin", q))
+                            if h is None or int(h.shape[0]) != len(ids)), None)
+                if start < 1:
+                    bad = "the output starts the sequence: no position predicts its first token"
+                if bad:
+                    errors[i] = f"exact KLD at {PositionError(0, bad)}"
                     continue
-                klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld), e.tail_mass.astype(np.float32).tolist())
-            del hp, hq
+                at.append(i)
+                ps.append(p[start - 1:len(ids) - 1])
+                qs.append(q[start - 1:len(ids) - 1])
+            for i, e in zip(at, exact_rows(ps, qs, head_p, head_q, self.vocab)):
+                if isinstance(e, PositionError):  # this row only: the batch's other rows go on
+                    errors[i] = f"exact KLD at {e}"
+                else:
+                    klds[i] = (e.kld.astype(np.float32).tolist(), _floats(e.rkld),
+                               e.tail_mass.astype(np.float32).tolist())
+            del hp, hq, ps, qs
 
     def _rows(self, batch: pa.Table, solo: bool = False) -> tuple[pa.Table, int]:
         rows = batch.select(SCORE_INPUT).to_pylist()

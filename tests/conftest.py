@@ -30,9 +30,9 @@ def cuda_gpus() -> int:
 # The longest test files (their module fixtures start engines, servers and clusters), longest
 # first: `make test`'s processes take whole files in collection order (--dist loadfile), so these
 # start at once and the short files fill the gaps, instead of a long one starting last.
-SLOW_FILES = ["test_drift_vllm.py", "test_faults.py", "test_cluster.py", "test_generate.py",
+SLOW_FILES = ["test_drift_vllm.py", "test_faults.py", "test_cluster.py", "test_realistic.py", "test_generate.py",
               "test_named_models_vllm.py", "test_benchmark.py", "test_engine_vllm.py", "test_placement.py",
-              "test_pipeline.py", "test_schedule.py", "test_job.py", "test_realistic.py"]
+              "test_pipeline.py", "test_schedule.py", "test_job.py"]
 
 
 def pytest_collection_modifyitems(config, items):

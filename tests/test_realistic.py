@@ -252,44 +252,63 @@ def test_llmc_cousin_runs_on_a_gpu_engine(recipe, llmc_cousins):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_exact_kld_from_hidden_states_equals_vllms_full_vocabulary_lists(llmc_cousins, family):
-    """The exact-KLD pass by hidden states (pooling engines, each model's head applied by us) against
-    the pass by vLLM's full-vocabulary logprobs, on the realistic family: the teacher (head 110,080
-    rows) against a W8A8 cousin (float32), an int4 cousin in bfloat16, and the student (head 110,592
-    rows, another width). Every token's KLD, reverse KLD and tail mass within 1e-6 + 1e-4 relative;
-    the same rows in error (none here)."""
+    """The exact-KLD reduction by hidden states (pooling engines, each model's head applied by us)
+    against the one from vLLM's full-vocabulary logprobs, on the realistic family: the teacher
+    (head 110,080 rows) against a W8A8 cousin (float32), an int4 cousin in bfloat16, and the student
+    (head 110,592 rows, another width). Every token's KLD, reverse KLD and tail mass within 1e-6 +
+    1e-4 relative. The teacher's two engines serve every cousin (the actor's path around these
+    functions is tests/test_head.py's and tests/test_kld.py's)."""
     import numpy as np
-    import pyarrow as pa
     from transformers import AutoTokenizer
 
+    from cousins.drift.vocab_kld import exact_kld
     from cousins.engine import backend as engine
-    from cousins.engine.kld_actor import KldActor
+    from cousins.engine.backend import hidden_states
+    from cousins.engine.head import exact_rows
+    from cousins.engine.kld_actor import full_spec, hidden_spec
 
     tok = AutoTokenizer.from_pretrained(family["teacher"])
     texts = ["What is the capital of France? The capital of France is Paris, on the Seine.",
              "def main(args):\n    return sorted(args, key=len)\n",
              "Seven times eight is fifty-six, and six times nine is fifty-four."]
-    rows = pa.table({"prompt_id": [f"p{i}" for i in range(len(texts))], "sample_index": [0] * len(texts),
-                     "prompt_text": [t[: len(t) // 3] for t in texts],
-                     "output_token_ids": [tok.encode(t[len(t) // 3:], add_special_tokens=False) for t in texts],
-                     "error": [None] * len(texts)})
+    rows = [(tok.encode(t[: len(t) // 3], add_special_tokens=False), tok.encode(t[len(t) // 3:], add_special_tokens=False))
+            for t in texts]
+    prompts = [{"prompt_token_ids": a + b} for a, b in rows]
+    vocab = len(tok)
 
     def spec(name, path, dtype):
         return engine.EngineSpec(model_name=name, model_path=str(path), dtype=dtype, quantization=None,
                                  max_model_len=128, kv_cache_bytes=64 << 20, tensor_parallel_size=1, max_num_seqs=8,
-                                 enforce_eager=True, max_logprobs=20, prompt_format="raw")
+                                 enforce_eager=True, max_logprobs=20)
 
-    teacher = spec("teacher", family["teacher"], "float32")
-    cousins = [spec("w8a8", llmc_cousins["llmc-w8a8-int8"], "float32"),
-               spec("w4a16", llmc_cousins["llmc-w4a16"], "bfloat16"), spec("student", family["student"], "float32")]
-    for cousin in cousins:
-        with hide_context_proxies():
-            got = {route: KldActor(teacher, cousin, route=route)(rows) for route in ("hidden", "lists")}
+    backend = engine.VllmBackend()
+    params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=-1, detokenize=False, flat_logprobs=True)
+
+    def both(s):
+        """(hidden states and head, full-vocabulary logprobs) of `s`'s engines on the rows."""
+        pooled, listed = backend.load(hidden_spec(s)), backend.load(full_spec(s))
+        try:
+            return (hidden_states(pooled, prompts), backend.head(pooled, s)), listed.generate(prompts, params,
+                                                                                              use_tqdm=False)
+        finally:
+            del pooled, listed
             gc.collect()
-        assert got["hidden"].column("error").to_pylist() == got["lists"].column("error").to_pylist() == [None] * 3
-        for c in ("kld_tokens", "rkld_tokens", "tail_mass_tokens"):
-            new = np.concatenate(got["hidden"].column(c).to_pylist()).astype(float)
-            old = np.concatenate(got["lists"].column(c).to_pylist()).astype(float)
-            np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-6, err_msg=f"{cousin.model_name} {c}")
-        kld = np.concatenate(got["lists"].column("kld_tokens").to_pylist())
-        print(f"\n{cousin.model_name}: {len(kld)} tokens, KLD mean {kld.mean():.4g}; hidden - lists: max "
-              f"{np.abs(np.concatenate(got['hidden'].column('kld_tokens').to_pylist()) - kld).max():.2g}")
+
+    with hide_context_proxies():
+        (hp, head_p), lp = both(spec("teacher", family["teacher"], "float32"))
+        for name, path, dtype in (("w8a8", llmc_cousins["llmc-w8a8-int8"], "float32"),
+                                  ("w4a16", llmc_cousins["llmc-w4a16"], "bfloat16"),
+                                  ("student", family["student"], "float32")):
+            (hq, head_q), lq = both(spec(name, path, dtype))
+            at = [(len(a) - 1, len(a) + len(b) - 1) for a, b in rows]  # the states that predict the outputs
+            new = exact_rows([h[s:e] for h, (s, e) in zip(hp, at)], [h[s:e] for h, (s, e) in zip(hq, at)],
+                             head_p, head_q, vocab)
+            old = [exact_kld(p.prompt_logprobs, q.prompt_logprobs, len(a), len(b), vocab)
+                   for p, q, (a, b) in zip(lp, lq, rows)]
+            for k in ("kld", "rkld", "tail_mass"):
+                np.testing.assert_allclose(np.concatenate([getattr(x, k) for x in new]),
+                                           np.concatenate([getattr(x, k) for x in old]), rtol=1e-4, atol=1e-6,
+                                           err_msg=f"{name} {k}")
+            kld = np.concatenate([x.kld for x in old])
+            print(f"\n{name}: {len(kld)} tokens, KLD mean {kld.mean():.4g}; hidden - lists: max "
+                  f"{np.abs(np.concatenate([x.kld for x in new]) - kld).max():.2g}")

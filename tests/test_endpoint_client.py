@@ -50,22 +50,25 @@ class Server:
                     step = server.script[n] if n < len(server.script) else "ok"
                 try:
                     if step == "429":
-                        self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0.05"})
+                        reply = (429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0.05"})
                     elif step == "500":
-                        self._send(500, b'{"error": {"message": "engine exploded"}}')
+                        reply = (500, b'{"error": {"message": "engine exploded"}}')
                     elif step == "400":
-                        self._send(400, b'{"error": {"message": "max_tokens is too large"}}')
+                        reply = (400, b'{"error": {"message": "max_tokens is too large"}}')
                     elif step == "garbage":
-                        self._send(200, b"<html>gateway hiccup</html>")
+                        reply = (200, b"<html>gateway hiccup</html>")
                     elif step == "stall":
                         time.sleep(1.0)
-                        self._send(200, b"{}")
+                        reply = (200, b"{}")
                     else:
                         time.sleep(0.02)
-                        self._send(200, json.dumps({"echo": body}).encode())
+                        reply = (200, json.dumps({"echo": body}).encode())
                 finally:
+                    # the request is over for the count before its reply goes: a client that has
+                    # read the reply may start its next request before this thread runs again
                     with server.lock:
                         server.now -= 1
+                self._send(*reply)
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)

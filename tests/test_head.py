@@ -69,8 +69,9 @@ def test_a_head_is_read_as_the_checkpoint_stores_it_tied_sharded_biased_or_refus
     sharded = _checkpoint(tmp_path / "sharded", QWEN, {**other, "lm_head.weight": head, "lm_head.bias": bias}, shards=2)
     with_bias = load_head(sharded, QWEN, torch.bfloat16)
     assert with_bias.weight.dtype == torch.bfloat16 and torch.equal(with_bias.bias, bias.to(torch.bfloat16))
-    packed = _checkpoint(tmp_path / "packed", QWEN, {**other, "lm_head.weight_packed": torch.zeros(48, 1, dtype=torch.int32),
-                                                     "lm_head.weight_scale": torch.ones(48, 1)})
+    quantized = {"lm_head.weight_packed": torch.zeros(48, 1, dtype=torch.int32),
+                 "lm_head.weight_scale": torch.ones(48, 1)}
+    packed = _checkpoint(tmp_path / "packed", QWEN, {**other, **quantized})
     with pytest.raises(HeadError, match=r"stored quantized \(lm_head.weight_packed, lm_head.weight_scale\)"):
         load_head(packed, QWEN, torch.float32)
     int8 = _checkpoint(tmp_path / "int8", QWEN, {**other, "lm_head.weight": torch.zeros(48, 8, dtype=torch.int8)})

@@ -271,7 +271,7 @@ def test_exact_kld_from_hidden_states_equals_vllms_full_vocabulary_lists(llmc_co
     texts = ["What is the capital of France? The capital of France is Paris, on the Seine.",
              "def main(args):\n    return sorted(args, key=len)\n",
              "Seven times eight is fifty-six, and six times nine is fifty-four."]
-    rows = [(tok.encode(t[: len(t) // 3], add_special_tokens=False), tok.encode(t[len(t) // 3:], add_special_tokens=False))
+    rows = [tuple(tok.encode(part, add_special_tokens=False) for part in (t[: len(t) // 3], t[len(t) // 3:]))
             for t in texts]
     prompts = [{"prompt_token_ids": a + b} for a, b in rows]
     vocab = len(tok)

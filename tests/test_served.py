@@ -55,7 +55,8 @@ def test_a_chat_endpoint_renders_with_the_servers_template_and_its_own_template_
     server.template = lambda messages: seen.append(messages) or "<system>be brief" + "".join(
         f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>!"  # (the toy model reads the last token)
     other = actors.EngineActor(served(server, api="chat"), sampling, backend=FakeBackend())(batch)
-    assert len(seen) == batch.num_rows and seen[0] == batch.column("messages")[0].as_py()
+    # every row's messages reached the server's template (in whatever order the concurrent requests came)
+    assert sorted(map(repr, seen)) == sorted(map(repr, batch.column("messages").to_pylist()))
     assert other.column("error").null_count == other.num_rows
     assert other.column("output_token_ids").to_pylist() != local.column("output_token_ids").to_pylist()
 

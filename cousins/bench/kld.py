@@ -66,7 +66,8 @@ def random_model(path: str, width: int, hidden: int, seed: int) -> str:
         return path
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=width, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                      num_attention_heads=max(2, hidden // 64), num_key_value_heads=max(2, hidden // 64), max_position_embeddings=1024,
+                      num_attention_heads=max(2, hidden // 64), num_key_value_heads=max(2, hidden // 64),
+                      max_position_embeddings=1024,
                       tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -91,8 +92,8 @@ def route_hidden(engines, heads, prompts, start: int, n: int):
     from cousins.engine.head import exact_rows
 
     hp, hq = hidden_states(engines[0], prompts), hidden_states(engines[1], prompts)
-    return [e.kld for e in exact_rows([p[start - 1:start - 1 + n] for p in hp], [q[start - 1:start - 1 + n] for q in hq],
-                                      *heads, VOCAB)]
+    at = slice(start - 1, start - 1 + n)  # the states that predict the output's tokens
+    return [e.kld for e in exact_rows([p[at] for p in hp], [q[at] for q in hq], *heads, VOCAB)]
 
 
 def route_lists(engines, params, prompts, start: int, n: int):

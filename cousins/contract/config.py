@@ -239,7 +239,7 @@ class DriftConfig:
     # KLD per token: topk (a lower bound from the stored top-k lists, the original's rest mass reported)
     kld: str = "topk"  # or exact (over the whole vocabulary: one more pass per compared model)
     # exact by hidden (final hidden states, each head applied by us: cousins/engine/head.py), lists (vLLM's
-    kld_route: str = "auto"  # logprobs, ~30x slower at 152k) or auto: hidden where both heads can be applied
+    kld_route: str = "auto"  # logprobs, 24-66x slower at 152k) or auto: hidden where both heads can be applied
     noise_floor: bool = True  # also compare the original with itself under another batch order and size
     # labelled prompts: the answer checker of their final answers where the corpus names none
     # (corpus.answer, cousins/drift/answers.py; ROW_CHECKERS): auto (from each reference's form) |

@@ -34,7 +34,8 @@ float32 log-softmax leaves every logprob of a position shifted by up to ~2e-4 at
 Memory: positions are reduced in chunks of C = max(1, CHUNK_CELLS // (V + 1)) positions; a chunk
 holds, per model, its flat entries (ids int64 + logprobs float64 + a scatter index int64: 24 B
 each, about W + 1 a position for a head W wide) and a dense (C, W) float64 array, plus about five
-such (C, V) arrays of temporaries (a few more since the renormalisation): about (2·24 + 7·8)·CHUNK_CELLS bytes ≈ 26 MiB at CHUNK_CELLS
+such (C, V) arrays of temporaries (a few more since the renormalisation): about (2·24 + 7·8)·CHUNK_CELLS
+bytes ≈ 26 MiB at CHUNK_CELLS
 = 2^18 whatever the output's length (C = 1 at V = 152k: one position is already 152k wide, and
 chunks of 6 were no faster; measured 19 MiB: docs/benchmarks.md). The
 whole-vocabulary lists vLLM itself returns (FlatLogprobs: Python ints and floats for ids,

@@ -176,7 +176,8 @@ def load_head(path: str, config: dict, dtype, device: str = "cpu") -> Head:
     tied = config.get("tie_word_embeddings")
     key = own if own is not None and tied is not True else None
     if key is None and (tied is True or (own is None and tied is None)):
-        key = _pick(names, "embed_tokens.weight") or _pick(names, "wte.weight") or _pick(names, "word_embeddings.weight")
+        key = next((k for k in map(lambda x: _pick(names, x), ("embed_tokens.weight", "wte.weight",
+                                                                 "word_embeddings.weight")) if k), None)
     if key is None:
         raise HeadError(f"{path}: no lm_head.weight (and the config does not tie the head to the embedding)")
     stem = key[:-len("weight")]

@@ -53,6 +53,14 @@ def test_which_heads_are_refused_and_why():
     assert "unmerged" in head_problem(QWEN, lora_served=True)
 
 
+def test_a_local_checkpoint_without_safetensors_is_refused_before_ray(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert "not in safetensors files" in head_problem(QWEN, path=str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert head_problem(QWEN, path=str(tmp_path)) is None
+
+
 def test_a_head_is_read_as_the_checkpoint_stores_it_tied_sharded_biased_or_refused(tmp_path):
     g = torch.Generator().manual_seed(0)
     emb, head, bias = (torch.randn(48, 8, generator=g), torch.randn(48, 8, generator=g), torch.randn(48, generator=g))
@@ -134,6 +142,14 @@ def test_kld_from_hidden_states_equals_the_float64_reference_with_padded_heads(c
         assert isinstance(got_rows[1], PositionError) and got_rows[1].position == 0
         for r in (0, 2):
             np.testing.assert_allclose(got_rows[r].kld, got.kld[cut[r]:cut[r + 1]], rtol=1e-12, atol=1e-15)
+    # a head narrower than the vocabulary (ids past it have probability 0): as the lists route reads it
+    # (the original's: the cousin's mass there makes KL(q ‖ p) infinite, null, and KL(p ‖ q) finite)
+    short = Head(weight=wq[:vocab - 2])
+    got_short = exact_from_hidden(hq, hp, short, head_p, vocab, chunk_cells=chunk_cells)
+    ref_short = reduce_dense(torch.nn.functional.pad(short.logprobs(hq), (0, 2), value=-math.inf),
+                             head_p.logprobs(hp), vocab, 0)
+    np.testing.assert_allclose(got_short.kld, ref_short.kld, rtol=1e-9, atol=1e-13)
+    assert np.isnan(got_short.rkld).all() and np.isnan(ref_short.rkld).all()
     same = exact_from_hidden(hp, hp, head_p, head_p, vocab, chunk_cells=chunk_cells)
     assert np.abs(same.kld).max() < 1e-15
     bad = hq.clone()
@@ -225,8 +241,10 @@ def test_an_engine_that_breaks_on_the_hidden_route_fails_the_batch_as_on_the_oth
 
 
 def _model(path, config: dict) -> str:
+    """A checkpoint's config.json and (empty) weights file: what the route is chosen from."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"")
     return str(path)
 
 

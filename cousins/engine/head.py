@@ -5,7 +5,8 @@ vLLM hands full-vocabulary logprobs over as Python lists (~62 ms and ~20 MiB per
 engine at a 152k vocabulary: docs/benchmarks.md). Its pooling runner instead returns each
 position's final hidden state (after the last norm, as the model's own quantized kernels computed
 it), a few KiB a position. The head is then one matmul: logits = h · Wᵀ (+ bias), the
-architecture's own transforms, log-softmax in float64 (cousins/drift/vocab_kld.py reduces them).
+architecture's own transforms, and each KL straight from the logits in float64 (reduce_logits;
+cousins/drift/vocab_kld.py's reduction where a chunk holds anything non-finite).
 
 What is applied, as vLLM's `LogitsProcessor` does it:
 - the head's weight: `lm_head.weight`, or the input embedding when the config ties them
@@ -21,7 +22,10 @@ What is refused, with the reason (the exact pass then takes vLLM's lists: `head_
 before Ray starts): a quantized head (compressed-tensors without `lm_head` in `ignore`, GPTQ's
 `lm_head: true`, or a head stored packed or in int8/fp8), a head transform this module does not
 know (MiniCPM's `dim_model_base`), code from the model's repository (`trust_remote_code`), GGUF
-files, and a LoRA adapter served unmerged (it may change the head; a merged one is in the weights).
+files, a local checkpoint without safetensors files, and a LoRA adapter served unmerged (it may
+change the head; a merged one is in the weights). vLLM's online quantization (`quantization=` on
+an unquantized checkpoint) quantizes linear layers, not the head: such a cousin's head is its
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ class HeadError(ValueError):
 
 
 def head_problem(config: dict, *, trust_remote_code: bool = False, gguf: bool = False,
-                 lora_served: bool = False) -> str | None:
+                 lora_served: bool = False, path: str | None = None) -> str | None:
     """Why a model's head cannot be applied to its hidden states by us (None: it can), from its
-    config.json and how it is run."""
+    config.json and how it is run; `path`, where the checkpoint is a local directory."""
+    if path is not None and os.path.isdir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        return "its weights are not in safetensors files (the head is read from them)"
     if gguf:
         return "a GGUF model (its head is inside the GGUF file)"
     if trust_remote_code:
@@ -264,6 +270,10 @@ def reduce_logits(xp, xq, vocab: int, first: int) -> Exact:
     other does not) goes through reduce_dense, which names the position and the problem: the same
     error rows as the lists route."""
     import torch
+
+    # a head narrower than the vocabulary: the ids it lacks have probability 0 (as reduce_dense reads them)
+    xp, xq = (x if x.shape[1] >= vocab else torch.nn.functional.pad(x, (0, vocab - x.shape[1]), value=-float("inf"))
+              for x in (xp, xq))
 
     def side(x):
         m = x.amax(dim=1)

@@ -213,7 +213,7 @@ def head_refusal(cfg: Config, name: str) -> str | None:
     except checkpoints.CheckpointError as e:
         return f"its config cannot be read here ({e})"
     return head_problem(config, trust_remote_code=s.trust_remote_code, gguf=checkpoints.is_gguf(s.path),
-                        lora_served=bool(s.lora) and s.lora_mode == "serve")
+                        lora_served=bool(s.lora) and s.lora_mode == "serve", path=s.path)
 
 
 def kld_route(cfg: Config, name: str) -> tuple[str, str | None]:

@@ -73,12 +73,11 @@ def hidden_spec(spec: EngineSpec) -> EngineSpec:
 
 
 class EncodeFeeder:
-    """A pooling engine's calls, one whole call at a time (vLLM's `encode` runs its requests to the
-    end), with what EngineRunner reads of a Feeder when an engine breaks."""
+    """A pooling engine's calls, one whole call at a time under the gate (vLLM's `encode` runs its
+    requests to the end), with what EngineRunner reads of a Feeder when an engine breaks."""
 
     def __init__(self, llm, gate: Gate | None = None):
         self.llm, self.gate = llm, gate or Gate()
-        self.lock = threading.Lock()
         self.broken: BaseException | None = None
         self.broken_with = 0
         self.recorded, self.records = threading.Condition(), 0
@@ -88,7 +87,7 @@ class EncodeFeeder:
 
     def run(self, prompts: list, solo: bool = False) -> tuple[list, float]:
         """(hidden states of each prompt, engine seconds); EngineBroken once the engine raised."""
-        with self.lock, self.gate.turn():
+        with self.gate.turn():
             if self.broken is not None:
                 raise EngineBroken(self.broken, during=False)
             t0 = time.perf_counter()
@@ -145,8 +144,6 @@ class KldActor(EngineRunner):
                 self.llm, self.load_error = None, f"exact KLD cannot apply the head of {cousin.model_name!r}: " \
                                                   f"{type(e).__name__}: {e}"[:2000]
         if self.llm is not None:
-            self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB, detokenize=False,
-                                         flat_logprobs=True)
             self.tokenizer = self.reference.get_tokenizer()  # the original's positions, for both
             # The vocabulary compared id by id: the original's tokenizer's. Rows of either logit
             # head past it (padding) are no token and go into one tail bucket (drift/vocab_kld.py).
@@ -157,6 +154,8 @@ class KldActor(EngineRunner):
             if route == "hidden":
                 self.feeder, self.ref_feeder = EncodeFeeder(self.llm, gate), EncodeFeeder(self.reference, gate)
             else:
+                self.params = backend.params(max_tokens=1, temperature=0.0, prompt_logprobs=ALL_VOCAB,
+                                             detokenize=False, flat_logprobs=True)
                 self.feeder = Feeder(self.llm, gate, lora=lora_request(backend, cousin))
                 self.ref_feeder = Feeder(self.reference, gate)
             self.original_format = original.prompt_format

@@ -202,6 +202,10 @@ class VllmBackend:
         set_engine_env(spec)
         import vllm  # noqa: F401 - the import is the point (seconds of Python)
 
+        from cousins.engine.vllm_fixes import apply
+
+        apply()  # vLLM runs it too, as a plugin, where cousins is installed (not from a bare checkout)
+
     def load(self, spec: EngineSpec):
         """The warmed-up engine; `load_parts` then holds what each part of its start took (s):
         vLLM's import, fetching the model to the node (0 when local or cached), the engine's

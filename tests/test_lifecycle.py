@@ -134,7 +134,10 @@ def test_a_stage_is_verified_finished_and_read_back_through_the_run(tmp_path):
     from cousins.run.lifecycle import publish_part
 
     assert publish_part(part([("a", 0), ("b", 0)]), out=stage).to_pylist() == [{"rows": 2, "output_tokens": 6}]
-    assert run.keys(stage) == {"a\x000", "b\x000"} and run.count(stage) == 2
+    keys = run.keys(stage)
+    assert len(keys) == 2 and run.count(stage) == 2
+    asked = pa.table({"prompt_id": ["b", "c", "a", "a"], "sample_index": pa.array([0, 0, 0, 1], pa.int32())})
+    assert keys.holds(asked).tolist() == [True, False, True, False]
     with pytest.raises(StageIncomplete, match="generations of m: 2 rows, 2 distinct keys, expected 3; rerun with the same run.run_id=r2"):
         run.verify(stage, 3, "generations of m")
     publish_part(part([("a", 0), ("b", 0)]), out=stage)  # a retried batch rewrites the same part
@@ -145,6 +148,53 @@ def test_a_stage_is_verified_finished_and_read_back_through_the_run(tmp_path):
     assert not run.done(stage)
     run.finish(stage, GenerationsDone(wall_s=1.5, new_rows=2, new_output_tokens=6, retries={}))
     assert run.done(stage) and run.marker(stage, GenerationsDone).new_rows == 2
+
+
+def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tmp_path, monkeypatch):
+    """Run.verify reads a stage a batch at a time (the driver keeps 16 bytes a row): its counts
+    are those of the whole stage, and a duplicate key across batches is still found."""
+    import subprocess
+    import sys
+
+    from cousins.orchestrate.stages import _counts
+    from cousins.run import layout as run_layout
+    from cousins.run import lifecycle
+
+    run = open_run(to_config(compose(f"storage.root={tmp_path}", "run.run_id=r3")))
+    stage = run.layout.generations("m")
+    n = 1000
+    rows = schema.conform(pa.table({
+        **{c: [None] * n for c in schema.GENERATIONS.names}, "model": ["m"] * n, "seed": [1] * n,
+        "prompt_id": [f"p{i // 4}" for i in range(n)], "sample_index": [i % 4 for i in range(n)],
+        "prompt_tokens": [5] * n, "output_tokens": [i % 7 for i in range(n)], "engine_time_s": [0.5] * n,
+        "finish_reason": ["stop" if i % 3 else "length" for i in range(n)],
+        "error": [None if i % 100 else f"boom {i}" for i in range(n)]}), schema.GENERATIONS)
+    from cousins.run.lifecycle import publish_part
+
+    publish_part(rows, out=stage)
+    batches = []  # the stage read back in batches of 64 rows
+
+    def small_batches(stage, columns):
+        for b in run_layout.read_batches(stage, columns):
+            for small in pa.Table.from_batches([b]).to_batches(max_chunksize=64):
+                batches.append(small.num_rows)
+                yield small
+
+    monkeypatch.setattr(lifecycle, "read_batches", small_batches)
+    counts = run.verify(stage, n, "generations of m", fold=_counts)
+    assert len(batches) == 16 and sum(batches) == n and counts == _counts(None, rows)
+    assert counts == {"rows": n, "error_rows": 10, "prompt_tokens": 5 * n,
+                      "output_tokens": sum(i % 7 for i in range(n)), "engine_s": 0.5 * n,
+                      "finish_reasons": {"stop": 666, "length": 334}, "first_error": "boom 0"}
+    publish_part(rows.slice(999), out=run.layout.generations("m"))  # the last key again, in another part
+    with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
+        run.verify(stage, n + 1, "generations of m", fold=_counts)
+    # the hashes are the same in every process (workers compare them with the driver's)
+    code = ("import pyarrow as pa; from cousins.contract.schema import key_hashes; "
+            "print(key_hashes(pa.table({'prompt_id': ['p0', 'x'], 'sample_index': [3, 0]})).tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert other == str(schema.key_hashes(pa.table({"prompt_id": ["p0", "x"], "sample_index": [3, 0]})).tolist())
 
 
 def test_readers_find_committed_runs_one_way(tmp_path):

@@ -24,8 +24,8 @@ def test_the_fixes_are_a_vllm_plugin_and_apply_to_the_pinned_vllm():
         kernels = importlib.import_module(vllm_fixes.INT8_KERNELS)
         assert kernels.check_cpu_sgl_kernel.cousins_fix
         vllm_fixes.register()  # again (vLLM may run it more than once in a process): wrapped once
-        assert kernels.check_cpu_sgl_kernel.__wrapped_check__ is not None
-        assert not getattr(kernels.check_cpu_sgl_kernel.__wrapped_check__, "cousins_fix", False)
+        assert kernels.check_cpu_sgl_kernel.__wrapped__ is not None
+        assert not getattr(kernels.check_cpu_sgl_kernel.__wrapped__, "cousins_fix", False)
 
 
 def test_int8_weights_take_the_amx_kernel_only_in_a_bf16_or_fp16_model():

@@ -6,6 +6,7 @@ A row is identified across stages and reruns by (prompt_id, sample_index, model)
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -204,6 +205,27 @@ def row_keys(table: pa.Table) -> list[str]:
     across batches, retries and resumed attempts."""
     return [f"{p}\0{i}" for p, i in zip(table.column("prompt_id").to_pylist(),
                                           table.column("sample_index").to_pylist())]
+
+
+KEY_HASH = np.dtype([("a", "<u8"), ("b", "<u8")])
+_HASH_KEYS = ("cousins-row-key0", "cousins-row-key1")  # two independent 64-bit hashes (siphash keys)
+
+
+def key_hashes(table: pa.Table) -> np.ndarray:
+    """The (prompt_id, sample_index) of each row as 16 bytes (KEY_HASH: two independent 64-bit
+    hashes, the same in every process): what the driver and the workers hold of a stage's keys
+    instead of the keys, at any size. Two of a billion distinct keys share one with probability
+    about 1e-21."""
+    from pandas.util import hash_array
+
+    ids = table.column("prompt_id").to_numpy(zero_copy_only=False).astype(object)
+    index = table.column("sample_index").to_numpy(zero_copy_only=False).astype(np.uint64)
+    out = np.empty(len(ids), KEY_HASH)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as a hash's should
+        for field, key in zip(KEY_HASH.names, _HASH_KEYS):
+            h = hash_array(ids, hash_key=key, categorize=False) * np.uint64(0x9E3779B97F4A7C15) + index
+            out[field] = hash_array(h)
+    return out
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

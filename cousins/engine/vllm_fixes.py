@@ -29,7 +29,7 @@ def _int8_amx_needs_half(check):
         return check(n, k, dtype)
 
     check_cpu_sgl_kernel.cousins_fix = True
-    check_cpu_sgl_kernel.__wrapped_check__ = check
+    check_cpu_sgl_kernel.__wrapped__ = check
     return check_cpu_sgl_kernel
 
 

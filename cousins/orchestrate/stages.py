@@ -98,34 +98,38 @@ def _unreadable_references(prompts, errors, rule: answers.Rule, answer: AnswerCo
             errors.union(bad.map_batches(_as_error_rows, batch_format="pyarrow")).materialize())
 
 
-_DONE_CACHE: dict[str, set] = {}
+_DONE_CACHE: dict[str, object] = {}
 
 
 def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
-    """Keep the rows whose (prompt_id, sample_index) no published part holds yet."""
+    """Keep the rows whose (prompt_id, sample_index) no published part holds yet (`done_ref`: the
+    stage's KeySet, its keys' hashes)."""
     import ray
 
     ref = done_ref.hex()
     if ref not in _DONE_CACHE:  # one fetch per worker process, not per batch
         _DONE_CACHE.clear()
         _DONE_CACHE[ref] = ray.get(done_ref)
-    done = _DONE_CACHE[ref]
-    keep = [key not in done for key in schema.row_keys(batch)]
-    return batch.filter(pa.array(keep, pa.bool_()))
+    return batch.filter(pa.array(~_DONE_CACHE[ref].holds(batch), pa.bool_()))
 
 
-def _counts(t: pa.Table) -> dict:
-    """A generation stage's counts from its STAT columns."""
-    d = t.to_pydict()
-    reasons: dict[str, int] = {}
-    for r in d["finish_reason"]:
-        if r is not None:
-            reasons[r] = reasons.get(r, 0) + 1
-    return {"rows": t.num_rows, "error_rows": sum(e is not None for e in d["error"]),
-            "prompt_tokens": sum(x or 0 for x in d["prompt_tokens"]),
-            "output_tokens": sum(x or 0 for x in d["output_tokens"]),
-            "engine_s": sum(x or 0.0 for x in d["engine_time_s"]), "finish_reasons": reasons,
-            "first_error": next((e for e in d["error"] if e is not None), None)}
+def _counts(acc: dict | None, t: pa.Table) -> dict:
+    """A stage's counts from its STAT columns (those `t` has), folded batch by batch (Run.verify)."""
+    acc = acc or {"rows": 0, "error_rows": 0, "prompt_tokens": 0, "output_tokens": 0, "engine_s": 0.0,
+                  "finish_reasons": {}, "first_error": None}
+    errors = t.column("error")
+    acc["rows"] += t.num_rows
+    acc["error_rows"] += t.num_rows - errors.null_count
+    for key, name in (("prompt_tokens", "prompt_tokens"), ("output_tokens", "output_tokens"),
+                      ("engine_s", "engine_time_s")):
+        if name in t.column_names:
+            acc[key] += pc.sum(t.column(name)).as_py() or 0
+    if "finish_reason" in t.column_names:
+        for vc in pc.value_counts(t.column("finish_reason").drop_null()).to_pylist():
+            acc["finish_reasons"][vc["values"]] = acc["finish_reasons"].get(vc["values"], 0) + vc["counts"]
+    if acc["first_error"] is None and errors.null_count < t.num_rows:
+        acc["first_error"] = errors.drop_null()[0].as_py()
+    return acc
 
 
 def check_cpu_room(where: Placement) -> None:
@@ -268,7 +272,7 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=done.wall_s,
                           new_rows=done.new_rows, new_output_tokens=done.new_output_tokens, retries=done.retries,
                           accelerator=done.accelerator, accelerator_s=done.accelerator_s,
-                          **_counts(run.verify(out, expected, what)))
+                          **run.verify(out, expected, what, fold=_counts))
 
     check_cpu_room(where)
     t0 = time.perf_counter()
@@ -322,7 +326,7 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         elif score is not None:
             _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
                            {**reports[SCORE], "shared_engine_with_generation": True})
-    counts = _counts(run.verify(out, expected, what))
+    counts = run.verify(out, expected, what, fold=_counts)
     wall = time.perf_counter() - t0
     accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
     run.finish(out, GenerationsDone(wall_s=wall, new_rows=new_rows, new_output_tokens=new_tokens, retries=retries,
@@ -372,10 +376,8 @@ def stage_kld(run: Run, *, entry: ModelEntry, original: EngineSpec, spec: Engine
 
 def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,
                    retries: dict, what: str = "scores") -> ScoresDone:
-    t = run.verify(out, expected, f"{what} of {entry.name!r}", ["prompt_id", "sample_index", "engine_time_s", "error"])
-    d = t.to_pydict()
-    done = ScoresDone(rows=t.num_rows, error_rows=sum(e is not None for e in d["error"]),
-                      engine_s=sum(x or 0.0 for x in d["engine_time_s"]), wall_s=wall_s,
+    c = run.verify(out, expected, f"{what} of {entry.name!r}", ["engine_time_s", "error"], fold=_counts)
+    done = ScoresDone(rows=c["rows"], error_rows=c["error_rows"], engine_s=c["engine_s"], wall_s=wall_s,
                       batch_size=where.batch_size, reordered=entry.reorder, retries=retries)
     run.finish(out, done)
     return done

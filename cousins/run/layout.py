@@ -188,14 +188,18 @@ def count_rows(stage: Location, where=None) -> int:
         return sum(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, found))
 
 
-def read_batches(stage: Location, columns: list[str]):
-    """A stage's published parts streamed into the driver as record batches of `columns`, for a
-    scan that may stop early (it never holds the stage)."""
-    import pyarrow.dataset as pads
+READ_BATCH_ROWS = 65_536  # rows a batch of a driver-side scan (read_batches)
 
-    found = part_files(stage)
-    return pads.dataset(found, filesystem=stage.arrow_fs(), format="parquet").to_batches(columns=columns) if found \
-        else iter(())
+
+def read_batches(stage: Location, columns: list[str]):
+    """A stage's published parts streamed into the driver as record batches of `columns`, one file
+    and one row group at a time, for a scan that may stop early (it never holds the stage)."""
+    import pyarrow.parquet as pq
+
+    fs = stage.arrow_fs()
+    for path in part_files(stage):
+        with fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
 
 
 def read_rows(stages: Location | list[Location], columns: list[str] | None = None, *, schema: pa.Schema | None = None,

@@ -22,8 +22,9 @@ import json
 import posixpath
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import yaml
 
@@ -32,7 +33,7 @@ from cousins.contract.codec import decode, encode
 from cousins.contract.records import Manifest, ModelEntry
 from cousins.contract.summary import Summary
 from cousins.run import removal
-from cousins.run.layout import RunLayout, count_rows, part_path, read_table
+from cousins.run.layout import RunLayout, count_rows, part_path, read_batches, read_table
 from cousins.run.removal import remove_tree
 from cousins.run.storage import SUCCESS, Location, done_info, is_done, mark_done, resolve, write_parquet_atomic
 
@@ -146,9 +147,11 @@ class Run(_RunDir):
     def marker(self, stage: Location, cls: type[R]) -> R:
         return read_marker(stage, cls)
 
-    def keys(self, stage: Location) -> set[str]:
-        """The (prompt_id, sample_index) keys a stage's published parts already hold."""
-        return set(schema.row_keys(read_table(stage, ["prompt_id", "sample_index"])))
+    def keys(self, stage: Location) -> "KeySet":
+        """The (prompt_id, sample_index) keys a stage's published parts already hold, as their
+        hashes (read a batch at a time: 16 bytes a row, whatever the stage's size)."""
+        parts = [_hashes(b) for b in read_batches(stage, list(KEY_COLUMNS))]
+        return KeySet(np.unique(np.concatenate(parts)) if parts else np.empty(0, schema.KEY_HASH))
 
     def count(self, stage: Location) -> int:
         """Rows in a stage's published parts (from the Parquet footers)."""
@@ -160,16 +163,23 @@ class Run(_RunDir):
         remove_tree(stage, removal.RUN, owner=self.layout.run, setting="run.run_id",
                     remedy="Start a new run (another run.run_id)")
 
-    def verify(self, stage: Location, expected: int, what: str, columns: list[str] = STAT_COLUMNS) -> pa.Table:
-        """A stage's key and count columns, once it holds exactly `expected` rows with distinct
-        keys; StageIncomplete (naming `what`) otherwise."""
-        t = read_table(stage, columns)
-        keys = schema.row_keys(t) if t.num_rows else []
-        unique = len(set(keys))
-        if unique != len(keys) or len(keys) != expected:
-            raise StageIncomplete(f"{what}: {len(keys)} rows, {unique} distinct keys, expected {expected}; "
+    def verify(self, stage: Location, expected: int, what: str, columns: list[str] = STAT_COLUMNS,
+               fold: Callable[[Any, pa.Table], Any] | None = None) -> Any:
+        """Check that a stage holds exactly `expected` rows with distinct keys (StageIncomplete,
+        naming `what`, otherwise), reading its `columns` a batch at a time: the driver keeps the
+        keys' hashes (16 bytes a row), never the rows. Returns `fold(acc, batch)` folded over the
+        batches from None (a stage's counts), or None without `fold`."""
+        first, acc = [], None  # each row's first hash: 8 bytes a row
+        for batch in read_batches(stage, list(dict.fromkeys([*KEY_COLUMNS, *columns]))):
+            first.append(_hashes(batch)["a"].copy())
+            if fold is not None:
+                acc = fold(acc, pa.Table.from_batches([batch]))
+        rows = sum(map(len, first))
+        unique = _distinct(stage, first) if first else 0
+        if unique != rows or rows != expected:
+            raise StageIncomplete(f"{what}: {rows} rows, {unique} distinct keys, expected {expected}; "
                                   f"rerun with the same run.run_id={self.run_id} to finish it")
-        return t
+        return acc
 
     def finish(self, stage: Location, record: Any) -> None:
         """Publish a stage: its `_SUCCESS` marker, holding the stage's record."""
@@ -186,6 +196,39 @@ class Run(_RunDir):
         """Write manifest.json, last: from now on readers see the run."""
         decode(Manifest, encode(manifest))  # what is written must read back as its declaration
         self.layout.manifest.write_json_atomic(encode(manifest))
+
+
+KEY_COLUMNS = ("prompt_id", "sample_index")
+
+
+def _hashes(batch: pa.RecordBatch) -> np.ndarray:
+    return schema.key_hashes(pa.Table.from_batches([batch]))
+
+
+def _distinct(stage: Location, first: list[np.ndarray]) -> int:
+    """How many distinct keys a stage holds, from each row's first hash; rows that share one (a
+    key twice, or two keys of one first hash: about one pair in 1e19) are read again for both."""
+    a = np.sort(np.concatenate(first))
+    same = a[1:] == a[:-1]
+    if not same.any():
+        return len(a)
+    shared = np.unique(a[1:][same])
+    full = np.concatenate([h[np.isin(h["a"], shared)] for h in map(_hashes, read_batches(stage, list(KEY_COLUMNS)))])
+    return len(a) - int(same.sum()) - len(shared) + len(np.unique(full))
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """A stage's row keys as their hashes (schema.key_hashes), sorted and distinct."""
+
+    hashes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def holds(self, table: pa.Table) -> np.ndarray:
+        """Which of `table`'s rows (by their keys) the set holds."""
+        return np.isin(schema.key_hashes(table), self.hashes)
 
 
 def open_run(root: Location, run_id: str | None, config: dict) -> Run:

@@ -212,3 +212,14 @@ def test_readers_find_committed_runs_one_way(tmp_path):
     assert committed_at(f"file://{tmp_path}/runs/r3").run_id == "r3"
     run.finish(run.layout.prompts, PromptsDone(rows=0))
     assert committed(root, "r3").read(run.layout.prompts, ["prompt_id"]).num_rows == 0
+
+
+def test_the_verification_benchmark_runs_and_prints_its_bytes_per_row(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cousins.bench.verify", "--rows", "2000,6000", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "2,000 rows: verified in" in out and "6,000 rows: verified in" in out
+    assert out.strip().splitlines()[-1].startswith("bytes_per_row=")
+    assert list(tmp_path.iterdir()) == []  # its stages are removed

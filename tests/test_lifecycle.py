@@ -171,7 +171,6 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
         "error": [None if i % 100 else f"boom {i}" for i in range(n)]}), schema.GENERATIONS)
     from cousins.run.lifecycle import publish_part
 
-    publish_part(rows, out=stage)
     batches = []  # the stage read back in batches of 64 rows
 
     def small_batches(stage, columns):
@@ -181,6 +180,8 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
                 yield small
 
     monkeypatch.setattr(lifecycle, "read_batches", small_batches)
+    assert run.verify(stage, 0, "generations of m", fold=_counts) == _counts(None, None)  # no part yet
+    publish_part(rows, out=stage)
     counts = run.verify(stage, n, "generations of m", fold=_counts)
     assert len(batches) == 16 and sum(batches) == n and counts == _counts(None, rows)
     assert counts == {"rows": n, "error_rows": 10, "prompt_tokens": 5 * n,
@@ -189,6 +190,11 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
     publish_part(rows.slice(999), out=run.layout.generations("m"))  # the last key again, in another part
     with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
         run.verify(stage, n + 1, "generations of m", fold=_counts)
+    real = schema.key_hashes  # every first hash shared: the second ones decide, as exactly
+    monkeypatch.setattr(schema, "key_hashes", lambda t: (lambda h: (h.__setitem__("a", 0), h)[1])(real(t)))
+    with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
+        run.verify(stage, n + 1, "generations of m", fold=_counts)
+    monkeypatch.setattr(schema, "key_hashes", real)
     # the hashes are the same in every process (workers compare them with the driver's)
     code = ("import pyarrow as pa; from cousins.contract.schema import key_hashes; "
             "print(key_hashes(pa.table({'prompt_id': ['p0', 'x'], 'sample_index': [3, 0]})).tolist())")

@@ -1,6 +1,7 @@
 """Driver memory of verifying a stage (`Run.verify`, as every generation and scoring stage ends):
-synthetic generation stages of growing size, each verified and counted in a fresh process, its peak
-RSS over its RSS before (Linux: /proc/self/clear_refs resets the peak after the imports). What grows with the rows is what the driver keeps per row.
+synthetic generation stages of growing size, each verified and counted in a fresh process: its peak
+RSS over its RSS before (Linux: /proc/self/clear_refs resets the peak after the imports). What grows
+with the rows is what the driver keeps per row.
 
     PYTHONPATH=. .venv/bin/python -m cousins.bench.verify [--rows 1000000,4000000,8000000] [--dir /tmp/...]
 
@@ -42,15 +43,15 @@ def _make(stage_dir: str, rows: int) -> None:
 
 
 def _measure(stage_dir: str, rows: int) -> None:
-    """In this (fresh) process: verify the stage and print rows, wall, and peak RSS over the imports."""
+    """In this (fresh) process: verify the stage and print rows, wall, and its peak RSS over its RSS before."""
     from cousins.orchestrate.stages import _counts
     from cousins.run.lifecycle import Run
     from cousins.run.storage import resolve
 
-    run = Run.__new__(Run)
-    object.__setattr__(run, "layout", type("Layout", (), {"run_id": "bench"})())
     import pandas.util  # noqa: F401 - the hashing's import, paid once by any driver: not the stage's
 
+    run = Run.__new__(Run)  # only its verification: no run directory
+    object.__setattr__(run, "layout", type("Layout", (), {"run_id": "bench"})())
     with open("/proc/self/clear_refs", "w") as f:  # the peak from here on (the imports' own is not the stage's)
         f.write("5")
     base = _status_kib("VmRSS")
@@ -83,8 +84,8 @@ def main() -> None:
             line = subprocess.run([sys.executable, "-m", "cousins.bench.verify", "--measure", stage, str(rows)],
                                   capture_output=True, text=True, check=True).stdout.split("RESULT ")[-1].split()
             grown[rows] = float(line[2])
-            print(f"{rows:>10,} rows: verified in {float(line[1]):.1f} s, driver +{grown[rows]:.0f} MiB over its "
-                  f"imports", flush=True)
+            print(f"{rows:>10,} rows: verified in {float(line[1]):.1f} s, driver's peak +{grown[rows]:.0f} MiB",
+                  flush=True)
     lo, hi = sizes[0], sizes[-1]
     if hi > lo:
         print(f"bytes_per_row={(grown[hi] - grown[lo]) * 2**20 / (hi - lo):.1f}")

@@ -113,10 +113,13 @@ def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
     return batch.filter(pa.array(~_DONE_CACHE[ref].holds(batch), pa.bool_()))
 
 
-def _counts(acc: dict | None, t: pa.Table) -> dict:
-    """A stage's counts from its STAT columns (those `t` has), folded batch by batch (Run.verify)."""
+def _counts(acc: dict | None, t: pa.Table | None) -> dict:
+    """A stage's counts from its STAT columns (those `t` has), folded batch by batch (Run.verify);
+    (None, None): a stage's counts before its first batch."""
     acc = acc or {"rows": 0, "error_rows": 0, "prompt_tokens": 0, "output_tokens": 0, "engine_s": 0.0,
                   "finish_reasons": {}, "first_error": None}
+    if t is None:
+        return acc
     errors = t.column("error")
     acc["rows"] += t.num_rows
     acc["error_rows"] += t.num_rows - errors.null_count

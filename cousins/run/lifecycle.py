@@ -167,9 +167,9 @@ class Run(_RunDir):
                fold: Callable[[Any, pa.Table], Any] | None = None) -> Any:
         """Check that a stage holds exactly `expected` rows with distinct keys (StageIncomplete,
         naming `what`, otherwise), reading its `columns` a batch at a time: the driver keeps the
-        keys' hashes (16 bytes a row), never the rows. Returns `fold(acc, batch)` folded over the
-        batches from None (a stage's counts), or None without `fold`."""
-        first, acc = [], None  # each row's first hash: 8 bytes a row
+        keys' hashes (8 bytes a row), never the rows. Returns `fold(acc, batch)` folded over the
+        batches from `fold(None, None)` (a stage's counts), or None without `fold`."""
+        first, acc = [], fold(None, None) if fold is not None else None  # first: each row's first hash
         for batch in read_batches(stage, list(dict.fromkeys([*KEY_COLUMNS, *columns]))):
             first.append(_hashes(batch)["a"].copy())
             if fold is not None:

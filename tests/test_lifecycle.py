@@ -156,7 +156,7 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
     import subprocess
     import sys
 
-    from cousins.orchestrate.stages import _counts
+    from cousins.orchestrate.stages import stage_counts
     from cousins.run import layout as run_layout
     from cousins.run import lifecycle
 
@@ -180,20 +180,20 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
                 yield small
 
     monkeypatch.setattr(lifecycle, "read_batches", small_batches)
-    assert run.verify(stage, 0, "generations of m", fold=_counts) == _counts(None, None)  # no part yet
+    assert run.verify(stage, 0, "generations of m", fold=stage_counts) == stage_counts(None, None)  # no part yet
     publish_part(rows, out=stage)
-    counts = run.verify(stage, n, "generations of m", fold=_counts)
-    assert len(batches) == 16 and sum(batches) == n and counts == _counts(None, rows)
+    counts = run.verify(stage, n, "generations of m", fold=stage_counts)
+    assert len(batches) == 16 and sum(batches) == n and counts == stage_counts(None, rows)
     assert counts == {"rows": n, "error_rows": 10, "prompt_tokens": 5 * n,
                       "output_tokens": sum(i % 7 for i in range(n)), "engine_s": 0.5 * n,
                       "finish_reasons": {"stop": 666, "length": 334}, "first_error": "boom 0"}
     publish_part(rows.slice(999), out=run.layout.generations("m"))  # the last key again, in another part
     with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
-        run.verify(stage, n + 1, "generations of m", fold=_counts)
+        run.verify(stage, n + 1, "generations of m", fold=stage_counts)
     real = schema.key_hashes  # every first hash shared: the second ones decide, as exactly
     monkeypatch.setattr(schema, "key_hashes", lambda t: (lambda h: (h.__setitem__("a", 0), h)[1])(real(t)))
     with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
-        run.verify(stage, n + 1, "generations of m", fold=_counts)
+        run.verify(stage, n + 1, "generations of m", fold=stage_counts)
     monkeypatch.setattr(schema, "key_hashes", real)
     # the hashes are the same in every process (workers compare them with the driver's)
     code = ("import pyarrow as pa; from cousins.contract.schema import key_hashes; "

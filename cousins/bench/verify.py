@@ -44,7 +44,7 @@ def _make(stage_dir: str, rows: int) -> None:
 
 def _measure(stage_dir: str, rows: int) -> None:
     """In this (fresh) process: verify the stage and print rows, wall, and its peak RSS over its RSS before."""
-    from cousins.orchestrate.stages import _counts
+    from cousins.orchestrate.stages import stage_counts
     from cousins.run.lifecycle import Run
     from cousins.run.storage import resolve
 
@@ -56,7 +56,7 @@ def _measure(stage_dir: str, rows: int) -> None:
         f.write("5")
     base = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    counts = run.verify(resolve(stage_dir), rows, "the stage", fold=_counts)
+    counts = run.verify(resolve(stage_dir), rows, "the stage", fold=stage_counts)
     assert counts["rows"] == rows
     print(f"RESULT {rows} {time.perf_counter() - t0:.2f} {(_status_kib('VmHWM') - base) / 1024:.1f}", flush=True)
 

@@ -113,7 +113,7 @@ def _drop_done(batch: pa.Table, *, done_ref) -> pa.Table:
     return batch.filter(pa.array(~_DONE_CACHE[ref].holds(batch), pa.bool_()))
 
 
-def _counts(acc: dict | None, t: pa.Table | None) -> dict:
+def stage_counts(acc: dict | None, t: pa.Table | None) -> dict:
     """A stage's counts from its STAT columns (those `t` has), folded batch by batch (Run.verify);
     (None, None): a stage's counts before its first batch."""
     acc = acc or {"rows": 0, "error_rows": 0, "prompt_tokens": 0, "output_tokens": 0, "engine_s": 0.0,
@@ -275,7 +275,7 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         return ModelStats(model=entry.name, prompts=n_prompts, samples=samples, wall_s=done.wall_s,
                           new_rows=done.new_rows, new_output_tokens=done.new_output_tokens, retries=done.retries,
                           accelerator=done.accelerator, accelerator_s=done.accelerator_s,
-                          **run.verify(out, expected, what, fold=_counts))
+                          **run.verify(out, expected, what, fold=stage_counts))
 
     check_cpu_room(where)
     t0 = time.perf_counter()
@@ -329,7 +329,7 @@ def stage_generate(run: Run, prompts, n_prompts: int, *, entry: ModelEntry, spec
         elif score is not None:
             _finish_scores(run, entry, scores_out, to_score, time.perf_counter() - t0, where,
                            {**reports[SCORE], "shared_engine_with_generation": True})
-    counts = run.verify(out, expected, what, fold=_counts)
+    counts = run.verify(out, expected, what, fold=stage_counts)
     wall = time.perf_counter() - t0
     accelerator, accelerator_s = accelerator_seconds(where, spec, wall if new_rows else 0.0)
     run.finish(out, GenerationsDone(wall_s=wall, new_rows=new_rows, new_output_tokens=new_tokens, retries=retries,
@@ -379,7 +379,7 @@ def stage_kld(run: Run, *, entry: ModelEntry, original: EngineSpec, spec: Engine
 
 def _finish_scores(run: Run, entry: ModelEntry, out: Location, expected: int, wall_s: float, where: Placement,
                    retries: dict, what: str = "scores") -> ScoresDone:
-    c = run.verify(out, expected, f"{what} of {entry.name!r}", ["engine_time_s", "error"], fold=_counts)
+    c = run.verify(out, expected, f"{what} of {entry.name!r}", ["engine_time_s", "error"], fold=stage_counts)
     done = ScoresDone(rows=c["rows"], error_rows=c["error_rows"], engine_s=c["engine_s"], wall_s=wall_s,
                       batch_size=where.batch_size, reordered=entry.reorder, retries=retries)
     run.finish(out, done)

@@ -190,11 +190,19 @@ def test_a_stage_is_verified_and_counted_a_batch_at_a_time_by_its_keys_hashes(tm
     publish_part(rows.slice(999), out=run.layout.generations("m"))  # the last key again, in another part
     with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
         run.verify(stage, n + 1, "generations of m", fold=stage_counts)
+    # a resumed stage's done keys: which rows to skip, by a binary search over their hashes
+    done = lifecycle.KeySet.of(schema.key_hashes(rows.slice(0, 600)))
+    assert len(done) == 600 and done.holds(rows).tolist() == [i < 600 for i in range(n)]
     real = schema.key_hashes  # every first hash shared: the second ones decide, as exactly
     monkeypatch.setattr(schema, "key_hashes", lambda t: (lambda h: (h.__setitem__("a", 0), h)[1])(real(t)))
     with pytest.raises(StageIncomplete, match=f"{n + 1} rows, {n} distinct keys"):
         run.verify(stage, n + 1, "generations of m", fold=stage_counts)
+    done = lifecycle.KeySet.of(schema.key_hashes(rows.slice(0, 600)))
+    assert len(done) == 600 and done.holds(rows).tolist() == [i < 600 for i in range(n)]
     monkeypatch.setattr(schema, "key_hashes", real)
+    # a column a part lacks reads as nulls, in the order asked for
+    batch = next(run_layout.read_batches(stage, ["no_such_column", "prompt_id"]))
+    assert batch.schema.names == ["no_such_column", "prompt_id"] and batch.column(0).null_count == batch.num_rows
     # the hashes are the same in every process (workers compare them with the driver's)
     code = ("import pyarrow as pa; from cousins.contract.schema import key_hashes; "
             "print(key_hashes(pa.table({'prompt_id': ['p0', 'x'], 'sample_index': [3, 0]})).tolist())")

@@ -199,7 +199,11 @@ def read_batches(stage: Location, columns: list[str]):
     fs = stage.arrow_fs()
     for path in part_files(stage):
         with fs.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+            part = pq.ParquetFile(f)
+            has = set(part.schema_arrow.names)  # a column a part lacks (written before it existed) reads as nulls
+            for b in part.iter_batches(batch_size=READ_BATCH_ROWS, columns=[c for c in columns if c in has]):
+                yield pa.RecordBatch.from_arrays([b.column(c) if c in has else pa.nulls(b.num_rows) for c in columns],
+                                                 names=list(columns))
 
 
 def read_rows(stages: Location | list[Location], columns: list[str] | None = None, *, schema: pa.Schema | None = None,

@@ -151,7 +151,7 @@ class Run(_RunDir):
         """The (prompt_id, sample_index) keys a stage's published parts already hold, as their
         hashes (read a batch at a time: 16 bytes a row, whatever the stage's size)."""
         parts = [_hashes(b) for b in read_batches(stage, list(KEY_COLUMNS))]
-        return KeySet(np.unique(np.concatenate(parts)) if parts else np.empty(0, schema.KEY_HASH))
+        return KeySet.of(np.concatenate(parts) if parts else np.empty(0, schema.KEY_HASH))
 
     def count(self, stage: Location) -> int:
         """Rows in a stage's published parts (from the Parquet footers)."""
@@ -219,16 +219,29 @@ def _distinct(stage: Location, first: list[np.ndarray]) -> int:
 
 @dataclass(frozen=True)
 class KeySet:
-    """A stage's row keys as their hashes (schema.key_hashes), sorted and distinct."""
+    """A stage's row keys as their hashes (schema.key_hashes): `a` sorted, and `b` beside it (the
+    keys in (a, b) order, each once), 16 bytes a key."""
 
-    hashes: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+
+    @classmethod
+    def of(cls, hashes: np.ndarray) -> "KeySet":
+        h = np.unique(hashes)  # sorted by (a, b)
+        return cls(np.ascontiguousarray(h["a"]), np.ascontiguousarray(h["b"]))
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self.a)
 
     def holds(self, table: pa.Table) -> np.ndarray:
-        """Which of `table`'s rows (by their keys) the set holds."""
-        return np.isin(schema.key_hashes(table), self.hashes)
+        """Which of `table`'s rows (by their keys) the set holds: a binary search per row."""
+        q = schema.key_hashes(table)
+        lo, hi = np.searchsorted(self.a, q["a"], "left"), np.searchsorted(self.a, q["a"], "right")
+        found = hi > lo
+        held = found & (self.b[np.minimum(lo, max(len(self.b) - 1, 0))] == q["b"]) if len(self.b) else found
+        for i in np.flatnonzero(found & ~held & (hi - lo > 1)):  # keys sharing a first hash: their second decides
+            held[i] = bool((self.b[lo[i]:hi[i]] == q["b"][i]).any())
+        return held
 
 
 def open_run(root: Location, run_id: str | None, config: dict) -> Run:

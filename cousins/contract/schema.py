@@ -211,18 +211,20 @@ KEY_HASH = np.dtype([("a", "<u8"), ("b", "<u8")])
 _HASH_KEYS = ("cousins-row-key0", "cousins-row-key1")  # two independent 64-bit hashes (siphash keys)
 
 
-def key_hashes(table: pa.Table) -> np.ndarray:
+def key_hashes(table: pa.Table, fields: tuple[str, ...] = KEY_HASH.names) -> np.ndarray:
     """The (prompt_id, sample_index) of each row as 16 bytes (KEY_HASH: two independent 64-bit
     hashes, the same in every process): what the driver and the workers hold of a stage's keys
     instead of the keys, at any size. Two of a billion distinct keys share one with probability
-    about 1e-21."""
+    about 1e-21. `fields=("a",)`: the first hash only (the second left 0)."""
     from pandas.util import hash_array
 
-    ids = table.column("prompt_id").to_numpy(zero_copy_only=False).astype(object)
+    ids = table.column("prompt_id").to_numpy(zero_copy_only=False).astype(object, copy=False)
     index = table.column("sample_index").to_numpy(zero_copy_only=False).astype(np.uint64)
-    out = np.empty(len(ids), KEY_HASH)
+    out = np.zeros(len(ids), KEY_HASH)
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as a hash's should
         for field, key in zip(KEY_HASH.names, _HASH_KEYS):
+            if field not in fields:
+                continue
             h = hash_array(ids, hash_key=key, categorize=False) * np.uint64(0x9E3779B97F4A7C15) + index
             out[field] = hash_array(h)
     return out

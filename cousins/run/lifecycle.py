@@ -171,7 +171,7 @@ class Run(_RunDir):
         batches from `fold(None, None)` (a stage's counts), or None without `fold`."""
         first, acc = [], fold(None, None) if fold is not None else None  # first: each row's first hash
         for batch in read_batches(stage, list(dict.fromkeys([*KEY_COLUMNS, *columns]))):
-            first.append(_hashes(batch)["a"].copy())
+            first.append(_hashes(batch, ("a",))["a"].copy())
             if fold is not None:
                 acc = fold(acc, pa.Table.from_batches([batch]))
         rows = sum(map(len, first))
@@ -201,8 +201,8 @@ class Run(_RunDir):
 KEY_COLUMNS = ("prompt_id", "sample_index")
 
 
-def _hashes(batch: pa.RecordBatch) -> np.ndarray:
-    return schema.key_hashes(pa.Table.from_batches([batch]))
+def _hashes(batch: pa.RecordBatch, fields: tuple[str, ...] = schema.KEY_HASH.names) -> np.ndarray:
+    return schema.key_hashes(pa.Table.from_batches([batch]), fields)
 
 
 def _distinct(stage: Location, first: list[np.ndarray]) -> int:
@@ -236,9 +236,11 @@ class KeySet:
     def holds(self, table: pa.Table) -> np.ndarray:
         """Which of `table`'s rows (by their keys) the set holds: a binary search per row."""
         q = schema.key_hashes(table)
+        if not len(self):
+            return np.zeros(len(q), bool)
         lo, hi = np.searchsorted(self.a, q["a"], "left"), np.searchsorted(self.a, q["a"], "right")
         found = hi > lo
-        held = found & (self.b[np.minimum(lo, max(len(self.b) - 1, 0))] == q["b"]) if len(self.b) else found
+        held = found & (self.b[np.minimum(lo, len(self.b) - 1)] == q["b"])
         for i in np.flatnonzero(found & ~held & (hi - lo > 1)):  # keys sharing a first hash: their second decides
             held[i] = bool((self.b[lo[i]:hi[i]] == q["b"][i]).any())
         return held
